@@ -1,0 +1,511 @@
+"""BraTS 2019 loader: NIfTI volumes to a `SliceSet` of preprocessed axial slices.
+
+Layout (real BraTS 2019 and the synthetic cohort alike)::
+
+  <root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz   (or .nii)
+
+Per case (DESIGN.md section 1), in this order:
+
+1. Read the four modalities (channel order `constants.MODALITIES`) and the segmentation;
+   check shapes, finiteness and label values.
+2. Brain mask = voxels where any modality is nonzero.
+3. Pick `num_slices` consecutive axial slices centred on the centre of mass along z of the
+   brain mask (`slice_center="brain"`, the paper) or of the tumour (`"tumour"`).
+4. Per volume and modality, robust min-max: the 0.5 and 99.5 percentiles of the brain's
+   voxels map to -1 and 1, values are clipped to [-1, 1] and the background is exactly -1.
+5. Centre crop in-plane to `crop_size`, then optionally resize to `image_size` (area
+   average for images, nearest neighbour for labels).
+6. Labels 4 -> 3 (`constants.remap_labels`).
+
+Array axes: nibabel's (x, y, z); a slice is `volume[:, :, z]`, so an image is [x, y] and
+its first axis (H) is the left-right axis of BraTS' LPS storage.
+
+`load_cached` stores the result as an `.npz` keyed by the source files (path, size,
+mtime) and the config, so a second run reads no NIfTI.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+import zlib
+from typing import Iterable, Literal, Sequence
+
+import nibabel
+import numpy as np
+
+from tracin_jax.data import constants
+from tracin_jax.data.slices import SliceSet
+
+_log = logging.getLogger(__name__)
+
+# Accepted file extensions, in order of preference when both exist.
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+# Robust min-max percentiles inside the brain.
+PERCENTILES = (0.5, 99.5)
+# Bump when the preprocessing changes in a way the config does not capture.
+CACHE_VERSION = 1
+
+
+class BratsDataError(ValueError):
+  """A BraTS directory, case or file that cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """How volumes become slices.
+
+  Attributes:
+    num_slices: consecutive axial slices kept per case.
+    slice_center: "brain" (centre of mass of the brain mask along z, the paper) or
+      "tumour" (of the tumour labels; falls back to the brain centre, with a warning, for
+      a case without tumour).
+    crop_size: in-plane centre crop (pixels per side); None keeps the full plane.
+    image_size: optional resize after the crop (pixels per side); None keeps crop_size.
+    groups: cohort groups read under the root ("HGG", "LGG"); the paper keeps HGG only.
+  """
+
+  num_slices: int = 10
+  slice_center: Literal["brain", "tumour"] = "brain"
+  crop_size: int | None = 192
+  image_size: int | None = None
+  groups: tuple[str, ...] = ("HGG",)
+
+  def __post_init__(self):
+    if self.num_slices < 1:
+      raise ValueError(f"num_slices must be >= 1, got {self.num_slices}.")
+    if self.slice_center not in ("brain", "tumour"):
+      raise ValueError(f"slice_center must be 'brain' or 'tumour', got {self.slice_center!r}.")
+    for name in ("crop_size", "image_size"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{name} must be None or >= 1, got {value}.")
+    groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
+    unknown = [g for g in groups if g not in constants.GROUPS]
+    if unknown or not groups:
+      raise ValueError(f"groups must be a non-empty subset of {constants.GROUPS}, got {groups}.")
+    object.__setattr__(self, "groups", groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+  """The files of one case.
+
+  Attributes:
+    case_id: the case directory's name (the BraTS patient id).
+    group: "HGG" or "LGG".
+    directory: the case directory.
+    files: kind ("t1", "t1ce", "t2", "flair", "seg") -> path, for the files found.
+  """
+
+  case_id: str
+  group: str
+  directory: pathlib.Path
+  files: dict[str, pathlib.Path]
+
+  def path(self, kind: str) -> pathlib.Path:
+    """The path of one kind of file; raises BratsDataError, naming it, if it is missing."""
+    if kind not in self.files:
+      expected = self.directory / f"{self.case_id}_{kind}{NIFTI_EXTENSIONS[0]}"
+      raise BratsDataError(
+          f"case {self.case_id}: missing {kind} file {expected} (or .nii) in {self.directory}")
+    return self.files[kind]
+
+
+def _file_kinds() -> tuple[str, ...]:
+  return constants.MODALITIES + (constants.SEG_SUFFIX,)
+
+
+def list_cases(
+    root: str | os.PathLike, groups: Sequence[str] = ("HGG",)) -> list[CaseFiles]:
+  """Lists the cases under `<root>/<group>/` for each group, sorted by group then id.
+
+  Missing files are not an error here (they are reported when the case is loaded, so that
+  `skip_bad` can skip the case); a missing or empty directory is.
+
+  Args:
+    root: the BraTS root holding HGG/ and LGG/.
+    groups: the groups to list.
+
+  Returns:
+    One `CaseFiles` per case directory.
+
+  Raises:
+    BratsDataError: the root or a group directory is missing, or no case is found.
+  """
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise BratsDataError(f"BraTS data directory {root} does not exist or is not a directory.")
+  cases = []
+  for group in groups:
+    group_dir = root / group
+    if not group_dir.is_dir():
+      raise BratsDataError(
+          f"BraTS data directory {root} has no {group}/ directory (expected {group_dir}).")
+    for case_dir in sorted(group_dir.iterdir()):
+      if not case_dir.is_dir() or case_dir.name.startswith("."):
+        continue
+      case_id = case_dir.name
+      files = {}
+      for kind in _file_kinds():
+        for ext in NIFTI_EXTENSIONS:
+          candidate = case_dir / f"{case_id}_{kind}{ext}"
+          if candidate.is_file():
+            files[kind] = candidate
+            break
+      cases.append(CaseFiles(case_id, group, case_dir, files))
+  if not cases:
+    raise BratsDataError(
+        f"No BraTS cases found under {root} in {', '.join(f'{g}/' for g in groups)} "
+        f"(expected <root>/<group>/<case>/<case>_{{t1,t1ce,t2,flair,seg}}.nii.gz).")
+  return cases
+
+
+def _read_volume(case: CaseFiles, kind: str) -> np.ndarray:
+  """Reads one NIfTI volume as an array; unreadable files become BratsDataError."""
+  path = case.path(kind)
+  try:
+    img = nibabel.load(path)
+    data = np.asanyarray(img.dataobj)
+  except (nibabel.filebasedimages.ImageFileError, OSError, EOFError, zlib.error,
+          gzip.BadGzipFile, ValueError) as e:
+    raise BratsDataError(
+        f"case {case.case_id}: cannot read {kind} file {path} (corrupt or truncated?): "
+        f"{type(e).__name__}: {e}") from e
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise BratsDataError(
+        f"case {case.case_id}: {kind} file {path} has shape {data.shape}, expected a 3D volume.")
+  return data
+
+
+def _check_finite(case: CaseFiles, kind: str, data: np.ndarray) -> None:
+  if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    raise BratsDataError(
+        f"case {case.case_id}: {kind} file {case.path(kind)} has {bad} NaN or infinite voxels.")
+
+
+def _check_labels(case: CaseFiles, seg: np.ndarray) -> None:
+  """Checks that seg holds only the BraTS labels {0, 1, 2, 4}."""
+  bad = seg.min() < 0 or seg.max() > 4 or (seg == 3).any()
+  if not bad and np.issubdtype(seg.dtype, np.floating):
+    bad = not np.array_equal(seg, np.round(seg))
+  if bad:
+    present = np.unique(seg).tolist()
+    raise BratsDataError(
+        f"case {case.case_id}: seg file {case.path(constants.SEG_SUFFIX)} has labels "
+        f"{present[:20]}; expected a subset of {list(constants.BRATS_LABELS)}.")
+
+
+def _centre_of_mass_z(mask: np.ndarray) -> float:
+  weights = mask.sum(axis=(0, 1), dtype=np.float64)
+  return float(np.dot(np.arange(len(weights)), weights) / weights.sum())
+
+
+def _slice_range(case: CaseFiles, brain: np.ndarray, seg: np.ndarray,
+                 config: PreprocessConfig) -> range:
+  """The `num_slices` consecutive axial indices around the chosen centre, inside the volume."""
+  depth = brain.shape[2]
+  if depth < config.num_slices:
+    raise BratsDataError(
+        f"case {case.case_id}: volume has {depth} axial slices, fewer than "
+        f"num_slices={config.num_slices}.")
+  centre = _centre_of_mass_z(brain)
+  if config.slice_center == "tumour":
+    tumour = seg > 0
+    if tumour.any():
+      centre = _centre_of_mass_z(tumour)
+    else:
+      _log.warning("case %s has no tumour label; slices centred on the brain.", case.case_id)
+  start = int(round(centre - (config.num_slices - 1) / 2))
+  start = min(max(start, 0), depth - config.num_slices)
+  return range(start, start + config.num_slices)
+
+
+def _normalise(volume: np.ndarray, brain: np.ndarray, zs: range) -> np.ndarray:
+  """Robust min-max of one modality to [-1, 1] on slices zs, from the whole brain's stats.
+
+  Args:
+    volume: [X, Y, Z] one modality.
+    brain: [X, Y, Z] bool brain mask.
+    zs: the axial slices to return.
+
+  Returns:
+    [X, Y, len(zs)] float32 in [-1, 1]; -1 outside the brain. A modality that is constant
+    inside the brain maps to -1 there too.
+  """
+  lo, hi = np.percentile(volume[brain], PERCENTILES)
+  scale = 2.0 / (hi - lo) if hi > lo else 0.0
+  out = (volume[:, :, zs.start:zs.stop].astype(np.float32) - np.float32(lo)) * np.float32(scale)
+  out = np.clip(out - 1.0, -1.0, 1.0)
+  out[~brain[:, :, zs.start:zs.stop]] = -1.0
+  return out
+
+
+def _centre_crop(case: CaseFiles, array: np.ndarray, crop_size: int | None) -> np.ndarray:
+  """Crops axes 0 and 1 of array to crop_size around their centre."""
+  if crop_size is None:
+    return array
+  x, y = array.shape[:2]
+  if x < crop_size or y < crop_size:
+    raise BratsDataError(
+        f"case {case.case_id}: in-plane size {x}x{y} is smaller than crop_size={crop_size} "
+        f"(files in {case.directory}).")
+  x0, y0 = (x - crop_size) // 2, (y - crop_size) // 2
+  return array[x0:x0 + crop_size, y0:y0 + crop_size]
+
+
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights averaging each output pixel's footprint (fractional overlaps)."""
+  edges = np.linspace(0.0, n_in, n_out + 1)
+  left = np.arange(n_in)
+  overlap = (np.minimum(edges[1:, None], left[None, :] + 1.0)
+             - np.maximum(edges[:-1, None], left[None, :]))
+  weights = np.clip(overlap, 0.0, None)
+  return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _resize(images: np.ndarray, labels: np.ndarray, size: int):
+  """Area-average resize of images [X, Y, ...] and nearest resize of labels [X, Y, ...]."""
+  x, y = labels.shape[:2]
+  if (x, y) == (size, size):
+    return images, labels
+  wx, wy = _area_weights(x, size), _area_weights(y, size)
+  images = np.einsum("ax,xy...,by->ab...", wx, images, wy, optimize=True)
+  ix = np.minimum(((np.arange(size) + 0.5) * x / size).astype(int), x - 1)
+  iy = np.minimum(((np.arange(size) + 0.5) * y / size).astype(int), y - 1)
+  return images.astype(np.float32), labels[ix][:, iy]
+
+
+def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig()) -> SliceSet:
+  """Reads and preprocesses one case.
+
+  Args:
+    case: the case's files, from `list_cases`.
+    config: preprocessing settings.
+
+  Returns:
+    A SliceSet of `config.num_slices` slices: images [n, H, W, 4] float32 in [-1, 1]
+    (background -1), labels [n, H, W] int32 in {0, 1, 2, 3}, with H = W = image_size or
+    crop_size (or the volume's in-plane size when both are None).
+
+  Raises:
+    BratsDataError: a missing, unreadable or inconsistent file, naming the case and file.
+  """
+  volumes = [_read_volume(case, m) for m in constants.MODALITIES]
+  seg = _read_volume(case, constants.SEG_SUFFIX)
+  shape = volumes[0].shape
+  for kind, data in zip(_file_kinds(), volumes + [seg]):
+    if data.shape != shape:
+      raise BratsDataError(
+          f"case {case.case_id}: {kind} file {case.path(kind)} has shape {data.shape}, but "
+          f"{constants.MODALITIES[0]} file {case.path(constants.MODALITIES[0])} has {shape}.")
+    _check_finite(case, kind, data)
+  _check_labels(case, seg)
+
+  # NIfTI arrays come Fortran-ordered; building the mask from them keeps that order, so
+  # the elementwise work below runs over contiguous memory.
+  brain = volumes[0] != 0
+  for data in volumes[1:]:
+    brain |= data != 0
+  if not brain.any():
+    raise BratsDataError(
+        f"case {case.case_id}: every modality is zero everywhere (files in {case.directory}).")
+  zs = _slice_range(case, brain, seg, config)
+
+  images = np.stack([_normalise(v, brain, zs) for v in volumes], axis=-1)  # [X, Y, n, 4]
+  labels = constants.remap_labels(seg[:, :, zs.start:zs.stop])  # [X, Y, n]
+  images = _centre_crop(case, images, config.crop_size)
+  labels = _centre_crop(case, labels, config.crop_size)
+  if config.image_size is not None:
+    images, labels = _resize(images, labels, config.image_size)
+  n = config.num_slices
+  return SliceSet(
+      images=np.ascontiguousarray(images.transpose(2, 0, 1, 3), dtype=np.float32),
+      labels=np.ascontiguousarray(labels.transpose(2, 0, 1), dtype=np.int32),
+      case_ids=np.asarray([case.case_id] * n, dtype=str),
+      slice_indices=np.asarray(zs, dtype=np.int32))
+
+
+def load_cases(
+    root: str | os.PathLike,
+    config: PreprocessConfig = PreprocessConfig(),
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> tuple[SliceSet, list[tuple[str, str]]]:
+  """Loads every case of `config.groups` under root, in `list_cases` order.
+
+  Args:
+    root: the BraTS root holding HGG/ and LGG/.
+    config: preprocessing settings.
+    skip_bad: skip (and log) a case that raises BratsDataError instead of raising.
+    progress: write a one-line progress counter to stderr.
+    num_workers: threads reading cases (default min(4, CPUs)); the order is kept.
+
+  Returns:
+    (slices, skipped): all loaded slices, case by case; and (case id, reason) for each
+    skipped case (empty unless skip_bad).
+
+  Raises:
+    BratsDataError: a bad directory; a bad case unless skip_bad; no case could be loaded.
+  """
+  cases = list_cases(root, config.groups)
+  return _load(cases, config, skip_bad=skip_bad, progress=progress, num_workers=num_workers)
+
+
+def _default_workers() -> int:
+  return max(1, min(4, os.cpu_count() or 1))
+
+
+def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: bool,
+          progress: bool, num_workers: int | None) -> tuple[SliceSet, list[tuple[str, str]]]:
+  """Loads cases on a thread pool (gzip inflation and numpy release the GIL), in order."""
+
+  def load_one(case):
+    try:
+      return load_case(case, config), None
+    except BratsDataError as e:
+      if not skip_bad:
+        raise
+      _log.warning("Skipping case %s: %s", case.case_id, e)
+      return None, str(e)
+
+  loaded, skipped = [], []
+  start = time.perf_counter()
+  pool = concurrent.futures.ThreadPoolExecutor(num_workers or _default_workers())
+  try:
+    for i, (case, (slices, reason)) in enumerate(zip(cases, pool.map(load_one, cases))):
+      if slices is not None:
+        loaded.append(slices)
+      else:
+        skipped.append((case.case_id, reason))
+      if progress:
+        print(f"\rBraTS: {i + 1}/{len(cases)} cases, {len(skipped)} skipped, "
+              f"{time.perf_counter() - start:.1f} s", end="", file=sys.stderr, flush=True)
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)  # on an error, start no further case
+    if progress:
+      print(file=sys.stderr, flush=True)
+  if not loaded:
+    raise BratsDataError(
+        f"None of the {len(cases)} cases could be loaded; first reason: {skipped[0][1]}")
+  return SliceSet.concatenate(loaded), skipped
+
+
+def split_cases(
+    case_ids: Iterable[str],
+    num_val: int | None = None,
+    val_fraction: float = 52 / 259,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
+  """Splits cases (patients) into train and validation with a seeded permutation.
+
+  Every slice of a patient lands on one side. The result does not depend on the order or
+  repetition of `case_ids` (they are de-duplicated and sorted first).
+
+  Args:
+    case_ids: case ids, e.g. `slices.case_ids` (repeats allowed).
+    num_val: validation cases; default round(val_fraction * number of cases)
+      (52 of the paper's 259 HGG patients).
+    val_fraction: used when num_val is None.
+    seed: permutation seed.
+
+  Returns:
+    (train_ids, val_ids), each sorted.
+  """
+  ids = sorted({str(c) for c in case_ids})
+  if num_val is None:
+    num_val = int(round(val_fraction * len(ids)))
+  if not 0 <= num_val <= len(ids):
+    raise ValueError(f"num_val={num_val} is outside [0, {len(ids)}] (number of cases).")
+  perm = np.random.default_rng(seed).permutation(len(ids))
+  val = sorted(ids[i] for i in perm[:num_val])
+  train = sorted(ids[i] for i in perm[num_val:])
+  return train, val
+
+
+def cache_key(cases: Sequence[CaseFiles], root: str | os.PathLike,
+              config: PreprocessConfig, skip_bad: bool = False) -> str:
+  """A hash of the source files (absolute root, relative path, size, mtime) and config."""
+  root = pathlib.Path(root).resolve()
+  files = []
+  for case in cases:
+    for kind in _file_kinds():
+      if kind in case.files:
+        path = case.files[kind]
+        stat = path.stat()
+        files.append([str(path.resolve().relative_to(root)), stat.st_size, stat.st_mtime_ns])
+      else:
+        files.append([f"{case.group}/{case.case_id}/<missing {kind}>", -1, -1])
+  record = {
+      "version": CACHE_VERSION,
+      "root": str(root),
+      "files": files,
+      "config": dataclasses.asdict(config),
+      "skip_bad": skip_bad,
+  }
+  return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def load_cached(
+    root: str | os.PathLike,
+    config: PreprocessConfig,
+    cache_dir: str | os.PathLike,
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> tuple[SliceSet, list[tuple[str, str]]]:
+  """`load_cases` through an on-disk cache of the preprocessed slices.
+
+  The cache entry is `<cache_dir>/brats_<key>.npz` (the SliceSet, no pickle) plus a JSON
+  sidecar (skipped cases, config, root), keyed by `cache_key`: any change to a file's
+  size or mtime, to the set of files, the root or the config misses. A hit reads no
+  NIfTI. Both files are written atomically (temporary file, then rename); the JSON first,
+  so a present .npz means a complete entry.
+
+  Args:
+    root, config, skip_bad, progress, num_workers: as for `load_cases`.
+    cache_dir: directory of cache entries (created if needed).
+
+  Returns:
+    As `load_cases`.
+  """
+  cases = list_cases(root, config.groups)
+  key = cache_key(cases, root, config, skip_bad)[:24]
+  cache_dir = pathlib.Path(cache_dir)
+  npz_path = cache_dir / f"brats_{key}.npz"
+  json_path = cache_dir / f"brats_{key}.json"
+  if npz_path.is_file() and json_path.is_file():
+    meta = json.loads(json_path.read_text())
+    _log.info("BraTS cache hit: %s", npz_path)
+    return SliceSet.load(npz_path), [tuple(s) for s in meta["skipped"]]
+
+  slices, skipped = _load(cases, config, skip_bad=skip_bad, progress=progress,
+                          num_workers=num_workers)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  meta = {
+      "root": str(pathlib.Path(root).resolve()),
+      "config": dataclasses.asdict(config),
+      "num_cases": len(slices.cases),
+      "num_slices": len(slices),
+      "skipped": skipped,
+  }
+  tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
+  tmp.write_text(json.dumps(meta, indent=1))
+  os.replace(tmp, json_path)
+  slices.save(npz_path)
+  _log.info("BraTS cache written: %s", npz_path)
+  return slices, skipped
