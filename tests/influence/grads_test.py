@@ -1,0 +1,98 @@
+"""Per-example gradients against the plain loop and a linear model's closed form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tracin_jax.influence import grads
+import tiny_models as tm
+from tiny_models import x64  # noqa: F401  (fixture)
+
+VECTORIZE = ["vmap", "loop"]
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+def test_linear_gradients_match_closed_form(vectorize):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 5)).astype(np.float32)
+  params = {"b": jnp.zeros(3), "w": jnp.ones((5, 3))}
+  g = np.asarray(grads.per_example_grads(tm.linear_loss, params, {"x": x}, vectorize))
+  assert g.shape == (4, 3, 3 + 15)
+  for b in range(4):
+    for j in range(3):
+      # ravel_pytree order: leaves sorted by key, "b" then "w" (row-major [5, 3]).
+      expect_b = np.eye(3)[j]
+      expect_w = np.outer(x[b], np.eye(3)[j]).ravel()
+      np.testing.assert_allclose(g[b, j], np.concatenate([expect_b, expect_w]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_block_grads_match_plain_loop(x64, model, vectorize):
+  if model == "mlp":
+    loss_fn, params, data = tm.mlp_loss, tm.mlp_params(0, jnp.float64), tm.mlp_data(1, 5, np.float64)
+  else:
+    loss_fn, params, data = (tm.conv_loss, tm.conv_params(0, jnp.float64),
+                             tm.conv_data(1, 3, dtype=np.float64))
+  g, finite = grads.block_grads(loss_fn, 3, params, data, vectorize)
+  expect = tm.loop_grads(loss_fn, params, data)
+  n, k, p = expect.shape
+  assert g.dtype == jnp.float64 and g.shape == (n * k, p)
+  np.testing.assert_allclose(np.asarray(g), expect.reshape(n * k, p), rtol=1e-12, atol=1e-12)
+  assert np.asarray(finite).all()
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+def test_squared_norms_match_gradients(vectorize):
+  params, data = tm.mlp_params(0), tm.mlp_data(2, 4)
+  g = np.asarray(grads.per_example_grads(tm.mlp_loss, params, data, vectorize))
+  norms = grads.block_squared_norms(tm.mlp_loss, 3, params, data, vectorize)
+  np.testing.assert_allclose(np.asarray(norms), np.sum(g**2, axis=-1), rtol=1e-5)
+
+
+def test_one_forward_pass_for_the_k_losses():
+  traces = []
+
+  def loss_fn(params, example):
+    traces.append(1)  # runs once per trace of the loss
+    return tm.mlp_loss(params, example)
+
+  grads.block_grads(loss_fn, 3, tm.mlp_params(0), tm.mlp_data(0, 2), "vmap")
+  assert len(traces) == 1  # K separate jax.grad calls would trace it 3 times
+
+
+def test_num_outputs():
+  params, example = tm.mlp_params(0), jax.tree.map(lambda x: x[0], tm.mlp_data(0, 1))
+  assert grads.num_outputs(tm.mlp_loss, params, example) == 3
+  assert grads.num_outputs(lambda p, e: jnp.sum(tm.mlp_loss(p, e)), params, example) == 1
+  with pytest.raises(ValueError, match="scalar or a vector"):
+    grads.num_outputs(lambda p, e: jnp.ones((2, 3)), params, example)
+  with pytest.raises(ValueError, match="floating"):
+    grads.num_outputs(lambda p, e: jnp.ones(3, jnp.int32), params, example)
+  with pytest.raises(ValueError, match="empty"):
+    grads.num_outputs(lambda p, e: jnp.ones(0), params, example)
+
+
+def test_nonfinite_gradients_are_flagged():
+  def loss_fn(params, example):  # sqrt of a negative number: NaN gradient
+    return jnp.sqrt(example["x"] @ params["w"])
+
+  data = {"x": np.array([[1.0, 2.0], [-1.0, -2.0]], np.float32)}
+  _, finite = grads.block_grads(loss_fn, 1, {"w": jnp.ones(2)}, data, "vmap")
+  assert np.asarray(finite).tolist() == [True, False]
+
+
+def test_low_precision_parameters_give_float32_gradients():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tm.mlp_params(0))
+  assert grads.gradient_dtype(params) == np.float32
+  g = grads.per_example_grads(tm.mlp_loss, params, tm.mlp_data(0, 2))
+  assert g.dtype == jnp.float32
+
+
+def test_resolve_vectorize():
+  assert grads.resolve_vectorize("vmap") == "vmap"
+  expected = "loop" if jax.default_backend() == "cpu" else "vmap"
+  assert grads.resolve_vectorize("auto") == expected
+  with pytest.raises(ValueError, match="vectorize"):
+    grads.resolve_vectorize("pmap")

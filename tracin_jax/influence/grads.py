@@ -1,0 +1,195 @@
+"""Per-example gradients of a K-output loss, with one forward pass per example.
+
+A TracIn loss returns K numbers per example (for segmentation, one per class region). The K
+gradients of one example share its forward pass: one `jax.vjp` per example, pulled back with
+the K one-hot cotangents at once (`jax.vmap(vjp_fn)(jnp.eye(K))`), and the examples of a
+block are vectorised with `jax.vmap`. Gradients come out flattened, one row per
+(example, output) pair: `[B * K, P]`, rows ordered example-major (row `b * K + k` is output k
+of example b), columns in `jax.flatten_util.ravel_pytree` order.
+
+The jitted functions here take `loss_fn` as a static argument, so one compiled function
+serves every call with the same `loss_fn` object and the same shapes (every checkpoint,
+every block, every call of `influence`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tracin_jax.types import Array, Batch, Example, LossFn, Params
+
+
+def num_outputs(loss_fn: LossFn, params: Params, example: Example) -> int:
+  """The number K of losses that `loss_fn` returns for one example, without running it.
+
+  Args:
+    loss_fn: `loss_fn(params, example) -> [K]` or a scalar (K = 1).
+    params: parameters (arrays or `jax.ShapeDtypeStruct`s).
+    example: one example (arrays or `jax.ShapeDtypeStruct`s, no leading example axis).
+
+  Returns:
+    K >= 1.
+
+  Raises:
+    ValueError: the loss is not a scalar nor a vector, or is empty, or not floating point.
+  """
+  out = jax.eval_shape(loss_fn, params, example)
+  if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+    raise ValueError(
+        f"loss_fn must return one array (a scalar or [K]), got {jax.tree.structure(out)}.")
+  if out.ndim > 1:
+    raise ValueError(
+        f"loss_fn must return a scalar or a vector [K] per example, got shape {out.shape}. "
+        "loss_fn takes ONE example (no leading example axis).")
+  if out.ndim == 1 and out.shape[0] == 0:
+    raise ValueError("loss_fn returned an empty vector [0]; it must return K >= 1 losses.")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(f"loss_fn must return floating-point losses, got dtype {out.dtype}.")
+  return 1 if out.ndim == 0 else int(out.shape[0])
+
+
+def parameter_count(params: Params) -> int:
+  """P, the number of scalars in a parameter pytree."""
+  return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
+
+
+def gradient_dtype(params: Params) -> np.dtype:
+  """The dtype of raveled gradients: the parameters' promoted dtype, at least float32."""
+  return np.dtype(jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32))
+
+
+VECTORIZE = ("auto", "vmap", "loop")
+
+
+def resolve_vectorize(vectorize: str) -> str:
+  """"auto" -> "loop" on CPU, "vmap" elsewhere; checks the name.
+
+  On XLA:CPU, vmapping the per-example filter gradients of convolutions turns them into
+  grouped convolutions, which XLA:CPU runs several times slower than a loop of batch-1
+  gradients (measured: `python /path/to/timing` in the influence docs); on GPUs and TPUs
+  vmap is the fast path.
+  """
+  if vectorize not in VECTORIZE:
+    raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}.")
+  if vectorize == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return vectorize
+
+
+def _ravel_rows(tree, rows: int) -> Array:
+  """Leaves with a leading axis of `rows` -> [rows, P] in `ravel_pytree` leaf order, in at
+  least float32."""
+  leaves = jax.tree.leaves(tree)
+  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+  return jnp.concatenate([jnp.reshape(x, (rows, -1)).astype(dtype) for x in leaves], axis=1)
+
+
+def example_grads(loss_fn: LossFn, k: int, params: Params, example: Example) -> Array:
+  """The K loss gradients of one example from one forward pass.
+
+  Args:
+    loss_fn: `loss_fn(params, example) -> [K]` (or a scalar when k == 1).
+    k: K, the number of outputs (see `num_outputs`).
+    params: the parameters theta.
+    example: one example.
+
+  Returns:
+    [K, P]: row j is grad_theta loss_j(theta, example), raveled, in at least float32.
+  """
+  out, vjp_fn = jax.vjp(lambda p: jnp.reshape(loss_fn(p, example), (k,)), params)
+  (grads,) = jax.vmap(vjp_fn)(jnp.eye(k, dtype=out.dtype))
+  return _ravel_rows(grads, k)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
+def _vmap_grads(loss_fn, k, params, batch):
+  g = jax.vmap(lambda ex: example_grads(loss_fn, k, params, ex))(batch)  # [B, K, P]
+  finite = jnp.all(jnp.isfinite(g), axis=(1, 2))
+  return jnp.reshape(g, (-1, g.shape[-1])), finite
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
+def _one_grads(loss_fn, k, params, example):
+  g = example_grads(loss_fn, k, params, example)  # [K, P]
+  return g, jnp.all(jnp.isfinite(g))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
+def _vmap_squared_norms(loss_fn, k, params, batch):
+  g = jax.vmap(lambda ex: example_grads(loss_fn, k, params, ex))(batch)  # [B, K, P]
+  return jnp.sum(jnp.square(g), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
+def _one_squared_norms(loss_fn, k, params, example):
+  return jnp.sum(jnp.square(example_grads(loss_fn, k, params, example)), axis=-1)
+
+
+def _examples(batch: Batch) -> Iterator[Example]:
+  n = jax.tree.leaves(batch)[0].shape[0]
+  for i in range(n):
+    yield jax.tree.map(lambda x: x[i], batch)
+
+
+def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
+                vectorize: str = "vmap") -> tuple[Array, Array]:
+  """Per-example gradients of a block of examples.
+
+  Compiled once per (loss_fn, k, shapes): `loss_fn` is a static argument, hashed by
+  identity, so keep one loss function object and reuse it.
+
+  Args:
+    loss_fn: `loss_fn(params, example) -> [K]` (or a scalar when k == 1).
+    k: K.
+    params: the parameters theta.
+    batch: B examples (leaves with a leading axis of B).
+    vectorize: "vmap" (one compiled call for the block) or "loop" (one compiled batch-1
+      call per example; faster for convolutions on XLA:CPU), or "auto".
+
+  Returns:
+    grads: [B * K, P], row b * K + j = grad loss_j(theta, example b).
+    finite: [B] bool, whether all K gradients of example b are finite.
+  """
+  if resolve_vectorize(vectorize) == "vmap":
+    return _vmap_grads(loss_fn, k, params, batch)
+  gs, fs = zip(*(_one_grads(loss_fn, k, params, ex) for ex in _examples(batch)))
+  return jnp.concatenate(gs, axis=0), jnp.stack(fs)
+
+
+def block_squared_norms(loss_fn: LossFn, k: int, params: Params, batch: Batch,
+                        vectorize: str = "vmap") -> Array:
+  """|grad loss_j(theta, example b)|^2 for a block, never returning the gradients.
+
+  Args: as `block_grads`.
+
+  Returns:
+    [B, K] squared Euclidean norms of the per-example, per-output gradients.
+  """
+  if resolve_vectorize(vectorize) == "vmap":
+    return _vmap_squared_norms(loss_fn, k, params, batch)
+  return jnp.stack([_one_squared_norms(loss_fn, k, params, ex) for ex in _examples(batch)])
+
+
+def per_example_grads(loss_fn: LossFn, params: Params, batch: Batch,
+                      vectorize: str = "auto") -> Array:
+  """Convenience: the per-example gradients of a batch as [B, K, P].
+
+  Args:
+    loss_fn: `loss_fn(params, example) -> [K]` or a scalar.
+    params: the parameters.
+    batch: B examples (leaves with a leading axis of B).
+    vectorize: see `block_grads`.
+
+  Returns:
+    [B, K, P] gradients, raveled in `jax.flatten_util.ravel_pytree(params)` order.
+  """
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), batch)
+  k = num_outputs(loss_fn, params, example)
+  g, _ = block_grads(loss_fn, k, params, batch, vectorize)
+  return jnp.reshape(g, (-1, k, g.shape[-1]))
