@@ -30,9 +30,10 @@ def mlp_loss(params, example):
 
 
 def mlp_params(seed, dtype=jnp.float32):
-  k = jax.random.split(jax.random.key(seed), 3)
-  return {"w1": jax.random.normal(k[0], (5, 6), dtype), "b1": 0.1 * jnp.ones(6, dtype),
-          "w2": jax.random.normal(k[1], (6, 3), dtype) * 0.5}
+  """The same values in float32 and float64 (numpy draws, then a cast)."""
+  rng = np.random.default_rng(seed)
+  return {"w1": jnp.asarray(rng.normal(size=(5, 6)), dtype), "b1": 0.1 * jnp.ones(6, dtype),
+          "w2": jnp.asarray(rng.normal(size=(6, 3)) * 0.5, dtype)}
 
 
 def mlp_data(seed, n, dtype=np.float32):
@@ -50,9 +51,10 @@ def conv_apply(params, images):
 
 
 def conv_params(seed, dtype=jnp.float32):
-  k = jax.random.split(jax.random.key(seed), 2)
-  return {"c1": jax.random.normal(k[0], (3, 3, 2, 4), dtype) * 0.5, "b1": jnp.zeros(4, dtype),
-          "c2": jax.random.normal(k[1], (3, 3, 4, 4), dtype) * 0.5}
+  rng = np.random.default_rng(seed)
+  return {"c1": jnp.asarray(rng.normal(size=(3, 3, 2, 4)) * 0.5, dtype),
+          "b1": jnp.zeros(4, dtype),
+          "c2": jnp.asarray(rng.normal(size=(3, 3, 4, 4)) * 0.5, dtype)}
 
 
 def conv_loss(params, example):

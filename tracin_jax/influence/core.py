@@ -1,0 +1,497 @@
+"""TracIn for any model and any K-output loss (the paper's eq 4-6).
+
+    scores[a, i, b, j] = sum_t eta_t grad loss_j(theta_t; train b) . grad loss_i(theta_t; test a)
+
+`loss_fn(params, example) -> [K]` (a scalar counts as K = 1) is the only model-specific
+piece; `tracin_jax.influence.segmentation` builds the paper's region losses, and JAX users
+bring their own.
+
+Data (`train`, `test`) are given as one of:
+
+* a pytree of arrays (numpy or jax) with a leading example axis, all leaves of the same
+  leading size: `{"image": [N, H, W, 4], "target": [N, H, W]}`;
+* a callable taking no argument that returns a fresh iterator over batches, each batch such
+  a pytree (batch sizes may vary): `lambda: iter(batches)`, `lambda: loader(path)`;
+* a re-iterable object that is not a list, tuple or dict (for instance a
+  `grain.MapDataset` of batches), whose `iter()` starts over each time.
+
+Iterables are read more than once (once to count and check them, then once per checkpoint,
+and again for each group of blocks when the gradients do not fit in the memory budget), and
+must give the same examples in the same order every time. Lists and tuples are pytrees in
+JAX, so a Python list of batches must be wrapped: `lambda: iter(batches)`. One-shot
+iterators and generators are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from tracin_jax.influence import grads as grads_lib
+from tracin_jax.influence import gram as gram_lib
+from tracin_jax.types import Checkpoints, LossFn, Params, PyTree
+
+DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a computation stands; what a `progress` callback receives.
+
+  Attributes:
+    checkpoint: checkpoints finished or in progress (1-based).
+    num_checkpoints: checkpoints in all.
+    examples_done: example gradients computed so far (all checkpoints; an example whose
+      gradient is recomputed for another group of blocks counts again; padding counts).
+    examples_total: example gradients the whole computation will compute.
+    elapsed_s: seconds since the start.
+    remaining_s: estimated seconds left (None before the first block).
+  """
+
+  checkpoint: int
+  num_checkpoints: int
+  examples_done: int
+  examples_total: int
+  elapsed_s: float
+  remaining_s: float | None
+
+
+class _Reporter:
+  """Counts example gradients and calls the progress callback or writes a text line."""
+
+  def __init__(self, progress, num_checkpoints: int, examples_total: int):
+    if progress is True:
+      self._callback, self._text = None, True
+    elif progress is False or progress is None:
+      self._callback, self._text = None, False
+    elif callable(progress):
+      self._callback, self._text = progress, False
+    else:
+      raise ValueError(f"progress must be a bool or a callable, got {progress!r}.")
+    self._num_checkpoints, self._total = num_checkpoints, examples_total
+    self._done, self._checkpoint = 0, 0
+    self._start = time.perf_counter()
+    self._last_line = -math.inf
+
+  def checkpoint(self, index: int) -> None:
+    self._checkpoint = index + 1
+
+  def examples(self, count: int) -> None:
+    self._done += count
+    if not (self._callback or self._text):
+      return
+    elapsed = time.perf_counter() - self._start
+    remaining = elapsed / self._done * (self._total - self._done) if self._done else None
+    info = Progress(self._checkpoint, self._num_checkpoints, self._done, self._total,
+                    elapsed, remaining)
+    if self._callback:
+      self._callback(info)
+    finished = self._done >= self._total
+    if self._text and (finished or elapsed - self._last_line >= 0.5):
+      self._last_line = elapsed
+      left = "?" if remaining is None else f"{remaining:.0f}"
+      sys.stderr.write(
+          f"\rtracin: checkpoint {info.checkpoint}/{info.num_checkpoints}, example gradients "
+          f"{info.examples_done}/{info.examples_total}, {elapsed:.0f} s elapsed, "
+          f"about {left} s left" + ("\n" if finished else ""))
+      sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (np.ndarray, np.generic, jax.Array))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """The structure of one example: treedef, leaf paths, shapes (no example axis), dtypes."""
+
+  treedef: Any
+  paths: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[np.dtype, ...]
+
+  def example(self) -> PyTree:
+    """One example as `jax.ShapeDtypeStruct`s."""
+    return jax.tree.unflatten(
+        self.treedef, [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes, self.dtypes)])
+
+
+def _batch_spec(batch: PyTree, where: str) -> tuple[_Spec, int]:
+  """The example structure of a batch and its leading size; checks the leaves."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+  if not flat:
+    raise ValueError(f"{where} holds no arrays.")
+  paths, shapes, dtypes, sizes = [], [], [], []
+  for path, leaf in flat:
+    name = jax.tree_util.keystr(path) or "<root>"
+    if not _is_array(leaf):
+      raise TypeError(f"{where}: leaf {name} is a {type(leaf).__name__}, not an array.")
+    if np.ndim(leaf) == 0:
+      raise ValueError(f"{where}: leaf {name} is a scalar; every leaf needs a leading "
+                       "example axis.")
+    paths.append(name)
+    shapes.append(tuple(leaf.shape[1:]))
+    dtypes.append(np.dtype(leaf.dtype))
+    sizes.append(leaf.shape[0])
+  if len(set(sizes)) > 1:
+    detail = ", ".join(f"{p}: {s}" for p, s in zip(paths, sizes))
+    raise ValueError(f"{where}: leaves disagree in leading (example) size: {detail}.")
+  return _Spec(treedef, tuple(paths), tuple(shapes), tuple(dtypes)), sizes[0]
+
+
+def _check_same_spec(spec: _Spec, ref: _Spec, where: str, ref_name: str) -> None:
+  """Raises naming the first difference between two example structures."""
+  if spec.treedef != ref.treedef:
+    raise ValueError(f"{where}: example structure differs from {ref_name}'s: "
+                     f"{spec.treedef} vs {ref.treedef}.")
+  for path, shape, dtype, rshape, rdtype in zip(
+      spec.paths, spec.shapes, spec.dtypes, ref.shapes, ref.dtypes):
+    if shape != rshape or dtype != rdtype:
+      raise ValueError(
+          f"{where}: leaf {path} is {dtype}{list(shape)} per example, {ref_name} has "
+          f"{rdtype}{list(rshape)}.")
+
+
+class _Data:
+  """A data set given as arrays or as an iterable of batches, read block by block."""
+
+  def __init__(self, data, name: str):
+    self.name = name
+    if data is None:
+      raise ValueError(f"{name} is None.")
+    if callable(data):
+      self._factory = data
+    else:
+      leaves = jax.tree.leaves(data)
+      if leaves and all(_is_array(x) for x in leaves):
+        self._factory = None
+        self._arrays = data
+        self.spec, self.n = _batch_spec(data, name)
+        return
+      if isinstance(data, (list, tuple, dict)) or not hasattr(data, "__iter__"):
+        raise TypeError(
+            f"{name} must be a pytree of arrays with a leading example axis, a callable "
+            "returning a fresh iterator of such batches, or a re-iterable of batches; got "
+            f"{type(data).__name__}. A list of batches: pass `lambda: iter(batches)`.")
+      if iter(data) is data:
+        raise TypeError(
+            f"{name} is a one-shot iterator, but the data are read more than once; pass a "
+            "callable that returns a fresh iterator, e.g. `lambda: make_batches()`.")
+      self._factory = lambda: iter(data)
+    # Iterable: one pass to count and check.
+    self.spec, self.n = None, 0
+    for batch in self._batches():
+      self.n += jax.tree.leaves(batch)[0].shape[0]
+    if self.n == 0:
+      raise ValueError(f"{name} yielded no examples.")
+
+  def _batches(self) -> Iterator[PyTree]:
+    """The batches of one pass over an iterable, checked against the first batch's spec."""
+    iterator = self._factory()
+    if iterator is None or not hasattr(iterator, "__next__"):
+      raise TypeError(f"{self.name}: the callable must return an iterator, got "
+                      f"{type(iterator).__name__}.")
+    for index, batch in enumerate(iterator):
+      where = f"{self.name} batch {index}"
+      spec, size = _batch_spec(batch, where)
+      if self.spec is None:
+        self.spec = spec
+      else:
+        _check_same_spec(spec, self.spec, where, f"{self.name} batch 0")
+      if size:
+        yield batch
+
+  def blocks(self, block_size: int, start: int, stop: int) -> Iterator[tuple[int, PyTree, int]]:
+    """Blocks start, ..., stop - 1 of `block_size` examples.
+
+    Yields:
+      (block index, block with leaves [block_size, ...], number of real examples). The last
+      block is padded by repeating its last example.
+    """
+    if self._factory is None:
+      for block in range(start, stop):
+        lo, hi = block * block_size, min((block + 1) * block_size, self.n)
+        index = np.minimum(np.arange(lo, lo + block_size), hi - 1)
+        yield block, jax.tree.map(lambda x: x[index], self._arrays), hi - lo
+      return
+    yield from self._stream_blocks(block_size, start, stop)
+
+  def n_blocks(self, block_size: int) -> int:
+    return -(-self.n // block_size)
+
+  def _stream_blocks(self, block_size: int, start: int, stop: int):
+    skip = start * block_size  # examples to pass over before the first block
+    buffered, count, seen, block = [], 0, 0, start
+    for batch in self._batches():
+      leaves = [np.asarray(x) for x in jax.tree.leaves(batch)]
+      size = leaves[0].shape[0]
+      seen += size
+      if skip >= size:
+        skip -= size
+        continue
+      if skip:
+        leaves, size, skip = [x[skip:] for x in leaves], size - skip, 0
+      buffered.append(leaves)
+      count += size
+      while count >= block_size and block < stop:
+        out, buffered, count = _take(buffered, block_size)
+        yield block, jax.tree.unflatten(self.spec.treedef, out), block_size
+        block += 1
+      if block == stop and stop < self.n_blocks(block_size):
+        return  # a partial pass: the rest is not needed
+    if seen != self.n:
+      raise ValueError(f"{self.name} yielded {seen} examples on this pass but {self.n} on "
+                       "the first; iterables must give the same examples every time.")
+    if count and block < stop:
+      out, _, _ = _take(buffered, count)
+      index = np.minimum(np.arange(block_size), count - 1)
+      yield block, jax.tree.unflatten(self.spec.treedef, [x[index] for x in out]), count
+
+
+def _take(buffered: list[list[np.ndarray]], size: int):
+  """The first `size` examples of buffered batches, and what remains."""
+  joined = [np.concatenate(xs) for xs in zip(*buffered)]
+  rest = [x[size:] for x in joined]
+  count = rest[0].shape[0]
+  return [x[:size] for x in joined], ([rest] if count else []), count
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _checkpoints(checkpoints: Checkpoints) -> list[tuple[Params, float]]:
+  """Checks (params, learning_rate) pairs; all params share the first one's structure."""
+  if checkpoints is None:
+    raise ValueError("checkpoints is None; give a sequence of (params, learning_rate) pairs.")
+  checkpoints = list(checkpoints)
+  if not checkpoints:
+    raise ValueError("checkpoints is empty; give at least one (params, learning_rate) pair.")
+  out, ref = [], None
+  for t, item in enumerate(checkpoints):
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+      raise ValueError(f"checkpoint {t} must be a (params, learning_rate) pair, got "
+                       f"{type(item).__name__}.")
+    params, learning_rate = item
+    is_real = isinstance(learning_rate, numbers.Real) or (
+        _is_array(learning_rate) and np.ndim(learning_rate) == 0
+        and np.dtype(learning_rate.dtype).kind in "fiu")
+    if not is_real or isinstance(learning_rate, (bool, np.bool_)):
+      raise ValueError(f"checkpoint {t}: learning_rate must be a real number, got "
+                       f"{learning_rate!r}.")
+    value = float(learning_rate)
+    if not math.isfinite(value):
+      raise ValueError(f"checkpoint {t}: learning_rate must be finite, got {value}.")
+    leaves, treedef = jax.tree.flatten(params)
+    spec = (treedef, [(np.shape(x), np.dtype(jax.numpy.result_type(x))) for x in leaves])
+    if ref is None:
+      ref = spec
+      if not leaves:
+        raise ValueError("checkpoint 0: params holds no arrays.")
+    elif spec != ref:
+      raise ValueError(f"checkpoint {t}: params differ in structure, shape or dtype from "
+                       "checkpoint 0's.")
+    out.append((params, value))
+  return out
+
+
+def _num_outputs(loss_fn: LossFn, params: Params, data: _Data) -> int:
+  try:
+    return grads_lib.num_outputs(loss_fn, params, data.spec.example())
+  except Exception as e:
+    if not isinstance(e, ValueError) or "loss_fn" not in str(e):
+      e.add_note(f"tracin_jax: while evaluating loss_fn on one {data.name} example of "
+                 f"structure {data.spec.treedef}. (A list of batches is a pytree; pass "
+                 "`lambda: iter(batches)` instead.)")
+    raise
+
+
+class _NonFinite:
+  """Collects examples whose gradients are not finite and warns once per checkpoint."""
+
+  def __init__(self):
+    self._flags = []  # (data name, first example index, finite [B] on device, n valid)
+
+  def add(self, name: str, first: int, finite, n_valid: int) -> None:
+    self._flags.append((name, first, finite, n_valid))
+
+  def warn(self, checkpoint: int) -> None:
+    bad = {}
+    for name, first, finite, n_valid in self._flags:
+      idx = np.flatnonzero(~np.asarray(finite)[:n_valid]) + first
+      bad.setdefault(name, set()).update(idx.tolist())
+    self._flags = []
+    parts = [f"{len(v)} {name} examples (first {sorted(v)[:5]})"
+             for name, v in bad.items() if v]
+    if parts:
+      warnings.warn(
+          f"tracin: checkpoint {checkpoint} has non-finite gradients for "
+          f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning, stacklevel=3)
+
+
+def _prepare(loss_fn, checkpoints, datasets, memory_budget_bytes):
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  checkpoints = _checkpoints(checkpoints)
+  if int(memory_budget_bytes) != memory_budget_bytes or memory_budget_bytes <= 0:
+    raise ValueError(f"memory_budget_bytes must be a positive integer, got "
+                     f"{memory_budget_bytes!r}.")
+  params = checkpoints[0][0]
+  ks = [_num_outputs(loss_fn, params, d) for d in datasets]
+  if len(set(ks)) > 1:
+    raise ValueError(f"loss_fn returns K = {ks[0]} losses on {datasets[0].name} examples "
+                     f"but K = {ks[1]} on {datasets[1].name} examples.")
+  bytes_per_example = ks[0] * grads_lib.parameter_count(params) * (
+      grads_lib.gradient_dtype(params).itemsize)
+  return checkpoints, ks[0], bytes_per_example, grads_lib.gradient_dtype(params)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def influence(
+    loss_fn: LossFn,
+    checkpoints: Checkpoints,
+    train,
+    test=None,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    batch_size: int | None = None,
+    progress: bool | Callable[[Progress], None] = False,
+    vectorize: str = "auto",
+) -> np.ndarray:
+  """TracIn scores between test and train examples, per pair of losses (eq 4-6).
+
+  scores[a, i, b, j] = sum_t eta_t grad loss_j(theta_t; train b) . grad loss_i(theta_t; test a)
+
+  Per-example gradients are computed block by block (`batch_size` examples per block, one
+  forward pass per example for its K losses) and multiplied block by block under `jit`; at
+  most `memory_budget_bytes` of gradients are held at once. If a whole side fits, its
+  gradients are computed once per checkpoint; otherwise the other side is recomputed once per
+  group of held blocks. With `test=None` the result is train-influence: only blocks on or
+  above the block diagonal are formed, and mirrored.
+
+  Args:
+    loss_fn: `loss_fn(params, example) -> [K]` (a scalar counts as K = 1), for one example
+      (no leading example axis). Keep one function object: compiled code is reused for the
+      same object.
+    checkpoints: sequence of (params, learning_rate eta_t) pairs; params share a structure.
+    train: train examples: a pytree of arrays with a leading example axis, or an iterable of
+      batches (see the module docstring for what is accepted).
+    test: test examples in the same form and with the same example structure, or None for
+      train-influence.
+    memory_budget_bytes: bytes of per-example gradients (K x P x 4 per example in float32)
+      that may be held at once. It does not count the activations of one gradient call
+      (bounded by `batch_size`) nor the host array of scores.
+    batch_size: examples per block, i.e. per gradient call and per Gram block side; None
+      uses `gram.DEFAULT_BATCH_SIZE`. Lowered if the budget cannot hold two such blocks.
+    progress: True writes a progress line to stderr; a callable receives `Progress`.
+    vectorize: "auto" (loop on CPU, vmap elsewhere), "vmap" or "loop"; see
+      `grads.block_grads`. Every choice gives the same scores.
+
+  Returns:
+    numpy [n_test, K, n_train, K] (or [n, K, n, K] for train-influence), in the gradients'
+    dtype (float32 for float32 parameters; float64 with x64 enabled and float64 parameters).
+
+  Raises:
+    ValueError / TypeError: empty checkpoints, a learning rate that is not a finite number,
+      leaves of different leading sizes, a test example structure different from train's
+      (naming the leaf), a loss that is not a scalar nor [K], or a budget too small for two
+      examples' gradients.
+
+  Warns:
+    RuntimeWarning: when some gradients are not finite (their scores are not either).
+  """
+  train_data = _Data(train, "train")
+  test_data = None if test is None else _Data(test, "test")
+  if test_data is not None:
+    _check_same_spec(test_data.spec, train_data.spec, "test", "train")
+  rows = train_data if test_data is None else test_data
+  checkpoints, k, bytes_per_example, dtype = _prepare(
+      loss_fn, checkpoints, [train_data] + ([test_data] if test_data else []),
+      memory_budget_bytes)
+  vectorize = grads_lib.resolve_vectorize(vectorize)
+  plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
+                              batch_size, symmetric=test_data is None)
+  reporter = _Reporter(progress, len(checkpoints),
+                       plan.gradient_blocks() * plan.block_size * len(checkpoints))
+  nonfinite = _NonFinite()
+  out = np.zeros((rows.n * k, train_data.n * k), dtype)
+
+  def producer(data: _Data, params: Params):
+    def blocks(start: int, stop: int):
+      for index, block, n_valid in data.blocks(plan.block_size, start, stop):
+        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize)
+        nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
+        reporter.examples(plan.block_size)
+        yield index, g
+    return blocks
+
+  for t, (params, learning_rate) in enumerate(checkpoints):
+    reporter.checkpoint(t)
+    gram_lib.accumulate_gram(out, plan, k, producer(rows, params),
+                             producer(train_data, params), learning_rate)
+    nonfinite.warn(t)
+  return out.reshape(rows.n, k, train_data.n, k)
+
+
+def self_influence(
+    loss_fn: LossFn,
+    checkpoints: Checkpoints,
+    train,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    batch_size: int | None = None,
+    progress: bool | Callable[[Progress], None] = False,
+    vectorize: str = "auto",
+) -> np.ndarray:
+  """Self-influence sum_t eta_t |grad loss_i(theta_t; z)|^2 of every example and loss.
+
+  Computed directly from per-example gradient norms, never via the full matrix; it equals
+  the diagonal `scores[a, i, a, i]` of `influence(loss_fn, checkpoints, train)`.
+
+  Args: as `influence`; the budget bounds one block of gradients.
+
+  Returns:
+    numpy [n, K].
+  """
+  data = _Data(train, "train")
+  checkpoints, k, bytes_per_example, dtype = _prepare(
+      loss_fn, checkpoints, [data], memory_budget_bytes)
+  vectorize = grads_lib.resolve_vectorize(vectorize)
+  fit = int(memory_budget_bytes) // bytes_per_example
+  if fit < 1:
+    raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
+                     f"gradients (K x P x itemsize = {bytes_per_example} bytes).")
+  if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+    raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+  block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), data.n, fit)
+  n_blocks = -(-data.n // block_size)
+  reporter = _Reporter(progress, len(checkpoints), n_blocks * block_size * len(checkpoints))
+  out = np.zeros((data.n, k), dtype)
+  for t, (params, learning_rate) in enumerate(checkpoints):
+    reporter.checkpoint(t)
+    pending = []
+    for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
+      norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize)
+      pending.append((index * block_size, n_valid, norms))
+      reporter.examples(block_size)
+    bad = []
+    for first, n_valid, norms in pending:
+      norms = np.asarray(norms)[:n_valid]
+      out[first:first + n_valid] += learning_rate * norms
+      bad.extend((np.flatnonzero(~np.isfinite(norms).all(axis=1)) + first).tolist())
+    if bad:
+      warnings.warn(f"tracin: checkpoint {t} has non-finite gradients for {len(bad)} train "
+                    f"examples (first {bad[:5]}).", RuntimeWarning, stacklevel=2)
+  return out
