@@ -2,6 +2,10 @@
 
     from tracin_jax.influence import influence, self_influence, top_k
     scores = influence(loss_fn, [(params_t, eta_t), ...], train, test)  # [n_test, K, n_train, K]
+
+`loss_fn(params, example) -> [K]` is any model's loss for one example; the paper's region
+losses for segmentation come from `make_region_losses`, and `segmentation_influence` runs the
+whole of eq 6 (regions, losses, NaN for empty regions).
 """
 
 from tracin_jax.influence.core import DEFAULT_MEMORY_BUDGET_BYTES
@@ -9,13 +13,23 @@ from tracin_jax.influence.core import Progress
 from tracin_jax.influence.core import influence
 from tracin_jax.influence.core import self_influence
 from tracin_jax.influence.grads import per_example_grads
+from tracin_jax.influence.segmentation import make_region_losses
+from tracin_jax.influence.segmentation import mask_absent
+from tracin_jax.influence.segmentation import predict_regions
+from tracin_jax.influence.segmentation import region_presence
+from tracin_jax.influence.segmentation import segmentation_influence
 from tracin_jax.influence.topk import top_k
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "Progress",
     "influence",
+    "make_region_losses",
+    "mask_absent",
     "per_example_grads",
+    "predict_regions",
+    "region_presence",
+    "segmentation_influence",
     "self_influence",
     "top_k",
 ]
