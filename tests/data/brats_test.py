@@ -305,6 +305,16 @@ def test_cache_hit_reads_no_nifti_and_changes_miss(cohort, tmp_path, monkeypatch
     brats.load_cached(cohort, CONFIG, cache, progress=False)
 
 
+def test_cache_follows_symlinked_cases(tmp_path, monkeypatch):
+  write_case(tmp_path / "store", "X")
+  (tmp_path / "brats" / "HGG").mkdir(parents=True)
+  (tmp_path / "brats" / "HGG" / "X").symlink_to(tmp_path / "store" / "HGG" / "X")
+  first, _ = brats.load_cached(tmp_path / "brats", CONFIG, tmp_path / "cache", progress=False)
+  monkeypatch.setattr(nibabel, "load", None)
+  second, _ = brats.load_cached(tmp_path / "brats", CONFIG, tmp_path / "cache", progress=False)
+  np.testing.assert_array_equal(first.images, second.images)
+
+
 def test_cache_keeps_skipped_cases(cohort, tmp_path, monkeypatch):
   _missing_t2(cohort / "HGG" / "BraTS19_C_1")
   cache = tmp_path / "cache"

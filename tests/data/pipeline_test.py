@@ -59,7 +59,8 @@ def test_spline_basis_is_2d_cubic_spline_interpolation():
   coarse = np.random.default_rng(0).normal(size=(5, 5))
   fine = np.meshgrid(np.linspace(0, 4, 40), np.linspace(0, 4, 30), indexing="ij")
   expected = ndimage.map_coordinates(coarse, fine, order=3, mode="nearest")
-  got = pipeline._spline_basis(40, 5) @ coarse @ pipeline._spline_basis(30, 5).T  # pylint: disable=protected-access
+  basis = pipeline._spline_basis  # pylint: disable=protected-access
+  got = basis(40, 5) @ coarse @ basis(30, 5).T
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 

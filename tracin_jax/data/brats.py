@@ -439,19 +439,19 @@ def split_cases(
 def cache_key(cases: Sequence[CaseFiles], root: str | os.PathLike,
               config: PreprocessConfig, skip_bad: bool = False) -> str:
   """A hash of the source files (absolute root, relative path, size, mtime) and config."""
-  root = pathlib.Path(root).resolve()
+  root = pathlib.Path(root)
   files = []
   for case in cases:
     for kind in _file_kinds():
       if kind in case.files:
         path = case.files[kind]
-        stat = path.stat()
-        files.append([str(path.resolve().relative_to(root)), stat.st_size, stat.st_mtime_ns])
+        stat = path.stat()  # follows symbolic links: the size and mtime of the data
+        files.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
       else:
         files.append([f"{case.group}/{case.case_id}/<missing {kind}>", -1, -1])
   record = {
       "version": CACHE_VERSION,
-      "root": str(root),
+      "root": str(root.resolve()),
       "files": files,
       "config": dataclasses.asdict(config),
       "skip_bad": skip_bad,
