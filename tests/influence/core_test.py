@@ -10,7 +10,6 @@ import pytest
 from tracin_jax.influence import core
 from tracin_jax.influence import influence, self_influence
 import tiny_models as tm
-from tiny_models import x64  # noqa: F401  (fixture)
 
 N_TRAIN, N_TEST = 7, 4
 P_MLP = 5 * 6 + 6 + 6 * 3
@@ -238,7 +237,8 @@ def test_nonfinite_gradients_warn():
     return jnp.sqrt(example["x"] @ params["w"])
 
   train = {"x": np.array([[1.0, 2.0], [-1.0, -2.0], [2.0, 1.0]], np.float32)}
-  with pytest.warns(RuntimeWarning, match=r"non-finite gradients for 1 train examples \(first \[1\]\)"):
+  message = r"non-finite gradients for 1 train examples \(first \[1\]\)"
+  with pytest.warns(RuntimeWarning, match=message):
     scores = influence(loss_fn, [({"w": jnp.ones(2)}, 0.1)], train, batch_size=2)
   assert np.isfinite(scores[0, 0, 0, 0]) and np.isnan(scores[1, 0, 1, 0])
   with pytest.warns(RuntimeWarning, match="non-finite"):

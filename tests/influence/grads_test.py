@@ -7,7 +7,6 @@ import pytest
 
 from tracin_jax.influence import grads
 import tiny_models as tm
-from tiny_models import x64  # noqa: F401  (fixture)
 
 VECTORIZE = ["vmap", "loop"]
 
@@ -31,7 +30,8 @@ def test_linear_gradients_match_closed_form(vectorize):
 @pytest.mark.parametrize("model", ["mlp", "conv"])
 def test_block_grads_match_plain_loop(x64, model, vectorize):
   if model == "mlp":
-    loss_fn, params, data = tm.mlp_loss, tm.mlp_params(0, jnp.float64), tm.mlp_data(1, 5, np.float64)
+    loss_fn, params, data = (tm.mlp_loss, tm.mlp_params(0, jnp.float64),
+                             tm.mlp_data(1, 5, np.float64))
   else:
     loss_fn, params, data = (tm.conv_loss, tm.conv_params(0, jnp.float64),
                              tm.conv_data(1, 3, dtype=np.float64))

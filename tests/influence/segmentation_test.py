@@ -17,6 +17,7 @@ def logits_model(params, images):
 
 
 IDENTITY = {"scale": jnp.ones(())}
+apply = jax.jit(tm.conv_apply)
 
 
 def pixel(*logits):
@@ -45,13 +46,13 @@ def test_threshold_is_strict_and_argmax_must_match():
 
 
 def test_regions_in_batches_equal_one_batch():
-  images = tm.conv_data(3, 5)["image"]
+  images = tm.conv_data(3, 4)["image"]
   params = tm.conv_params(0)
-  one = segmentation.predict_regions(tm.conv_apply, params, images, 0.3, batch_size=5)
-  several = segmentation.predict_regions(tm.conv_apply, params, images, 0.3, batch_size=2)
-  np.testing.assert_array_equal(one, several)
+  one = segmentation.predict_regions(tm.conv_apply, params, images, 0.3, batch_size=4)
+  several = segmentation.predict_regions(tm.conv_apply, params, images[:3], 0.3, batch_size=2)
+  np.testing.assert_array_equal(one[:3], several)  # 3 = a batch of 2 and a padded one
   assert one.any() and not one.all()
-  probs = jax.nn.softmax(tm.conv_apply(params, images), -1)
+  probs = jax.nn.softmax(apply(params, images), -1)
   expect = (np.argmax(probs, -1)[..., None] == np.arange(1, 4)) & (probs[..., 1:] > 0.3)
   np.testing.assert_array_equal(one, expect)
 
@@ -89,17 +90,21 @@ def test_region_losses_are_restricted_soft_dice():
   target = rng.integers(0, 4, size=(6, 6))
   region = rng.random((6, 6, 3)) < 0.5
   region[..., 2] = False  # an empty region: loss 1, zero gradient
-  example = {"image": images[0], "target": target, "region": region}
-  probs = np.asarray(jax.nn.softmax(tm.conv_apply(params, images), -1))[0]
-  np.testing.assert_allclose(loss_fn(params, example),
-                             dice_loss_numpy(probs, target, region, 1e-6), rtol=1e-5)
-  assert float(loss_fn(params, example)[2]) == 1.0
-  g = jax.grad(lambda p: loss_fn(p, example)[2])(params)
-  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
-  # No gradient through the region mask, even a float one.
-  g_region = jax.grad(lambda r: jnp.sum(loss_fn(params, dict(example, region=r))))(
-      region.astype(np.float32))
-  assert float(jnp.abs(g_region).max()) == 0.0
+  example = {"image": images[0], "target": target}
+
+  @jax.jit
+  def losses_and_jacobians(params, region):  # one compile for all the checks below
+    f = lambda p, r: loss_fn(p, dict(example, region=r))
+    return f(params, region), jax.jacrev(f, argnums=(0, 1))(params, region)
+
+  losses, (d_params, d_region) = losses_and_jacobians(params, region.astype(np.float32))
+  probs = np.asarray(jax.nn.softmax(apply(params, images), -1))[0]
+  np.testing.assert_allclose(losses, dice_loss_numpy(probs, target, region, 1e-6), rtol=1e-5)
+  assert float(losses[2]) == 1.0
+  assert all(float(jnp.abs(x[2]).max()) == 0.0 for x in jax.tree.leaves(d_params))
+  assert all(float(jnp.abs(x[:2]).max()) > 0.0 for x in jax.tree.leaves(d_params))
+  # No gradient through the region mask (here a float one, which could carry one).
+  assert float(jnp.abs(d_region).max()) == 0.0
 
 
 def test_region_shape_mismatch_is_an_error():
@@ -107,7 +112,7 @@ def test_region_shape_mismatch_is_an_error():
   example = {"image": np.zeros((6, 6, 2), np.float32), "target": np.zeros((6, 6), np.int32),
              "region": np.zeros((6, 6, 2), bool)}
   with pytest.raises(ValueError, match="region has shape"):
-    loss_fn(tm.conv_params(0), example)
+    jax.eval_shape(loss_fn, tm.conv_params(0), example)
 
 
 def test_segmentation_influence_nan_for_empty_regions_and_fixed_regions():
@@ -130,7 +135,7 @@ def test_segmentation_influence_nan_for_empty_regions_and_fixed_regions():
   # from the model's own prediction.
   regions = segmentation.predict_regions(tm.conv_apply, regions_params, train_images, 0.3)
   test_regions = segmentation.predict_regions(tm.conv_apply, regions_params, test_images, 0.3)
-  test_labels = np.argmax(tm.conv_apply(regions_params, test_images), -1)
+  test_labels = np.argmax(apply(regions_params, test_images), -1)
   train = {"image": train_images, "target": train_targets.astype(np.int32), "region": regions}
   test = {"image": test_images, "target": test_labels.astype(np.int32), "region": test_regions}
   by_hand = influence(segmentation.make_region_losses(tm.conv_apply), checkpoints, train, test)
