@@ -1,0 +1,111 @@
+"""Tests of training: checkpoint metadata, resume after an interruption, reuse, refusal."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tracin_jax.data.slices import SliceSet
+from tracin_jax.training import optim
+from tracin_jax.training import train as train_lib
+from tracin_jax.training.checkpoints import CheckpointStore
+
+CONFIG = train_lib.TrainConfig(
+    model=train_lib.ModelConfig("unet", base_width=4, depth=2),
+    optimizer=optim.OptimizerConfig(adam_epochs=2, adam_learning_rate=3e-3,
+                                    sgd_learning_rate=0.05),
+    sgd_epochs=2, batch_size=4, augment=True, seed=0, eval_batch_size=8)
+
+
+def _slices(n, seed, prefix):
+  rng = np.random.default_rng(seed)
+  labels = np.zeros((n, 16, 16), np.int32)
+  images = -np.ones((n, 16, 16, 4), np.float32)
+  for i in range(n):
+    r, c = rng.integers(3, 9, size=2)
+    labels[i, r:r + 6, c:c + 6] = 2
+    labels[i, r + 1:r + 5, c + 1:c + 5] = 3
+    labels[i, r + 2:r + 4, c + 2:c + 4] = 1
+    images[i] = rng.normal(0, 0.05, size=(16, 16, 4))
+    for k in range(4):
+      images[i, ..., k] += 0.3 * k * (labels[i] == (k % 3) + 1)
+  cases = np.array([f"{prefix}{i // 2}" for i in range(n)])
+  return SliceSet(images, labels, cases, np.arange(n, dtype=np.int32) % 2)
+
+
+TRAIN, VAL = _slices(12, 0, "t"), _slices(4, 1, "v")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  result = train_lib.train(CONFIG, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)
+  return workdir, result
+
+
+def _params(model):
+  return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def test_checkpoint_metadata_round_trip(full_run):
+  workdir, result = full_run
+  store = CheckpointStore(workdir, create=False)
+  assert store.epochs() == [1, 2, 3, 4]
+  steps = train_lib.steps_per_epoch(len(TRAIN), CONFIG.batch_size)
+  for epoch in store.epochs():
+    meta = store.metadata(epoch)
+    assert meta["epoch"] == epoch and meta["step"] == epoch * steps
+    assert meta["phase"] == ("adam" if epoch <= 2 else "sgd")
+    # eta_t: the rate the next update applies from this checkpoint.
+    rate = (CONFIG.optimizer.adam_learning_rate if epoch < 2
+            else CONFIG.optimizer.sgd_learning_rate)
+    assert meta["learning_rate"] == pytest.approx(rate)
+  model = train_lib.build_model(CONFIG.model, seed=123)
+  store.restore(4, model)
+  for a, b in zip(_params(model), _params(result.model)):
+    np.testing.assert_array_equal(a, b)
+  assert (workdir / "metrics.json").exists() and (workdir / "training_curves.png").exists()
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert set(metrics["validation"]) == {"NCR/NET", "ED", "ET", "WT", "TC"}
+
+
+def test_resume_after_interruption_continues_at_the_right_epoch(tmp_path, full_run):
+  _, full = full_run
+  stopped = train_lib.train(CONFIG, TRAIN, VAL, tmp_path, progress=False,
+                            stop_after_epoch=2, log=lambda *_: None)
+  assert [h["epoch"] for h in stopped.history] == [1, 2] and not stopped.metrics
+  messages = []
+  resumed = train_lib.train(CONFIG, TRAIN, VAL, tmp_path, progress=False, log=messages.append)
+  assert resumed.resumed_from == 2
+  assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+  assert any("epoch 2/4" in m for m in messages)
+  # Same seed and data order: the resumed run ends where the uninterrupted one does.
+  for a, b in zip(_params(resumed.model), _params(full.model)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_finished_run_is_reused_not_overwritten(full_run):
+  workdir, _ = full_run
+  before = (workdir / "metrics.json").stat().st_mtime_ns
+  again = train_lib.train(CONFIG, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)
+  assert again.reused
+  assert (workdir / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_different_run_in_same_workdir_is_refused(full_run):
+  workdir, _ = full_run
+  other = train_lib.TrainConfig(**{**CONFIG.__dict__, "sgd_epochs": 3})
+  with pytest.raises(train_lib.RunMismatchError, match="sgd_epochs|config"):
+    train_lib.train(other, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)
+
+
+def test_tracin_checkpoints_are_the_sgd_epochs_with_their_rates(full_run):
+  workdir, result = full_run
+  apply_fn, checkpoints, epochs = train_lib.tracin_checkpoints(workdir)
+  assert epochs == [3, 4]
+  assert [lr for _, lr in checkpoints] == pytest.approx([0.05, 0.05])
+  logits = apply_fn(checkpoints[-1][0], VAL.images[:2])
+  expected = result.model(VAL.images[:2])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)

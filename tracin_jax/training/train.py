@@ -1,0 +1,372 @@
+"""Training of a segmentation model: Adam then SGD, Orbax checkpoints, resume, metrics.
+
+`train(config, train_set, val_set, workdir)` is the one entry point. It writes under
+`workdir`:
+  - `train_config.json`: the settings and the train/validation cases of the run;
+  - `checkpoints/<epoch>/`: an Orbax checkpoint at every epoch end (see `checkpoints.py`);
+  - `metrics.json`: hard Dice per class and region on train and validation, after training;
+  - `training_curves.png`: loss and validation Dice per epoch.
+An interrupted run resumes from its latest checkpoint; a finished run is reused, never
+overwritten; a workdir that holds a different run is refused with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tracin_jax import models
+from tracin_jax.data import pipeline
+from tracin_jax.data.slices import SliceSet
+from tracin_jax.progress import Progress
+from tracin_jax.training import losses
+from tracin_jax.training import optim
+from tracin_jax.training.checkpoints import CheckpointStore
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "training_curves.png"
+
+
+class RunMismatchError(RuntimeError):
+  """The workdir already holds a run with other settings or data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which registered model, and its size."""
+
+  name: str = "unet"
+  base_width: int = 16
+  depth: int = 4
+  norm: str = "group"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Settings of one training run (the paper: 30 epochs, batch 10, Adam 5 then SGD)."""
+
+  model: ModelConfig = ModelConfig()
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  sgd_epochs: int = 25
+  batch_size: int = 10
+  augment: bool = True
+  seed: int = 0
+  eval_batch_size: int = 32
+
+  @property
+  def num_epochs(self) -> int:
+    return self.optimizer.adam_epochs + self.sgd_epochs
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    d = dict(d)
+    d["model"] = ModelConfig(**d["model"])
+    d["optimizer"] = optim.OptimizerConfig(**d["optimizer"])
+    return cls(**d)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model: nnx.Module
+  metrics: dict[str, Any]
+  history: list[dict[str, Any]]
+  resumed_from: int | None
+  reused: bool
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
+  """The registered model `config.name` with fresh parameters from `seed`."""
+  return models.get_model(
+      config.name, base_width=config.base_width, depth=config.depth, norm=config.norm,
+      rngs=nnx.Rngs(seed))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return -(-num_examples // batch_size)
+
+
+@nnx.jit
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images, labels, weights):
+  """One update on a batch; returns (loss, soft Dice per tumour class [3])."""
+
+  def loss_fn(m):
+    return losses.dice_loss(m(images), labels, weights)
+
+  (loss, dice), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return loss, dice
+
+
+@nnx.jit
+def _predict(model: nnx.Module, images):
+  return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
+
+
+def eval_view(model: nnx.Module) -> nnx.Module:
+  """`model` in evaluation mode (BatchNorm running averages, no dropout), sharing state."""
+  return nnx.view(model, use_running_average=True, deterministic=True,
+                  raise_if_not_found=False)
+
+
+def predict_classes(model: nnx.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+  """Argmax classes [N, H, W] int32 of `images` [N, H, W, 4], in evaluation mode."""
+  view = eval_view(model)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:  # one compiled shape
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(_predict(view, jnp.asarray(chunk)))[:n])
+  return np.concatenate(out) if out else np.zeros(images.shape[:3], np.int32)
+
+
+def evaluate(model: nnx.Module, slices: SliceSet, batch_size: int = 32) -> dict[str, float]:
+  """Hard Dice per class and region, per patient then averaged (see losses.per_case_dice)."""
+  pred = predict_classes(model, slices.images, batch_size)
+  return losses.per_case_dice(pred, slices.labels, slices.case_ids)
+
+
+def _run_record(config: TrainConfig, train_set: SliceSet, val_set: SliceSet) -> dict[str, Any]:
+  return {
+      "config": config.to_dict(),
+      "train_cases": train_set.cases,
+      "val_cases": val_set.cases,
+      "num_train_slices": len(train_set),
+      "image_shape": list(train_set.images.shape[1:]),
+  }
+
+
+def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
+  path = workdir / CONFIG_FILE
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != json.loads(json.dumps(record)):
+      diff = sorted(k for k in set(saved) | set(record)
+                    if json.dumps(saved.get(k)) != json.dumps(record.get(k)))
+      raise RunMismatchError(
+          f"{workdir} already holds a training run with different {', '.join(diff)}; "
+          "its checkpoints would be overwritten. Use another --workdir, or delete that "
+          "directory yourself if you no longer need it.")
+  else:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
+          workdir: str | os.PathLike, *, progress: bool = True,
+          stop_after_epoch: int | None = None, dataset: str = "",
+          log=print) -> TrainResult:
+  """Trains (or resumes, or reuses) the run in `workdir`.
+
+  Args:
+    config: the run's settings.
+    train_set: training slices.
+    val_set: validation slices (evaluated at each epoch end).
+    workdir: the run's directory.
+    progress: show a progress bar per epoch.
+    stop_after_epoch: stop after this epoch (as an interruption would); for tests.
+    dataset: a name for the data, written into metrics.json and figure titles
+      (e.g. "synthetic cohort").
+    log: where one-line messages go.
+
+  Returns:
+    TrainResult with the trained model, the final metrics (empty if stopped early) and the
+    per-epoch history.
+
+  Raises:
+    RunMismatchError: `workdir` holds a run with other settings or data.
+  """
+  workdir = pathlib.Path(workdir)
+  if len(train_set) == 0:
+    raise ValueError("train_set is empty: nothing to train on.")
+  _check_run(workdir, _run_record(config, train_set, val_set))
+
+  n_steps = steps_per_epoch(len(train_set), config.batch_size)
+  tx, schedule = optim.make_optimizer(config.optimizer, n_steps)
+  model = build_model(config.model, config.seed)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  store = CheckpointStore(workdir)
+
+  start_epoch, history, resumed_from = 1, [], None
+  latest = store.latest_epoch()
+  if latest is not None:
+    meta = store.restore(latest, model, optimizer)
+    history = list(meta.get("history", []))
+    start_epoch, resumed_from = latest + 1, latest
+    if latest < config.num_epochs:
+      log(f"Resuming {workdir} from the checkpoint of epoch {latest}/{config.num_epochs}.")
+
+  metrics_path = workdir / METRICS_FILE
+  if latest == config.num_epochs and metrics_path.exists():
+    log(f"{workdir} holds a finished run ({config.num_epochs} epochs); reusing it.")
+    store.close()
+    return TrainResult(model, json.loads(metrics_path.read_text()), history, latest, True)
+
+  for epoch in range(start_epoch, config.num_epochs + 1):
+    if stop_after_epoch is not None and epoch > stop_after_epoch:
+      store.close()
+      return TrainResult(model, {}, history, resumed_from, False)
+    first_step = (epoch - 1) * n_steps
+    phase = optim.phase_at(config.optimizer, n_steps, first_step)
+    bar = Progress(n_steps, f"epoch {epoch}/{config.num_epochs} ({phase})", enabled=progress)
+    t0 = time.perf_counter()
+    losses_sum, dice_sum, count = 0.0, np.zeros(3), 0
+    for batch in pipeline.train_batches(
+        train_set, config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment):
+      images, labels, weights = _pad_batch(batch, config.batch_size)
+      loss, dice = train_step(model, optimizer, images, labels, weights)
+      loss, dice = float(loss), np.asarray(dice)
+      losses_sum += loss
+      dice_sum += dice
+      count += 1
+      bar.update(1, loss=losses_sum / count, dice=float(dice_sum.mean() / count))
+    bar.close()
+    val = evaluate(model, val_set, config.eval_batch_size) if len(val_set) else {}
+    step = epoch * n_steps
+    record = {
+        "epoch": epoch, "loss": losses_sum / max(count, 1),
+        "train_soft_dice": (dice_sum / max(count, 1)).tolist(),
+        "val_dice": val, "seconds": time.perf_counter() - t0,
+    }
+    history.append(record)
+    metadata = {
+        "epoch": epoch, "step": step, "phase": phase,
+        "learning_rate": float(schedule(step)),
+        "next_phase": optim.phase_at(config.optimizer, n_steps, step),
+        "history": history,
+    }
+    store.save(epoch, model, optimizer, metadata)
+    val_s = " ".join(f"{k}={v:.3f}" for k, v in val.items())
+    log(f"epoch {epoch}: loss {record['loss']:.4f}; validation Dice {val_s}")
+
+  store.close()
+  metrics = {
+      "dataset": dataset,
+      "train": evaluate(model, train_set, config.eval_batch_size),
+      "validation": evaluate(model, val_set, config.eval_batch_size) if len(val_set) else {},
+      "num_train_cases": len(train_set.cases), "num_val_cases": len(val_set.cases),
+      "epochs": config.num_epochs,
+      "convention": "hard Dice per patient over its slices, averaged over patients; an "
+                    "empty prediction of an empty truth counts 1.0",
+  }
+  tmp = metrics_path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(metrics, indent=2))
+  os.replace(tmp, metrics_path)
+  plot_training_curves(history, workdir / CURVES_FILE,
+                       title_suffix=f" ({dataset})" if dataset else "")
+  return TrainResult(model, metrics, history, resumed_from, False)
+
+
+def _pad_batch(batch: dict[str, np.ndarray], batch_size: int):
+  """Pads a short last batch to `batch_size` with zero-weight copies (one compiled shape)."""
+  images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+  n = len(images)
+  weights = np.ones(batch_size, np.float32)
+  if n < batch_size:
+    pad = batch_size - n
+    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    labels = np.concatenate([labels, np.repeat(labels[-1:], pad, axis=0)])
+    weights[n:] = 0.0
+  return jnp.asarray(images), jnp.asarray(labels), jnp.asarray(weights)
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
+                         title_suffix: str = "") -> None:
+  """Loss and validation hard Dice per epoch, in one PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  epochs = [h["epoch"] for h in history]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  axes[0].plot(epochs, [h["loss"] for h in history], marker="o", ms=3)
+  axes[0].set(xlabel="epoch", ylabel="training loss (1 - mean soft Dice)",
+              title="Training loss" + title_suffix)
+  for name in ("NCR/NET", "ED", "ET", "WT", "TC"):
+    vals = [h["val_dice"].get(name, np.nan) for h in history]
+    axes[1].plot(epochs, vals, marker="o", ms=3, label=name)
+  axes[1].set(xlabel="epoch", ylabel="hard Dice", ylim=(0, 1),
+              title="Validation Dice" + title_suffix)
+  axes[1].legend(fontsize=8, ncol=2)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def load_config(workdir: str | os.PathLike) -> TrainConfig:
+  """The TrainConfig of the run in `workdir`."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} holds no training run.")
+  return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+
+
+def load_model(workdir: str | os.PathLike, epoch: int | None = None) -> tuple[nnx.Module, dict]:
+  """The model of `workdir` at `epoch` (default: the latest), and that checkpoint's metadata."""
+  config = load_config(workdir)
+  model = build_model(config.model, config.seed)
+  store = CheckpointStore(workdir, create=False)
+  epoch = store.latest_epoch() if epoch is None else epoch
+  if epoch is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint yet.")
+  if epoch not in store.epochs():
+    raise ValueError(f"{workdir} has no checkpoint of epoch {epoch}; it has {store.epochs()}.")
+  meta = store.restore(epoch, model)
+  store.close()
+  return model, meta
+
+
+def sgd_epochs_of(workdir: str | os.PathLike) -> list[int]:
+  """Epochs whose checkpoint was written after an SGD epoch, ascending."""
+  store = CheckpointStore(workdir, create=False)
+  out = [e for e in store.epochs() if store.metadata(e).get("phase") == "sgd"]
+  store.close()
+  return out
+
+
+def tracin_checkpoints(workdir: str | os.PathLike, epochs: Sequence[int] | None = None,
+                       max_checkpoints: int = 5):
+  """Loads TracIn checkpoints `(params, learning_rate)` from a training run.
+
+  Args:
+    workdir: the run's directory.
+    epochs: the epochs to use; default the first `max_checkpoints` epochs trained with SGD
+      (the paper: the first 5 epochs after the switch), i.e. the checkpoints written at the
+      end of those epochs.
+    max_checkpoints: how many SGD epochs by default.
+
+  Returns:
+    (apply_fn, checkpoints, epochs): `apply_fn(params, images) -> logits` of the run's model,
+    `checkpoints` a list of `(params, learning_rate)` and the epochs they come from.
+  """
+  if epochs is None:
+    epochs = sgd_epochs_of(workdir)[:max_checkpoints]
+    if not epochs:
+      raise ValueError(f"{workdir} has no checkpoint of an SGD epoch; TracIn assumes SGD "
+                       "(train with --sgd_epochs >= 1).")
+  checkpoints = []
+  apply_fn = None
+  for epoch in epochs:
+    model, meta = load_model(workdir, epoch)
+    fn, params = models.functional(model)
+    apply_fn = apply_fn or fn
+    checkpoints.append((params, float(meta["learning_rate"])))
+  return apply_fn, checkpoints, list(epochs)
