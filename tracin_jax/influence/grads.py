@@ -2,10 +2,15 @@
 
 A TracIn loss returns K numbers per example (for segmentation, one per class region). The K
 gradients of one example share its forward pass: one `jax.vjp` per example, pulled back with
-the K one-hot cotangents at once (`jax.vmap(vjp_fn)(jnp.eye(K))`), and the examples of a
-block are vectorised with `jax.vmap`. Gradients come out flattened, one row per
-(example, output) pair: `[B * K, P]`, rows ordered example-major (row `b * K + k` is output k
-of example b), columns in `jax.flatten_util.ravel_pytree` order.
+the K one-hot cotangents at once (`jax.vmap(vjp_fn)(jnp.eye(K))`). The examples of a block
+are then either vectorised with `jax.vmap` (one compiled call per block: the fast path on
+GPUs and TPUs) or looped over with one compiled batch-1 call each (the fast path on XLA:CPU
+for convolutions, whose vmapped per-example filter gradients become grouped convolutions
+that XLA:CPU runs slowly). Both give the same gradients; `vectorize="auto"` picks by backend.
+
+Gradients come out flattened, one row per (example, output) pair: `[B * K, P]`, rows
+ordered example-major (row `b * K + k` is output k of example b), columns in
+`jax.flatten_util.ravel_pytree` order, in at least float32.
 
 The jitted functions here take `loss_fn` as a static argument, so one compiled function
 serves every call with the same `loss_fn` object and the same shapes (every checkpoint,
@@ -68,12 +73,10 @@ VECTORIZE = ("auto", "vmap", "loop")
 
 
 def resolve_vectorize(vectorize: str) -> str:
-  """"auto" -> "loop" on CPU, "vmap" elsewhere; checks the name.
+  """Checks the name; "auto" is "loop" on CPU and "vmap" on GPUs and TPUs.
 
-  On XLA:CPU, vmapping the per-example filter gradients of convolutions turns them into
-  grouped convolutions, which XLA:CPU runs several times slower than a loop of batch-1
-  gradients (measured: `python /path/to/timing` in the influence docs); on GPUs and TPUs
-  vmap is the fast path.
+  For convolutions on XLA:CPU a loop of batch-1 gradients beats vmap (see the module
+  docstring); on accelerators vmap keeps the device busy.
   """
   if vectorize not in VECTORIZE:
     raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}.")
