@@ -209,6 +209,9 @@ def test_bad_data():
     influence(tm.mlp_loss, params, {"x": train["x"], "y": np.float32(1.0)})
   with pytest.raises(TypeError, match="lambda: iter"):
     influence(tm.mlp_loss, params, [train, train][:1] + ["x"])
+  with pytest.raises(TypeError) as error:  # a list of batches is one pytree
+    influence(tm.mlp_loss, params, [train, train])
+  assert "lambda: iter(batches)" in "".join(error.value.__notes__)
   batches = [train, {"x": train["x"][:, :4], "y": train["y"]}]
   with pytest.raises(ValueError, match=r"train batch 1: leaf \['x'\]"):
     influence(tm.mlp_loss, params, lambda: iter(batches))

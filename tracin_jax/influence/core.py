@@ -168,6 +168,7 @@ class _Data:
 
   def __init__(self, data, name: str):
     self.name = name
+    self.is_sequence = isinstance(data, (list, tuple))
     if data is None:
       raise ValueError(f"{name} is None.")
     if callable(data):
@@ -260,8 +261,9 @@ class _Data:
 
 
 def _take(buffered: list[list[np.ndarray]], size: int):
-  """The first `size` examples of buffered batches, and what remains."""
-  joined = [np.concatenate(xs) for xs in zip(*buffered)]
+  """The first `size` examples of buffered batches, and what remains (views, no copy, when
+  one batch holds them all)."""
+  joined = [xs[0] if len(xs) == 1 else np.concatenate(xs) for xs in zip(*buffered)]
   rest = [x[size:] for x in joined]
   count = rest[0].shape[0]
   return [x[:size] for x in joined], ([rest] if count else []), count
@@ -309,10 +311,11 @@ def _num_outputs(loss_fn: LossFn, params: Params, data: _Data) -> int:
   try:
     return grads_lib.num_outputs(loss_fn, params, data.spec.example())
   except Exception as e:
-    if not isinstance(e, ValueError) or "loss_fn" not in str(e):
+    if not (isinstance(e, ValueError) and "loss_fn" in str(e)):
+      hint = (" A list or tuple of batches is one pytree: pass `lambda: iter(batches)`."
+              if data.is_sequence else "")
       e.add_note(f"tracin_jax: while evaluating loss_fn on one {data.name} example of "
-                 f"structure {data.spec.treedef}. (A list of batches is a pytree; pass "
-                 "`lambda: iter(batches)` instead.)")
+                 f"structure {data.spec.treedef}.{hint}")
     raise
 
 
@@ -339,21 +342,21 @@ class _NonFinite:
           f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning, stacklevel=3)
 
 
-def _prepare(loss_fn, checkpoints, datasets, memory_budget_bytes):
+def _check_arguments(loss_fn, checkpoints, memory_budget_bytes):
+  """The cheap checks, before any data are read; returns the checked checkpoints."""
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  checkpoints = _checkpoints(checkpoints)
   if int(memory_budget_bytes) != memory_budget_bytes or memory_budget_bytes <= 0:
     raise ValueError(f"memory_budget_bytes must be a positive integer, got "
                      f"{memory_budget_bytes!r}.")
-  params = checkpoints[0][0]
-  ks = [_num_outputs(loss_fn, params, d) for d in datasets]
-  if len(set(ks)) > 1:
-    raise ValueError(f"loss_fn returns K = {ks[0]} losses on {datasets[0].name} examples "
-                     f"but K = {ks[1]} on {datasets[1].name} examples.")
-  bytes_per_example = ks[0] * grads_lib.parameter_count(params) * (
-      grads_lib.gradient_dtype(params).itemsize)
-  return checkpoints, ks[0], bytes_per_example, grads_lib.gradient_dtype(params)
+  return _checkpoints(checkpoints)
+
+
+def _gradient_layout(loss_fn, params, data: _Data):
+  """K, the bytes of one example's K gradients, and their dtype."""
+  k = _num_outputs(loss_fn, params, data)  # test examples share the structure, hence K
+  dtype = grads_lib.gradient_dtype(params)
+  return k, k * grads_lib.parameter_count(params) * dtype.itemsize, dtype
 
 
 # ----------------------------------------------------------------------------- public API
@@ -412,14 +415,13 @@ def influence(
   Warns:
     RuntimeWarning: when some gradients are not finite (their scores are not either).
   """
+  checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes)
   train_data = _Data(train, "train")
   test_data = None if test is None else _Data(test, "test")
   if test_data is not None:
     _check_same_spec(test_data.spec, train_data.spec, "test", "train")
   rows = train_data if test_data is None else test_data
-  checkpoints, k, bytes_per_example, dtype = _prepare(
-      loss_fn, checkpoints, [train_data] + ([test_data] if test_data else []),
-      memory_budget_bytes)
+  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0][0], train_data)
   vectorize = grads_lib.resolve_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
@@ -465,9 +467,9 @@ def self_influence(
   Returns:
     numpy [n, K].
   """
+  checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes)
   data = _Data(train, "train")
-  checkpoints, k, bytes_per_example, dtype = _prepare(
-      loss_fn, checkpoints, [data], memory_budget_bytes)
+  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0][0], data)
   vectorize = grads_lib.resolve_vectorize(vectorize)
   fit = int(memory_budget_bytes) // bytes_per_example
   if fit < 1:
@@ -476,7 +478,7 @@ def self_influence(
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), data.n, fit)
-  n_blocks = -(-data.n // block_size)
+  n_blocks = data.n_blocks(block_size)
   reporter = _Reporter(progress, len(checkpoints), n_blocks * block_size * len(checkpoints))
   out = np.zeros((data.n, k), dtype)
   for t, (params, learning_rate) in enumerate(checkpoints):
