@@ -394,8 +394,10 @@ def influence(
     test: test examples in the same form and with the same example structure, or None for
       train-influence.
     memory_budget_bytes: bytes of per-example gradients (K x P x 4 per example in float32)
-      that may be held at once. It does not count the activations of one gradient call
-      (bounded by `batch_size`) nor the host array of scores.
+      that may be held at once: the held blocks and the streamed one. It does not count the
+      activations of one gradient call (bounded by `batch_size`), the host array of scores,
+      nor a block that JAX's asynchronous dispatch may start before the last one's products
+      are done.
     batch_size: examples per block, i.e. per gradient call and per Gram block side; None
       uses `gram.DEFAULT_BATCH_SIZE`. Lowered if the budget cannot hold two such blocks.
     progress: True writes a progress line to stderr; a callable receives `Progress`.
@@ -437,6 +439,7 @@ def influence(
         nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
         reporter.examples(plan.block_size)
         yield index, g
+        del g  # not alive while the next block is computed
     return blocks
 
   for t, (params, learning_rate) in enumerate(checkpoints):

@@ -218,7 +218,7 @@ def accumulate_gram(
     else:
       sink.add(s, h, gram_block(gs, gh, lr))
 
-  for start, stop in plan.groups():
+  def group(start: int, stop: int) -> None:  # its locals (the held blocks) die on return
     held = []
     for h, gh in held_blocks(start, stop):
       if plan.symmetric:  # pairs inside the group, on or above the diagonal
@@ -231,6 +231,9 @@ def accumulate_gram(
       for s, gs in streamed_blocks(first, n_streamed):
         for h, gh in held:
           product(h, gh, s, gs)
-    del held
+        del gs  # not alive while the next block is computed
+
+  for start, stop in plan.groups():
+    group(start, stop)
   sink.flush()
 
