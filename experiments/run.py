@@ -10,6 +10,7 @@ Intentionally kept short: parse flags, build a config, call one library function
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from tracin_jax import experiment
 from tracin_jax.data import brats
@@ -100,6 +101,8 @@ def build_config() -> experiment.ExperimentConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   experiment.run(build_config(), _STAGES.value, progress=_PROGRESS.value)
 
 
