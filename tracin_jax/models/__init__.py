@@ -1,0 +1,36 @@
+"""Segmentation models (Flax NNX), chosen by name.
+
+`get_model(name, ...)` builds one of `list_models()`: "unet" (the paper's), "resunet",
+"attention_unet", "deepseg". `functional(model)` gives the pure `(apply_fn, params)` view that
+influence computations transform. See `tracin_jax.models.unet` for the architecture.
+"""
+
+from tracin_jax.models.unet import (
+    LAST_HIDDEN,
+    AttentionUNet,
+    DeepSeg,
+    ResUNet,
+    UNet,
+    apply_channel_mask,
+    count_params,
+    functional,
+    get_model,
+    get_model_cls,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "LAST_HIDDEN",
+    "AttentionUNet",
+    "DeepSeg",
+    "ResUNet",
+    "UNet",
+    "apply_channel_mask",
+    "count_params",
+    "functional",
+    "get_model",
+    "get_model_cls",
+    "list_models",
+    "register_model",
+]

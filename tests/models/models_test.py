@@ -1,0 +1,174 @@
+"""Tests for tracin_jax.models: the four UNet variants, their last hidden layer and the
+functional view. Tiny shapes: 32x32 images, base_width 4, depth 2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tracin_jax import models
+from tracin_jax.models import layers
+
+VARIANTS = ("unet", "resunet", "attention_unet", "deepseg")
+N, SIZE, WIDTH, DEPTH, CLASSES = 3, 32, 4, 2, 4
+
+
+@pytest.fixture(scope="module")
+def images():
+  # numpy's generator: jax.random's threefry takes seconds to compile on XLA:CPU.
+  return jnp.asarray(np.random.default_rng(0).standard_normal((N, SIZE, SIZE, 4)), jnp.float32)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def model(request):
+  return models.get_model(request.param, base_width=WIDTH, depth=DEPTH, seed=0)
+
+
+@pytest.fixture(scope="module")
+def outputs(model, images):
+  """(logits, hidden) of the module call on `images`."""
+  return model(images, return_hidden=True)
+
+
+@pytest.fixture(scope="module")
+def functional_view(model):
+  apply_fn, params = models.functional(model)
+  return jax.jit(apply_fn, static_argnames="return_hidden"), params
+
+
+def test_registry_has_the_four_variants():
+  assert models.list_models() == sorted(VARIANTS)
+  assert models.get_model_cls("unet") is models.UNet
+  assert issubclass(models.get_model_cls("deepseg"), models.UNet)
+
+
+def test_unknown_name_raises_listing_known_ones():
+  with pytest.raises(ValueError, match="unknown model 'vnet'") as info:
+    models.get_model("vnet")
+  for name in VARIANTS:
+    assert name in str(info.value)
+
+
+def test_bad_arguments_raise():
+  with pytest.raises(ValueError, match="unknown norm 'layer'"):
+    models.get_model("unet", norm="layer")
+  with pytest.raises(ValueError, match="depth must be >= 1"):
+    models.get_model("unet", depth=0)
+
+
+def test_unet_parameter_count_matches_closed_form():
+  # depth 1, no norm (convolutions with bias), in = K = 4, width w:
+  # encoder 4->w and w->w, bottleneck w->2w and 2w->2w (3x3), up 2w->w (2x2),
+  # last hidden 2w->w and w->w (3x3), head w->4 (1x1): 98 w^2 + 49 w + 4.
+  w = 4
+  model = nnx.eval_shape(lambda: models.get_model("unet", base_width=w, depth=1, norm="none"))
+  assert models.count_params(model) == 98 * w**2 + 49 * w + 4
+
+
+def test_output_shape_and_dtype(model, images, outputs):
+  logits, _ = outputs
+  assert logits.shape == (N, SIZE, SIZE, CLASSES)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  np.testing.assert_array_equal(model(images), logits)
+
+
+def test_last_hidden_layer_is_named_and_returned(model, outputs):
+  logits, hidden = outputs
+  assert model.LAST_HIDDEN == models.LAST_HIDDEN == "last_hidden"
+  assert isinstance(getattr(model, model.LAST_HIDDEN), layers.ConvBlock)
+  assert model.LAST_HIDDEN in nnx.state(model, nnx.Param)
+  assert model.last_hidden_channels == WIDTH
+  assert hidden.shape == (N, SIZE, SIZE, model.last_hidden_channels)
+  assert np.all(hidden >= 0)  # after the ReLU
+  # `hidden` is exactly what the 1x1 head reads.
+  np.testing.assert_array_equal(model.head(hidden), logits)
+
+
+def test_channel_mask_is_head_of_masked_hidden(model, images, outputs):
+  logits, hidden = outputs
+  c = model.last_hidden_channels
+  channels = (0, c - 1)
+  per_channel = []
+  for k in channels:
+    mask = jnp.ones((c,)).at[k].set(0.0)
+    masked, hidden_out = model(images, channel_mask=mask, return_hidden=True)
+    np.testing.assert_allclose(masked, model.head(hidden * mask[None, None, None, :]),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(hidden_out, hidden)  # hidden is returned unmasked
+    assert not np.allclose(masked, logits, atol=1e-4)  # the channel matters
+    per_channel.append(masked)
+  # [N, C]: one mask per example; example n masks channels[which[n]].
+  which = (0, 1, 0)
+  masks = jnp.ones((N, c)).at[jnp.arange(N), jnp.array([channels[j] for j in which])].set(0.0)
+  per_example = model(images, channel_mask=masks)
+  for n, j in enumerate(which):
+    np.testing.assert_allclose(per_example[n], per_channel[j][n], rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(model(images, channel_mask=jnp.ones((c,))), logits)
+
+
+def test_channel_mask_of_wrong_shape_raises(model, images):
+  with pytest.raises(ValueError, match="channel_mask has shape"):
+    model(images, channel_mask=jnp.ones((model.last_hidden_channels + 1,)))
+
+
+def test_bad_image_size_raises(model):
+  with pytest.raises(ValueError, match=r"image size 30x32 .* 2\*\*depth = 4 \(depth=2\)"):
+    model(jnp.zeros((1, 30, SIZE, 4)))
+  with pytest.raises(ValueError, match=r"images must be \[N, H, W, 4\]"):
+    model(jnp.zeros((1, SIZE, SIZE, 3)))
+
+
+def test_functional_equals_module_and_vmaps(model, images, outputs, functional_view):
+  apply_fn, params = functional_view
+  assert models.count_params(params) == models.count_params(model) > 0
+  logits, hidden = apply_fn(params, images, return_hidden=True)
+  np.testing.assert_allclose(logits, outputs[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(hidden, outputs[1], rtol=1e-5, atol=1e-5)
+  # One example at a time, as per-example gradients see them ([1, H, W, 4]), with one
+  # channel mask per example: the same as the batched call (per-example independence).
+  masks = jnp.ones((N, model.last_hidden_channels)).at[jnp.arange(N), jnp.arange(N)].set(0.0)
+  # Eager vmap: its batched primitives are those of the module call, compiled already.
+  one = jax.vmap(lambda x, m: apply_fn(params, x[None], channel_mask=m)[0])
+  np.testing.assert_allclose(one(images, masks), model(images, channel_mask=masks),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_every_parameter_changes_the_logits(images, outputs, functional_view):
+  # No dead parameters (a module built but left out of the forward pass would get no
+  # gradient): perturb one parameter array at a time through the compiled forward pass.
+  apply_fn, params = functional_view
+  leaves, treedef = jax.tree.flatten(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  rng = np.random.default_rng(3)
+  for i, (path, leaf) in enumerate(zip(paths, leaves)):
+    noisy = leaf + 0.5 * rng.standard_normal(leaf.shape).astype(np.float32)
+    perturbed = jax.tree.unflatten(treedef, [*leaves[:i], noisy, *leaves[i + 1:]])
+    logits, _ = apply_fn(perturbed, images, return_hidden=True)
+    assert not np.allclose(logits, outputs[0], atol=1e-4), f"{path} does not change the logits"
+
+
+def test_batch_norm_in_eval_mode_is_per_example(images):
+  model = models.get_model("unet", base_width=WIDTH, depth=DEPTH, norm="batch", seed=1)
+  for scale in (1.0, 2.0):  # move the running statistics away from their initial values
+    model(images * scale)
+  other_batch = images[jnp.array([0, 0, 1])]  # example 0 beside different companions
+  apply_fn, params = models.functional(model)
+  apply_fn = jax.jit(apply_fn)
+  np.testing.assert_allclose(apply_fn(params, other_batch)[0], apply_fn(params, images)[0],
+                             rtol=1e-5, atol=1e-5)
+  # The model itself stays in training mode, where each example depends on its batch.
+  assert model.last_hidden.norm1.use_running_average is False
+  assert not np.allclose(model(other_batch)[0], model(images)[0], atol=1e-3)
+
+
+def test_transpose_upsample_is_a_transposed_convolution():
+  up = layers.Upsample(6, 5, mode="transpose", rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  up.bias[...] = jnp.arange(5.0)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 4, 6)), jnp.float32)
+  # lax.conv_transpose (as flax's ConvTranspose) flips the kernel spatially.
+  kernel_hwio = up.kernel[...].transpose(1, 2, 0, 3)[::-1, ::-1]
+  reference = jax.lax.conv_transpose(
+      x, kernel_hwio, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(up(x), reference + up.bias[...], rtol=1e-6, atol=1e-6)

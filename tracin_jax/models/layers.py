@@ -1,0 +1,149 @@
+"""Building blocks shared by every segmentation model in `tracin_jax.models`.
+
+All four UNet variants are built from the same three modules: `ConvBlock` (two 3x3
+convolutions, optionally residual), `Upsample` (transposed convolution or nearest resize
+followed by a convolution) and `AttentionGate`. A variant is a choice of their arguments,
+never a copy of them.
+
+Layout is NHWC throughout: images and feature maps are [N, H, W, C].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORMS: tuple[str, ...] = ("group", "batch", "none")
+UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "resize")
+
+
+def make_norm(norm: str, channels: int, *, norm_groups: int,
+              rngs: nnx.Rngs) -> nnx.Module | None:
+  """Returns the normalisation layer for `channels` feature maps, or None for "none".
+
+  Args:
+    norm: "group" (GroupNorm with gcd(channels, norm_groups) groups), "batch" (BatchNorm,
+      running statistics used in eval mode) or "none".
+    channels: number of feature maps C it normalises.
+    norm_groups: the largest number of groups GroupNorm uses; the actual number is the
+      greatest common divisor with `channels`, so every width is valid.
+    rngs: random streams (unused by the norms' deterministic initialisation, required by nnx).
+
+  Raises:
+    ValueError: for an unknown `norm`.
+  """
+  if norm == "group":
+    return nnx.GroupNorm(channels, num_groups=math.gcd(channels, norm_groups), rngs=rngs)
+  if norm == "batch":
+    return nnx.BatchNorm(channels, rngs=rngs)
+  if norm == "none":
+    return None
+  raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+def _apply(layer: nnx.Module | None, x: jax.Array) -> jax.Array:
+  return x if layer is None else layer(x)
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2: [N, H, W, C] -> [N, H/2, W/2, C] (H, W even).
+
+  A reshape and a max rather than `reduce_window`: the same values, and its gradient is a
+  cheap elementwise mask on XLA:CPU instead of a select-and-scatter.
+  """
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def upsample_nearest2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour 2x upsampling: [N, H, W, C] -> [N, 2H, 2W, C]."""
+  n, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
+  return x.reshape(n, 2 * h, 2 * w, c)
+
+
+class ConvBlock(nnx.Module):
+  """Two 3x3 convolutions, each followed by a norm; ReLU after each.
+
+  With `residual=True` the input (projected by a 1x1 convolution when the widths differ) is
+  added before the second ReLU, as in a ResNet basic block; this is the only difference
+  between the plain and the residual variants.
+
+  Maps [N, H, W, in_channels] -> [N, H, W, out_channels]; the output is non-negative.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, *, norm: str,
+               residual: bool = False, norm_groups: int = 8, rngs: nnx.Rngs):
+    # A bias before a norm with a learned offset is redundant: keep it only without norm.
+    use_bias = norm == "none"
+    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
+    self.norm1 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
+    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
+    self.norm2 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
+    self.residual = residual
+    self.shortcut = (
+        nnx.Conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        if residual and in_channels != out_channels else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.relu(_apply(self.norm1, self.conv1(x)))
+    h = _apply(self.norm2, self.conv2(h))
+    if self.residual:
+      h = h + _apply(self.shortcut, x)
+    return jax.nn.relu(h)
+
+
+class Upsample(nnx.Module):
+  """2x spatial upsampling that also changes the width: [N, H, W, Cin] -> [N, 2H, 2W, Cout].
+
+  mode "transpose": the original UNet's 2x2 up-convolution, a transposed convolution with a
+    2x2 kernel and stride 2. Its windows do not overlap, so output pixel (2i + a, 2j + b) is
+    x[i, j] @ kernel[:, a, b, :] + bias: one matrix product followed by depth-to-space.
+    It is computed that way (`kernel` [Cin, 2, 2, Cout], `bias` [Cout]) because XLA:CPU
+    takes about 5x longer for the gradient of `lax.conv_transpose` than for this product.
+  mode "resize": nearest-neighbour 2x resize followed by a 3x3 convolution (the Keras
+    `UpSampling2D` + `Conv2D` decoder of DeepSeg).
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, *, mode: str, rngs: nnx.Rngs):
+    if mode == "transpose":
+      # fan_in = in_channels: each output pixel sees one input pixel.
+      init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2, 3))
+      self.kernel = nnx.Param(init(rngs.params(), (in_channels, 2, 2, out_channels)))
+      self.bias = nnx.Param(jnp.zeros((out_channels,)))
+    elif mode == "resize":
+      self.conv = nnx.Conv(in_channels, out_channels, (3, 3), rngs=rngs)
+    else:
+      raise ValueError(f"unknown upsampling mode {mode!r}; expected one of {UPSAMPLE_MODES}")
+    self.mode = mode
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.mode == "resize":
+      return self.conv(upsample_nearest2(x))
+    n, h, w, _ = x.shape
+    y = jnp.einsum("nhwc,cabo->nhawbo", x, self.kernel[...])
+    return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...]
+
+
+class AttentionGate(nnx.Module):
+  """Additive attention gate on a skip connection (Oktay et al., Attention U-Net, 2018).
+
+  alpha = sigmoid(psi(relu(W_skip skip + W_gate gate))), a [N, H, W, 1] map in (0, 1);
+  the gate returns skip * alpha. Here the gating signal is the decoder's upsampled features,
+  already at the skip's resolution, so all three maps are 1x1 convolutions. Computed per
+  pixel and per example: no statistics across the batch.
+  """
+
+  def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int, *,
+               rngs: nnx.Rngs):
+    self.w_skip = nnx.Conv(skip_channels, inter_channels, (1, 1), use_bias=False, rngs=rngs)
+    self.w_gate = nnx.Conv(gate_channels, inter_channels, (1, 1), rngs=rngs)
+    self.psi = nnx.Conv(inter_channels, 1, (1, 1), rngs=rngs)
+
+  def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
+    """skip: [N, H, W, Cs]; gate: [N, H, W, Cg]. Returns skip scaled by alpha: [N, H, W, Cs]."""
+    alpha = jax.nn.sigmoid(self.psi(jax.nn.relu(self.w_skip(skip) + self.w_gate(gate))))
+    return skip * alpha

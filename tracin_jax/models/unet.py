@@ -1,0 +1,324 @@
+"""2D UNet variants for multiclass segmentation, registered by name.
+
+    model = get_model("unet", base_width=16, depth=4)        # nnx.Module
+    logits = model(images)                                   # [N, H, W, 4] -> [N, H, W, 4]
+    logits, hidden = model(images, return_hidden=True)       # hidden: [N, H, W, base_width]
+    apply_fn, params = functional(model)                     # pure function of the params
+
+The four variants ("unet", "resunet", "attention_unet", "deepseg") are one class, `UNet`,
+whose subclasses only change three class constants: residual blocks, attention gates on the
+skip connections, and how the decoder upsamples. All blocks come from `layers.py`.
+
+Architecture. `depth` down-sampling levels; level i has width base_width * 2**i and the
+bottleneck base_width * 2**depth. Each encoder level is a `ConvBlock` (two 3x3 conv + norm +
+ReLU) followed by 2x2 max pooling; each decoder level upsamples (to the level's width),
+concatenates the skip connection (skip first, then the upsampled features) and applies a
+`ConvBlock`. The finest decoder block is the last hidden layer, the submodule named
+`LAST_HIDDEN` ("last_hidden"), with `last_hidden_channels = base_width` feature maps; a 1x1
+convolution (`head`) maps it to the class logits. The paper's configuration (64 feature
+maps in the last hidden layer) is base_width=64.
+
+Normalisation. The default is GroupNorm: it normalises each example on its own, so the
+model is the same function in training and evaluation, the prediction for one example does
+not depend on the others in its batch, and the per-example gradients that influence (TracIn)
+needs are well defined. BatchNorm ("batch") is offered for comparison; `functional` puts it in
+evaluation mode (running statistics), which makes it per-example too. "none" uses no norm
+(the convolutions then have biases).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tracin_jax.models.layers import NORMS, AttentionGate, ConvBlock, Upsample, max_pool2
+from tracin_jax.types import Array, Params
+
+LAST_HIDDEN = "last_hidden"
+
+_MODELS: dict[str, type["UNet"]] = {}
+
+
+def register_model(name: str) -> Callable[[type["UNet"]], type["UNet"]]:
+  """Class decorator that registers a model class under `name` (scenic's model registry).
+
+  Raises:
+    ValueError: if `name` is already registered.
+  """
+
+  def register(cls: type[UNet]) -> type[UNet]:
+    if name in _MODELS:
+      raise ValueError(f"model {name!r} is already registered to {_MODELS[name].__name__}")
+    _MODELS[name] = cls
+    return cls
+
+  return register
+
+
+def list_models() -> list[str]:
+  """Names of the registered models, sorted."""
+  return sorted(_MODELS)
+
+
+def get_model_cls(name: str) -> type["UNet"]:
+  """The model class registered under `name`.
+
+  Raises:
+    ValueError: for an unknown name; the message lists the known ones.
+  """
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+  return _MODELS[name]
+
+
+def apply_channel_mask(hidden: Array, channel_mask: Array) -> Array:
+  """Multiplies feature maps by a per-channel mask.
+
+  Args:
+    hidden: [N, H, W, C] feature maps.
+    channel_mask: [C] (the same mask for every example) or [N, C] (one per example).
+
+  Returns:
+    [N, H, W, C]: hidden * mask, broadcast over H and W.
+
+  Raises:
+    ValueError: if the mask's shape is neither [C] nor [N, C].
+  """
+  mask = jnp.asarray(channel_mask, hidden.dtype)
+  n, _, _, c = hidden.shape
+  if mask.shape == (c,):
+    return hidden * mask
+  if mask.shape == (n, c):
+    return hidden * mask[:, None, None, :]
+  raise ValueError(
+      f"channel_mask has shape {mask.shape}; expected [C]=({c},) or [N, C]=({n}, {c})")
+
+
+@register_model("unet")
+class UNet(nnx.Module):
+  """The standard 2D UNet (Ronneberger et al., 2015) that the paper uses.
+
+  Plain `ConvBlock`s, 2x2 transposed convolutions to upsample, skips concatenated as they are.
+
+  Attributes:
+    LAST_HIDDEN: "last_hidden", the attribute name of the last hidden layer (a `ConvBlock`);
+      `getattr(model, model.LAST_HIDDEN)` is that submodule and its parameters sit under
+      that key of `nnx.state(model)`.
+    last_hidden_channels: C, the number of feature maps of the last hidden layer
+      (= base_width).
+    depth, base_width, norm, num_classes, in_channels: the constructor's arguments.
+  """
+
+  LAST_HIDDEN: ClassVar[str] = LAST_HIDDEN
+  # What the variants change; nothing else differs between them.
+  residual: ClassVar[bool] = False
+  attention: ClassVar[bool] = False
+  upsample: ClassVar[str] = "transpose"
+
+  def __init__(self, *, base_width: int = 16, depth: int = 4, norm: str = "group",
+               num_classes: int = 4, in_channels: int = 4, norm_groups: int = 8,
+               rngs: nnx.Rngs):
+    """Builds the model.
+
+    Args:
+      base_width: width of the first level and of the last hidden layer; it doubles at each
+        level down.
+      depth: number of 2x2 down-sampling levels (>= 1); H and W must be divisible by
+        2**depth.
+      norm: "group" (default, per-example), "batch" or "none"; see the module docstring.
+      num_classes: K, the number of output logits per pixel (background included).
+      in_channels: input channels (4 MRI modalities: T1, T1Gd, T2, FLAIR).
+      norm_groups: the most groups GroupNorm uses (gcd with the width is taken).
+      rngs: random streams for the initialisation.
+
+    Raises:
+      ValueError: for a non-positive width, depth or class count, or an unknown norm.
+    """
+    for arg, value in (("base_width", base_width), ("depth", depth),
+                       ("num_classes", num_classes), ("in_channels", in_channels),
+                       ("norm_groups", norm_groups)):
+      if value < 1:
+        raise ValueError(f"{arg} must be >= 1, got {value}")
+    if norm not in NORMS:
+      raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    self.base_width = base_width
+    self.depth = depth
+    self.norm = norm
+    self.num_classes = num_classes
+    self.in_channels = in_channels
+    self.last_hidden_channels = base_width
+
+    widths = [base_width * 2**level for level in range(depth + 1)]
+
+    def block(c_in: int, c_out: int) -> ConvBlock:
+      return ConvBlock(c_in, c_out, norm=norm, residual=self.residual,
+                       norm_groups=norm_groups, rngs=rngs)
+
+    self.encoder = nnx.List(
+        [block(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:depth - 1]],
+                                                   widths[:depth])])
+    self.bottleneck = block(widths[depth - 1], widths[depth])
+    # Decoder levels from coarse to fine: depth - 1, ..., 1, then 0 (the last hidden layer).
+    levels = list(reversed(range(depth)))
+    self.up = nnx.List(
+        [Upsample(widths[i + 1], widths[i], mode=self.upsample, rngs=rngs) for i in levels])
+    self.gates = (
+        nnx.List([AttentionGate(widths[i], widths[i], max(widths[i] // 2, 1), rngs=rngs)
+                  for i in levels])
+        if self.attention else None)
+    self.decoder = nnx.List([block(2 * widths[i], widths[i]) for i in levels[:-1]])
+    self.last_hidden = block(2 * widths[0], widths[0])
+    self.head = nnx.Conv(widths[0], num_classes, (1, 1), rngs=rngs)
+
+  def _check_input(self, images: Array) -> None:
+    if images.ndim != 4 or images.shape[-1] != self.in_channels:
+      raise ValueError(
+          f"images must be [N, H, W, {self.in_channels}], got shape {tuple(images.shape)}")
+    _, h, w, _ = images.shape
+    factor = 2**self.depth
+    if h % factor or w % factor:
+      raise ValueError(
+          f"image size {h}x{w} is not divisible by 2**depth = {factor} (depth={self.depth}); "
+          f"crop or resize the images to a multiple of {factor}, or lower the depth")
+
+  def __call__(self, images: Array, *, channel_mask: Array | None = None,
+               return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    """Class logits for every pixel.
+
+    Args:
+      images: [N, H, W, in_channels] float32, H and W divisible by 2**depth.
+      channel_mask: None, [C] or [N, C] with C = last_hidden_channels; multiplies the last
+        hidden layer's feature maps before the head (0 masks a feature map out).
+      return_hidden: also return the last hidden layer's feature maps.
+
+    Returns:
+      logits [N, H, W, num_classes] float32; with `return_hidden`, (logits, hidden) where
+      hidden [N, H, W, C] are the features after the last hidden layer's ReLU, *before* the
+      channel mask is applied (the mask only changes the logits).
+
+    Raises:
+      ValueError: for images of the wrong rank, channel count or size, or a mask of the
+        wrong shape.
+    """
+    self._check_input(images)
+    x = images
+    skips = []
+    for block in self.encoder:
+      x = block(x)
+      skips.append(x)
+      x = max_pool2(x)
+    x = self.bottleneck(x)
+    for i, (up, block) in enumerate(zip(self.up, [*self.decoder, self.last_hidden])):
+      x = up(x)
+      skip = skips[-1 - i]
+      if self.gates is not None:
+        skip = self.gates[i](skip, x)
+      x = block(jnp.concatenate([skip, x], axis=-1))
+    hidden = x
+    logits = self.head(hidden if channel_mask is None else apply_channel_mask(hidden, channel_mask))
+    return (logits, hidden) if return_hidden else logits
+
+
+@register_model("resunet")
+class ResUNet(UNet):
+  """UNet with residual blocks (ResUNet): each `ConvBlock` adds its (projected) input."""
+
+  residual = True
+
+
+@register_model("attention_unet")
+class AttentionUNet(UNet):
+  """Attention U-Net (Oktay et al., 2018): additive attention gates scale each skip
+  connection by a [N, H, W, 1] map computed from the skip and the upsampled decoder features.
+  """
+
+  attention = True
+
+
+@register_model("deepseg")
+class DeepSeg(UNet):
+  """DeepSeg-style encoder-decoder (Zeineldin et al., 2020): the decoder upsamples by a
+  nearest-neighbour resize followed by a 3x3 convolution instead of a transposed convolution.
+
+  The original's dropout is left out so that the model is a deterministic function of its
+  parameters, as influence scores need; it uses the norm chosen here (default GroupNorm)
+  rather than the original's BatchNorm.
+  """
+
+  upsample = "resize"
+
+
+def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "group",
+              num_classes: int = 4, in_channels: int = 4, seed: int = 0,
+              rngs: nnx.Rngs | None = None, **kwargs: Any) -> UNet:
+  """Builds the model registered under `name`.
+
+  Args:
+    name: one of `list_models()`.
+    base_width, depth, norm, num_classes, in_channels: see `UNet.__init__`.
+    seed: initialisation seed, used when `rngs` is None: the streams are then
+      `nnx.Rngs(jax.random.key(seed, impl="rbg"))`. RBG rather than the default threefry
+      because XLA:CPU compiles threefry sampling (partitionable, the default since JAX 0.5)
+      about ten times slower, once per parameter shape: building a small UNet eagerly took
+      45 s with threefry and 4 s with RBG on a 2-core machine. RBG's bits may differ across
+      backends (CPU vs GPU); pass `rngs` for another generator.
+    rngs: random streams; takes precedence over `seed`.
+    **kwargs: further constructor arguments (e.g. `norm_groups`).
+
+  Returns:
+    The initialised model (an `nnx.Module`, in training mode).
+
+  Raises:
+    ValueError: for an unknown name (the message lists the known ones) or bad arguments.
+  """
+  cls = get_model_cls(name)
+  return cls(base_width=base_width, depth=depth, norm=norm, num_classes=num_classes,
+             in_channels=in_channels, rngs=_default_rngs(seed) if rngs is None else rngs,
+             **kwargs)
+
+
+def _default_rngs(seed: int) -> nnx.Rngs:
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params]:
+  """A pure-function view of `model` in evaluation mode, for JAX transforms.
+
+  The model is split once into its graph definition, its parameters (`nnx.Param`) and the
+  rest of its state (BatchNorm running statistics, if any), taken from an evaluation-mode
+  view (`nnx.view(..., use_running_average=True)`); `model` itself is left as it is. The
+  returned function merges them back on each call, so it can be `jax.jit`-ed, `jax.grad`-ed
+  with respect to `params` and `jax.vmap`-ped over examples (each example as a batch of one,
+  [1, H, W, C]); with GroupNorm or eval-mode BatchNorm each example's output does not
+  depend on the rest of the batch. Later updates of `model` are not seen: call again.
+
+  Returns:
+    (apply_fn, params):
+      apply_fn(params, images, channel_mask=None, return_hidden=False) computes
+        `model(images, channel_mask=channel_mask, return_hidden=return_hidden)` with the
+        given params: logits [N, H, W, K] (and hidden [N, H, W, C] with return_hidden).
+        `return_hidden` changes the output structure: keep it static under jit
+        (`jax.jit(apply_fn, static_argnames="return_hidden")` or a closure).
+      params: an `nnx.State` pytree of the parameter arrays.
+  """
+  eval_view = nnx.view(model, use_running_average=True, deterministic=True,
+                       raise_if_not_found=False)
+  graphdef, params, rest = nnx.split(eval_view, nnx.Param, ...)
+
+  def apply_fn(params: Params, images: Array, channel_mask: Array | None = None,
+               return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    module = nnx.merge(graphdef, params, rest)
+    return module(images, channel_mask=channel_mask, return_hidden=return_hidden)
+
+  return apply_fn, params
+
+
+def count_params(params: Params | nnx.Module) -> int:
+  """Number of scalar parameters in a params pytree (or in a module's `nnx.Param`s)."""
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
