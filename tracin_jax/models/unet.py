@@ -121,7 +121,7 @@ class UNet(nnx.Module):
 
   def __init__(self, *, base_width: int = 16, depth: int = 4, norm: str = "group",
                num_classes: int = 4, in_channels: int = 4, norm_groups: int = 8,
-               rngs: nnx.Rngs):
+               background_bias: float = 0.0, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
@@ -133,6 +133,10 @@ class UNet(nnx.Module):
       num_classes: K, the number of output logits per pixel (background included).
       in_channels: input channels (4 MRI modalities: T1, T1Gd, T2, FLAIR).
       norm_groups: the most groups GroupNorm uses (gcd with the width is taken).
+      background_bias: initial bias of the head's class-0 (background) logit, a prior
+        p_bg of about e^b / (e^b + K - 1) at initialisation. A Dice loss that excludes the
+        background (eq 2) barely pushes a uniform start towards background on the small
+        tumour classes; a prior of 3 lets training start from a mostly-background prediction.
       rngs: random streams for the initialisation.
 
     Raises:
@@ -173,6 +177,8 @@ class UNet(nnx.Module):
     self.decoder = nnx.List([block(2 * widths[i], widths[i]) for i in levels[:-1]])
     self.last_hidden = block(2 * widths[0], widths[0])
     self.head = nnx.Conv(widths[0], num_classes, (1, 1), rngs=rngs)
+    if background_bias:
+      self.head.bias[...] = self.head.bias[...].at[0].set(background_bias)
 
   def _check_input(self, images: Array) -> None:
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
