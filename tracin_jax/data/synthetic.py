@@ -190,17 +190,28 @@ def load_tissue_maps(resolution: int = 1) -> TissueMaps:
   diag = np.diag(affine)[:3]
   if not np.allclose(affine[:3, :3], np.diag(diag)) or np.any(diag <= 0):
     raise ValueError(f"expected a RAS-aligned template affine, got\n{affine}")
-  mask = (np.asarray(mask_img.dataobj) > 0.5).astype(np.float32)
-  gm = np.asarray(datasets.load_mni152_gm_template(resolution=resolution).dataobj, np.float32)
-  wm = np.asarray(datasets.load_mni152_wm_template(resolution=resolution).dataobj, np.float32)
+  mask = np.asarray(mask_img.dataobj) > 0.5
+  # Crop to the brain plus a margin (edge voxels repeat outside, so the margin must be 0).
+  nz = np.nonzero(mask)
+  lo = [max(int(a.min()) - 4, 0) for a in nz]
+  hi = [min(int(a.max()) + 5, s) for a, s in zip(nz, mask.shape)]
+  crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+  affine[:3, 3] += affine[:3, :3] @ np.array(lo, np.float64)
+  mask = mask[crop].astype(np.float32)
+  gm, wm = (np.asarray(f(resolution=resolution).dataobj[crop], np.float32)
+            for f in (datasets.load_mni152_gm_template, datasets.load_mni152_wm_template))
   gm = np.clip(gm, 0, 1) * mask
   wm = np.clip(wm, 0, 1) * mask
   csf = np.clip(mask - gm - wm, 0, 1)
   sigma = PSF_SIGMA_MM / diag
-  channels = [ndimage.gaussian_filter(a, sigma, truncate=3.0) for a in (csf, gm, wm)]
-  channels.append(sum(channels))  # brain = CSF + GM + WM, exactly, before rounding
-  packed = np.stack([np.rint(np.clip(a, 0, 1) * 255).astype(np.uint8) for a in channels], -1)
-  return TissueMaps(np.ascontiguousarray(packed).view(np.uint32)[..., 0], affine)
+  channels = [ndimage.gaussian_filter(a, sigma, truncate=2.5) for a in (csf, gm, wm)]
+  channels.append(channels[0] + channels[1] + channels[2])  # brain, exactly, before rounding
+  packed = np.empty(mask.shape + (4,), np.uint8)
+  for i, a in enumerate(channels):
+    np.clip(a, 0, 1, out=a)
+    a *= 255
+    np.rint(a, out=packed[..., i], casting="unsafe")
+  return TissueMaps(packed.view(np.uint32)[..., 0], affine)
 
 
 def _sample(maps: TissueMaps, coords: list[np.ndarray], order: int) -> np.ndarray:
