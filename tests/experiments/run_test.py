@@ -6,7 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from tracin_jax.influence import report
 
 from tracin_jax.training.checkpoints import CheckpointStore
 
@@ -37,7 +40,32 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   assert [m["phase"] for m in meta] == ["adam", "adam", "sgd", "sgd", "sgd"]
   assert [m["learning_rate"] for m in meta] == pytest.approx([3e-3, 0.05, 0.05, 0.05, 0.05])
 
+  # The influence stage's files (train regions: 4 cases x 10 slices; validation: 2 x 10).
+  out = workdir / "influence"
+  with np.load(out / "train_influence.npz") as f:
+    blocks, presence = f["scores"], f["presence"]
+    assert blocks.shape == (3, 40, 120) and presence.shape == (40, 3)
+    assert f["epochs"].tolist() == [3, 4, 5]
+    assert set(f["train_case_ids"].tolist()) == set(f["train_case_ids"].tolist()[::10])
+  scores = report.from_class_blocks(blocks)
+  np.testing.assert_allclose(scores, np.transpose(scores, (2, 3, 0, 1)), equal_nan=True)
+  assert np.all(np.isnan(scores[~presence]))  # absent regions: NaN, never zero
+  assert np.all(np.isfinite(scores[presence][:, presence]))
+  with np.load(out / "test_influence.npz") as f:
+    assert f["scores"].shape == (3, 20, 120)
+  explanations = json.loads((out / "proponents.json").read_text())["explanations"]
+  assert explanations and all(
+      len(e["proponents"]) <= 10 and
+      [p["score"] for p in e["proponents"]] == sorted(
+          [p["score"] for p in e["proponents"]], reverse=True) for e in explanations)
+  assert json.loads((out / "global_explainers.json").read_text())["dataset"] == \
+      "synthetic cohort"
+  for name in ("train_influence.png", "proponent_classes.png", "self_influence.png"):
+    assert (out / name).stat().st_size > 0
+  assert list(out.glob("local_*.png"))
+
   # A second run reuses the finished run and the caches instead of recomputing.
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "reusing it" in again.stdout
+  assert "reused (3/3)" in again.stdout

@@ -145,12 +145,16 @@ def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
   kw = dict(memory_budget_bytes=config.memory_budget_bytes, batch_size=config.batch_size,
             progress=progress)
 
-  train_scores = _accumulate(
-      "train_influence", partial_dir, epochs, checkpoints,
-      lambda ckpt: core.influence(loss_fn, [ckpt], train_ex, **kw), log)
-  test_scores = _accumulate(
-      "test_influence", partial_dir, epochs, checkpoints,
-      lambda ckpt: core.influence(loss_fn, [ckpt], train_ex, val_ex, **kw), log)
+  # One train-influence of train + validation per checkpoint: each example's gradients are
+  # computed once (when they fit in the budget) and serve both the train-train and the
+  # validation-train blocks; the validation-validation block is cheap and dropped.
+  n = len(train_set)
+  both = {key: np.concatenate([train_ex[key], val_ex[key]]) for key in train_ex}
+  all_scores = _accumulate(
+      "influence", partial_dir, epochs, checkpoints,
+      lambda ckpt: core.influence(loss_fn, [ckpt], both, **kw), log)
+  train_scores = all_scores[:n, :, :n, :]
+  test_scores = all_scores[n:, :, :n, :]
   train_scores = segmentation.mask_absent(train_scores, presence_train, presence_train)
   test_scores = segmentation.mask_absent(test_scores, presence_val, presence_train)
   train_blocks = report.to_class_blocks(train_scores)
