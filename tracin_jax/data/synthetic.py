@@ -796,8 +796,14 @@ def _maps(resolution: int) -> TissueMaps:
   return _PROCESS_MAPS.get(resolution) or load_tissue_maps(resolution)
 
 
-def _init_worker(resolution: int, maps: TissueMaps) -> None:
-  _PROCESS_MAPS[resolution] = maps
+def _init_worker(resolution: int, maps_queue) -> None:
+  """Waits for the parent's template maps (the parent loads them while workers start).
+
+  None means the parent failed; a task then loads them itself (and meets the same error).
+  """
+  maps = maps_queue.get()
+  if maps is not None:
+    _PROCESS_MAPS[resolution] = maps
 
 
 def _make_case(root: str, index: int, settings: dict[str, Any]) -> dict[str, Any]:
@@ -960,17 +966,27 @@ def generate_cohort(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, *
     for i in todo:
       finished(_make_case(str(root), i, settings))
   elif todo:
-    maps = load_tissue_maps(template_resolution)
     # "spawn": safe in a parent that runs JAX threads. One BLAS thread per worker: the
     # workers already fill the cores, and their matrix products are small.
+    context = multiprocessing.get_context("spawn")
+    maps_queue = context.Queue()
     saved = {k: os.environ.get(k) for k in _THREAD_VARS}
     os.environ.update({k: "1" for k in _THREAD_VARS})
     try:
       with concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker, initargs=(template_resolution, maps)) as pool:
+          workers, mp_context=context, initializer=_init_worker,
+          initargs=(template_resolution, maps_queue)) as pool:
+        # Submitting starts the workers; they import while this process loads the maps.
         futures = [pool.submit(_make_case, str(root), i, settings) for i in todo]
         try:
+          try:
+            maps = load_tissue_maps(template_resolution)
+          except BaseException:
+            for _ in range(workers):
+              maps_queue.put(None)
+            raise
+          for _ in range(workers):
+            maps_queue.put(maps)
           for future in concurrent.futures.as_completed(futures):
             finished(future.result())
         except BaseException:
