@@ -6,8 +6,8 @@
 gradients, rows [B * K, P] and cols [B * K, P], into [B * K, B * K]: 2 * (B K)^2 * P FLOPs.
 P is the parameter count of the demo UNet (base width 8, depth 3; `--base_widths` adds
 others) and K = 3 region losses. The reference is a square float32 matmul of size
-`--matmul_size` (2048: 2 * 2048^3 FLOPs) timed in the same run, so the ratio does not depend
-on how busy the machine is at the time. Medians of `--repeats` timed calls after a warm-up.
+`--matmul_size` (2048: 2 * 2048^3 FLOPs) timed in turn with each block shape, so that the
+ratio depends little on how busy a shared machine is at the time. Medians of `--repeats` timed calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -32,15 +32,18 @@ flags.DEFINE_integer("matmul_size", 2048, "Side of the square reference matmul."
 flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up; medians are reported.")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-  """Runs fn once (warm-up, compilation), then `repeats` times; the median wall time."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def _median_seconds(fns, repeats: int) -> list[float]:
+  """Runs each fn once (warm-up), then all `repeats` times, taking turns (so that a busy
+  spell on a shared machine hits all of them); the median wall time of each."""
+  for fn in fns:
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, t in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      t.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
 
 
 def main(argv):
@@ -50,9 +53,7 @@ def main(argv):
   a = jax.random.normal(key, (m, m), jnp.float32)
   b = jax.random.normal(jax.random.fold_in(key, 1), (m, m), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  reference = 2 * m**3 / _median_seconds(lambda: matmul(a, b), FLAGS.repeats)
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}; "
-        f"{m}^3 float32 matmul: {reference / 1e9:.1f} GFLOP/s")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}")
 
   rows = []
   for width in map(int, FLAGS.base_widths):
@@ -62,26 +63,23 @@ def main(argv):
       r = block * FLAGS.classes
       g_rows = jax.random.normal(jax.random.fold_in(key, 2), (r, p), jnp.float32)
       g_cols = jax.random.normal(jax.random.fold_in(key, 3), (r, p), jnp.float32)
-      seconds = _median_seconds(lambda: gram_lib.gram_block(g_rows, g_cols, 0.01),
-                                FLAGS.repeats)
-      flops = 2 * r * r * p / seconds
-      rows.append((width, p, block, r, seconds, flops))
+      seconds, matmul_seconds = _median_seconds(
+          [lambda: gram_lib.gram_block(g_rows, g_cols, 0.01), lambda: matmul(a, b)],
+          FLAGS.repeats)
+      flops, reference = 2 * r * r * p / seconds, 2 * m**3 / matmul_seconds
+      rows.append((width, p, block, r, seconds, flops, reference))
       print(f"  base_width {width}, P={p}, B={block}: {seconds * 1e3:.1f} ms, "
-            f"{flops / 1e9:.1f} GFLOP/s", flush=True)
+            f"{flops / 1e9:.1f} GFLOP/s; matmul {reference / 1e9:.1f} GFLOP/s", flush=True)
       del g_rows, g_cols
 
-  # Re-time the reference after the blocks: the ratio uses the mean of both timings.
-  reference = 0.5 * (reference
-                     + 2 * m**3 / _median_seconds(lambda: matmul(a, b), FLAGS.repeats))
   print()
-  print(f"Reference: {m}^3 float32 matmul, {reference / 1e9:.1f} GFLOP/s "
-        "(mean of the medians before and after the blocks).")
-  print()
-  print("| model P | block (B x K) | rows x cols x P | median ms | GFLOP/s | of the matmul |")
-  print("|---|---|---|---|---|---|")
-  for width, p, block, r, seconds, flops in rows:
+  print(f"| model P | block (B x K) | rows x cols x P | median ms | GFLOP/s "
+        f"| {m}^3 matmul GFLOP/s | of the matmul |")
+  print("|---|---|---|---|---|---|---|")
+  for width, p, block, r, seconds, flops, reference in rows:
     print(f"| {p} (base {width}) | {block} x {FLAGS.classes} | {r} x {r} x {p} "
-          f"| {seconds * 1e3:.1f} | {flops / 1e9:.1f} | {flops / reference:.0%} |")
+          f"| {seconds * 1e3:.1f} | {flops / 1e9:.1f} | {reference / 1e9:.1f} "
+          f"| {flops / reference:.0%} |")
 
 
 if __name__ == "__main__":
