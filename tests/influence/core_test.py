@@ -258,4 +258,6 @@ def test_progress_callback_and_text(capsys):
   assert [p.examples_done for p in seen] == sorted(p.examples_done for p in seen)
   self_influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), progress=True)
   err = capsys.readouterr().err
-  assert "tracin: checkpoint 2/2" in err and err.endswith("s left\n")
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("tracin example gradients") and "checkpoint=2/2" in last
+  assert err.endswith("\n")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import sys
 import time
 import warnings
 from typing import Any, Callable, Iterator
@@ -35,6 +34,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from tracin_jax import progress as progress_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
 from tracin_jax.types import Checkpoints, LossFn, Params, PyTree
@@ -79,7 +79,8 @@ class _Reporter:
     self._num_checkpoints, self._total = num_checkpoints, examples_total
     self._done, self._checkpoint = 0, 0
     self._start = time.perf_counter()
-    self._last_line = -math.inf
+    self._bar = progress_lib.Progress(examples_total, "tracin example gradients",
+                                      enabled=self._text)
 
   def checkpoint(self, index: int) -> None:
     self._checkpoint = index + 1
@@ -94,15 +95,10 @@ class _Reporter:
                     elapsed, remaining)
     if self._callback:
       self._callback(info)
-    finished = self._done >= self._total
-    if self._text and (finished or elapsed - self._last_line >= 0.5):
-      self._last_line = elapsed
-      left = "?" if remaining is None else f"{remaining:.0f}"
-      sys.stderr.write(
-          f"\rtracin: checkpoint {info.checkpoint}/{info.num_checkpoints}, example gradients "
-          f"{info.examples_done}/{info.examples_total}, {elapsed:.0f} s elapsed, "
-          f"about {left} s left" + ("\n" if finished else ""))
-      sys.stderr.flush()
+    if self._text:
+      self._bar.update(count, checkpoint=f"{info.checkpoint}/{info.num_checkpoints}")
+      if self._done >= self._total:
+        self._bar.close()
 
 
 # ----------------------------------------------------------------------------- data
