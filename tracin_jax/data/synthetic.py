@@ -924,7 +924,8 @@ def generate_cohort(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, *
     num_cases: number of cases, BraTS19_SYN_0001 ... .
     seed: cohort seed (>= 0); case i draws from SeedSequence([seed, i]).
     workers: processes; None picks min(cpu count, 4, cases to make), 1 runs in this process.
-      The files do not depend on it.
+      The files do not depend on it. Workers are spawned, so a script that asks for more
+      than one needs the usual `if __name__ == "__main__":` guard.
     progress: print one line per case and the time taken to stderr.
     lgg_fraction: probability of a lower-grade glioma, filed under LGG/ (default all HGG).
     template_resolution: 1 or 2 (mm) MNI templates.
