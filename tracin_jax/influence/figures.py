@@ -13,11 +13,11 @@ _REGION_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [1.0, 0.85, 0.1]])
 _FLAIR = 3
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(**kwargs):
+  """A figure that is not registered with pyplot: saving it leaves the caller's backend
+  (a notebook's inline display, say) untouched."""
+  from matplotlib.figure import Figure
+  return Figure(**kwargs)
 
 
 def overlay(image: np.ndarray, regions: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -42,13 +42,14 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
   NaN (absent regions) is white; the colour scale is symmetric, clipped at the 99th
   percentile of |score|.
   """
-  plt = _plt()
+  import matplotlib
   k, n, kn = blocks.shape
   finite = np.abs(blocks[np.isfinite(blocks)])
   vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-  cmap = plt.get_cmap("RdBu_r").copy()
+  cmap = matplotlib.colormaps["RdBu_r"].copy()
   cmap.set_bad("white")
-  fig, axes = plt.subplots(k, 1, figsize=(10, 2.6 * k + 0.6), squeeze=False)
+  fig = _figure(figsize=(10, 2.6 * k + 0.6))
+  axes = fig.subplots(k, 1, squeeze=False)
   for i in range(k):
     ax = axes[i, 0]
     im = ax.imshow(blocks[i], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto",
@@ -62,16 +63,15 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
   fig.suptitle(title + ": rows test region of class i, columns train regions by class j")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_class_distribution(dist: np.ndarray, class_names: Sequence[str],
                             path: str | os.PathLike, *, k: int = 10,
                             title_suffix: str = "") -> None:
   """Class of the top-k proponents per test class (Fig. 5): grouped bars."""
-  plt = _plt()
   kk = len(class_names)
-  fig, ax = plt.subplots(figsize=(6.5, 3.6))
+  fig = _figure(figsize=(6.5, 3.6))
+  ax = fig.subplots()
   width = 0.8 / kk
   for j in range(kk):
     ax.bar(np.arange(kk) + (j - (kk - 1) / 2) * width, dist[:, j], width,
@@ -84,16 +84,14 @@ def plot_class_distribution(dist: np.ndarray, class_names: Sequence[str],
   ax.set_title(f"Classes of the top {k} proponents{title_suffix}")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.ndarray,
                         class_names: Sequence[str], path: str | os.PathLike, *,
                         num_top: int = 4, title_suffix: str = "") -> None:
   """Self-influence ranking per class, with the top-ranked train images and regions."""
-  plt = _plt()
   kk = len(class_names)
-  fig = plt.figure(figsize=(3 + 2.2 * num_top, 2.4 * kk))
+  fig = _figure(figsize=(3 + 2.2 * num_top, 2.4 * kk))
   grid = fig.add_gridspec(kk, num_top + 1, width_ratios=[1.6] + [1] * num_top)
   for i in range(kk):
     vals = self_inf[:, i]
@@ -114,7 +112,6 @@ def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.n
   fig.suptitle("Self-influence T_ii(z_i, z_i), highest first" + title_suffix)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
@@ -129,13 +126,12 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
   """
   from tracin_jax.influence.topk import top_k
 
-  plt = _plt()
   kk, _, kn = test_blocks.shape
   n_train = kn // kk
   classes = [i for i in range(kk) if not np.all(np.isnan(test_blocks[i, a]))]
   rows = max(len(classes), 1)
-  fig, axes = plt.subplots(rows, 2 + 2 * k, figsize=(1.9 * (2 + 2 * k), 2.3 * rows),
-                           squeeze=False)
+  fig = _figure(figsize=(1.9 * (2 + 2 * k), 2.3 * rows))
+  axes = fig.subplots(rows, 2 + 2 * k, squeeze=False)
   case, z = test_set.ids[a]
   for r, i in enumerate(classes):
     img = test_set.images[a]
@@ -166,4 +162,3 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
                + title_suffix)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)

@@ -293,12 +293,11 @@ def _pad_batch(batch: dict[str, np.ndarray], batch_size: int):
 def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
                          title_suffix: str = "") -> None:
   """Loss and validation hard Dice per epoch, in one PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
   epochs = [h["epoch"] for h in history]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig = Figure(figsize=(10, 3.8))
+  axes = fig.subplots(1, 2)
   axes[0].plot(epochs, [h["loss"] for h in history], marker="o", ms=3)
   axes[0].set(xlabel="epoch", ylabel="training loss (1 - mean soft Dice)",
               title="Training loss" + title_suffix)
@@ -312,7 +311,6 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def load_config(workdir: str | os.PathLike) -> TrainConfig:
