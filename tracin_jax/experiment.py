@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import time
 from typing import Any, Callable, Sequence
 
 from tracin_jax.data import brats
@@ -114,14 +115,20 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
   if unknown:
     raise ValueError(f"Unknown stage(s) {unknown}; known stages: {', '.join(STAGES)}.")
   pathlib.Path(config.workdir).mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
   train_set, val_set = load_data(config.data, log=log, progress=progress)
+  log(f"[data ready in {time.perf_counter() - t0:.0f} s]")
   results: dict[str, Any] = {}
   if "train" in stages:
+    t0 = time.perf_counter()
     results["train"] = train_stage(config, train_set, val_set, log=log, progress=progress)
+    log(f"[train stage done in {time.perf_counter() - t0:.0f} s]")
   if "influence" in stages:
+    t0 = time.perf_counter()
     results["influence"] = influence_stage_lib.run_influence_stage(
         config.workdir, train_set, val_set, config.influence, dataset=config.data.name,
         progress=progress, log=log)
+    log(f"[influence stage done in {time.perf_counter() - t0:.0f} s]")
   return results
 
 
