@@ -66,7 +66,7 @@ _GLOBAL_FRACTION = flags.DEFINE_float(
     "global_fraction", 0.5, "Share of test regions above which a train region is global.")
 _LOCAL_PANELS = flags.DEFINE_integer("num_local_panels", 2, "Local explanation figures.")
 _BUDGET_MB = flags.DEFINE_integer(
-    "memory_budget_mb", 2048, "Memory for per-example gradients held at once (MiB).")
+    "memory_budget_mb", 1024, "Memory for per-example gradients held at once (MiB).")
 
 flags.mark_flag_as_required("workdir")
 
