@@ -273,7 +273,8 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
   tmp.write_text(json.dumps(metrics, indent=2))
   os.replace(tmp, metrics_path)
   plot_training_curves(history, workdir / CURVES_FILE,
-                       title_suffix=f" ({dataset})" if dataset else "")
+                       title_suffix=f" ({dataset})" if dataset else "",
+                       switch_epoch=config.optimizer.adam_epochs)
   return TrainResult(model, metrics, history, resumed_from, False)
 
 
@@ -291,8 +292,9 @@ def _pad_batch(batch: dict[str, np.ndarray], batch_size: int):
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
-                         title_suffix: str = "") -> None:
-  """Loss and validation hard Dice per epoch, in one PNG."""
+                         title_suffix: str = "", switch_epoch: int | None = None) -> None:
+  """Loss and validation hard Dice per epoch, in one PNG; a dashed line marks the last
+  Adam epoch (`switch_epoch`) when given."""
   from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
   epochs = [h["epoch"] for h in history]
@@ -309,6 +311,10 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
   axes[1].legend(fontsize=8, ncol=2)
   for ax in axes:
     ax.grid(alpha=0.3)
+    if switch_epoch:
+      ax.axvline(switch_epoch + 0.5, color="grey", ls="--", lw=1)
+      ax.text(switch_epoch + 0.6, 0.02, "SGD", transform=ax.get_xaxis_transform(),
+              color="grey", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
