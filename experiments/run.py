@@ -15,6 +15,7 @@ from absl import logging
 from tracin_jax import experiment
 from tracin_jax.data import brats
 from tracin_jax.influence import stage as influence_stage
+from tracin_jax.interpret import stage as interpret_stage
 from tracin_jax.training import optim
 from tracin_jax.training import train as train_lib
 
@@ -68,6 +69,13 @@ _LOCAL_PANELS = flags.DEFINE_integer("num_local_panels", 2, "Local explanation f
 _BUDGET_MB = flags.DEFINE_integer(
     "memory_budget_mb", 1024, "Memory for per-example gradients held at once (MiB).")
 
+# Interpretation.
+_FI_THRESHOLD = flags.DEFINE_float(
+    "fi_threshold", 0.65, "FI at the first proponents a predictive feature must exceed.")
+_SCATTER = flags.DEFINE_integer(
+    "num_scatter_features", 1, "Ranked scatter figures per class for the most and the least "
+    "predictive features.")
+
 flags.mark_flag_as_required("workdir")
 
 
@@ -94,8 +102,11 @@ def build_config() -> experiment.ExperimentConfig:
       max_checkpoints=_MAX_CKPTS.value, top_k=_TOP_K.value, global_top=_GLOBAL_TOP.value,
       global_fraction=_GLOBAL_FRACTION.value, num_local_panels=_LOCAL_PANELS.value,
       memory_budget_bytes=_BUDGET_MB.value * 2**20)
+  interpret = interpret_stage.InterpretConfig(
+      fi_threshold=_FI_THRESHOLD.value, num_scatter_features=_SCATTER.value)
   return experiment.ExperimentConfig(
-      workdir=_WORKDIR.value, data=data, train=training, influence=influence)
+      workdir=_WORKDIR.value, data=data, train=training, influence=influence,
+      interpret=interpret)
 
 
 def main(argv):

@@ -17,9 +17,10 @@ from tracin_jax.data import brats
 from tracin_jax.data import synthetic
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.influence import stage as influence_stage_lib
+from tracin_jax.interpret import stage as interpret_stage_lib
 from tracin_jax.training import train as train_lib
 
-STAGES = ("train", "influence")
+STAGES = ("train", "influence", "interpret")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -61,6 +62,7 @@ class ExperimentConfig:
   data: DataConfig = DataConfig()
   train: train_lib.TrainConfig = train_lib.TrainConfig()
   influence: influence_stage_lib.InfluenceConfig = influence_stage_lib.InfluenceConfig()
+  interpret: interpret_stage_lib.InterpretConfig = interpret_stage_lib.InterpretConfig()
 
 
 def load_data(config: DataConfig, *, log: Callable[[str], None] = print,
@@ -129,6 +131,12 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
         config.workdir, train_set, val_set, config.influence, dataset=config.data.name,
         progress=progress, log=log)
     log(f"[influence stage done in {time.perf_counter() - t0:.0f} s]")
+  if "interpret" in stages:
+    t0 = time.perf_counter()
+    results["interpret"] = interpret_stage_lib.run_interpret_stage(
+        config.workdir, train_set, val_set, config.interpret, dataset=config.data.name,
+        progress=progress, log=log)
+    log(f"[interpret stage done in {time.perf_counter() - t0:.0f} s]")
   return results
 
 

@@ -64,8 +64,27 @@ def test_smoke_flagfile_end_to_end(tmp_path):
     assert (out / name).stat().st_size > 0
   assert list(out.glob("local_*.png"))
 
+  # The interpret stage's files: FI [3, C, R], the selection and impact per feature and class.
+  out = workdir / "interpret"
+  with np.load(out / "feature_importance.npz") as f:
+    fi, predictive = f["fi"], f["predictive"]
+    assert fi.ndim == 3 and fi.shape[0] == 3 and predictive.shape == fi.shape[:2]
+    assert f["class_names"].tolist() == ["NCR/NET", "ED", "ET"]
+  impact = json.loads((out / "feature_impact.json").read_text())
+  assert impact["dataset"] == "synthetic cohort"
+  for i, name in enumerate(impact["class_names"]):
+    assert len(impact["feature_impact"][name]) == fi.shape[1]
+    assert impact["predictive_features"][name] == np.flatnonzero(predictive[i]).tolist()
+    assert set(impact["statistics"][name]) >= {"slope", "r2", "fi_first", "u_shape"}
+    test = impact["mann_whitney"][name]
+    assert test["p_value"] is not None or "selected" in test["note"]
+  assert (out / "feature_impact.png").stat().st_size > 0
+  assert list(out.glob("ranked_scatter_*_f*.png"))
+  assert "[interpret stage done in" in proc.stdout
+
   # A second run reuses the finished run and the caches instead of recomputing.
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "reusing it" in again.stdout
   assert "reused (3/3)" in again.stdout
+  assert "Interpretation in" in again.stdout and "reusing it" in again.stdout
