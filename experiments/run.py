@@ -8,6 +8,8 @@ Intentionally kept short: parse flags, build a config, call one library function
       --data_dir=/data/MICCAI_BraTS_2019_Data_Training --workdir=runs/brats19
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -112,9 +114,17 @@ def build_config() -> experiment.ExperimentConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  unknown = [s for s in _STAGES.value if s not in experiment.STAGES]
+  if unknown:
+    raise app.UsageError(
+        f"--stages: unknown {unknown}; choose from {', '.join(experiment.STAGES)}.")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  experiment.run(build_config(), _STAGES.value, progress=_PROGRESS.value)
+  try:
+    experiment.run(build_config(), _STAGES.value, progress=_PROGRESS.value)
+  except (brats.BratsDataError, train_lib.RunMismatchError, FileNotFoundError) as e:
+    # Bad input or a workdir in the way: the message says what and where; no traceback.
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,13 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   assert "reusing it" in again.stdout
   assert "reused (3/3)" in again.stdout
   assert "Interpretation in" in again.stdout and "reusing it" in again.stdout
+
+
+def test_bad_data_dir_gives_a_one_line_error(tmp_path):
+  (tmp_path / "data").mkdir()
+  cmd = [sys.executable, "-m", "experiments.run", "--flagfile=experiments/configs/smoke.flags",
+         f"--workdir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert "error:" in proc.stderr and "HGG" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,11 +9,11 @@ import numpy as np
 
 from tracin_jax.data.slices import SliceSet
 
-_REGION_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [1.0, 0.85, 0.1]])  # NCR ED ET
+REGION_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [1.0, 0.85, 0.1]])  # NCR ED ET
 _FLAIR = 3
 
 
-def _figure(**kwargs):
+def new_figure(**kwargs):
   """A figure that is not registered with pyplot: saving it leaves the caller's backend
   (a notebook's inline display, say) untouched."""
   from matplotlib.figure import Figure
@@ -31,7 +31,7 @@ def overlay(image: np.ndarray, regions: np.ndarray, alpha: float = 0.45) -> np.n
   rgb = np.repeat(grey[..., None], 3, axis=-1)
   for j in range(regions.shape[-1]):
     m = regions[..., j]
-    rgb[m] = (1 - alpha) * rgb[m] + alpha * _REGION_COLOURS[j]
+    rgb[m] = (1 - alpha) * rgb[m] + alpha * REGION_COLOURS[j]
   return np.transpose(rgb, (1, 0, 2))  # x horizontal, y vertical
 
 
@@ -48,7 +48,7 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
   vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
   cmap = matplotlib.colormaps["RdBu_r"].copy()
   cmap.set_bad("white")
-  fig = _figure(figsize=(10, 2.6 * k + 0.6))
+  fig = new_figure(figsize=(10, 2.6 * k + 0.6))
   axes = fig.subplots(k, 1, squeeze=False)
   for i in range(k):
     ax = axes[i, 0]
@@ -70,12 +70,12 @@ def plot_class_distribution(dist: np.ndarray, class_names: Sequence[str],
                             title_suffix: str = "") -> None:
   """Class of the top-k proponents per test class (Fig. 5): grouped bars."""
   kk = len(class_names)
-  fig = _figure(figsize=(6.5, 3.6))
+  fig = new_figure(figsize=(6.5, 3.6))
   ax = fig.subplots()
   width = 0.8 / kk
   for j in range(kk):
     ax.bar(np.arange(kk) + (j - (kk - 1) / 2) * width, dist[:, j], width,
-           color=_REGION_COLOURS[j], label=f"proponent class {class_names[j]}")
+           color=REGION_COLOURS[j], label=f"proponent class {class_names[j]}")
   ax.set_xticks(np.arange(kk))
   ax.set_xticklabels([f"test {c}" for c in class_names])
   ax.set_ylabel(f"fraction of the top {k} proponents")
@@ -91,14 +91,14 @@ def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.n
                         num_top: int = 4, title_suffix: str = "") -> None:
   """Self-influence ranking per class, with the top-ranked train images and regions."""
   kk = len(class_names)
-  fig = _figure(figsize=(3 + 2.2 * num_top, 2.4 * kk))
+  fig = new_figure(figsize=(3 + 2.2 * num_top, 2.4 * kk))
   grid = fig.add_gridspec(kk, num_top + 1, width_ratios=[1.6] + [1] * num_top)
   for i in range(kk):
     vals = self_inf[:, i]
     order = np.argsort(-np.nan_to_num(vals, nan=-np.inf))
     finite = np.isfinite(vals[order])
     ax = fig.add_subplot(grid[i, 0])
-    ax.plot(np.arange(finite.sum()), vals[order][finite], color=_REGION_COLOURS[i])
+    ax.plot(np.arange(finite.sum()), vals[order][finite], color=REGION_COLOURS[i])
     ax.set_yscale("log") if np.all(vals[order][finite] > 0) and finite.any() else None
     ax.set(xlabel="rank", ylabel=f"self-influence\n{class_names[i]}")
     for r, b in enumerate(order[:num_top]):
@@ -130,7 +130,7 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
   n_train = kn // kk
   classes = [i for i in range(kk) if not np.all(np.isnan(test_blocks[i, a]))]
   rows = max(len(classes), 1)
-  fig = _figure(figsize=(1.9 * (2 + 2 * k), 2.3 * rows))
+  fig = new_figure(figsize=(1.9 * (2 + 2 * k), 2.3 * rows))
   axes = fig.subplots(rows, 2 + 2 * k, squeeze=False)
   case, z = test_set.ids[a]
   for r, i in enumerate(classes):

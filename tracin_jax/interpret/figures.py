@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tracin_jax.influence.figures import _REGION_COLOURS
-from tracin_jax.influence.figures import _figure
+from tracin_jax.influence.figures import REGION_COLOURS
+from tracin_jax.influence.figures import new_figure
 
 
 def plot_ranked_scatter(fi_curve: np.ndarray, panels: Sequence[dict[str, Any]],
@@ -32,10 +32,10 @@ def plot_ranked_scatter(fi_curve: np.ndarray, panels: Sequence[dict[str, Any]],
     title_suffix: appended to the title (e.g. the dataset).
   """
   n = max(len(panels), 1)
-  fig = _figure(figsize=(2.3 * n, 5.2))
+  fig = new_figure(figsize=(2.3 * n, 5.2))
   grid = fig.add_gridspec(2, n, height_ratios=[1.1, 1])
   ax = fig.add_subplot(grid[0, :])
-  ax.scatter(np.arange(len(fi_curve)), fi_curve, s=6, color=_REGION_COLOURS[0] * 0.6)
+  ax.scatter(np.arange(len(fi_curve)), fi_curve, s=6, color=REGION_COLOURS[0] * 0.6)
   ax.axhline(0, color="grey", lw=0.5)
   ax.set(xlabel="TracIn rank (0: first proponent, last: strongest opponent)",
          ylabel=f"FI of feature {feature}")
@@ -68,7 +68,7 @@ def plot_feature_impact(impact: np.ndarray, selected: np.ndarray,
     title_suffix: appended to the title.
   """
   k = len(class_names)
-  fig = _figure(figsize=(3.6 * k, 3.2))
+  fig = new_figure(figsize=(3.6 * k, 3.2))
   axes = fig.subplots(1, k, squeeze=False)[0]
   finite = impact[np.isfinite(impact)]
   lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -77,7 +77,7 @@ def plot_feature_impact(impact: np.ndarray, selected: np.ndarray,
     sel = selected[i]
     ax.hist(impact[~sel, i], bins=bins, alpha=0.6, color="grey",
             label=f"other ({int((~sel).sum())})")
-    ax.hist(impact[sel, i], bins=bins, alpha=0.7, color=_REGION_COLOURS[i],
+    ax.hist(impact[sel, i], bins=bins, alpha=0.7, color=REGION_COLOURS[i],
             label=f"selected ({int(sel.sum())})")
     p = tests[name]["p_value"]
     ax.set_title(f"{name}: " + (f"Mann-Whitney p = {p:.3g}" if p is not None

@@ -34,12 +34,12 @@ from tracin_jax.data.slices import SliceSet
 from tracin_jax.influence import report
 from tracin_jax.influence import segmentation
 from tracin_jax.influence import stage as influence_stage
+from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.interpret import features
 from tracin_jax.interpret import figures
 from tracin_jax.training import train as train_lib
 
 OUT_DIR = "interpret"
-_COLOURS = ((0.9, 0.2, 0.2), (0.2, 0.8, 0.3), (1.0, 0.85, 0.1))  # as the influence figures
 FI_FILE = "feature_importance.npz"
 IMPACT_FILE = "feature_impact.json"
 IMPACT_FIGURE = "feature_impact.png"
@@ -157,11 +157,12 @@ def _exemplars(scores, i, exclude, apply_fn, params, val_set, val_regions, train
   hidden = np.asarray(hidden)
   case, z = val_set.ids[a]
   panels = [{"hidden": hidden[0], "region": val_regions[a, ..., i],
-             "colour": _COLOURS[i], "title": f"test {class_names[i]}\n{case} z{z}"}]
+             "colour": REGION_COLOURS[i], "title": f"test {class_names[i]}\n{case} z{z}"}]
   for (kind, col), h in zip(picks, hidden[1:]):
     j, b = divmod(int(col), n_train)
     tc, tz = train_set.ids[b]
-    panels.append({"hidden": h, "region": train_regions[b, ..., j], "colour": _COLOURS[j],
+    panels.append({"hidden": h, "region": train_regions[b, ..., j],
+                   "colour": REGION_COLOURS[j],
                    "title": f"{kind} {class_names[j]}\n{tc} z{tz}, {row[col]:.3g}"})
   return panels
 
