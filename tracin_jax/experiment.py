@@ -7,7 +7,6 @@ Each stage writes under `config.workdir` and reuses finished work when rerun.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -120,25 +119,18 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
   t0 = time.perf_counter()
   train_set, val_set = load_data(config.data, log=log, progress=progress)
   log(f"[data ready in {time.perf_counter() - t0:.0f} s]")
+  common = dict(dataset=config.data.name, progress=progress, log=log)
+  stage_fns = {
+      "train": lambda: train_stage(config, train_set, val_set, log=log, progress=progress),
+      "influence": lambda: influence_stage_lib.run_influence_stage(
+          config.workdir, train_set, val_set, config.influence, **common),
+      "interpret": lambda: interpret_stage_lib.run_interpret_stage(
+          config.workdir, train_set, val_set, config.interpret, **common),
+  }
   results: dict[str, Any] = {}
-  if "train" in stages:
-    t0 = time.perf_counter()
-    results["train"] = train_stage(config, train_set, val_set, log=log, progress=progress)
-    log(f"[train stage done in {time.perf_counter() - t0:.0f} s]")
-  if "influence" in stages:
-    t0 = time.perf_counter()
-    results["influence"] = influence_stage_lib.run_influence_stage(
-        config.workdir, train_set, val_set, config.influence, dataset=config.data.name,
-        progress=progress, log=log)
-    log(f"[influence stage done in {time.perf_counter() - t0:.0f} s]")
-  if "interpret" in stages:
-    t0 = time.perf_counter()
-    results["interpret"] = interpret_stage_lib.run_interpret_stage(
-        config.workdir, train_set, val_set, config.interpret, dataset=config.data.name,
-        progress=progress, log=log)
-    log(f"[interpret stage done in {time.perf_counter() - t0:.0f} s]")
+  for name in STAGES:
+    if name in stages:
+      t0 = time.perf_counter()
+      results[name] = stage_fns[name]()
+      log(f"[{name} stage done in {time.perf_counter() - t0:.0f} s]")
   return results
-
-
-def config_to_json(config: ExperimentConfig) -> str:
-  return json.dumps(dataclasses.asdict(config), indent=2)
