@@ -8,7 +8,6 @@ import numpy as np
 # Input channels, in this order everywhere: T1, T1Gd, T2, FLAIR.
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 MODALITY_NAMES = ("T1", "T1Gd", "T2", "FLAIR")
-NUM_CHANNELS = len(MODALITIES)
 
 # File suffix of the label volume: <case>_seg.nii.gz
 SEG_SUFFIX = "seg"
@@ -37,8 +36,6 @@ BRATS_AFFINE = np.array(
 
 # Cohort groups.
 GROUPS = ("HGG", "LGG")
-
-SYNTHETIC_TAG = "synthetic"
 
 
 def remap_labels(seg: np.ndarray) -> np.ndarray:
