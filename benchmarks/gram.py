@@ -7,7 +7,8 @@ gradients, rows [B * K, P] and cols [B * K, P], into [B * K, B * K]: 2 * (B K)^2
 P is the parameter count of the demo UNet (base width 8, depth 3; `--base_widths` adds
 others) and K = 3 region losses. The reference is a square float32 matmul of size
 `--matmul_size` (2048: 2 * 2048^3 FLOPs) timed in turn with each block shape, so that the
-ratio depends little on how busy a shared machine is at the time. Medians of `--repeats` timed calls after a warm-up.
+ratio depends little on how busy a shared machine is at the time. Medians of `--repeats`
+timed calls after a warm-up.
 """
 
 from __future__ import annotations

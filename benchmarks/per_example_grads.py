@@ -156,7 +156,8 @@ def main(argv):
           + f" | {speedup:.2f}x | {fraction:.0%} | {fraction_b1:.0%} |")
   print()
   print("Seconds (medians): " + "; ".join(
-      f"{size} px: " + ", ".join(f"{m} {s[m]:.3f}" for m in ["forward", "forward_loop", *methods] if m in s)
+      f"{size} px: " + ", ".join(
+          f"{m} {s[m]:.3f}" for m in ["forward", "forward_loop", *methods] if m in s)
       for size, _, s in rows))
 
 
