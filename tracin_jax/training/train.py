@@ -330,7 +330,8 @@ def load_config(workdir: str | os.PathLike) -> TrainConfig:
 def load_model(workdir: str | os.PathLike, epoch: int | None = None) -> tuple[nnx.Module, dict]:
   """The model of `workdir` at `epoch` (default: the latest), and that checkpoint's metadata."""
   config = load_config(workdir)
-  model = build_model(config.model, config.seed)
+  # An abstract model (shapes only): restoring fills it, so no initialiser is compiled or run.
+  model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
   store = CheckpointStore(workdir, create=False)
   epoch = store.latest_epoch() if epoch is None else epoch
   if epoch is None:
