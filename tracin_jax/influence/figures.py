@@ -35,23 +35,19 @@ def overlay(image: np.ndarray, regions: np.ndarray, alpha: float = 0.45) -> np.n
   return np.transpose(rgb, (1, 0, 2))  # x horizontal, y vertical
 
 
-def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
-                            path: str | os.PathLike, title: str = "Train-influence") -> None:
-  """The K train-influence matrices [n, K * n] with their class blocks (Fig. 4).
-
-  NaN (absent regions) is white; the colour scale is symmetric, clipped at the 99th
-  percentile of |score|.
-  """
+def draw_influence_matrices(fig, axes: Sequence, blocks: np.ndarray,
+                            class_names: Sequence[str], *, colorbar: bool = True) -> None:
+  """Draws the K matrices [n, K * n] of `blocks` on `axes` (one per test class): class
+  blocks separated by lines, NaN (absent regions) white, a symmetric colour scale clipped at
+  the 99th percentile of |score|."""
   import matplotlib
-  k, n, kn = blocks.shape
+  k, n, _ = blocks.shape
   finite = np.abs(blocks[np.isfinite(blocks)])
   vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+  vmax = vmax if vmax > 0 else 1.0
   cmap = matplotlib.colormaps["RdBu_r"].copy()
   cmap.set_bad("white")
-  fig = new_figure(figsize=(10, 2.6 * k + 0.6))
-  axes = fig.subplots(k, 1, squeeze=False)
-  for i in range(k):
-    ax = axes[i, 0]
+  for i, ax in enumerate(axes):
     im = ax.imshow(blocks[i], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto",
                    interpolation="nearest")
     for j in range(1, k):
@@ -59,7 +55,21 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
     ax.set_xticks([(j + 0.5) * n for j in range(k)])
     ax.set_xticklabels([f"train {c}" for c in class_names])
     ax.set_ylabel(f"test {class_names[i]}\n(example)")
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="TracIn")
+    if colorbar:
+      fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="TracIn")
+
+
+def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
+                            path: str | os.PathLike, title: str = "Train-influence") -> None:
+  """The K train-influence matrices [n, K * n] with their class blocks (Fig. 4).
+
+  NaN (absent regions) is white; the colour scale is symmetric, clipped at the 99th
+  percentile of |score|.
+  """
+  k = blocks.shape[0]
+  fig = new_figure(figsize=(10, 2.6 * k + 0.6))
+  axes = fig.subplots(k, 1, squeeze=False)[:, 0]
+  draw_influence_matrices(fig, axes, blocks, class_names)
   fig.suptitle(title + ": rows test region of class i, columns train regions by class j")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

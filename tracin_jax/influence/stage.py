@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tracin_jax import models
+from tracin_jax import outputs
 from tracin_jax.data import constants
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.influence import core
@@ -72,37 +73,30 @@ def _examples(slices: SliceSet, regions: np.ndarray) -> dict[str, np.ndarray]:
           "region": regions}
 
 
-def _accumulate(name: str, partial_dir: pathlib.Path, epochs, checkpoints,
-                compute: Callable[[Any], np.ndarray], log) -> np.ndarray:
-  """Sums per-checkpoint scores, each saved as it finishes (resumable)."""
+def accumulate_checkpoints(name: str, partial_dir: pathlib.Path, epochs, checkpoints,
+                           compute: Callable[[Any], np.ndarray], log, *,
+                           label: str = "checkpoint of epoch") -> np.ndarray:
+  """Sums `compute(checkpoint)` over the checkpoints, saving each part as it finishes.
+
+  Parts already saved under `partial_dir` (as `<name>_epoch<epoch>.npy`) are reused, so an
+  interrupted computation resumes. `label` names a checkpoint in the log lines.
+  """
   total = None
   for t, (epoch, ckpt) in enumerate(zip(epochs, checkpoints)):
     path = partial_dir / f"{name}_epoch{epoch}.npy"
     if path.exists():
       part = np.load(path, allow_pickle=False)
-      log(f"{name}: checkpoint of epoch {epoch} reused ({t + 1}/{len(epochs)}).")
+      log(f"{name}: {label} {epoch} reused ({t + 1}/{len(epochs)}).")
     else:
       t0 = time.perf_counter()
       part = compute(ckpt)
       tmp = path.with_suffix(".tmp.npy")
       np.save(tmp, part)
       os.replace(tmp, path)
-      log(f"{name}: checkpoint of epoch {epoch} done ({t + 1}/{len(epochs)}) in "
+      log(f"{name}: {label} {epoch} done ({t + 1}/{len(epochs)}) in "
           f"{time.perf_counter() - t0:.1f} s.")
     total = part if total is None else total + part
   return total
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
-
-
-def _save_npz(path: pathlib.Path, **arrays) -> None:
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
 
 
 def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set: SliceSet,
@@ -150,7 +144,7 @@ def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
   # validation-train blocks; the validation-validation block is cheap and dropped.
   n = len(train_set)
   both = {key: np.concatenate([train_ex[key], val_ex[key]]) for key in train_ex}
-  all_scores = _accumulate(
+  all_scores = accumulate_checkpoints(
       "influence", partial_dir, epochs, checkpoints,
       lambda ckpt: core.influence(loss_fn, [ckpt], both, **kw), log)
   train_scores = all_scores[:n, :, :n, :]
@@ -164,9 +158,9 @@ def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
              train_slice_indices=np.asarray(train_set.slice_indices, np.int32))
   common = dict(epochs=np.asarray(epochs), learning_rates=np.asarray(rates),
                 threshold=np.asarray(config.threshold), class_names=np.asarray(CLASS_NAMES))
-  _save_npz(out / "train_influence.npz", scores=train_blocks, presence=presence_train,
+  outputs.save_npz(out / "train_influence.npz", scores=train_blocks, presence=presence_train,
             **ids, **common)
-  _save_npz(out / "test_influence.npz", scores=test_blocks, presence_test=presence_val,
+  outputs.save_npz(out / "test_influence.npz", scores=test_blocks, presence_test=presence_val,
             presence_train=presence_train,
             test_case_ids=np.asarray(val_set.case_ids, str),
             test_slice_indices=np.asarray(val_set.slice_indices, np.int32), **ids, **common)
@@ -176,13 +170,13 @@ def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
   for g in globals_:
     g["case"], g["slice"] = train_set.ids[g["train_index"]]
     g["class"] = CLASS_NAMES[g["train_class"]]
-  _write_json(out / "global_explainers.json", {
+  outputs.write_json(out / "global_explainers.json", {
       "dataset": dataset, "top": config.global_top, "min_fraction": config.global_fraction,
       "num_test_regions": int(presence_val.sum()), "global_explainers": globals_})
   explanations = report.explain(
       test_blocks, val_set.ids, train_set.ids, CLASS_NAMES, k=config.top_k,
       global_columns=[g["column"] for g in globals_])
-  _write_json(out / "proponents.json", {
+  outputs.write_json(out / "proponents.json", {
       "dataset": dataset, "k": config.top_k, "checkpoint_epochs": list(epochs),
       "threshold": config.threshold, "explanations": explanations})
 
@@ -210,6 +204,96 @@ def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
           "presence_train": presence_train, "presence_test": presence_val,
           "global_explainers": globals_, "epochs": epochs, "panels": panels,
           "self_influence": self_inf}
+
+
+OUTPUT_FILES = ("train_influence.npz", "test_influence.npz", "global_explainers.json")
+
+
+def output_paths(workdir: str | os.PathLike, *, needed_by: str) -> list[pathlib.Path]:
+  """The influence stage's data files in `workdir`, checked to exist.
+
+  Raises:
+    FileNotFoundError: one is missing (the message names the stage `needed_by`).
+  """
+  src = pathlib.Path(workdir) / OUT_DIR
+  paths = [src / name for name in OUTPUT_FILES]
+  missing = [p.name for p in paths if not p.exists()]
+  if missing:
+    raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: run the influence stage "
+                            f"first (--stages=...,influence,{needed_by}).")
+  return paths
+
+
+@dataclasses.dataclass
+class Outputs:
+  """The influence stage's results, with the regions of the model they explain.
+
+  Attributes:
+    train_blocks: [K, n_train, K * n_train] train-influence (NaN for absent regions).
+    test_blocks: [K, n_val, K * n_train] validation-train influence.
+    presence_train, presence_test: [n, K] bool.
+    threshold: the region threshold used.
+    class_names: the K class names.
+    epochs, learning_rates: the TracIn checkpoints.
+    global_explainers: the entries of `global_explainers.json`.
+    apply_fn, params: the final model (`models.functional`).
+    train_regions, val_regions: [n, H, W, K] bool regions of the final model.
+  """
+
+  train_blocks: np.ndarray
+  test_blocks: np.ndarray
+  presence_train: np.ndarray
+  presence_test: np.ndarray
+  threshold: float
+  class_names: tuple[str, ...]
+  epochs: list[int]
+  learning_rates: list[float]
+  global_explainers: list[dict[str, Any]]
+  apply_fn: Callable
+  params: Any
+  train_regions: np.ndarray
+  val_regions: np.ndarray
+
+
+def _check_ids(f, prefix: str, slices: SliceSet, which: str) -> None:
+  ids = list(zip(f[f"{prefix}_case_ids"].tolist(), f[f"{prefix}_slice_indices"].tolist()))
+  if ids != [(str(c), int(z)) for c, z in slices.ids]:
+    raise ValueError(f"The influence stage's {which} examples differ from the given {which} "
+                     "set: it was run on other data; rerun the influence stage.")
+
+
+def load_outputs(workdir: str | os.PathLike, train_set: SliceSet, val_set: SliceSet, *,
+                 needed_by: str) -> Outputs:
+  """Reads the influence stage's results and recomputes the final model's regions.
+
+  Raises:
+    FileNotFoundError: the influence stage has not been run in `workdir`.
+    ValueError: it was run on other data, or the final model changed since.
+  """
+  train_npz, test_npz, explainers_json = output_paths(workdir, needed_by=needed_by)
+  with np.load(test_npz) as f:
+    test_blocks = f["scores"]
+    presence_test, presence_train = f["presence_test"], f["presence_train"]
+    threshold = float(f["threshold"])
+    class_names = tuple(str(c) for c in f["class_names"])
+    epochs = [int(e) for e in f["epochs"]]
+    rates = [float(r) for r in f["learning_rates"]]
+    _check_ids(f, "test", val_set, "validation")
+    _check_ids(f, "train", train_set, "training")
+  with np.load(train_npz) as f:
+    train_blocks = f["scores"]
+  explainers = json.loads(explainers_json.read_text())["global_explainers"]
+  model, _ = train_lib.load_model(workdir)
+  apply_fn, params = models.functional(model)
+  train_regions = segmentation.predict_regions(apply_fn, params, train_set.images, threshold)
+  val_regions = segmentation.predict_regions(apply_fn, params, val_set.images, threshold)
+  if (not np.array_equal(segmentation.region_presence(train_regions), presence_train) or
+      not np.array_equal(segmentation.region_presence(val_regions), presence_test)):
+    raise ValueError("The final model's regions differ from the influence stage's: the "
+                     "model changed since; rerun the influence stage.")
+  return Outputs(train_blocks, test_blocks, presence_train, presence_test, threshold,
+                 class_names, epochs, rates, explainers, apply_fn, params, train_regions,
+                 val_regions)
 
 
 def _local_choices(regions: np.ndarray, num: int) -> list[int]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pathlib
@@ -29,15 +28,13 @@ import jax
 import numpy as np
 from scipy import stats
 
-from tracin_jax import models
+from tracin_jax import outputs
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.influence import report
-from tracin_jax.influence import segmentation
 from tracin_jax.influence import stage as influence_stage
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.interpret import features
 from tracin_jax.interpret import figures
-from tracin_jax.training import train as train_lib
 
 OUT_DIR = "interpret"
 FI_FILE = "feature_importance.npz"
@@ -63,52 +60,6 @@ class InterpretConfig:
   batch_size: int = 16
 
 
-def _fingerprint(paths, config: InterpretConfig, dataset: str) -> str:
-  """Hash of the input files' contents and the settings. An npz is hashed array by array
-  (name, dtype, shape, bytes): its zip members carry write times, so equal arrays rewritten
-  by a rerun of the influence stage keep the fingerprint."""
-  h = hashlib.sha256()
-  for p in map(pathlib.Path, paths):
-    if p.suffix == ".npz":
-      with np.load(p) as f:
-        for name in sorted(f.files):
-          a = np.ascontiguousarray(f[name])
-          h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-          h.update(a.tobytes())
-    else:
-      h.update(p.read_bytes())
-  h.update(json.dumps([dataclasses.asdict(config), dataset], sort_keys=True).encode())
-  return h.hexdigest()[:16]
-
-
-def _save_npz(path: pathlib.Path, **arrays) -> None:
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
-
-
-def _check_ids(f, prefix: str, slices: SliceSet, which: str) -> None:
-  ids = list(zip(f[f"{prefix}_case_ids"].tolist(), f[f"{prefix}_slice_indices"].tolist()))
-  if ids != [(str(c), int(z)) for c, z in slices.ids]:
-    raise ValueError(f"The influence stage's {which} examples differ from the given {which} "
-                     "set: it was run on other data; rerun the influence stage.")
-
-
-def _clean(x):
-  """JSON-ready: NaN -> None, numpy scalars and arrays -> Python."""
-  a = np.asarray(x)
-  if a.dtype == bool:
-    return a.tolist()
-  return [None if not np.isfinite(v) else float(v) for v in a.ravel()] if a.ndim else (
-      None if not np.isfinite(a) else float(a))
-
-
 def _mann_whitney(impact: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
   """Selected vs other features' impact for one class: impact, selected [C]."""
   a, b = impact[selected], impact[~selected]
@@ -117,7 +68,8 @@ def _mann_whitney(impact: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
   if selected.all():
     return {"p_value": None, "statistic": None, "note": "every feature selected"}
   res = stats.mannwhitneyu(a, b, alternative="two-sided")
-  return {"p_value": _clean(res.pvalue), "statistic": _clean(res.statistic),
+  return {"p_value": outputs.json_ready(res.pvalue),
+          "statistic": outputs.json_ready(res.statistic),
           "note": f"{len(a)} selected vs {len(b)} other features"}
 
 
@@ -191,16 +143,11 @@ def run_interpret_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
   """
   del progress
   workdir = pathlib.Path(workdir)
-  src = workdir / influence_stage.OUT_DIR
-  train_npz, test_npz = src / "train_influence.npz", src / "test_influence.npz"
-  explainers_json = src / "global_explainers.json"
-  missing = [p.name for p in (train_npz, test_npz, explainers_json) if not p.exists()]
-  if missing:
-    raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: run the influence stage "
-                            "first (--stages=...,influence,interpret).")
+  train_npz, test_npz, explainers_json = influence_stage.output_paths(
+      workdir, needed_by="interpret")
   out = workdir / OUT_DIR
   out.mkdir(parents=True, exist_ok=True)
-  key = _fingerprint((train_npz, test_npz, explainers_json), config, dataset)
+  key = outputs.fingerprint((train_npz, test_npz, explainers_json), config, dataset)
   fi_path, impact_path = out / FI_FILE, out / IMPACT_FILE
   if fi_path.exists() and impact_path.exists() and (out / IMPACT_FIGURE).exists():
     previous = json.loads(impact_path.read_text())
@@ -215,24 +162,12 @@ def run_interpret_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
               "predictive": previous["predictive_features"], "reused": True,
               "paths": sorted(str(p) for p in out.glob("*.*"))}
 
-  with np.load(test_npz) as f:
-    test_blocks = f["scores"]
-    presence_test, presence_train = f["presence_test"], f["presence_train"]
-    threshold = float(f["threshold"])
-    class_names = tuple(str(c) for c in f["class_names"])
-    _check_ids(f, "test", val_set, "validation")
-    _check_ids(f, "train", train_set, "training")
-  explainers = json.loads(explainers_json.read_text())["global_explainers"]
-  exclude = [g["column"] for g in explainers] if config.exclude_global_explainers else []
-
-  model, _ = train_lib.load_model(workdir)
-  apply_fn, params = models.functional(model)
-  train_regions = segmentation.predict_regions(apply_fn, params, train_set.images, threshold)
-  val_regions = segmentation.predict_regions(apply_fn, params, val_set.images, threshold)
-  if (not np.array_equal(segmentation.region_presence(train_regions), presence_train) or
-      not np.array_equal(segmentation.region_presence(val_regions), presence_test)):
-    raise ValueError("The final model's regions differ from the influence stage's: the "
-                     "model changed since; rerun the influence stage.")
+  inputs = influence_stage.load_outputs(workdir, train_set, val_set, needed_by="interpret")
+  test_blocks, class_names = inputs.test_blocks, inputs.class_names
+  apply_fn, params = inputs.apply_fn, inputs.params
+  train_regions, val_regions = inputs.train_regions, inputs.val_regions
+  exclude = ([g["column"] for g in inputs.global_explainers]
+             if config.exclude_global_explainers else [])
 
   bs = config.batch_size
   f_train = features.hidden_features(apply_fn, params, train_set.images, train_regions,
@@ -281,14 +216,15 @@ def run_interpret_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
                               out / IMPACT_FIGURE, title_suffix=suffix)
   paths.append(str(out / IMPACT_FIGURE))
 
-  _save_npz(fi_path, fi=fi, class_names=np.asarray(class_names), **selection)
-  _write_json(impact_path, {
+  outputs.save_npz(fi_path, fi=fi, class_names=np.asarray(class_names), **selection)
+  outputs.write_json(impact_path, {
       "dataset": dataset, "fingerprint": key, "class_names": list(class_names),
       "fi_threshold": config.fi_threshold, "num_features": c, "num_ranks": r_len,
       "excluded_global_explainers": len(exclude),
-      "feature_impact": {class_names[i]: _clean(impact[:, i]) for i in range(k)},
+      "feature_impact": {class_names[i]: outputs.json_ready(impact[:, i]) for i in range(k)},
       "predictive_features": predictive,
-      "statistics": {class_names[i]: {s: _clean(v[i]) for s, v in selection.items()}
+      "statistics": {class_names[i]: {s: outputs.json_ready(v[i])
+                                      for s, v in selection.items()}
                      for i in range(k)},
       "mann_whitney": tests})
   log(f"Predictive features (FI > {config.fi_threshold} first, U shape or negative slope): "

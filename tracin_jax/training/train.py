@@ -19,7 +19,6 @@ import pathlib
 import time
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -233,7 +232,7 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
     losses_sum, dice_sum, count = 0.0, np.zeros(3), 0
     for batch in pipeline.train_batches(
         train_set, config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment):
-      images, labels, weights = _pad_batch(batch, config.batch_size)
+      images, labels, weights = pad_batch(batch, config.batch_size)
       loss, dice = train_step(model, optimizer, images, labels, weights)
       loss, dice = float(loss), np.asarray(dice)
       losses_sum += loss
@@ -278,7 +277,7 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
   return TrainResult(model, metrics, history, resumed_from, False)
 
 
-def _pad_batch(batch: dict[str, np.ndarray], batch_size: int):
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int):
   """Pads a short last batch to `batch_size` with zero-weight copies (one compiled shape)."""
   images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
   n = len(images)
