@@ -1,0 +1,195 @@
+"""Is the influence real? Checks of TracIn explanations against retraining and randomisation.
+
+Pure numpy on score arrays and measured results, so a notebook can call them on any run:
+  - `slice_scores`: a test region's TracIn score for each training slice (all its regions);
+  - `choose_regions`: test regions to check, the same number per class, seeded;
+  - `removal_sets`: a test region's top-k proponent and top-k opponent slices;
+  - `mean_ci`, `paired_test`, `rank_correlation`: the summaries of the retraining check;
+  - `class_block_structure`: how strongly a train-influence matrix separates the classes (the
+    measure of the randomisation check: TracIn of a randomly initialised network should lose
+    the class blocks of the trained network's matrices).
+
+Sign convention: scores are TracIn of losses (eq 6 with loss_j = 1 - D_j), so a proponent
+(positive score) is a training region whose updates lowered the test region's loss; removing
+proponents is expected to raise that loss (lower its Dice), removing opponents to lower it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+from tracin_jax.influence import report
+
+
+def slice_scores(blocks: np.ndarray) -> np.ndarray:
+  """TracIn of each test region with each training slice as a whole.
+
+  A slice's training loss involves all its classes, so removing the slice removes the
+  updates of all its regions; to first order the change of a test loss is the sum of the
+  regions' scores. Absent train regions (NaN) contribute nothing.
+
+  Args:
+    blocks: [K, n_test, K * n_train] class-block scores (`report.to_class_blocks`).
+
+  Returns:
+    [K, n_test, n_train]: entry [i, a, b] = sum_j T_{i,j}(z_b,j, z'_a,i), NaN where the test
+    region (a, i) is absent.
+  """
+  k, n_test, kn = blocks.shape
+  per_class = blocks.reshape(k, n_test, k, kn // k)
+  out = np.nansum(per_class, axis=2)
+  absent = np.all(np.isnan(per_class), axis=(2, 3))
+  out[absent] = np.nan
+  return out
+
+
+def choose_regions(presence: np.ndarray, per_class: int, seed: int = 0
+                   ) -> list[tuple[int, int]]:
+  """`per_class` present test regions of each class, drawn without replacement.
+
+  Args:
+    presence: [n_test, K] bool.
+    per_class: regions per class (fewer where a class has fewer present regions).
+    seed: the draw's seed.
+
+  Returns:
+    [(test index, class index)], class by class, each class's indices ascending.
+  """
+  if per_class < 1:
+    raise ValueError(f"per_class must be at least 1, got {per_class}.")
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(presence.shape[1]):
+    candidates = np.flatnonzero(presence[:, i])
+    take = min(per_class, len(candidates))
+    out += [(int(a), i) for a in np.sort(rng.choice(candidates, take, replace=False))]
+  return out
+
+
+def removal_sets(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The `k` training slices with the largest and with the smallest scores.
+
+  Args:
+    scores: [n_train] one test region's slice scores (`slice_scores`).
+    k: slices per set; at most half of the slices, so the two sets never overlap.
+
+  Returns:
+    (proponents [k], opponents [k]) slice indices, strongest first; ties broken by index.
+  """
+  scores = np.asarray(scores, np.float64)
+  if not 1 <= k <= len(scores) // 2:
+    raise ValueError(f"k={k}: must be between 1 and half the {len(scores)} training slices.")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("scores must be finite (an absent test region has no removal sets).")
+  order = np.argsort(-scores, kind="stable")
+  opponents = np.argsort(scores, kind="stable")[:k]
+  return order[:k], opponents
+
+
+def mean_ci(values, level: float = 0.95) -> dict[str, float | int | None]:
+  """Mean with a Student-t confidence interval.
+
+  Returns:
+    {"mean", "low", "high", "n"}; the bounds are None with fewer than 2 values.
+  """
+  x = np.asarray(values, np.float64)
+  x = x[np.isfinite(x)]
+  if x.size == 0:
+    return {"mean": None, "low": None, "high": None, "n": 0}
+  mean = float(x.mean())
+  if x.size < 2:
+    return {"mean": mean, "low": None, "high": None, "n": 1}
+  half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(x.size)}
+
+
+def paired_test(a, b, level: float = 0.95) -> dict[str, float | int | None]:
+  """a - b per region: mean with confidence interval, and a two-sided Wilcoxon signed-rank
+  p-value (None when every difference is 0 or fewer than 2 pairs)."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  d = d[np.isfinite(d)]
+  out = mean_ci(d, level)
+  out["p_value"] = None
+  if d.size >= 2 and np.any(d != 0):
+    out["p_value"] = float(stats.wilcoxon(d).pvalue)
+  return out
+
+
+def rank_correlation(predicted, actual) -> dict[str, float | int | None]:
+  """Spearman's rho (with its two-sided p-value) of predicted against actual changes."""
+  p, a = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
+  ok = np.isfinite(p) & np.isfinite(a)
+  p, a = p[ok], a[ok]
+  if p.size < 3 or np.ptp(p) == 0 or np.ptp(a) == 0:
+    return {"rho": None, "p_value": None, "n": int(p.size)}
+  res = stats.spearmanr(p, a)
+  return {"rho": float(res.statistic), "p_value": float(res.pvalue), "n": int(p.size)}
+
+
+def normalised_influence(blocks: np.ndarray) -> np.ndarray:
+  """Train-influence scaled by self-influence: T(a,i; b,j) / sqrt(T(a,i; a,i) T(b,j; b,j)).
+
+  TracIn with positive learning rates is a sum of Gram matrices, so this is a cosine-like
+  number in [-1, 1] that does not favour regions with large gradients.
+
+  Args:
+    blocks: [K, n, K * n] train-influence (test set = train set), NaN for absent regions.
+
+  Returns:
+    [n, K, n, K]; NaN where a region is absent or its self-influence is not positive.
+  """
+  scores = report.from_class_blocks(blocks)
+  n, k = scores.shape[:2]
+  diag = np.stack([scores[np.arange(n), i, np.arange(n), i] for i in range(k)], axis=1)
+  diag = np.where(diag > 0, diag, np.nan)
+  with np.errstate(invalid="ignore"):
+    return scores / np.sqrt(diag[:, :, None, None] * diag[None, None, :, :])
+
+
+def class_block_structure(blocks: np.ndarray, *, top: int = 10) -> dict[str, float]:
+  """How strongly train-influence separates the classes.
+
+  Over pairs of present regions of different slices (a != b), with the normalised influence
+  C (`normalised_influence`):
+    - `auc`: the probability that a same-class pair has a larger C than a pair of different
+      classes (0.5: no class structure; 1: every same-class pair above every other);
+    - `within`, `between`: the mean C of same-class and of different-class pairs, and
+      `contrast` = within - between;
+    - `same_class_top`: the share of a region's `top` proponents (raw scores, own slice
+      excluded) that have its class, averaged over classes (Fig. 5's diagonal).
+
+  Args:
+    blocks: [K, n, K * n] train-influence, NaN for absent regions.
+    top: proponents per region for `same_class_top`.
+
+  Returns:
+    The numbers above, as floats (NaN where undefined).
+  """
+  c = normalised_influence(blocks)
+  n, k = c.shape[:2]
+  same_class = np.eye(k, dtype=bool)[None, :, None, :]
+  other_slice = ~np.eye(n, dtype=bool)[:, None, :, None]
+  ok = np.isfinite(c) & other_slice
+  within = c[ok & same_class]
+  between = c[ok & ~same_class]
+  auc = np.nan
+  if within.size and between.size:
+    u = stats.mannwhitneyu(within, between, alternative="two-sided").statistic
+    auc = float(u / (within.size * between.size))
+  dist = report.proponent_class_distribution(blocks, k=top, exclude_self=True)
+  w = float(within.mean()) if within.size else np.nan
+  b = float(between.mean()) if between.size else np.nan
+  return {"auc": auc, "within": w, "between": b, "contrast": w - b,
+          "same_class_top": float(np.nanmean(np.diag(dist))),
+          "pairs_within": int(within.size), "pairs_between": int(between.size)}
+
+
+def subset_blocks(blocks: np.ndarray, index: Sequence[int]) -> np.ndarray:
+  """Train-influence blocks [K, n, K * n] restricted to the examples `index` (rows and
+  each class block's columns): [K, m, K * m]."""
+  scores = report.from_class_blocks(blocks)
+  index = np.asarray(index)
+  return report.to_class_blocks(scores[index][:, :, index])
