@@ -12,9 +12,10 @@ parameters bit for bit.
 
 Why re-batch rather than give removed examples weight 0 in their batch: the loss is a soft
 Dice over the whole batch (eq 2), so dropping an example from a batch of 10 makes the batch
-smaller and every remaining example's gradient larger; on the demo that alone lowered the
-validation loss whatever was removed. Re-batching keeps the batch size, so a removal changes
-which examples the model sees and nothing else. The SGD learning rate is constant, so the
+smaller and every remaining example's gradient larger, a change of step size that no
+removal set would escape. Re-batching keeps the batch size, so a removal changes which
+examples the model sees and little else (where n - k is not a multiple of the batch size,
+each epoch ends with one smaller batch, as training itself does). The SGD learning rate is constant, so the
 few updates an epoch loses do not shift any schedule.
 
 The batches of the replayed epochs are prepared once and kept in memory when they fit in
