@@ -15,8 +15,8 @@ Dice over the whole batch (eq 2), so dropping an example from a batch of 10 make
 smaller and every remaining example's gradient larger, a change of step size that no
 removal set would escape. Re-batching keeps the batch size, so a removal changes which
 examples the model sees and little else (where n - k is not a multiple of the batch size,
-each epoch ends with one smaller batch, as training itself does). The SGD learning rate is constant, so the
-few updates an epoch loses do not shift any schedule.
+each epoch ends with one smaller batch, as training itself does). The SGD learning rate is
+constant, so the few updates an epoch loses do not shift any schedule.
 
 The batches of the replayed epochs are prepared once and kept in memory when they fit in
 `cache_bytes`, so a series of retrainings pays the augmentation only once.
