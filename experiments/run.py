@@ -18,6 +18,7 @@ from tracin_jax import experiment
 from tracin_jax.data import brats
 from tracin_jax.influence import stage as influence_stage
 from tracin_jax.interpret import stage as interpret_stage
+from tracin_jax.interpret import validate as validate_stage
 from tracin_jax.training import optim
 from tracin_jax.training import train as train_lib
 
@@ -78,6 +79,22 @@ _SCATTER = flags.DEFINE_integer(
     "num_scatter_features", 1, "Ranked scatter figures per class for the most and the least "
     "predictive features.")
 
+# Validation (retraining and randomisation checks).
+_REGIONS_PER_CLASS = flags.DEFINE_integer(
+    "regions_per_class", 7, "Validation regions per class checked by retraining.")
+_NUM_REMOVED = flags.DEFINE_integer(
+    "num_removed", 20, "k: training slices removed per retraining (proponents, opponents or "
+    "random).")
+_NUM_RANDOM = flags.DEFINE_integer(
+    "num_random", 5, "Random removal sets (shared by all checked regions).")
+_VALIDATE_SEED = flags.DEFINE_integer(
+    "validate_seed", 0, "Seed of the checked regions, random sets and randomisation subset.")
+_RETRAIN_FROM = flags.DEFINE_integer(
+    "retrain_from_epoch", None, "Checkpoint retraining starts from (default: the last Adam "
+    "epoch).")
+_RANDOMISATION_EXAMPLES = flags.DEFINE_integer(
+    "randomisation_examples", 160, "Training slices in the randomisation check (0: all).")
+
 flags.mark_flag_as_required("workdir")
 
 
@@ -106,9 +123,15 @@ def build_config() -> experiment.ExperimentConfig:
       memory_budget_bytes=_BUDGET_MB.value * 2**20)
   interpret = interpret_stage.InterpretConfig(
       fi_threshold=_FI_THRESHOLD.value, num_scatter_features=_SCATTER.value)
+  validate = validate_stage.ValidateConfig(
+      regions_per_class=_REGIONS_PER_CLASS.value, num_removed=_NUM_REMOVED.value,
+      num_random=_NUM_RANDOM.value, seed=_VALIDATE_SEED.value,
+      from_epoch=_RETRAIN_FROM.value,
+      randomisation_examples=_RANDOMISATION_EXAMPLES.value or None,
+      memory_budget_bytes=_BUDGET_MB.value * 2**20)
   return experiment.ExperimentConfig(
       workdir=_WORKDIR.value, data=data, train=training, influence=influence,
-      interpret=interpret)
+      interpret=interpret, validate=validate)
 
 
 def main(argv):

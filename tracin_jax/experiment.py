@@ -17,9 +17,10 @@ from tracin_jax.data import synthetic
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.influence import stage as influence_stage_lib
 from tracin_jax.interpret import stage as interpret_stage_lib
+from tracin_jax.interpret import validate as validate_stage_lib
 from tracin_jax.training import train as train_lib
 
-STAGES = ("train", "influence", "interpret")
+STAGES = ("train", "influence", "interpret", "validate")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -62,6 +63,7 @@ class ExperimentConfig:
   train: train_lib.TrainConfig = train_lib.TrainConfig()
   influence: influence_stage_lib.InfluenceConfig = influence_stage_lib.InfluenceConfig()
   interpret: interpret_stage_lib.InterpretConfig = interpret_stage_lib.InterpretConfig()
+  validate: validate_stage_lib.ValidateConfig = validate_stage_lib.ValidateConfig()
 
 
 def load_data(config: DataConfig, *, log: Callable[[str], None] = print,
@@ -126,6 +128,8 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
           config.workdir, train_set, val_set, config.influence, **common),
       "interpret": lambda: interpret_stage_lib.run_interpret_stage(
           config.workdir, train_set, val_set, config.interpret, **common),
+      "validate": lambda: validate_stage_lib.run_validate_stage(
+          config.workdir, train_set, val_set, config.validate, **common),
   }
   results: dict[str, Any] = {}
   for name in STAGES:

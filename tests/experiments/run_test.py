@@ -82,12 +82,37 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   assert list(out.glob("ranked_scatter_*_f*.png"))
   assert "[interpret stage done in" in proc.stdout
 
-  # A second run reuses the finished run and the caches instead of recomputing.
+  # The validate stage's files: every checked region has its three removals, the baseline
+  # replay reproduced the run, and the randomisation check compared the two structures.
+  retraining = json.loads((out / "retraining.json").read_text())
+  assert retraining["baseline_reproduces_run"] is True
+  assert retraining["num_removed"] == 10 and len(retraining["random_sets"]) == 2
+  assert retraining["regions"] and all(
+      len(r["proponents"]) == 10 and len(r["opponents"]) == 10 and
+      not set(map(tuple, r["proponents"])) & set(map(tuple, r["opponents"]))
+      for r in retraining["regions"])
+  for name in ("proponents", "random", "opponents"):
+    assert retraining["dice_change"][name]["n"] == len(retraining["regions"])
+  assert retraining["rank_correlation"]["all"]["n"] == (2 + 2) * len(retraining["regions"])
+  check = json.loads((out / "randomisation_check.json").read_text())
+  assert check["num_examples"] == 40 and set(check["trained"]) >= {"auc", "same_class_top"}
+  for name in ("retraining.png", "randomisation_check.png"):
+    assert (out / name).stat().st_size > 0
+  jobs = sorted((out / "retraining").glob("*/*.json"))
+  assert len(jobs) == 1 + 2 + 2 * len(retraining["regions"])
+
+  # A second run reuses the finished run and the caches instead of recomputing; the
+  # validate stage redoes only the retraining whose result is missing (as after a kill).
+  jobs[-1].unlink()
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "reusing it" in again.stdout
   assert "reused (3/3)" in again.stdout
   assert "Interpretation in" in again.stdout and "reusing it" in again.stdout
+  assert f"{len(jobs) - 1} of {len(jobs)} results reused" in again.stdout
+  assert "retraining 1/1 " in again.stdout
+  assert json.loads((out / "retraining.json").read_text())["dice_change"] == \
+      retraining["dice_change"]
 
 
 def test_bad_data_dir_gives_a_one_line_error(tmp_path):

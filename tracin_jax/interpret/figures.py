@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tracin_jax.influence.figures import REGION_COLOURS
+from tracin_jax.influence.figures import draw_influence_matrices
 from tracin_jax.influence.figures import new_figure
 
 
@@ -85,5 +86,101 @@ def plot_feature_impact(impact: np.ndarray, selected: np.ndarray,
     ax.set(xlabel="Dice lost when the feature is masked (F)", ylabel="features")
     ax.legend(fontsize=7)
   fig.suptitle("Feature impact, selected vs other features" + title_suffix, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+_REMOVAL_COLOURS = {"proponents": "tab:red", "random": "tab:grey", "opponents": "tab:blue"}
+
+
+def plot_retraining(arrays: dict[str, Any], summary: dict[str, Any],
+                    class_names: Sequence[str], path: str | os.PathLike, *, k: int,
+                    title_suffix: str = "") -> None:
+  """The retraining check: Dice change per removal, and TracIn against actual loss change.
+
+  Left: each checked region's Dice change after removing its k proponents, k random slices
+  (mean over the random sets) and its k opponents, coloured by class, with the mean and its
+  95% confidence interval. Right: the TracIn score of each removed set against the change of
+  the region's loss it caused, with Spearman's rho.
+
+  Args:
+    arrays: "effect" (removal -> [R] Dice change), "classes" [R], "predicted", "actual",
+      "kinds" (one entry per removed set and region).
+    summary: "dice_change" (removal -> mean/low/high) and "rank_correlation" ("all" -> rho).
+    class_names: the K class names.
+    path: the PNG to write.
+    k: slices removed per set (for the labels).
+    title_suffix: appended to the title.
+  """
+  removals = list(arrays["effect"])
+  fig = new_figure(figsize=(11, 4.2))
+  left, right = fig.subplots(1, 2)
+  rng = np.random.default_rng(0)
+  classes = arrays["classes"]
+  for x, name in enumerate(removals):
+    y = arrays["effect"][name]
+    jitter = rng.uniform(-0.12, 0.12, len(y))
+    left.scatter(x + jitter, y, s=14, c=REGION_COLOURS[classes], edgecolors="k",
+                 linewidths=0.3, zorder=3)
+    s = summary["dice_change"][name]
+    if s["mean"] is not None:
+      low = s["low"] if s["low"] is not None else s["mean"]
+      high = s["high"] if s["high"] is not None else s["mean"]
+      left.errorbar(x + 0.28, s["mean"], yerr=[[s["mean"] - low], [high - s["mean"]]],
+                    fmt="D", color=_REMOVAL_COLOURS.get(name, "k"), capsize=4, zorder=4)
+  left.axhline(0, color="k", lw=0.8)
+  left.set_xticks(range(len(removals)))
+  left.set_xticklabels([f"top-{k} {n}" if n != "random" else f"{k} random"
+                        for n in removals])
+  left.set(ylabel="change of the region's Dice after retraining",
+           title="Dice change per region (diamond: mean, 95% CI)")
+  for i, name in enumerate(class_names):
+    left.scatter([], [], s=14, color=REGION_COLOURS[i], edgecolors="k", linewidths=0.3,
+                 label=name)
+  left.legend(fontsize=7, loc="best")
+  left.grid(alpha=0.3, axis="y")
+
+  kinds = arrays["kinds"]
+  for name in removals:
+    m = kinds == name
+    right.scatter(arrays["predicted"][m], arrays["actual"][m], s=12, alpha=0.7,
+                  color=_REMOVAL_COLOURS.get(name, "k"), label=name)
+  right.axhline(0, color="k", lw=0.6)
+  right.axvline(0, color="k", lw=0.6)
+  finite = np.abs(arrays["predicted"][np.isfinite(arrays["predicted"])])
+  if finite.size and finite.max() > 0:
+    right.set_xscale("symlog", linthresh=max(float(np.percentile(finite, 10)), 1e-12))
+  rho = summary["rank_correlation"]["all"]
+  rho_s = "n/a" if rho["rho"] is None else f"{rho['rho']:+.2f} (n = {rho['n']})"
+  right.set(xlabel="TracIn score of the removed set (sum over its slices)",
+            ylabel="actual change of the region's loss",
+            title=f"Predicted vs actual: Spearman rho {rho_s}")
+  right.legend(fontsize=7)
+  right.grid(alpha=0.3)
+  fig.suptitle("Retraining without the top-k proponents, random slices or top-k opponents"
+               + title_suffix, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
+                             trained_structure: dict[str, float],
+                             randomised_structure: dict[str, float],
+                             class_names: Sequence[str], path: str | os.PathLike, *,
+                             title_suffix: str = "") -> None:
+  """Train-influence matrices with trained (left) and randomly initialised (right)
+  checkpoints, each with its class-block AUC."""
+  k = trained.shape[0]
+  fig = new_figure(figsize=(14, 2.4 * k + 0.8))
+  axes = fig.subplots(k, 2, squeeze=False)
+  for col, (blocks, st, name) in enumerate(((trained, trained_structure, "trained"),
+                                            (randomised, randomised_structure,
+                                             "randomised"))):
+    draw_influence_matrices(fig, axes[:, col], blocks, class_names)
+    axes[0, col].set_title(
+        f"{name} checkpoints: class-block AUC {st['auc']:.3f}, same-class share of top-10 "
+        f"proponents {st['same_class_top']:.2f}", fontsize=9)
+  fig.suptitle("Randomisation check: TracIn of the same regions with trained and with "
+               "randomly initialised networks" + title_suffix, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
