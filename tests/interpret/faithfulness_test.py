@@ -128,3 +128,19 @@ def test_subset_blocks_equal_the_blocks_of_the_subset():
   index = [1, 4, 6]
   np.testing.assert_allclose(faithfulness.subset_blocks(_train_blocks(grads), index),
                              _train_blocks(grads[index]))
+
+
+def test_ranking_similarity_of_equal_monotone_and_unrelated_matrices():
+  rng = np.random.default_rng(6)
+  grads = rng.normal(size=(40, 3, 12))
+  blocks = _train_blocks(grads)
+  same = faithfulness.ranking_similarity(blocks, blocks)
+  assert same["median_rho"] == pytest.approx(1.0) and same["top_overlap"] == 1.0
+  assert same["rows"] == 40 * 3 and same["top_overlap_chance"] == pytest.approx(10 / 39)
+  # A monotone transform of the scores keeps every ranking.
+  cubed = faithfulness.ranking_similarity(blocks, blocks ** 3)
+  assert cubed["median_rho"] == pytest.approx(1.0) and cubed["top_overlap"] == 1.0
+  other = faithfulness.ranking_similarity(blocks, _train_blocks(rng.normal(size=(40, 3, 12))))
+  assert abs(other["median_rho"]) < 0.15 and other["top_overlap"] < 0.5
+  with pytest.raises(ValueError, match="shape"):
+    faithfulness.ranking_similarity(blocks, _train_blocks(grads[:10]))

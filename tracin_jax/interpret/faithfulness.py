@@ -5,9 +5,11 @@ Pure numpy on score arrays and measured results, so a notebook can call them on 
   - `choose_regions`: test regions to check, the same number per class, seeded;
   - `removal_sets`: a test region's top-k proponent and top-k opponent slices;
   - `mean_ci`, `paired_test`, `rank_correlation`: the summaries of the retraining check;
-  - `class_block_structure`: how strongly a train-influence matrix separates the classes (the
-    measure of the randomisation check: TracIn of a randomly initialised network should lose
-    the class blocks of the trained network's matrices).
+  - `class_block_structure`: how strongly a train-influence matrix separates the classes;
+  - `ranking_similarity`: how alike two train-influence matrices rank each class's training
+    regions. These are the two measures of the randomisation check (model-parameter
+    randomisation): an explanation that survives randomising the network does not explain
+    what the network learned.
 
 Sign convention: scores are TracIn of losses (eq 6 with loss_j = 1 - D_j), so a proponent
 (positive score) is a training region whose updates lowered the test region's loss; removing
@@ -185,6 +187,48 @@ def class_block_structure(blocks: np.ndarray, *, top: int = 10) -> dict[str, flo
   return {"auc": auc, "within": w, "between": b, "contrast": w - b,
           "same_class_top": float(np.nanmean(np.diag(dist))),
           "pairs_within": int(within.size), "pairs_between": int(between.size)}
+
+
+def ranking_similarity(blocks_a: np.ndarray, blocks_b: np.ndarray, *,
+                       top: int = 10) -> dict[str, float]:
+  """How alike two train-influence matrices of the same regions rank the training regions.
+
+  For each region (a, i) present in both, over the same-class training regions (b, i) of the
+  other slices: Spearman's rho between the two rows of scores, and the overlap of the two
+  sets of `top` proponents (shared / top), beside the overlap two random sets would have
+  (top / candidates). Rows that are constant in either matrix have no rho and are skipped.
+
+  Args:
+    blocks_a, blocks_b: [K, n, K * n] train-influence, NaN for absent regions.
+    top: proponents compared per region.
+
+  Returns:
+    {"median_rho", "rho_q25", "rho_q75", "rows" (rows with a rho), "top_overlap",
+     "top_overlap_chance"} (NaN where no row qualifies).
+  """
+  a, b = report.from_class_blocks(blocks_a), report.from_class_blocks(blocks_b)
+  if a.shape != b.shape:
+    raise ValueError(f"the two matrices differ in shape: {blocks_a.shape}, {blocks_b.shape}.")
+  n, k = a.shape[:2]
+  rhos, overlap, chance = [], [], []
+  for row in range(n):
+    for i in range(k):
+      x, y = a[row, i, :, i].copy(), b[row, i, :, i].copy()
+      x[row] = y[row] = np.nan
+      ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+      if ok.size <= top:
+        continue
+      if np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
+        rhos.append(stats.spearmanr(x[ok], y[ok]).statistic)
+      top_x = set(ok[np.argsort(-x[ok], kind="stable")[:top]].tolist())
+      top_y = set(ok[np.argsort(-y[ok], kind="stable")[:top]].tolist())
+      overlap.append(len(top_x & top_y) / top)
+      chance.append(top / ok.size)
+  q = np.percentile(rhos, [25, 50, 75]) if rhos else [np.nan] * 3
+  return {"median_rho": float(q[1]), "rho_q25": float(q[0]), "rho_q75": float(q[2]),
+          "rows": len(rhos),
+          "top_overlap": float(np.mean(overlap)) if overlap else np.nan,
+          "top_overlap_chance": float(np.mean(chance)) if chance else np.nan}
 
 
 def subset_blocks(blocks: np.ndarray, index: Sequence[int]) -> np.ndarray:

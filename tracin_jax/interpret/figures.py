@@ -167,9 +167,11 @@ def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
                              trained_structure: dict[str, float],
                              randomised_structure: dict[str, float],
                              class_names: Sequence[str], path: str | os.PathLike, *,
-                             title_suffix: str = "") -> None:
+                             title_suffix: str = "",
+                             similarity: dict[str, float] | None = None) -> None:
   """Train-influence matrices with trained (left) and randomly initialised (right)
-  checkpoints, each with its class-block AUC."""
+  checkpoints, each with its class-block AUC; `similarity` (from
+  `faithfulness.ranking_similarity`) is summarised under the title."""
   k = trained.shape[0]
   fig = new_figure(figsize=(14, 2.4 * k + 0.8))
   axes = fig.subplots(k, 2, squeeze=False)
@@ -180,7 +182,12 @@ def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
     axes[0, col].set_title(
         f"{name} checkpoints: class-block AUC {st['auc']:.3f}, same-class share of top-10 "
         f"proponents {st['same_class_top']:.2f}", fontsize=9)
-  fig.suptitle("Randomisation check: TracIn of the same regions with trained and with "
-               "randomly initialised networks" + title_suffix, fontsize=10)
+  title = ("Randomisation check: TracIn of the same regions with trained and with "
+           "randomly initialised networks" + title_suffix)
+  if similarity is not None:
+    title += (f"\nwithin a class, the two rank training regions with median Spearman rho "
+              f"{similarity['median_rho']:.2f}; top-10 proponents overlap "
+              f"{similarity['top_overlap']:.2f} (chance {similarity['top_overlap_chance']:.2f})")
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

@@ -8,10 +8,10 @@ and writes under `<workdir>/interpret/`:
     slices (`num_random` random sets, shared by all regions); mean changes with 95%
     confidence intervals, paired comparisons with random removal, and the rank correlation
     between the TracIn score of each removed set and the loss change it actually caused;
-  - `randomisation_check.json` and `randomisation_check.png`: the class-block structure of
-    the train-influence matrices with the trained checkpoints against the same computation
-    with randomly initialised networks (model-parameter randomisation), on a seeded subset
-    of training slices.
+  - `randomisation_check.json` and `randomisation_check.png`: the train-influence matrices
+    with the trained checkpoints against the same computation with randomly initialised
+    networks (model-parameter randomisation), on a seeded subset of training slices: the
+    class-block structure of each, and how alike they rank each class's training regions.
 
 Retraining (`training.retrain.Retrainer`) starts from the last Adam checkpoint and replays
 the run's SGD epochs in the run's order without the removed slices. A region's Dice is the
@@ -149,8 +149,9 @@ def _run_jobs(jobs, workdir, train_set, config, measure, job_dir: pathlib.Path, 
     return results
   retrainer = retrain_lib.Retrainer(workdir, train_set, from_epoch=config.from_epoch)
   log(f"Retraining epochs {retrainer.epochs[0]}-{retrainer.epochs[-1]} from the checkpoint "
-      f"of epoch {retrainer.from_epoch}, {len(todo)} times ({retrainer.num_steps} steps "
-      "each); each result is saved as it finishes.")
+      f"of epoch {retrainer.from_epoch}, {len(todo)} times (the run made "
+      f"{retrainer.num_steps} steps; fewer without the removed slices); each result is saved "
+      "as it finishes.")
   times = []
   for t, job in enumerate(todo):
     t0 = time.perf_counter()
@@ -257,10 +258,13 @@ def _randomisation_check(workdir, inputs, train_set, config: ValidateConfig, out
   presence = inputs.presence_train[index]
 
   run_config = train_lib.load_config(workdir)
-  checkpoints = []
-  for t, lr in enumerate(inputs.learning_rates):
-    model = train_lib.build_model(run_config.model, seed=1000 + config.seed + t)
-    checkpoints.append((models.functional(model)[1], lr))
+  # (seed, learning rate) per random network; a network is built only when its part of the
+  # sum is not saved yet.
+  seeds = [(1000 + config.seed + t, lr) for t, lr in enumerate(inputs.learning_rates)]
+
+  def random_checkpoint(seed_lr):
+    seed, lr = seed_lr
+    return models.functional(train_lib.build_model(run_config.model, seed=seed))[1], lr
   examples = {"image": train_set.images[index],
               "target": train_set.labels[index].astype(np.int32),
               "region": inputs.train_regions[index]}
@@ -268,15 +272,16 @@ def _randomisation_check(workdir, inputs, train_set, config: ValidateConfig, out
   partial = out / "randomisation" / key
   partial.mkdir(parents=True, exist_ok=True)
   scores = influence_stage.accumulate_checkpoints(
-      "randomised", partial, list(range(1, len(checkpoints) + 1)), checkpoints,
-      lambda ckpt: core.influence(loss_fn, [ckpt], examples,
+      "randomised", partial, list(range(1, len(seeds) + 1)), seeds,
+      lambda seed_lr: core.influence(loss_fn, [random_checkpoint(seed_lr)], examples,
                                   memory_budget_bytes=config.memory_budget_bytes,
                                   progress=progress), log, label="random network")
   scores = segmentation.mask_absent(scores, presence, presence)
   randomised = report.to_class_blocks(scores)
   return {"index": index, "trained": trained, "randomised": randomised,
           "trained_structure": faithfulness.class_block_structure(trained),
-          "randomised_structure": faithfulness.class_block_structure(randomised)}
+          "randomised_structure": faithfulness.class_block_structure(randomised),
+          "ranking_similarity": faithfulness.ranking_similarity(trained, randomised)}
 
 
 def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
@@ -295,7 +300,8 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
     log: a function taking one line of text.
 
   Returns:
-    dict: "summary" (as in retraining.json), "randomisation" (the two structure measures),
+    dict: "summary" (as in retraining.json), "randomisation" (the two structure measures
+    and the ranking similarity),
     "reproduces_run" (bool), "paths".
 
   Raises:
@@ -365,12 +371,16 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
   check = _randomisation_check(workdir, inputs, train_set, config, out, check_key,
                                progress=progress, log=log)
   ts, rs = check["trained_structure"], check["randomised_structure"]
+  sim = check["ranking_similarity"]
   log(f"Randomisation check on {len(check['index'])} training slices: class-block AUC "
       f"trained {ts['auc']:.3f}, randomised {rs['auc']:.3f} (0.5 = no class structure); "
       f"same-class share of top-10 proponents {ts['same_class_top']:.2f} vs "
-      f"{rs['same_class_top']:.2f}.")
+      f"{rs['same_class_top']:.2f}; within a class, trained and randomised rankings agree "
+      f"with median Spearman rho {sim['median_rho']:.2f}, top-10 overlap "
+      f"{sim['top_overlap']:.2f} (chance {sim['top_overlap_chance']:.2f}).")
   figures.plot_randomisation_check(check["trained"], check["randomised"], ts, rs, names,
-                                   out / RANDOMISATION_FIGURE, title_suffix=suffix)
+                                   out / RANDOMISATION_FIGURE, title_suffix=suffix,
+                                   similarity=sim)
   outputs.write_json(out / RANDOMISATION_FILE, {
       "dataset": dataset, "fingerprint": key,
       "num_examples": len(check["index"]),
@@ -380,6 +390,12 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
                  "different classes; 0.5 means no class structure",
       "trained": {k: outputs.json_ready(v) for k, v in ts.items()},
       "randomised": {k: outputs.json_ready(v) for k, v in rs.items()},
+      "ranking_similarity": {k: outputs.json_ready(v) for k, v in sim.items()},
+      "ranking_similarity_measure": "per region, over the same-class training regions of "
+                                    "other slices: Spearman rho between the trained and the "
+                                    "randomised scores, and the overlap of their top-10 "
+                                    "proponents (chance: 10 / candidates); a ranking that "
+                                    "survives randomisation does not explain what was learned",
       "randomised_checkpoints": "fresh initialisations (seeds 1000 + seed + t) with the "
                                 "trained checkpoints' learning rates"})
   log(f"[randomisation check took {time.perf_counter() - t0:.0f} s]")
@@ -387,7 +403,7 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
                                RANDOMISATION_FIGURE)]
   log(f"Wrote {out}: {', '.join(p.name for p in written)}.")
   return {"summary": summary, "reproduces_run": reproduces,
-          "randomisation": {"trained": ts, "randomised": rs},
+          "randomisation": {"trained": ts, "randomised": rs, "ranking_similarity": sim},
           "paths": [str(p) for p in written]}
 
 
