@@ -145,7 +145,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
     experiment.run(build_config(), _STAGES.value, progress=_PROGRESS.value)
-  except (brats.BratsDataError, train_lib.RunMismatchError, FileNotFoundError) as e:
+  except (brats.BratsDataError, train_lib.RunMismatchError, FileNotFoundError,
+          validate_stage.SettingsError) as e:
     # Bad input or a workdir in the way: the message says what and where; no traceback.
     sys.exit(f"error: {e}")
 

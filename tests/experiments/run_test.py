@@ -114,6 +114,12 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   assert json.loads((out / "retraining.json").read_text())["dice_change"] == \
       retraining["dice_change"]
 
+  # A setting the run cannot meet is a one-line error naming it, not a traceback.
+  bad = subprocess.run(cmd + ["--stages=validate", "--num_removed=21"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1
+  assert "error: num_removed=21" in bad.stderr and "Traceback" not in bad.stderr
+
 
 def test_bad_data_dir_gives_a_one_line_error(tmp_path):
   (tmp_path / "data").mkdir()

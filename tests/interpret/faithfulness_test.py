@@ -144,3 +144,12 @@ def test_ranking_similarity_of_equal_monotone_and_unrelated_matrices():
   assert abs(other["median_rho"]) < 0.15 and other["top_overlap"] < 0.5
   with pytest.raises(ValueError, match="shape"):
     faithfulness.ranking_similarity(blocks, _train_blocks(grads[:10]))
+
+
+def test_sign_agreement_counts_pairs_with_the_same_sign():
+  predicted = np.array([1.0, -2.0, 3.0, -1.0, 0.0, 2.0, np.nan])
+  actual = np.array([0.5, -0.1, -1.0, -3.0, 1.0, 0.0, 1.0])
+  s = faithfulness.sign_agreement(predicted, actual)
+  assert s["n"] == 4 and s["share"] == 0.75  # zeros and NaN left out
+  assert s["p_value"] == pytest.approx(stats.binomtest(3, 4).pvalue)
+  assert faithfulness.sign_agreement([0.0], [1.0])["share"] is None

@@ -56,6 +56,11 @@ def test_summary_effects_are_differences_from_the_baseline_replay():
   m = np.flatnonzero((arrays["kinds"] == "proponents"))[1]
   assert arrays["predicted"][m] == pytest.approx(scores[i, a, list(job.removed)].sum())
   assert arrays["actual"][m] == pytest.approx(0.05)  # loss change = -Dice change
+  assert summary["sign_agreement"]["all"] == faithfulness.sign_agreement(
+      arrays["predicted"], arrays["actual"])
+  random = arrays["kinds"] == "random"
+  assert summary["sign_agreement"]["random"] == faithfulness.sign_agreement(
+      arrays["predicted"][random], arrays["actual"][random])
   assert summary["rank_correlation"]["all"] == faithfulness.rank_correlation(
       arrays["predicted"], arrays["actual"])
   assert "are in the expected order" in validate._verdict(summary)

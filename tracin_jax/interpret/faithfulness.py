@@ -4,7 +4,8 @@ Pure numpy on score arrays and measured results, so a notebook can call them on 
   - `slice_scores`: a test region's TracIn score for each training slice (all its regions);
   - `choose_regions`: test regions to check, the same number per class, seeded;
   - `removal_sets`: a test region's top-k proponent and top-k opponent slices;
-  - `mean_ci`, `paired_test`, `rank_correlation`: the summaries of the retraining check;
+  - `mean_ci`, `paired_test`, `rank_correlation`, `sign_agreement`: the summaries of the
+    retraining check;
   - `class_block_structure`: how strongly a train-influence matrix separates the classes;
   - `ranking_similarity`: how alike two train-influence matrices rank each class's training
     regions. These are the two measures of the randomisation check (model-parameter
@@ -129,6 +130,18 @@ def rank_correlation(predicted, actual) -> dict[str, float | int | None]:
     return {"rho": None, "p_value": None, "n": int(p.size)}
   res = stats.spearmanr(p, a)
   return {"rho": float(res.statistic), "p_value": float(res.pvalue), "n": int(p.size)}
+
+
+def sign_agreement(predicted, actual) -> dict[str, float | int | None]:
+  """The share of pairs whose predicted and actual changes have the same sign (pairs where
+  either is 0 or not finite are left out), with a two-sided binomial p-value against 1/2."""
+  p, a = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
+  ok = np.isfinite(p) & np.isfinite(a) & (p != 0) & (a != 0)
+  n = int(ok.sum())
+  if n == 0:
+    return {"share": None, "p_value": None, "n": 0}
+  agree = int(np.sum(np.sign(p[ok]) == np.sign(a[ok])))
+  return {"share": agree / n, "p_value": float(stats.binomtest(agree, n).pvalue), "n": n}
 
 
 def normalised_influence(blocks: np.ndarray) -> np.ndarray:

@@ -82,6 +82,29 @@ class ValidateConfig:
   memory_budget_bytes: int = core.DEFAULT_MEMORY_BUDGET_BYTES
 
 
+class SettingsError(ValueError):
+  """A setting of the validate stage that the run cannot meet (the message names it)."""
+
+
+def _check_settings(config: ValidateConfig, n_train: int, workdir: pathlib.Path) -> None:
+  if config.regions_per_class < 1:
+    raise SettingsError(f"regions_per_class={config.regions_per_class}: must be at least 1.")
+  if not 1 <= config.num_removed <= n_train // 2:
+    raise SettingsError(
+        f"num_removed={config.num_removed}: must be between 1 and half of the {n_train} "
+        "training slices (the proponent and opponent sets of a region must not overlap).")
+  if config.num_random < 0:
+    raise SettingsError(f"num_random={config.num_random}: must not be negative.")
+  if config.randomisation_examples is not None and config.randomisation_examples < 2:
+    raise SettingsError(f"randomisation_examples={config.randomisation_examples}: must be "
+                        "at least 2 (or None for all training slices).")
+  run = train_lib.load_config(workdir)
+  if config.from_epoch is not None and not 0 < config.from_epoch < run.num_epochs:
+    raise SettingsError(f"from_epoch={config.from_epoch} (--retrain_from_epoch): the run in "
+                        f"{workdir} has epochs 1-{run.num_epochs}; retraining must start "
+                        "before the last.")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
   name: str
@@ -219,6 +242,11 @@ def _summarise(jobs, results, regions, slice_scores, class_names) -> dict[str, A
           **{name: faithfulness.rank_correlation(predicted[kinds == name],
                                                  actual[kinds == name])
              for name in REMOVALS}},
+      "sign_agreement": {
+          "all": faithfulness.sign_agreement(predicted, actual),
+          **{name: faithfulness.sign_agreement(predicted[kinds == name],
+                                               actual[kinds == name])
+             for name in REMOVALS}},
   }
   arrays = {"effect": effect, "hard": hard, "predicted": predicted, "actual": actual,
             "kinds": kinds, "classes": classes}
@@ -306,11 +334,12 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
 
   Raises:
     FileNotFoundError: the influence stage has not been run in `workdir`.
-    ValueError: it was run on other data, or the settings cannot be met (k larger than half
-      the training slices).
+    ValueError: it was run on other data.
+    SettingsError: a setting the run cannot meet (k above half the training slices, say).
   """
   workdir = pathlib.Path(workdir)
   paths = influence_stage.output_paths(workdir, needed_by="validate")
+  _check_settings(config, len(train_set), workdir)
   inputs = influence_stage.load_outputs(workdir, train_set, val_set, needed_by="validate")
   out = workdir / interpret_stage.OUT_DIR
   out.mkdir(parents=True, exist_ok=True)
@@ -338,8 +367,11 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
   reproduces = bool(results["baseline"].get("reproduces_run"))
   verdict = _verdict(summary)
   log(f"Retraining check: {verdict}.")
+  agree = summary["sign_agreement"]["all"]
   log("Spearman rho of TracIn score against the actual loss change over removed sets: "
-      f"{_fmt_rho(summary['rank_correlation']['all'])}.")
+      f"{_fmt_rho(summary['rank_correlation']['all'])}; same sign in "
+      + ("n/a" if agree["share"] is None else
+         f"{agree['share']:.0%} of {agree['n']} (binomial p {_p(agree['p_value'])})") + ".")
 
   suffix = f" ({dataset})" if dataset else ""
   figures.plot_retraining(arrays, summary, names, out / RETRAINING_FIGURE,
