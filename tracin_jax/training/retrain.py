@@ -24,7 +24,6 @@ The batches of the replayed epochs are prepared once and kept in memory when the
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Iterator, Sequence
@@ -70,8 +69,8 @@ class Retrainer:
       ValueError: `train_set` is not the run's training set, or `from_epoch` is out of range.
     """
     self.workdir = pathlib.Path(workdir)
-    self.config = train_lib.load_config(self.workdir)
-    record = json.loads((self.workdir / train_lib.CONFIG_FILE).read_text())
+    record = train_lib.load_record(self.workdir)
+    self.config = train_lib.TrainConfig.from_dict(record["config"])
     if (list(record["train_cases"]) != train_set.cases
         or record["num_train_slices"] != len(train_set)
         or list(record["image_shape"]) != list(train_set.images.shape[1:])):
@@ -97,7 +96,8 @@ class Retrainer:
                               f"to retrain from; it has {store.epochs()}.")
     tx, _ = optim.make_optimizer(self.config.optimizer, self.steps_per_epoch)
     # Abstract model and optimizer: restoring fills them, no initialiser is run.
-    model, optimizer = nnx.eval_shape(lambda: _model_and_optimizer(self.config, tx))
+    model, optimizer = nnx.eval_shape(
+        lambda: train_lib.build_model_and_optimizer(self.config, tx))
     store.restore(self.from_epoch, model, optimizer)
     store.close()
     self._graphdef, self._start = nnx.split((model, optimizer))
@@ -203,8 +203,3 @@ def _take(held, size: int):
   else:
     images, labels, index = (np.concatenate([p[i] for p in out]) for i in range(3))
   return {"image": images, "label": labels, "index": index}, rest
-
-
-def _model_and_optimizer(config: train_lib.TrainConfig, tx):
-  model = train_lib.build_model(config.model, config.seed)
-  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from tracin_jax import models
+from tracin_jax import outputs
 from tracin_jax.data import pipeline
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.progress import Progress
@@ -97,6 +98,12 @@ def build_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
       background_bias=config.background_bias, rngs=nnx.Rngs(seed))
 
 
+def build_model_and_optimizer(config: TrainConfig, tx) -> tuple[nnx.Module, nnx.Optimizer]:
+  """The run's model (fresh parameters from `config.seed`) and its optimizer over `tx`."""
+  model = build_model(config.model, config.seed)
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
@@ -166,9 +173,7 @@ def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
           "directory yourself if you no longer need it.")
   else:
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    outputs.write_json(path, record)
 
 
 def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
@@ -202,8 +207,7 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
 
   n_steps = steps_per_epoch(len(train_set), config.batch_size)
   tx, schedule = optim.make_optimizer(config.optimizer, n_steps)
-  model = build_model(config.model, config.seed)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  model, optimizer = build_model_and_optimizer(config, tx)
   store = CheckpointStore(workdir)
 
   start_epoch, history, resumed_from = 1, [], None
@@ -262,15 +266,13 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
   metrics = {
       "dataset": dataset,
       "train": evaluate(model, train_set, config.eval_batch_size),
-      "validation": evaluate(model, val_set, config.eval_batch_size) if len(val_set) else {},
+      "validation": history[-1]["val_dice"],  # the last epoch's, of this same model
       "num_train_cases": len(train_set.cases), "num_val_cases": len(val_set.cases),
       "epochs": config.num_epochs,
       "convention": "hard Dice per patient over its slices, averaged over patients; an "
                     "empty prediction of an empty truth counts 1.0",
   }
-  tmp = metrics_path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(metrics, indent=2))
-  os.replace(tmp, metrics_path)
+  outputs.write_json(metrics_path, metrics)
   plot_training_curves(history, workdir / CURVES_FILE,
                        title_suffix=f" ({dataset})" if dataset else "",
                        switch_epoch=config.optimizer.adam_epochs)
@@ -318,12 +320,18 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
   fig.savefig(path, dpi=110)
 
 
-def load_config(workdir: str | os.PathLike) -> TrainConfig:
-  """The TrainConfig of the run in `workdir`."""
+def load_record(workdir: str | os.PathLike) -> dict[str, Any]:
+  """The record of the run in `workdir` (`train_config.json`): its settings under "config",
+  its train and validation cases, number of training slices and image shape."""
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} holds no training run.")
-  return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+  return json.loads(path.read_text())
+
+
+def load_config(workdir: str | os.PathLike) -> TrainConfig:
+  """The TrainConfig of the run in `workdir`."""
+  return TrainConfig.from_dict(load_record(workdir)["config"])
 
 
 def load_model(workdir: str | os.PathLike, epoch: int | None = None) -> tuple[nnx.Module, dict]:
