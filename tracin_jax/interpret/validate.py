@@ -21,7 +21,8 @@ is recorded beside it. Changes are against the replay with nothing removed, whic
 checked to reproduce the run's final parameters.
 
 Every retraining's result is saved as it finishes, so an interrupted stage resumes; a rerun
-with the same inputs and settings reuses them.
+with the same inputs and settings reuses them (another k replaces them, except the replay
+with nothing removed).
 """
 
 from __future__ import annotations
@@ -148,15 +149,16 @@ def _evaluator(apply_fn, val_set: SliceSet, val_regions: np.ndarray, regions):
   return measure
 
 
-def _same_params(a: nnx.Module, b: nnx.Module) -> bool:
-  la = jax.tree.leaves(nnx.state(a, nnx.Param))
-  lb = jax.tree.leaves(nnx.state(b, nnx.Param))
+def _same_params(a, b) -> bool:
+  """Whether two parameter pytrees hold bit-identical arrays."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 
-def _run_jobs(jobs, workdir, train_set, config, measure, job_dir: pathlib.Path, *,
-              progress: bool, log) -> dict[str, dict[str, Any]]:
-  """Runs (or reuses) every retraining; returns name -> saved result."""
+def _run_jobs(jobs, workdir, train_set, config, measure, final_params,
+              job_dir: pathlib.Path, *, progress: bool, log) -> dict[str, dict[str, Any]]:
+  """Runs (or reuses) every retraining; returns name -> saved result. The replay with
+  nothing removed is compared with the run's final parameters `final_params`."""
   results, todo = {}, []
   for job in jobs:
     path = job_dir / f"{job.name}.json"
@@ -184,8 +186,7 @@ def _run_jobs(jobs, workdir, train_set, config, measure, job_dir: pathlib.Path, 
     record = {"name": job.name, "removal": job.removal, "region": job.region,
               "removed": list(job.removed), "region_dice": soft, "hard_dice": hard}
     if job.removal == "baseline":
-      final, _ = train_lib.load_model(workdir)
-      record["reproduces_run"] = _same_params(model, final)
+      record["reproduces_run"] = _same_params(models.functional(model)[1], final_params)
     outputs.write_json(job_dir / f"{job.name}.json", record)
     results[job.name] = record
     times.append(time.perf_counter() - t0)
@@ -293,6 +294,7 @@ def _randomisation_check(workdir, inputs, train_set, config: ValidateConfig, out
   def random_checkpoint(seed_lr):
     seed, lr = seed_lr
     return models.functional(train_lib.build_model(run_config.model, seed=seed))[1], lr
+
   examples = {"image": train_set.images[index],
               "target": train_set.labels[index].astype(np.int32),
               "region": inputs.train_regions[index]}
@@ -329,8 +331,7 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
 
   Returns:
     dict: "summary" (as in retraining.json), "randomisation" (the two structure measures
-    and the ranking similarity),
-    "reproduces_run" (bool), "paths".
+    and the ranking similarity), "reproduces_run" (bool), "paths".
 
   Raises:
     FileNotFoundError: the influence stage has not been run in `workdir`.
@@ -354,14 +355,15 @@ def run_validate_stage(workdir, train_set: SliceSet, val_set: SliceSet,
   scores = faithfulness.slice_scores(inputs.test_blocks)  # [K, n_val, n_train]
   jobs = _jobs(regions, scores, len(train_set), config)
   # A retraining's result depends on the run, where it starts, what it removes and which
-  # regions it measures; keyed by those alone, results survive changes of the other settings
-  # (more random sets, another k). Each result file records its removed set, checked on reuse.
+  # regions it measures, and the directory is keyed by those. Each result file records its
+  # removed set, checked on reuse: more random sets reuse the earlier ones (the same seed
+  # draws them first); another k redoes (and replaces) all but the replay with nothing removed.
   job_dir = out / "retraining" / outputs.fingerprint(
       paths, {"from_epoch": config.from_epoch, "regions": regions})
   job_dir.mkdir(parents=True, exist_ok=True)
   measure = _evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
   t0 = time.perf_counter()
-  results = _run_jobs(jobs, workdir, train_set, config, measure, job_dir,
+  results = _run_jobs(jobs, workdir, train_set, config, measure, inputs.params, job_dir,
                       progress=progress, log=log)
   summary, arrays = _summarise(jobs, results, regions, scores, names)
   reproduces = bool(results["baseline"].get("reproduces_run"))
