@@ -117,11 +117,13 @@ def run_influence_stage(workdir: str | os.PathLike, train_set: SliceSet, val_set
   log(f"TracIn checkpoints: epochs {epochs}, learning rates {rates}.")
 
   # Regions of the explained model (the final checkpoint), held fixed over checkpoints.
+  # (with the final model's own apply_fn: it carries that model's non-parameter state, e.g.
+  # BatchNorm statistics, which `apply_fn` takes from the first TracIn checkpoint)
   final_model, _ = train_lib.load_model(workdir)
-  _, final_params = models.functional(final_model)
-  train_regions = segmentation.predict_regions(apply_fn, final_params, train_set.images,
+  final_apply, final_params = models.functional(final_model)
+  train_regions = segmentation.predict_regions(final_apply, final_params, train_set.images,
                                                config.threshold)
-  val_regions = segmentation.predict_regions(apply_fn, final_params, val_set.images,
+  val_regions = segmentation.predict_regions(final_apply, final_params, val_set.images,
                                              config.threshold)
   presence_train = segmentation.region_presence(train_regions)
   presence_val = segmentation.region_presence(val_regions)
