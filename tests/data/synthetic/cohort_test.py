@@ -1,10 +1,7 @@
-"""Tests for tracin_jax.data.synthetic: one 3-case cohort is generated once per module."""
+"""Tests for tracin_jax.data.synthetic.cohort: one 3-case cohort is generated once per module."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import nibabel
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 
 from tracin_jax.data import constants
 from tracin_jax.data import synthetic
+from tracin_jax.data.synthetic import cohort as cohort_lib
 
 NUM_CASES = 3
 
@@ -134,24 +132,6 @@ def test_contrasts_follow_the_physics(volumes):
     assert flair[csf].mean() < 0.5 * np.median(flair[normal])  # FLAIR nulls CSF
 
 
-def test_tissue_signals_closed_form():
-  signals = synthetic.tissue_signals()
-  row = {t: i for i, t in enumerate(synthetic.TISSUES)}
-  col = {m: j for j, m in enumerate(constants.MODALITIES)}
-  # CSF (T1 2569, T2 329, PD 1) on FLAIR, TR 9000, TE 120, TI 1700.
-  expected = abs(1 - 2 * np.exp(-1700 / 2569) + np.exp(-9000 / 2569)) * np.exp(-120 / 329)
-  np.testing.assert_allclose(signals[row["csf"], col["flair"]], expected, rtol=1e-12)
-  # WM (500, 70, 0.77) on T1w, TR 500, TE 10.
-  expected = 0.77 * (1 - np.exp(-1)) * np.exp(-10 / 70)
-  np.testing.assert_allclose(signals[row["wm"], col["t1"]], expected, rtol=1e-12)
-  # Gadolinium changes the enhancing tumour on T1Gd only.
-  et = row["enhancing"]
-  assert signals[et, col["t1ce"]] > 1.3 * signals[row["wm"], col["t1ce"]]
-  np.testing.assert_allclose(signals[et, col["t1"]], signals[row["non_enhancing"], col["t1"]])
-  np.testing.assert_allclose(signals[et, [2, 3]], signals[row["non_enhancing"], [2, 3]])
-  assert signals[row["csf"], col["flair"]] < 0.05 * signals[:, col["flair"]].max()
-
-
 def test_same_seed_same_bytes_whatever_the_workers(cohort, tmp_path):
   case = synthetic.synthesize_case(1, seed=0)  # here, not in a worker
   synthetic.write_case(case, tmp_path)
@@ -221,7 +201,7 @@ def test_interrupted_generation_resumes(tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return _tiny_case(index, *args, **kwargs)
 
-  monkeypatch.setattr(synthetic, "synthesize_case", fail_on_third)
+  monkeypatch.setattr(cohort_lib, "synthesize_case", fail_on_third)
   with pytest.raises(KeyboardInterrupt):
     synthetic.generate_cohort(root, 4, seed=5, workers=1, progress=False)
   assert not (root / "cohort.json").exists()  # does not look complete
@@ -237,7 +217,7 @@ def test_interrupted_generation_resumes(tmp_path, monkeypatch):
     made.append(index)
     return _tiny_case(index, *args, **kwargs)
 
-  monkeypatch.setattr(synthetic, "synthesize_case", record)
+  monkeypatch.setattr(cohort_lib, "synthesize_case", record)
   assert synthetic.ensure_cohort(root, 4, seed=5, workers=1, progress=False) == root
   assert made == [2, 3]  # finished cases are kept, not remade
   assert {p: t for p, t in _mtimes(root / "HGG").items() if p in done} == done
@@ -248,30 +228,7 @@ def test_interrupted_generation_resumes(tmp_path, monkeypatch):
 
 
 def test_lgg_cases_go_to_lgg(tmp_path, monkeypatch):
-  monkeypatch.setattr(synthetic, "synthesize_case", _tiny_case)
+  monkeypatch.setattr(cohort_lib, "synthesize_case", _tiny_case)
   dirs = synthetic.generate_cohort(tmp_path, 2, lgg_fraction=1.0, workers=1, progress=False)
   assert dirs == [tmp_path / "LGG" / synthetic.case_name(i) for i in range(2)]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["LGG", "cohort.json"]
-
-
-def test_lgg_fraction_grades():
-  params = [synthetic.draw_case_params(synthetic.case_rng(0, i), lgg_fraction=0.5)
-            for i in range(40)]
-  groups = {p.group for p in params}
-  assert groups == {"HGG", "LGG"}
-  hgg = [p for p in params if p.group == "HGG"]
-  assert any(p.has_enhancing for p in hgg) and not all(p.has_enhancing for p in hgg)
-
-
-@pytest.mark.slow
-def test_command_line(tmp_path):
-  out = tmp_path / "cli"
-  proc = subprocess.run(
-      [sys.executable, "-m", "tracin_jax.data.synthetic", "--out", str(out), "--cases", "1",
-       "--seed", "3", "--workers", "1"],
-      capture_output=True, text=True, check=True, timeout=600,
-      env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[2])))
-  assert "1 synthetic cases in" in proc.stdout and " s" in proc.stdout
-  assert "[synthetic] 1/1 BraTS19_SYN_0001" in proc.stderr
-  record = json.loads((out / "cohort.json").read_text())
-  assert (record["seed"], record["num_cases"], record["synthetic"]) == (3, 1, True)
