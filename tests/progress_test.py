@@ -2,12 +2,12 @@
 
 import io
 
-from tracin_jax.progress import Progress
+from tracin_jax.progress import ProgressBar
 
 
 def test_progress_lines_count_and_time_left():
   out = io.StringIO()
-  bar = Progress(4, "epoch 1/2", stream=out, log_interval=0.0)
+  bar = ProgressBar(4, "epoch 1/2", stream=out, log_interval=0.0)
   bar.update(1, loss=0.5)
   bar.update(1, loss=0.25)
   bar.close()
@@ -19,12 +19,12 @@ def test_progress_lines_count_and_time_left():
 
 def test_progress_disabled_prints_nothing_and_interval_limits_lines():
   out = io.StringIO()
-  bar = Progress(100, "x", stream=out, enabled=False)
+  bar = ProgressBar(100, "x", stream=out, enabled=False)
   bar.update(50)
   bar.close()
   assert out.getvalue() == ""
   out = io.StringIO()
-  bar = Progress(100, "x", stream=out, log_interval=3600)
+  bar = ProgressBar(100, "x", stream=out, log_interval=3600)
   for _ in range(100):
     bar.update(1)
   bar.close()

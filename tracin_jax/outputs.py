@@ -1,35 +1,67 @@
-"""Writing a stage's outputs safely, and recognising unchanged inputs.
+"""Writing outputs safely, and recognising unchanged inputs.
 
-Files are written to a temporary name and renamed into place, so an interrupted run never
-leaves a half-written file under the final name.
+Every file a stage writes (JSON, npz, npy, PNG, HTML) goes through `atomic_path`: it is
+written under a temporary name in the same directory and renamed into place, so an
+interrupted run never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary path beside `path`; on success it is renamed to `path`.
+
+  The temporary name keeps the suffix (`x.tmp.npz` for `x.npz`), so writers that add or
+  check a suffix (numpy, matplotlib) write exactly there. On an error the temporary file is
+  removed and `path` is left as it was.
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) to `path`, atomically."""
+  with atomic_path(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes `obj` as indented JSON to `path`, atomically."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n")
-  os.replace(tmp, path)
+  write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_npz(path: str | os.PathLike, **arrays) -> None:
   """`np.savez(path, **arrays)`, atomically."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    np.savez(tmp, **arrays)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+  """`np.save(path, array)`, atomically."""
+  with atomic_path(path) as tmp:
+    np.save(tmp, np.asarray(array))
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> None:
+  """Saves a matplotlib figure as PNG, atomically."""
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=dpi, format="png")
 
 
 def json_ready(x):
@@ -42,7 +74,30 @@ def json_ready(x):
       None if not np.isfinite(a) else float(a))
 
 
-def fingerprint(paths: Iterable[str | os.PathLike], *settings: Any) -> str:
+def plain(value: Any) -> Any:
+  """Dataclasses, tuples and numpy scalars as plain JSON values."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+  if isinstance(value, dict):
+    return {str(k): plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, pathlib.PurePath):
+    return str(value)
+  return value
+
+
+def hash_arrays(h, *arrays) -> None:
+  """Feeds arrays (dtype, shape and bytes) into the hash object `h`."""
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}:{a.shape}".encode())
+    h.update(a.tobytes())
+
+
+def fingerprint(paths: Iterable[str | os.PathLike] = (), *settings: Any) -> str:
   """A short hash of the files' contents and the settings (dataclasses or JSON values).
 
   An npz is hashed array by array (name, dtype, shape, bytes): its zip members carry write
@@ -53,11 +108,9 @@ def fingerprint(paths: Iterable[str | os.PathLike], *settings: Any) -> str:
     if p.suffix == ".npz":
       with np.load(p) as f:
         for name in sorted(f.files):
-          a = np.ascontiguousarray(f[name])
-          h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-          h.update(a.tobytes())
+          h.update(name.encode())
+          hash_arrays(h, f[name])
     else:
       h.update(p.read_bytes())
-  plain = [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in settings]
-  h.update(json.dumps(plain, sort_keys=True).encode())
+  h.update(json.dumps(plain(list(settings)), sort_keys=True).encode())
   return h.hexdigest()[:16]

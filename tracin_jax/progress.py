@@ -17,11 +17,11 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-class Progress:
+class ProgressBar:
   """Progress of `total` units of work, with elapsed time and time left.
 
   Usage:
-    bar = Progress(32, "epoch 1/10")
+    bar = ProgressBar(32, "epoch 1/10")
     for batch in batches:
       ...
       bar.update(1, loss=0.42)

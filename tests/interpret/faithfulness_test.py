@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tracin_jax.influence import report
+from tracin_jax.influence import layout
 from tracin_jax.interpret import faithfulness
 
 
@@ -15,7 +15,7 @@ def test_slice_scores_sum_a_slices_regions_and_skip_absent_ones():
   scores = rng.normal(size=(n_test, k, n_train, k))
   scores[:, :, 1, 2] = np.nan  # train slice 1 has no class-3 region
   scores[1, 0] = np.nan  # test region (1, class 0) is absent
-  blocks = report.to_class_blocks(scores)
+  blocks = layout.to_class_blocks(scores)
   out = faithfulness.slice_scores(blocks)
   assert out.shape == (k, n_test, n_train)
   for i in range(k):
@@ -83,7 +83,7 @@ def _train_blocks(grads, lr=0.5):
   """Train-influence blocks from gradients [n, K, P] (one checkpoint): lr * G G^T."""
   n, k, _ = grads.shape
   scores = lr * np.einsum("aip,bjp->aibj", grads, grads)
-  return report.to_class_blocks(scores)
+  return layout.to_class_blocks(scores)
 
 
 def test_normalised_influence_is_one_on_the_diagonal_and_a_cosine_elsewhere():
@@ -115,19 +115,12 @@ def test_absent_regions_are_left_out_of_the_structure():
   rng = np.random.default_rng(4)
   grads = rng.normal(size=(6, 3, 5))
   blocks = _train_blocks(grads)
-  scores = report.from_class_blocks(blocks).copy()
+  scores = layout.from_class_blocks(blocks).copy()
   scores[2, 1] = np.nan
   scores[:, :, 2, 1] = np.nan
-  s = faithfulness.class_block_structure(report.to_class_blocks(scores))
+  s = faithfulness.class_block_structure(layout.to_class_blocks(scores))
   assert s["pairs_within"] == 6 * 5 * 3 - 2 * 5  # region (2, 1) pairs with 5 other slices
   assert np.isfinite(s["auc"])
-
-
-def test_subset_blocks_equal_the_blocks_of_the_subset():
-  grads = np.random.default_rng(5).normal(size=(8, 3, 4))
-  index = [1, 4, 6]
-  np.testing.assert_allclose(faithfulness.subset_blocks(_train_blocks(grads), index),
-                             _train_blocks(grads[index]))
 
 
 def test_ranking_similarity_of_equal_monotone_and_unrelated_matrices():

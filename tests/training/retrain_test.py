@@ -109,3 +109,13 @@ def test_each_retraining_starts_from_the_same_checkpoint(full_run, retrainer):
   retrainer([4])
   for a, b in zip(_params(retrainer()), _params(result.model), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_retraining_from_an_adam_epoch_replays_but_refuses_removals(full_run):
+  _, result = full_run
+  early = Retrainer(full_run[0], TRAIN, from_epoch=1)  # epoch 2 is still Adam
+  # With nothing removed the step-counted switch stays where the run had it: exact replay.
+  for a, b in zip(_params(early()), _params(result.model), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="inside the Adam phase"):
+    early([3])

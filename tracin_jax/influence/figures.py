@@ -7,7 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
+from tracin_jax import outputs
 from tracin_jax.data.slices import SliceSet
+from tracin_jax.influence import layout
 
 REGION_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [1.0, 0.85, 0.1]])  # NCR ED ET
 _FLAIR = 3
@@ -72,7 +74,7 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
   draw_influence_matrices(fig, axes, blocks, class_names)
   fig.suptitle(title + ": rows test region of class i, columns train regions by class j")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  outputs.save_figure(fig, path, dpi=110)
 
 
 def plot_class_distribution(dist: np.ndarray, class_names: Sequence[str],
@@ -93,7 +95,7 @@ def plot_class_distribution(dist: np.ndarray, class_names: Sequence[str],
   ax.legend(fontsize=8)
   ax.set_title(f"Classes of the top {k} proponents{title_suffix}")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  outputs.save_figure(fig, path, dpi=110)
 
 
 def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.ndarray,
@@ -121,7 +123,7 @@ def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.n
       a2.axis("off")
   fig.suptitle("Self-influence T_ii(z_i, z_i), highest first" + title_suffix)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  outputs.save_figure(fig, path, dpi=100)
 
 
 def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
@@ -159,7 +161,7 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
       ax.axis("off")
       if idx < 0:
         continue
-      j, b = divmod(int(idx), n_train)
+      j, b = layout.split_column(int(idx), n_train)
       reg = np.zeros_like(train_regions[b])
       reg[..., j] = train_regions[b][..., j]
       ax.imshow(overlay(train_set.images[b], reg), origin="lower")
@@ -171,4 +173,4 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
   fig.suptitle(f"Local explanation of {case} slice {z}: top {k} proponents and opponents"
                + title_suffix)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  outputs.save_figure(fig, path, dpi=100)

@@ -1,8 +1,6 @@
 """From TracIn scores to explanations: class blocks, proponents, global explainers.
 
 Pure numpy on score arrays, so a notebook can call it on any scores:
-  - `to_class_blocks`: [n_test, K, n_train, K] -> [K, n_test, K * n_train] (test class i,
-    then train class j's block), the layout of the paper's Fig. 4;
   - `global_explainers`: train regions in the top `top` proponents or opponents of more than
     `min_fraction` of the test regions;
   - `explain`: top-k proponents and opponents of each test region, with global explainers
@@ -18,27 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tracin_jax.influence import layout
 from tracin_jax.influence.topk import top_k
-
-
-def to_class_blocks(scores: np.ndarray) -> np.ndarray:
-  """[n_test, K, n_train, K] -> [K, n_test, K * n_train]; entry [i, a, j * n_train + b]."""
-  n_test, k, n_train, k2 = scores.shape
-  if k != k2:
-    raise ValueError(f"scores must be [n_test, K, n_train, K], got {scores.shape}.")
-  return np.transpose(scores, (1, 0, 3, 2)).reshape(k, n_test, k * n_train)
-
-
-def from_class_blocks(blocks: np.ndarray) -> np.ndarray:
-  """Inverse of `to_class_blocks`: [K, n_test, K * n_train] -> [n_test, K, n_train, K]."""
-  k, n_test, kn = blocks.shape
-  n_train = kn // k
-  return np.transpose(blocks.reshape(k, n_test, k, n_train), (1, 0, 3, 2))
-
-
-def split_column(column: int | np.ndarray, n_train: int):
-  """Column of a class block -> (train class index j (0-based), train example b)."""
-  return np.divmod(column, n_train)
 
 
 def global_explainers(blocks: np.ndarray, *, top: int = 20, min_fraction: float = 0.5,
@@ -67,7 +46,7 @@ def global_explainers(blocks: np.ndarray, *, top: int = 20, min_fraction: float 
   if exclude_self:
     for i in range(k):
       for a in range(n_test):
-        rows[i * n_test + a, a::n_train] = np.nan
+        rows[i * n_test + a, layout.own_columns(a, k, n_train)] = np.nan
   present = ~np.all(np.isnan(rows), axis=1)
   rows = rows[present]
   if len(rows) == 0:
@@ -87,7 +66,7 @@ def global_explainers(blocks: np.ndarray, *, top: int = 20, min_fraction: float 
   for col in np.argsort(-fraction, kind="stable"):
     if fraction[col] <= min_fraction:
       break
-    j, b = split_column(int(col), n_train)
+    j, b = layout.split_column(int(col), n_train)
     out.append({
         "column": int(col), "train_index": int(b), "train_class": int(j),
         "fraction": float(fraction[col]),
@@ -125,7 +104,7 @@ def explain(blocks: np.ndarray, test_ids: Sequence[tuple[str, int]],
       if np.all(np.isnan(row)):
         continue
       if exclude_self:
-        row[a::n_train] = np.nan
+        row[layout.own_columns(a, kk, n_train)] = np.nan
       pi, ps, oi, os_ = top_k(row[None], k)
 
       def entries(idx, vals):
@@ -133,7 +112,7 @@ def explain(blocks: np.ndarray, test_ids: Sequence[tuple[str, int]],
         for col, val in zip(idx, vals):
           if col < 0:
             continue
-          j, b = split_column(int(col), n_train)
+          j, b = layout.split_column(int(col), n_train)
           items.append({
               "case": train_ids[b][0], "slice": int(train_ids[b][1]),
               "class": class_names[j], "score": float(val),
@@ -161,12 +140,12 @@ def proponent_class_distribution(blocks: np.ndarray, *, k: int = 10,
     rows = blocks[i].copy()
     if exclude_self:
       for a in range(n_test):
-        rows[a, a::n_train] = np.nan
+        rows[a, layout.own_columns(a, kk, n_train)] = np.nan
     present = ~np.all(np.isnan(rows), axis=1)
     if not present.any():
       continue
     pi, _, _, _ = top_k(rows[present], k)
     valid = pi[pi >= 0]
-    np.add.at(counts[i], valid // n_train, 1)
+    np.add.at(counts[i], layout.split_column(valid, n_train)[0], 1)
   with np.errstate(invalid="ignore"):
     return counts / counts.sum(axis=1, keepdims=True)

@@ -19,11 +19,10 @@ proponents is expected to raise that loss (lower its Dice), removing opponents t
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from scipy import stats
 
+from tracin_jax.influence import layout
 from tracin_jax.influence import report
 
 
@@ -35,14 +34,13 @@ def slice_scores(blocks: np.ndarray) -> np.ndarray:
   regions' scores. Absent train regions (NaN) contribute nothing.
 
   Args:
-    blocks: [K, n_test, K * n_train] class-block scores (`report.to_class_blocks`).
+    blocks: [K, n_test, K * n_train] class-block scores (`layout.to_class_blocks`).
 
   Returns:
     [K, n_test, n_train]: entry [i, a, b] = sum_j T_{i,j}(z_b,j, z'_a,i), NaN where the test
     region (a, i) is absent.
   """
-  k, n_test, kn = blocks.shape
-  per_class = blocks.reshape(k, n_test, k, kn // k)
+  per_class = layout.per_class(blocks)
   out = np.nansum(per_class, axis=2)
   absent = np.all(np.isnan(per_class), axis=(2, 3))
   out[absent] = np.nan
@@ -156,9 +154,8 @@ def normalised_influence(blocks: np.ndarray) -> np.ndarray:
   Returns:
     [n, K, n, K]; NaN where a region is absent or its self-influence is not positive.
   """
-  scores = report.from_class_blocks(blocks)
-  n, k = scores.shape[:2]
-  diag = np.stack([scores[np.arange(n), i, np.arange(n), i] for i in range(k)], axis=1)
+  scores = layout.from_class_blocks(blocks)
+  diag = layout.self_scores(scores)
   diag = np.where(diag > 0, diag, np.nan)
   with np.errstate(invalid="ignore"):
     return scores / np.sqrt(diag[:, :, None, None] * diag[None, None, :, :])
@@ -219,7 +216,7 @@ def ranking_similarity(blocks_a: np.ndarray, blocks_b: np.ndarray, *,
     {"median_rho", "rho_q25", "rho_q75", "rows" (rows with a rho), "top_overlap",
      "top_overlap_chance"} (NaN where no row qualifies).
   """
-  a, b = report.from_class_blocks(blocks_a), report.from_class_blocks(blocks_b)
+  a, b = layout.from_class_blocks(blocks_a), layout.from_class_blocks(blocks_b)
   if a.shape != b.shape:
     raise ValueError(f"the two matrices differ in shape: {blocks_a.shape}, {blocks_b.shape}.")
   n, k = a.shape[:2]
@@ -242,11 +239,3 @@ def ranking_similarity(blocks_a: np.ndarray, blocks_b: np.ndarray, *,
           "rows": len(rhos),
           "top_overlap": float(np.mean(overlap)) if overlap else np.nan,
           "top_overlap_chance": float(np.mean(chance)) if chance else np.nan}
-
-
-def subset_blocks(blocks: np.ndarray, index: Sequence[int]) -> np.ndarray:
-  """Train-influence blocks [K, n, K * n] restricted to the examples `index` (rows and
-  each class block's columns): [K, m, K * m]."""
-  scores = report.from_class_blocks(blocks)
-  index = np.asarray(index)
-  return report.to_class_blocks(scores[index][:, :, index])

@@ -17,7 +17,7 @@ layer (`apply_fn(params, images, channel_mask=None, return_hidden=False)`, as
 Index conventions follow `tracin_jax.influence`: K foreground classes (class i is label
 i + 1), scores [n_test, K, n_train, K] with entry [a, i, b, j] = T_{i,j}(z_j^b, z'^a_i), and
 a class block's column j * n_train + b names train region (b, j) (as in
-`tracin_jax.influence.report.to_class_blocks` and the global explainers' `column`).
+`tracin_jax.influence.layout.to_class_blocks` and the global explainers' `column`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracin_jax import batching
+from tracin_jax.influence import layout
 from tracin_jax.types import ApplyFn, Array, Params
 
 DEFAULT_FI_THRESHOLD = 0.65
@@ -75,12 +77,6 @@ def _features_batch(apply_fn: ApplyFn, params: Params, images: Array, regions: A
   return region_features(hidden, regions)
 
 
-def _padded_batches(n: int, batch_size: int):
-  """(index [batch_size] with the last batch padded by repeating the last example, valid)."""
-  for start in range(0, n, batch_size):
-    yield np.minimum(np.arange(start, start + batch_size), n - 1), min(batch_size, n - start)
-
-
 def hidden_features(apply_fn: ApplyFn, params: Params, images, regions, *,
                     batch_size: int = 32) -> np.ndarray:
   """Region features of a set of images, one compiled batch at a time.
@@ -109,7 +105,7 @@ def hidden_features(apply_fn: ApplyFn, params: Params, images, regions, *,
   regions = np.asarray(regions, bool)
   batch_size = min(int(batch_size), n)
   out = []
-  for index, valid in _padded_batches(n, batch_size):
+  for index, valid in batching.padded_batches(n, batch_size):
     f = _features_batch(apply_fn, params, images[index], regions[index])
     out.append(np.asarray(f)[:valid])
   return np.concatenate(out)
@@ -224,7 +220,7 @@ def feature_importance(scores, f_train, f_test, *, exclude_columns: Sequence[int
     raise ValueError(f"exclude_columns must lie in [0, {k * n_train}); got {exclude}.")
 
   # Class-block layout: rows [K, n_test, K * n_train], train features [K * n_train, C].
-  blocks = np.transpose(scores, (1, 0, 3, 2)).reshape(k, n_test, k * n_train).copy()
+  blocks = layout.to_class_blocks(scores).copy()
   blocks[:, :, exclude] = np.nan
   train_flat = np.transpose(f_train, (1, 0, 2)).reshape(k * n_train, c)
 
@@ -430,7 +426,7 @@ def feature_impact(apply_fn: ApplyFn, params: Params, images, labels, *, batch_s
   channel_batch = c if channel_batch is None else max(1, min(int(channel_batch), c))
   batch_size = min(int(batch_size), n)
   total = None
-  for index, valid in _padded_batches(n, batch_size):
+  for index, valid in batching.padded_batches(n, batch_size):
     lost = _impact_batch(apply_fn, params, images[index], labels[index], masks, channel_batch)
     part = np.asarray(lost, np.float64)[:, :valid].sum(axis=1)  # [C, K]
     total = part if total is None else total + part

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tracin_jax import outputs
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.figures import draw_influence_matrices
 from tracin_jax.influence.figures import new_figure
@@ -52,7 +53,7 @@ def plot_ranked_scatter(fi_curve: np.ndarray, panels: Sequence[dict[str, Any]],
     a2.set_title(panel["title"], fontsize=7)
     a2.axis("off")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  outputs.save_figure(fig, path, dpi=100)
 
 
 def plot_feature_impact(impact: np.ndarray, selected: np.ndarray,
@@ -87,7 +88,7 @@ def plot_feature_impact(impact: np.ndarray, selected: np.ndarray,
     ax.legend(fontsize=7)
   fig.suptitle("Feature impact, selected vs other features" + title_suffix, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  outputs.save_figure(fig, path, dpi=100)
 
 
 _REMOVAL_COLOURS = {"proponents": "tab:red", "random": "tab:grey", "opponents": "tab:blue"}
@@ -160,7 +161,7 @@ def plot_retraining(arrays: dict[str, Any], summary: dict[str, Any],
   fig.suptitle("Retraining without the top-k proponents, random slices or top-k opponents"
                + title_suffix, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  outputs.save_figure(fig, path, dpi=100)
 
 
 def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
@@ -190,4 +191,4 @@ def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
               f"{similarity['top_overlap']:.2f} (chance {similarity['top_overlap_chance']:.2f})")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  outputs.save_figure(fig, path, dpi=100)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from tracin_jax.data import pipeline
 from tracin_jax.data.slices import SliceSet
-from tracin_jax.progress import Progress
+from tracin_jax.progress import ProgressBar
 from tracin_jax.training import optim
 from tracin_jax.training import train as train_lib
 from tracin_jax.training.checkpoints import CheckpointStore
@@ -122,6 +122,14 @@ class Retrainer:
       raise ValueError(f"removed: index {bad} is not in [0, {len(self.train_set)}).")
     if removed.size == len(self.train_set):
       raise ValueError("removed: every training example; nothing would be left to train on.")
+    adam_epochs = self.config.optimizer.adam_epochs
+    if removed.size and self.from_epoch < adam_epochs:
+      # The switch to SGD is counted in steps (adam_epochs x the run's steps per epoch):
+      # with fewer examples an epoch has fewer steps, and the switch would move.
+      raise ValueError(
+          f"removed: retraining from epoch {self.from_epoch}, inside the Adam phase (epochs "
+          f"1-{adam_epochs}), with examples removed would move the step-counted switch to "
+          f"SGD; start from epoch {adam_epochs} or later (from_epoch).")
     return removed
 
   def batches(self, removed: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -176,7 +184,7 @@ class Retrainer:
     model, optimizer = nnx.merge(self._graphdef, self._start, copy=True)
     size = self.config.batch_size
     per_epoch = train_lib.steps_per_epoch(len(self.train_set) - len(removed), size)
-    bar = Progress(len(self.epochs) * per_epoch, desc, enabled=progress)
+    bar = ProgressBar(len(self.epochs) * per_epoch, desc, enabled=progress)
     for batch in self.batches(removed):
       train_lib.train_step(model, optimizer, *train_lib.pad_batch(batch, size))
       bar.update(1)
