@@ -101,7 +101,7 @@ def main(argv):
   del argv
   model = models.get_model("unet", base_width=FLAGS.base_width, depth=FLAGS.depth,
                            seed=FLAGS.seed)
-  apply_fn, params = models.functional(model)
+  apply_fn, params, _ = models.functional(model)
   loss_fn = segmentation.make_region_losses(apply_fn)
   p = grads_lib.parameter_count(params)
   n = FLAGS.examples

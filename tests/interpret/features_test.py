@@ -222,7 +222,7 @@ def test_select_predictive_needs_a_clear_slope():
 @pytest.fixture(scope="module")
 def tiny():
   model = get_model("unet", base_width=4, depth=1, seed=0)
-  apply_fn, params = functional(model)
+  apply_fn, params, _ = functional(model)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(5, 16, 16, 4)).astype(np.float32)
   labels = rng.integers(0, 4, size=(5, 16, 16)).astype(np.int32)

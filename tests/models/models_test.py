@@ -33,7 +33,7 @@ def outputs(model, images):
 
 @pytest.fixture(scope="module")
 def functional_view(model):
-  apply_fn, params = models.functional(model)
+  apply_fn, params, _ = models.functional(model)
   return jax.jit(apply_fn, static_argnames="return_hidden"), params
 
 
@@ -154,7 +154,7 @@ def test_batch_norm_in_eval_mode_is_per_example(images):
   for scale in (1.0, 2.0):  # move the running statistics away from their initial values
     model(images * scale)
   other_batch = images[jnp.array([0, 0, 1])]  # example 0 beside different companions
-  apply_fn, params = models.functional(model)
+  apply_fn, params, _ = models.functional(model)
   apply_fn = jax.jit(apply_fn)
   np.testing.assert_allclose(apply_fn(params, other_batch)[0], apply_fn(params, images)[0],
                              rtol=1e-5, atol=1e-5)

@@ -37,7 +37,7 @@ import numpy as np
 from tracin_jax import progress as progress_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
-from tracin_jax.types import Checkpoints, LossFn, Params, PyTree
+from tracin_jax.types import Checkpoint, Checkpoints, LossFn, Params, PyTree, State
 
 DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
 
@@ -79,7 +79,7 @@ class _Reporter:
     self._num_checkpoints, self._total = num_checkpoints, examples_total
     self._done, self._checkpoint = 0, 0
     self._start = time.perf_counter()
-    self._bar = progress_lib.Progress(examples_total, "tracin example gradients",
+    self._bar = progress_lib.ProgressBar(examples_total, "tracin example gradients",
                                       enabled=self._text)
 
   def checkpoint(self, index: int) -> None:
@@ -268,8 +268,9 @@ def _take(buffered: list[list[np.ndarray]], size: int):
 # ----------------------------------------------------------------------------- validation
 
 
-def _checkpoints(checkpoints: Checkpoints) -> list[tuple[Params, float]]:
-  """Checks (params, learning_rate) pairs; all params share the first one's structure."""
+def _checkpoints(checkpoints: Checkpoints) -> list[Checkpoint]:
+  """Checks (params, learning_rate[, state]) checkpoints; all params (and all states) share
+  the first one's structure."""
   if checkpoints is None:
     raise ValueError("checkpoints is None; give a sequence of (params, learning_rate) pairs.")
   checkpoints = list(checkpoints)
@@ -277,10 +278,12 @@ def _checkpoints(checkpoints: Checkpoints) -> list[tuple[Params, float]]:
     raise ValueError("checkpoints is empty; give at least one (params, learning_rate) pair.")
   out, ref = [], None
   for t, item in enumerate(checkpoints):
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-      raise ValueError(f"checkpoint {t} must be a (params, learning_rate) pair, got "
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+      raise ValueError(f"checkpoint {t} must be a (params, learning_rate) pair or a "
+                       f"tracin_jax.Checkpoint(params, learning_rate, state), got "
                        f"{type(item).__name__}.")
-    params, learning_rate = item
+    params, learning_rate = item[0], item[1]
+    state = item[2] if len(item) == 3 else None
     is_real = isinstance(learning_rate, numbers.Real) or (
         _is_array(learning_rate) and np.ndim(learning_rate) == 0
         and np.dtype(learning_rate.dtype).kind in "fiu")
@@ -290,22 +293,27 @@ def _checkpoints(checkpoints: Checkpoints) -> list[tuple[Params, float]]:
     value = float(learning_rate)
     if not math.isfinite(value):
       raise ValueError(f"checkpoint {t}: learning_rate must be finite, got {value}.")
-    leaves, treedef = jax.tree.flatten(params)
-    spec = (treedef, [(np.shape(x), np.dtype(jax.numpy.result_type(x))) for x in leaves])
+    spec = tuple(
+        (treedef, [(np.shape(x), np.dtype(jax.numpy.result_type(x))) for x in leaves])
+        for leaves, treedef in (jax.tree.flatten(params), jax.tree.flatten(state)))
     if ref is None:
       ref = spec
-      if not leaves:
+      if not jax.tree.leaves(params):
         raise ValueError("checkpoint 0: params holds no arrays.")
-    elif spec != ref:
+    elif spec[0] != ref[0]:
       raise ValueError(f"checkpoint {t}: params differ in structure, shape or dtype from "
                        "checkpoint 0's.")
-    out.append((params, value))
+    elif spec[1] != ref[1]:
+      raise ValueError(f"checkpoint {t}: state differs in structure, shape or dtype from "
+                       "checkpoint 0's (give every checkpoint its own state, or none).")
+    out.append(Checkpoint(params, value, state))
   return out
 
 
-def _num_outputs(loss_fn: LossFn, params: Params, data: _Data) -> int:
+def _num_outputs(loss_fn: LossFn, checkpoint: Checkpoint, data: _Data) -> int:
   try:
-    return grads_lib.num_outputs(loss_fn, params, data.spec.example())
+    return grads_lib.num_outputs(loss_fn, checkpoint.params, data.spec.example(),
+                                 checkpoint.state)
   except Exception as e:
     if not (isinstance(e, ValueError) and "loss_fn" in str(e)):
       hint = (" A list or tuple of batches is one pytree: pass `lambda: iter(batches)`."
@@ -348,11 +356,11 @@ def _check_arguments(loss_fn, checkpoints, memory_budget_bytes):
   return _checkpoints(checkpoints)
 
 
-def _gradient_layout(loss_fn, params, data: _Data):
+def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: _Data):
   """K, the bytes of one example's K gradients, and their dtype."""
-  k = _num_outputs(loss_fn, params, data)  # test examples share the structure, hence K
-  dtype = grads_lib.gradient_dtype(params)
-  return k, k * grads_lib.parameter_count(params) * dtype.itemsize, dtype
+  k = _num_outputs(loss_fn, checkpoint, data)  # test examples share the structure, hence K
+  dtype = grads_lib.gradient_dtype(checkpoint.params)
+  return k, k * grads_lib.parameter_count(checkpoint.params) * dtype.itemsize, dtype
 
 
 # ----------------------------------------------------------------------------- public API
@@ -382,9 +390,11 @@ def influence(
 
   Args:
     loss_fn: `loss_fn(params, example) -> [K]` (a scalar counts as K = 1), for one example
-      (no leading example axis). Keep one function object: compiled code is reused for the
-      same object.
-    checkpoints: sequence of (params, learning_rate eta_t) pairs; params share a structure.
+      (no leading example axis); `loss_fn(params, example, state)` for checkpoints with a
+      state. Keep one function object: compiled code is reused for the same object.
+    checkpoints: sequence of (params, learning_rate eta_t) pairs, or of
+      `tracin_jax.Checkpoint(params, learning_rate, state)` for models with non-parameter
+      state (each checkpoint's gradients then use its own state); params share a structure.
     train: train examples: a pytree of arrays with a leading example axis, or an iterable of
       batches (see the module docstring for what is accepted).
     test: test examples in the same form and with the same example structure, or None for
@@ -419,7 +429,7 @@ def influence(
   if test_data is not None:
     _check_same_spec(test_data.spec, train_data.spec, "test", "train")
   rows = train_data if test_data is None else test_data
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0][0], train_data)
+  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data)
   vectorize = grads_lib.resolve_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
@@ -428,20 +438,20 @@ def influence(
   nonfinite = _NonFinite()
   out = np.zeros((rows.n * k, train_data.n * k), dtype)
 
-  def producer(data: _Data, params: Params):
+  def producer(data: _Data, params: Params, state: State):
     def blocks(start: int, stop: int):
       for index, block, n_valid in data.blocks(plan.block_size, start, stop):
-        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize)
+        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
         nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
         reporter.examples(plan.block_size)
         yield index, g
         del g  # not alive while the next block is computed
     return blocks
 
-  for t, (params, learning_rate) in enumerate(checkpoints):
+  for t, (params, learning_rate, state) in enumerate(checkpoints):
     reporter.checkpoint(t)
-    gram_lib.accumulate_gram(out, plan, k, producer(rows, params),
-                             producer(train_data, params), learning_rate)
+    gram_lib.accumulate_gram(out, plan, k, producer(rows, params, state),
+                             producer(train_data, params, state), learning_rate)
     nonfinite.warn(t)
   return out.reshape(rows.n, k, train_data.n, k)
 
@@ -468,7 +478,7 @@ def self_influence(
   """
   checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes)
   data = _Data(train, "train")
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0][0], data)
+  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
   vectorize = grads_lib.resolve_vectorize(vectorize)
   fit = int(memory_budget_bytes) // bytes_per_example
   if fit < 1:
@@ -480,11 +490,11 @@ def self_influence(
   n_blocks = data.n_blocks(block_size)
   reporter = _Reporter(progress, len(checkpoints), n_blocks * block_size * len(checkpoints))
   out = np.zeros((data.n, k), dtype)
-  for t, (params, learning_rate) in enumerate(checkpoints):
+  for t, (params, learning_rate, state) in enumerate(checkpoints):
     reporter.checkpoint(t)
     pending = []
     for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
-      norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize)
+      norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize, state)
       pending.append((index * block_size, n_valid, norms))
       reporter.examples(block_size)
     bad = []

@@ -21,22 +21,32 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracin_jax.types import Array, Batch, Example, LossFn, Params
+from tracin_jax.types import Array, Batch, Example, LossFn, Params, State
 
 
-def num_outputs(loss_fn: LossFn, params: Params, example: Example) -> int:
+def _bind(loss_fn: LossFn, example: Example, state: State) -> Callable[[Params], Array]:
+  """params -> loss_fn(params, example[, state]): the state is passed only when given."""
+  if state is None:
+    return lambda p: loss_fn(p, example)
+  return lambda p: loss_fn(p, example, state)
+
+
+def num_outputs(loss_fn: LossFn, params: Params, example: Example,
+                state: State = None) -> int:
   """The number K of losses that `loss_fn` returns for one example, without running it.
 
   Args:
     loss_fn: `loss_fn(params, example) -> [K]` or a scalar (K = 1).
     params: parameters (arrays or `jax.ShapeDtypeStruct`s).
     example: one example (arrays or `jax.ShapeDtypeStruct`s, no leading example axis).
+    state: the model's non-parameter state, passed to `loss_fn` as a third argument when
+      not None.
 
   Returns:
     K >= 1.
@@ -44,7 +54,7 @@ def num_outputs(loss_fn: LossFn, params: Params, example: Example) -> int:
   Raises:
     ValueError: the loss is not a scalar nor a vector, or is empty, or not floating point.
   """
-  out = jax.eval_shape(loss_fn, params, example)
+  out = jax.eval_shape(lambda p, ex, st: _bind(loss_fn, ex, st)(p), params, example, state)
   if not hasattr(out, "shape") or not hasattr(out, "dtype"):
     raise ValueError(
         f"loss_fn must return one array (a scalar or [K]), got {jax.tree.structure(out)}.")
@@ -93,7 +103,8 @@ def _ravel_rows(tree, rows: int) -> Array:
   return jnp.concatenate([jnp.reshape(x, (rows, -1)).astype(dtype) for x in leaves], axis=1)
 
 
-def example_grads(loss_fn: LossFn, k: int, params: Params, example: Example) -> Array:
+def example_grads(loss_fn: LossFn, k: int, params: Params, example: Example,
+                  state: State = None) -> Array:
   """The K loss gradients of one example from one forward pass.
 
   Args:
@@ -101,37 +112,39 @@ def example_grads(loss_fn: LossFn, k: int, params: Params, example: Example) -> 
     k: K, the number of outputs (see `num_outputs`).
     params: the parameters theta.
     example: one example.
+    state: non-parameter state passed to `loss_fn` (None: `loss_fn(params, example)`).
 
   Returns:
     [K, P]: row j is grad_theta loss_j(theta, example), raveled, in at least float32.
   """
-  out, vjp_fn = jax.vjp(lambda p: jnp.reshape(loss_fn(p, example), (k,)), params)
+  loss = _bind(loss_fn, example, state)
+  out, vjp_fn = jax.vjp(lambda p: jnp.reshape(loss(p), (k,)), params)
   (grads,) = jax.vmap(vjp_fn)(jnp.eye(k, dtype=out.dtype))
   return _ravel_rows(grads, k)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
-def _vmap_grads(loss_fn, k, params, batch):
-  g = jax.vmap(lambda ex: example_grads(loss_fn, k, params, ex))(batch)  # [B, K, P]
+def _vmap_grads(loss_fn, k, params, batch, state):
+  g = jax.vmap(lambda ex: example_grads(loss_fn, k, params, ex, state))(batch)  # [B, K, P]
   finite = jnp.all(jnp.isfinite(g), axis=(1, 2))
   return jnp.reshape(g, (-1, g.shape[-1])), finite
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
-def _one_grads(loss_fn, k, params, example):
-  g = example_grads(loss_fn, k, params, example)  # [K, P]
+def _one_grads(loss_fn, k, params, example, state):
+  g = example_grads(loss_fn, k, params, example, state)  # [K, P]
   return g, jnp.all(jnp.isfinite(g))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
-def _vmap_squared_norms(loss_fn, k, params, batch):
-  g = jax.vmap(lambda ex: example_grads(loss_fn, k, params, ex))(batch)  # [B, K, P]
+def _vmap_squared_norms(loss_fn, k, params, batch, state):
+  g = jax.vmap(lambda ex: example_grads(loss_fn, k, params, ex, state))(batch)  # [B, K, P]
   return jnp.sum(jnp.square(g), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
-def _one_squared_norms(loss_fn, k, params, example):
-  return jnp.sum(jnp.square(example_grads(loss_fn, k, params, example)), axis=-1)
+def _one_squared_norms(loss_fn, k, params, example, state):
+  return jnp.sum(jnp.square(example_grads(loss_fn, k, params, example, state)), axis=-1)
 
 
 def _examples(batch: Batch) -> Iterator[Example]:
@@ -141,7 +154,7 @@ def _examples(batch: Batch) -> Iterator[Example]:
 
 
 def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
-                vectorize: str = "vmap") -> tuple[Array, Array]:
+                vectorize: str = "vmap", state: State = None) -> tuple[Array, Array]:
   """Per-example gradients of a block of examples.
 
   Compiled once per (loss_fn, k, shapes): `loss_fn` is a static argument, hashed by
@@ -154,19 +167,20 @@ def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
     batch: B examples (leaves with a leading axis of B).
     vectorize: "vmap" (one compiled call for the block) or "loop" (one compiled batch-1
       call per example; faster for convolutions on XLA:CPU), or "auto".
+    state: non-parameter state passed to `loss_fn` (None: `loss_fn(params, example)`).
 
   Returns:
     grads: [B * K, P], row b * K + j = grad loss_j(theta, example b).
     finite: [B] bool, whether all K gradients of example b are finite.
   """
   if resolve_vectorize(vectorize) == "vmap":
-    return _vmap_grads(loss_fn, k, params, batch)
-  gs, fs = zip(*(_one_grads(loss_fn, k, params, ex) for ex in _examples(batch)))
+    return _vmap_grads(loss_fn, k, params, batch, state)
+  gs, fs = zip(*(_one_grads(loss_fn, k, params, ex, state) for ex in _examples(batch)))
   return jnp.concatenate(gs, axis=0), jnp.stack(fs)
 
 
 def block_squared_norms(loss_fn: LossFn, k: int, params: Params, batch: Batch,
-                        vectorize: str = "vmap") -> Array:
+                        vectorize: str = "vmap", state: State = None) -> Array:
   """|grad loss_j(theta, example b)|^2 for a block, never returning the gradients.
 
   Args: as `block_grads`.
@@ -175,12 +189,13 @@ def block_squared_norms(loss_fn: LossFn, k: int, params: Params, batch: Batch,
     [B, K] squared Euclidean norms of the per-example, per-output gradients.
   """
   if resolve_vectorize(vectorize) == "vmap":
-    return _vmap_squared_norms(loss_fn, k, params, batch)
-  return jnp.stack([_one_squared_norms(loss_fn, k, params, ex) for ex in _examples(batch)])
+    return _vmap_squared_norms(loss_fn, k, params, batch, state)
+  return jnp.stack([_one_squared_norms(loss_fn, k, params, ex, state)
+                    for ex in _examples(batch)])
 
 
 def per_example_grads(loss_fn: LossFn, params: Params, batch: Batch,
-                      vectorize: str = "auto") -> Array:
+                      vectorize: str = "auto", state: State = None) -> Array:
   """Convenience: the per-example gradients of a batch as [B, K, P].
 
   Args:
@@ -188,11 +203,12 @@ def per_example_grads(loss_fn: LossFn, params: Params, batch: Batch,
     params: the parameters.
     batch: B examples (leaves with a leading axis of B).
     vectorize: see `block_grads`.
+    state: non-parameter state passed to `loss_fn` (None: `loss_fn(params, example)`).
 
   Returns:
     [B, K, P] gradients, raveled in `jax.flatten_util.ravel_pytree(params)` order.
   """
   example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), batch)
-  k = num_outputs(loss_fn, params, example)
-  g, _ = block_grads(loss_fn, k, params, batch, vectorize)
+  k = num_outputs(loss_fn, params, example, state)
+  g, _ = block_grads(loss_fn, k, params, batch, vectorize, state)
   return jnp.reshape(g, (-1, k, g.shape[-1]))

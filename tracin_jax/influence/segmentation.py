@@ -27,16 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracin_jax import batching
 from tracin_jax.influence import core
-from tracin_jax.types import ApplyFn, Array, Checkpoints, LossFn, Params
+from tracin_jax.types import ApplyFn, Array, Checkpoints, LossFn, Params, State
 
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_SMOOTH = 1e-6
 
 
+def call_model(apply_fn: ApplyFn, params: Params, images: Array, state: State = None):
+  """`apply_fn(params, images)`, or `apply_fn(params, images, state)` when a state is given."""
+  return apply_fn(params, images) if state is None else apply_fn(params, images, state)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _predict_batch(apply_fn: ApplyFn, params: Params, images: Array, threshold: Array):
-  probs = jax.nn.softmax(apply_fn(params, images), axis=-1)  # [B, H, W, C]
+def _predict_batch(apply_fn: ApplyFn, params: Params, images: Array, threshold: Array,
+                   state: State):
+  probs = jax.nn.softmax(call_model(apply_fn, params, images, state), axis=-1)  # [B, H, W, C]
   labels = jnp.argmax(probs, axis=-1)
   classes = jnp.arange(1, probs.shape[-1])
   regions = (labels[..., None] == classes) & (probs[..., 1:] > threshold)
@@ -50,7 +57,7 @@ def _check_threshold(threshold) -> float:
   return value
 
 
-def _predict(apply_fn, params, images, threshold, batch_size):
+def _predict(apply_fn, params, images, threshold, batch_size, state=None):
   """(regions [N, H, W, C-1] bool, labels [N, H, W] int32) in batches of one compiled shape."""
   threshold = _check_threshold(threshold)
   images = np.asarray(images) if not isinstance(images, jax.Array) else images
@@ -59,17 +66,16 @@ def _predict(apply_fn, params, images, threshold, batch_size):
     raise ValueError("images is empty.")
   batch_size = min(int(batch_size), n)
   regions, labels = [], []
-  for start in range(0, n, batch_size):
-    index = np.minimum(np.arange(start, start + batch_size), n - 1)
-    r, l = _predict_batch(apply_fn, params, images[index], threshold)
-    valid = min(batch_size, n - start)
+  for index, valid in batching.padded_batches(n, batch_size):
+    r, l = _predict_batch(apply_fn, params, images[index], threshold, state)
     regions.append(np.asarray(r)[:valid])
     labels.append(np.asarray(l)[:valid])
   return np.concatenate(regions), np.concatenate(labels)
 
 
-def predict_regions(apply_fn: ApplyFn, params: Params, images, threshold: float = DEFAULT_THRESHOLD,
-                    *, batch_size: int = 32) -> np.ndarray:
+def predict_regions(apply_fn: ApplyFn, params: Params, images,
+                    threshold: float = DEFAULT_THRESHOLD, *, batch_size: int = 32,
+                    state: State = None) -> np.ndarray:
   """The regions z_j: pixels where argmax softmax = j and p_j > threshold (strictly).
 
   Args:
@@ -79,11 +85,13 @@ def predict_regions(apply_fn: ApplyFn, params: Params, images, threshold: float 
     images: [N, H, W, C_in].
     threshold: probability a pixel's class must exceed, in [0, 1] (the paper: 0.8).
     batch_size: images per compiled call (the last batch is padded).
+    state: the model's non-parameter state, passed as `apply_fn(params, images, state)`
+      when given (see `tracin_jax.models.functional`).
 
   Returns:
     [N, H, W, C-1] bool: region j - 1 holds class j, for the foreground classes j = 1..C-1.
   """
-  return _predict(apply_fn, params, images, threshold, batch_size)[0]
+  return _predict(apply_fn, params, images, threshold, batch_size, state)[0]
 
 
 def region_presence(regions) -> np.ndarray:
@@ -119,7 +127,8 @@ def make_region_losses(apply_fn: ApplyFn, smooth: float = DEFAULT_SMOOTH) -> Los
   """The region losses of eq 6 as one `loss_fn(params, example) -> [C-1]`.
 
   The returned function (the same object for the same arguments, so compiled code is
-  reused) computes, for one example
+  reused) computes, for one example (and the model's state, if it has one:
+  `loss_fn(params, example, state)` calls `apply_fn(params, images, state)`)
       {"image": [H, W, C_in] float, "target": [H, W] int in 0..C-1,
        "region": [H, W, C-1] bool (from `predict_regions`)},
   loss_j = 1 - 2 sum_r p_j y_j / (sum_r p_j + sum_r y_j + smooth) for j = 1..C-1, where
@@ -131,11 +140,12 @@ def make_region_losses(apply_fn: ApplyFn, smooth: float = DEFAULT_SMOOTH) -> Los
     smooth: added to the Dice denominator only.
 
   Returns:
-    loss_fn(params, example) -> [C-1] float.
+    loss_fn(params, example, state=None) -> [C-1] float.
   """
 
-  def loss_fn(params: Params, example) -> Array:
-    probs = jax.nn.softmax(apply_fn(params, example["image"][None])[0], axis=-1)[..., 1:]
+  def loss_fn(params: Params, example, state: State = None) -> Array:
+    logits = call_model(apply_fn, params, example["image"][None], state)[0]
+    probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
     region = jax.lax.stop_gradient(jnp.asarray(example["region"]))
     if region.shape != probs.shape:
       raise ValueError(f"region has shape {region.shape}; the model's foreground "
@@ -159,6 +169,7 @@ def segmentation_influence(
     test_targets=None,
     *,
     regions_params: Params,
+    regions_state: State = None,
     threshold: float = DEFAULT_THRESHOLD,
     smooth: float = DEFAULT_SMOOTH,
     region_batch_size: int = 32,
@@ -176,6 +187,7 @@ def segmentation_influence(
     test_targets: [n_test, H, W] int, or None for the model's own prediction.
     regions_params: parameters of the explained model that define the regions (usually the
       final checkpoint's); the regions are held fixed over `checkpoints`.
+    regions_state: that model's non-parameter state, if it has one.
     threshold: region threshold on the probability (strict: p_j > threshold).
     smooth: Dice denominator smoothing.
     region_batch_size: images per compiled call when predicting regions.
@@ -190,7 +202,8 @@ def segmentation_influence(
   """
 
   def examples(images, targets):
-    regions, labels = _predict(apply_fn, regions_params, images, threshold, region_batch_size)
+    regions, labels = _predict(apply_fn, regions_params, images, threshold, region_batch_size,
+                               regions_state)
     targets = labels if targets is None else np.asarray(targets, dtype=np.int32)
     if targets.shape != labels.shape:
       raise ValueError(f"targets have shape {targets.shape}, expected {labels.shape}.")

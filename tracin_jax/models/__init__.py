@@ -1,8 +1,8 @@
 """Segmentation models (Flax NNX), chosen by name.
 
 `get_model(name, ...)` builds one of `list_models()`: "unet" (the paper's), "resunet",
-"attention_unet", "deepseg". `functional(model)` gives the pure `(apply_fn, params)` view that
-influence computations transform. See `tracin_jax.models.unet` for the architecture.
+"attention_unet", "deepseg". `functional(model)` gives the pure `(apply_fn, params, state)` view
+that influence computations transform. See `tracin_jax.models.unet` for the architecture.
 """
 
 from tracin_jax.models.unet import (

@@ -3,7 +3,7 @@
     model = get_model("unet", base_width=16, depth=4)        # nnx.Module
     logits = model(images)                                   # [N, H, W, 4] -> [N, H, W, 4]
     logits, hidden = model(images, return_hidden=True)       # hidden: [N, H, W, base_width]
-    apply_fn, params = functional(model)                     # pure function of the params
+    apply_fn, params, state = functional(model)              # pure function of the params
 
 The four variants ("unet", "resunet", "attention_unet", "deepseg") are one class, `UNet`,
 whose subclasses only change three class constants: residual blocks, attention gates on the
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from tracin_jax.models.layers import NORMS, AttentionGate, ConvBlock, Upsample, max_pool2
-from tracin_jax.types import Array, Params
+from tracin_jax.types import Array, Params, State
 
 LAST_HIDDEN = "last_hidden"
 
@@ -291,36 +291,44 @@ def _default_rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params]:
+def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
   """A pure-function view of `model` in evaluation mode, for JAX transforms.
 
   The model is split once into its graph definition, its parameters (`nnx.Param`) and the
-  rest of its state (BatchNorm running statistics, if any), taken from an evaluation-mode
-  view (`nnx.view(..., use_running_average=True)`); `model` itself is left as it is. The
-  returned function merges them back on each call, so it can be `jax.jit`-ed, `jax.grad`-ed
-  with respect to `params` and `jax.vmap`-ped over examples (each example as a batch of one,
-  [1, H, W, C]); with GroupNorm or eval-mode BatchNorm each example's output does not
-  depend on the rest of the batch. Later updates of `model` are not seen: call again.
+  rest of its state (BatchNorm running statistics, if any; an empty `nnx.State` otherwise),
+  taken from an evaluation-mode view (`nnx.view(..., use_running_average=True)`); `model`
+  itself is left as it is. The returned function merges them back on each call, so it can
+  be `jax.jit`-ed, `jax.grad`-ed with respect to `params` and `jax.vmap`-ped over examples
+  (each example as a batch of one, [1, H, W, C]); with GroupNorm or eval-mode BatchNorm each
+  example's output does not depend on the rest of the batch. Later updates of `model` are
+  not seen: call again.
+
+  The state is returned, and passed, explicitly: models of several checkpoints share one
+  `apply_fn` (one compiled function) and each passes its own state, as TracIn does with
+  `tracin_jax.Checkpoint(params, learning_rate, state)`.
 
   Returns:
-    (apply_fn, params):
-      apply_fn(params, images, channel_mask=None, return_hidden=False) computes
+    (apply_fn, params, state):
+      apply_fn(params, images, state=None, channel_mask=None, return_hidden=False) computes
         `model(images, channel_mask=channel_mask, return_hidden=return_hidden)` with the
-        given params: logits [N, H, W, K] (and hidden [N, H, W, C] with return_hidden).
-        `return_hidden` changes the output structure: keep it static under jit
+        given params and state (None: the state `model` had when `functional` was called):
+        logits [N, H, W, K] (and hidden [N, H, W, C] with return_hidden). `return_hidden`
+        changes the output structure: keep it static under jit
         (`jax.jit(apply_fn, static_argnames="return_hidden")` or a closure).
       params: an `nnx.State` pytree of the parameter arrays.
+      state: an `nnx.State` pytree of the other arrays (empty for GroupNorm models).
   """
   eval_view = nnx.view(model, use_running_average=True, deterministic=True,
                        raise_if_not_found=False)
-  graphdef, params, rest = nnx.split(eval_view, nnx.Param, ...)
+  graphdef, params, own_state = nnx.split(eval_view, nnx.Param, ...)
 
-  def apply_fn(params: Params, images: Array, channel_mask: Array | None = None,
+  def apply_fn(params: Params, images: Array, state: State | None = None,
+               channel_mask: Array | None = None,
                return_hidden: bool = False) -> Array | tuple[Array, Array]:
-    module = nnx.merge(graphdef, params, rest)
+    module = nnx.merge(graphdef, params, own_state if state is None else state)
     return module(images, channel_mask=channel_mask, return_hidden=return_hidden)
 
-  return apply_fn, params
+  return apply_fn, params, own_state
 
 
 def count_params(params: Params | nnx.Module) -> int:
