@@ -1,26 +1,30 @@
-"""The experiment's stages as library functions (the absl app in `experiments/` is thin).
+"""The experiment: data, then the registered stages in order (the absl app is thin).
 
-`ExperimentConfig` holds every setting; `run(config)` runs the requested stages in order.
-Each stage writes under `config.workdir` and reuses finished work when rerun.
+`ExperimentConfig` holds every setting (each declared once, with its flag, in the configs'
+fields); `run(config, stages)` checks every setting, loads the data and runs the requested
+stages through `tracin_jax.stages.run_stage`, which reuses finished work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+from tracin_jax import settings
+from tracin_jax import stages as stages_lib
 from tracin_jax.data import brats
-from tracin_jax.data import synthetic
 from tracin_jax.data.slices import SliceSet
-from tracin_jax.influence import stage as influence_stage_lib
-from tracin_jax.interpret import stage as interpret_stage_lib
-from tracin_jax.interpret import validate as validate_stage_lib
-from tracin_jax.training import train as train_lib
+from tracin_jax.settings import setting
+from tracin_jax.stages.influence import InfluenceConfig
+from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.validate import ValidateConfig
+from tracin_jax.training.train import TrainConfig
 
-STAGES = ("train", "influence", "interpret", "validate")
+logger = logging.getLogger("tracin_jax")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -37,15 +41,19 @@ class DataConfig:
   `synthetic_seed`) is generated once under `cache_dir` and reused.
   """
 
-  data_dir: str | None = None
-  synthetic_cases: int = 40
-  synthetic_seed: int = 0
-  cache_dir: str | None = None
+  data_dir: str | None = setting(
+      None, "BraTS 2019 root (with HGG/ and LGG/); unset: the embedded synthetic cohort.")
+  synthetic_cases: int = setting(40, "Cases in the synthetic cohort.", minimum=2)
+  synthetic_seed: int = setting(0, "Seed of the synthetic cohort.", minimum=0)
+  cache_dir: str | None = setting(
+      None, "Cache of cohorts and slices (unset: $TRACIN_JAX_CACHE or ~/.cache/tracin_jax).")
   preprocess: brats.PreprocessConfig = brats.PreprocessConfig()
-  val_fraction: float = 52 / 259
-  num_val: int | None = None
-  split_seed: int = 0
-  skip_bad_cases: bool = False
+  val_fraction: float = setting(52 / 259, "Validation share of the patients.", minimum=0.0,
+                                maximum=1.0, exclusive=True)
+  num_val: int | None = setting(None, "Validation patients (overrides --val_fraction).",
+                                minimum=1)
+  split_seed: int = setting(0, "Seed of the patient split.")
+  skip_bad_cases: bool = setting(False, "Skip unreadable cases, listing them.")
 
   @property
   def synthetic(self) -> bool:
@@ -58,26 +66,36 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  workdir: str
+  """Every setting of a run: the data, resources, and each stage's config (by stage name)."""
+
+  workdir: str | None = setting(None, "Directory of the run (outputs, checkpoints); "
+                                "required.")
+  memory_budget_mb: int = setting(
+      1024, "Memory for per-example gradients held at once (MiB), in every stage.", minimum=1)
   data: DataConfig = DataConfig()
-  train: train_lib.TrainConfig = train_lib.TrainConfig()
-  influence: influence_stage_lib.InfluenceConfig = influence_stage_lib.InfluenceConfig()
-  interpret: interpret_stage_lib.InterpretConfig = interpret_stage_lib.InterpretConfig()
-  validate: validate_stage_lib.ValidateConfig = validate_stage_lib.ValidateConfig()
+  train: TrainConfig = TrainConfig()
+  influence: InfluenceConfig = InfluenceConfig()
+  interpret: InterpretConfig = InterpretConfig()
+  validate: ValidateConfig = ValidateConfig()
+
+  def stage_configs(self) -> dict[str, Any]:
+    """Each registered stage's config, by stage name."""
+    return {name: getattr(self, name) for name in stages_lib.list_stages()}
 
 
-def load_data(config: DataConfig, *, log: Callable[[str], None] = print,
-              progress: bool = True) -> tuple[SliceSet, SliceSet]:
+def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, SliceSet]:
   """Loads (through the slice cache) and splits the data by patient.
 
   Returns:
     (train slices, validation slices).
   """
+  from tracin_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   cache_dir = pathlib.Path(config.cache_dir) if config.cache_dir else default_cache_dir()
   if config.synthetic:
     root = cache_dir / f"synthetic_{config.synthetic_cases}cases_seed{config.synthetic_seed}"
-    log(f"Synthetic cohort: {config.synthetic_cases} cases (seed {config.synthetic_seed}) "
-        f"in {root}")
+    logger.info(f"Synthetic cohort: {config.synthetic_cases} cases (seed "
+                f"{config.synthetic_seed}) in {root}")
     root = synthetic.ensure_cohort(
         root, config.synthetic_cases, config.synthetic_seed, progress=progress)
   else:
@@ -86,55 +104,61 @@ def load_data(config: DataConfig, *, log: Callable[[str], None] = print,
       root, config.preprocess, cache_dir / "slices", skip_bad=config.skip_bad_cases,
       progress=progress)
   for case, reason in skipped:
-    log(f"Skipped case {case}: {reason}")
+    logger.info(f"Skipped case {case}: {reason}")
   train_ids, val_ids = brats.split_cases(
       slices.cases, num_val=config.num_val, val_fraction=config.val_fraction,
       seed=config.split_seed)
   train_set, val_set = slices.select_cases(train_ids), slices.select_cases(val_ids)
-  log(f"Data ({config.name}): {len(train_ids)} train cases ({len(train_set)} slices), "
-      f"{len(val_ids)} validation cases ({len(val_set)} slices), images "
-      f"{slices.images.shape[1]}x{slices.images.shape[2]}.")
+  logger.info(f"Data ({config.name}): {len(train_ids)} train cases ({len(train_set)} slices), "
+              f"{len(val_ids)} validation cases ({len(val_set)} slices), images "
+              f"{slices.images.shape[1]}x{slices.images.shape[2]}.")
   return train_set, val_set
 
 
-def train_stage(config: ExperimentConfig, train_set: SliceSet, val_set: SliceSet, *,
-                log: Callable[[str], None] = print, progress: bool = True):
-  """Trains (or resumes or reuses) the model of the run in `config.workdir`."""
-  result = train_lib.train(
-      config.train, train_set, val_set, config.workdir, progress=progress,
-      dataset=config.data.name, log=log)
-  val = result.metrics.get("validation", {})
-  log("Validation hard Dice (" + config.data.name + "): " +
-      ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
-  log(f"Wrote {pathlib.Path(config.workdir) / train_lib.METRICS_FILE} and "
-      f"{pathlib.Path(config.workdir) / train_lib.CURVES_FILE}")
-  return result
+def check_stages(names: Sequence[str]) -> list[str]:
+  """The requested stages in run order.
+
+  Raises:
+    ValueError: an unknown stage (the message lists the known ones).
+  """
+  known = stages_lib.list_stages()
+  unknown = [s for s in names if s not in known]
+  if unknown:
+    raise ValueError(f"--stages: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(known)}.")
+  return [s for s in known if s in names]
+
+
+def make_context(config: ExperimentConfig, train_set: SliceSet, val_set: SliceSet, *,
+                 progress: bool = True) -> stages_lib.Context:
+  """The context every stage of the run receives."""
+  return stages_lib.Context(
+      workdir=pathlib.Path(config.workdir), train_set=train_set, val_set=val_set,
+      data_name=config.data.name, synthetic=config.data.synthetic,
+      configs=config.stage_configs(),
+      memory_budget_bytes=config.memory_budget_mb * 2**20, progress=progress)
 
 
 def run(config: ExperimentConfig, stages: Sequence[str], *,
-        log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-  """Runs `stages` (a subset of STAGES, in that order) and returns their results."""
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"Unknown stage(s) {unknown}; known stages: {', '.join(STAGES)}.")
+        progress: bool = True) -> dict[str, Any]:
+  """Checks every setting, loads the data and runs `stages` in the registry's order.
+
+  Returns:
+    The stages' results by name.
+
+  Raises:
+    SettingsError: a setting outside its allowed values (before any work).
+    ValueError: an unknown stage.
+  """
+  names = check_stages(stages)
+  settings.check(config)
+  if not config.workdir:
+    raise settings.SettingsError("--workdir: required (the run's directory).")
   pathlib.Path(config.workdir).mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  train_set, val_set = load_data(config.data, log=log, progress=progress)
-  log(f"[data ready in {time.perf_counter() - t0:.0f} s]")
-  common = dict(dataset=config.data.name, progress=progress, log=log)
-  stage_fns = {
-      "train": lambda: train_stage(config, train_set, val_set, log=log, progress=progress),
-      "influence": lambda: influence_stage_lib.run_influence_stage(
-          config.workdir, train_set, val_set, config.influence, **common),
-      "interpret": lambda: interpret_stage_lib.run_interpret_stage(
-          config.workdir, train_set, val_set, config.interpret, **common),
-      "validate": lambda: validate_stage_lib.run_validate_stage(
-          config.workdir, train_set, val_set, config.validate, **common),
-  }
-  results: dict[str, Any] = {}
-  for name in STAGES:
-    if name in stages:
-      t0 = time.perf_counter()
-      results[name] = stage_fns[name]()
-      log(f"[{name} stage done in {time.perf_counter() - t0:.0f} s]")
-  return results
+  train_set, val_set = load_data(config.data, progress=progress)
+  logger.info(f"[data ready in {time.perf_counter() - t0:.0f} s]")
+  context = make_context(config, train_set, val_set, progress=progress)
+  for name in names:
+    stages_lib.run_stage(stages_lib.get_stage(name, getattr(config, name)), context)
+  return {name: context.results[name] for name in names}

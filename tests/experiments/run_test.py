@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from tracin_jax.influence import layout
 from tracin_jax.influence import report
 
 from tracin_jax.training.checkpoints import CheckpointStore
@@ -47,7 +48,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
     assert blocks.shape == (3, 40, 120) and presence.shape == (40, 3)
     assert f["epochs"].tolist() == [3, 4, 5]
     assert set(f["train_case_ids"].tolist()) == set(f["train_case_ids"].tolist()[::10])
-  scores = report.from_class_blocks(blocks)
+  scores = layout.from_class_blocks(blocks)
   np.testing.assert_allclose(scores, np.transpose(scores, (2, 3, 0, 1)), equal_nan=True)
   assert np.all(np.isnan(scores[~presence]))  # absent regions: NaN, never zero
   assert np.all(np.isfinite(scores[presence][:, presence]))
@@ -84,6 +85,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
 
   # The validate stage's files: every checked region has its three removals, the baseline
   # replay reproduced the run, and the randomisation check compared the two structures.
+  out = workdir / "validate"
   retraining = json.loads((out / "retraining.json").read_text())
   assert retraining["baseline_reproduces_run"] is True
   assert retraining["num_removed"] == 10 and len(retraining["random_sets"]) == 2
@@ -98,19 +100,24 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   assert check["num_examples"] == 40 and set(check["trained"]) >= {"auc", "same_class_top"}
   for name in ("retraining.png", "randomisation_check.png"):
     assert (out / name).stat().st_size > 0
-  jobs = sorted((out / "retraining").glob("*/*.json"))
+  jobs = sorted(p for p in (out / "retraining").glob("*/*.json") if p.name != "inputs.json")
   assert len(jobs) == 1 + 2 + 2 * len(retraining["regions"])
+  for stage in ("train", "influence", "interpret", "validate"):
+    manifest = json.loads((workdir / stage / "manifest.json").read_text())
+    assert manifest["data"] == "synthetic cohort" and manifest["synthetic"] is True
+    assert all((workdir / f["path"]).exists() for f in manifest["files"] + manifest["figures"])
 
-  # A second run reuses the finished run and the caches instead of recomputing; the
-  # validate stage redoes only the retraining whose result is missing (as after a kill).
+  # A second run reuses every finished stage; a stage interrupted before its manifest was
+  # written (here: validate, missing one retraining) redoes only the missing part.
   jobs[-1].unlink()
+  (out / "manifest.json").unlink()
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "reusing it" in again.stdout
-  assert "reused (3/3)" in again.stdout
-  assert "Interpretation in" in again.stdout and "reusing it" in again.stdout
+  for stage in ("train", "influence", "interpret"):
+    assert f"{stage}: inputs and settings unchanged" in again.stdout
   assert f"{len(jobs) - 1} of {len(jobs)} results reused" in again.stdout
   assert "retraining 1/1 " in again.stdout
+  assert (out / "manifest.json").exists()
   assert json.loads((out / "retraining.json").read_text())["dice_change"] == \
       retraining["dice_change"]
 
@@ -118,7 +125,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   bad = subprocess.run(cmd + ["--stages=validate", "--num_removed=21"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1
-  assert "error: num_removed=21" in bad.stderr and "Traceback" not in bad.stderr
+  assert "error: --num_removed=21" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_bad_data_dir_gives_a_one_line_error(tmp_path):

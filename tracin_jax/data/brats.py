@@ -4,7 +4,7 @@ Layout (real BraTS 2019 and the synthetic cohort alike)::
 
   <root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz   (or .nii)
 
-Per case (DESIGN.md section 1), in this order:
+Per case (the paper's preprocessing, section 3.1), in this order:
 
 1. Read the four modalities (channel order `constants.MODALITIES`) and the segmentation;
    check shapes, finiteness and label values.
@@ -34,8 +34,6 @@ import json
 import logging
 import os
 import pathlib
-import sys
-import time
 import zlib
 from typing import Iterable, Literal, Sequence
 
@@ -44,6 +42,8 @@ import numpy as np
 
 from tracin_jax.data import constants
 from tracin_jax.data.slices import SliceSet
+from tracin_jax.progress import ProgressBar
+from tracin_jax.settings import setting
 
 _log = logging.getLogger(__name__)
 
@@ -73,11 +73,16 @@ class PreprocessConfig:
     groups: cohort groups read under the root ("HGG", "LGG"); the paper keeps HGG only.
   """
 
-  num_slices: int = 10
-  slice_center: Literal["brain", "tumour"] = "brain"
-  crop_size: int | None = 192
-  image_size: int | None = None
-  groups: tuple[str, ...] = ("HGG",)
+  num_slices: int = setting(10, "Consecutive axial slices kept per case.", minimum=1)
+  slice_center: Literal["brain", "tumour"] = setting(
+      "brain", "Centre of the slices taken per case: brain (the paper) or tumour.",
+      choices=("brain", "tumour"))
+  crop_size: int | None = setting(192, "In-plane centre crop, pixels per side (unset: the "
+                                  "full plane).", minimum=8)
+  image_size: int | None = setting(None, "Resize after the crop, pixels per side (unset: no "
+                                   "resize).", minimum=8)
+  groups: tuple[str, ...] = setting(("HGG",), "Cohort groups read under the data root.",
+                                    choices=constants.GROUPS)
 
   def __post_init__(self):
     if self.num_slices < 1:
@@ -383,21 +388,18 @@ def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: boo
       return None, str(e)
 
   loaded, skipped = [], []
-  start = time.perf_counter()
+  bar = ProgressBar(len(cases), "loading cases", enabled=progress)
   pool = concurrent.futures.ThreadPoolExecutor(num_workers or _default_workers())
   try:
-    for i, (case, (slices, reason)) in enumerate(zip(cases, pool.map(load_one, cases))):
+    for case, (slices, reason) in zip(cases, pool.map(load_one, cases)):
       if slices is not None:
         loaded.append(slices)
       else:
         skipped.append((case.case_id, reason))
-      if progress:
-        print(f"\rBraTS: {i + 1}/{len(cases)} cases, {len(skipped)} skipped, "
-              f"{time.perf_counter() - start:.1f} s", end="", file=sys.stderr, flush=True)
+      bar.update(1, skipped=len(skipped))
   finally:
     pool.shutdown(wait=True, cancel_futures=True)  # on an error, start no further case
-    if progress:
-      print(file=sys.stderr, flush=True)
+    bar.close()
   if not loaded:
     raise BratsDataError(
         f"None of the {len(cases)} cases could be loaded; first reason: {skipped[0][1]}")

@@ -12,7 +12,7 @@ Training (`train_dataset`, `train_batches`): one epoch at a time. The order is
 epoch's boundaries, so every epoch is a fresh permutation of all examples, epochs never mix,
 and the permutation and each example's augmentation are fixed by (seed, epoch, position).
 
-Augmentation (DESIGN.md section 1), each applied with probability 0.5, to image and label
+Augmentation (the paper's three), each applied with probability 0.5, to image and label
 alike:
 
 * elastic deformation: a smooth random displacement field (Gaussian displacements on a

@@ -13,15 +13,19 @@ import dataclasses
 
 import optax
 
+from tracin_jax.settings import setting
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Adam-then-SGD settings (the paper: Adam 1e-4, weight decay 1e-5, 5 epochs)."""
 
-  adam_epochs: int = 5
-  adam_learning_rate: float = 1e-4
-  weight_decay: float = 1e-5
-  sgd_learning_rate: float = 1e-2
+  adam_epochs: int = setting(5, "Epochs with Adam before the switch to plain SGD.", minimum=0)
+  adam_learning_rate: float = setting(1e-4, "Adam learning rate.", minimum=0.0, exclusive=True)
+  weight_decay: float = setting(1e-5, "Adam weight decay (added to the gradient, as "
+                                "torch.optim.Adam).", minimum=0.0)
+  sgd_learning_rate: float = setting(1e-2, "Plain SGD learning rate (TracIn's eta_t).",
+                                     minimum=0.0, exclusive=True)
 
 
 def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int) -> optax.Schedule:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import time
@@ -23,14 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tracin_jax import batching
 from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax.data import pipeline
 from tracin_jax.data.slices import SliceSet
-from tracin_jax.progress import Progress
+from tracin_jax.progress import ProgressBar
+from tracin_jax.settings import setting
 from tracin_jax.training import losses
 from tracin_jax.training import optim
-from tracin_jax.training.checkpoints import CheckpointStore
+from tracin_jax.training.checkpoints import CHECKPOINT_DIR, CheckpointStore
+from tracin_jax.types import Checkpoint
+
+logger = logging.getLogger("tracin_jax")
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.json"
@@ -45,14 +51,19 @@ class RunMismatchError(RuntimeError):
 class ModelConfig:
   """Which registered model, and its size."""
 
-  name: str = "unet"
-  base_width: int = 16
-  depth: int = 4
-  norm: str = "group"
+  name: str = setting("unet", "Registered model: unet, resunet, attention_unet or deepseg.",
+                      flag="model", choices=models.list_models())
+  base_width: int = setting(16, "Channels of the first level (the last hidden layer's maps).",
+                            minimum=1)
+  depth: int = setting(4, "Down-sampling levels.", minimum=1)
+  norm: str = setting("group", "Normalisation: group, batch or none.",
+                      choices=("group", "batch", "none"))
   # Initial background logit of the head (a prior, p_bg ~ 0.95 at initialisation): the Dice
   # loss of eq 2 excludes the background, and from a uniform start its gradient on the small
   # tumour classes vanishes, so training can settle on predicting tumour everywhere.
-  background_bias: float = 3.0
+  background_bias: float = setting(
+      3.0, "Initial background logit of the head (a prior against predicting tumour "
+      "everywhere).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +72,12 @@ class TrainConfig:
 
   model: ModelConfig = ModelConfig()
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
-  sgd_epochs: int = 25
-  batch_size: int = 10
-  augment: bool = True
-  seed: int = 0
-  eval_batch_size: int = 32
+  sgd_epochs: int = setting(25, "Epochs of plain SGD after Adam (TracIn's checkpoints).",
+                            minimum=1)
+  batch_size: int = setting(10, "Training batch size.", minimum=1)
+  augment: bool = setting(True, "Elastic, crop and mirror augmentation in training.")
+  seed: int = setting(0, "Seed of initialisation, data order and augmentation.")
+  eval_batch_size: int = setting(32, "Images per compiled call when evaluating.", minimum=1)
 
   @property
   def num_epochs(self) -> int:
@@ -135,12 +147,8 @@ def predict_classes(model: nnx.Module, images: np.ndarray, batch_size: int = 32)
   """Argmax classes [N, H, W] int32 of `images` [N, H, W, 4], in evaluation mode."""
   view = eval_view(model)
   out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:  # one compiled shape
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    out.append(np.asarray(_predict(view, jnp.asarray(chunk)))[:n])
+  for index, valid in batching.padded_batches(len(images), batch_size):  # one compiled shape
+    out.append(np.asarray(_predict(view, jnp.asarray(images[index])))[:valid])
   return np.concatenate(out) if out else np.zeros(images.shape[:3], np.int32)
 
 
@@ -150,7 +158,8 @@ def evaluate(model: nnx.Module, slices: SliceSet, batch_size: int = 32) -> dict[
   return losses.per_case_dice(pred, slices.labels, slices.case_ids)
 
 
-def _run_record(config: TrainConfig, train_set: SliceSet, val_set: SliceSet) -> dict[str, Any]:
+def run_record(config: TrainConfig, train_set: SliceSet, val_set: SliceSet) -> dict[str, Any]:
+  """What identifies a training run: its settings, cases, number of slices and image shape."""
   return {
       "config": config.to_dict(),
       "train_cases": train_set.cases,
@@ -179,7 +188,7 @@ def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
 def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
           workdir: str | os.PathLike, *, progress: bool = True,
           stop_after_epoch: int | None = None, dataset: str = "",
-          log=print) -> TrainResult:
+          log=logger.info) -> TrainResult:
   """Trains (or resumes, or reuses) the run in `workdir`.
 
   Args:
@@ -203,7 +212,7 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
   workdir = pathlib.Path(workdir)
   if len(train_set) == 0:
     raise ValueError("train_set is empty: nothing to train on.")
-  _check_run(workdir, _run_record(config, train_set, val_set))
+  _check_run(workdir, run_record(config, train_set, val_set))
 
   n_steps = steps_per_epoch(len(train_set), config.batch_size)
   tx, schedule = optim.make_optimizer(config.optimizer, n_steps)
@@ -231,7 +240,8 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
       return TrainResult(model, {}, history, resumed_from, False)
     first_step = (epoch - 1) * n_steps
     phase = optim.phase_at(config.optimizer, n_steps, first_step)
-    bar = Progress(n_steps, f"epoch {epoch}/{config.num_epochs} ({phase})", enabled=progress)
+    bar = ProgressBar(n_steps, f"epoch {epoch}/{config.num_epochs} ({phase})",
+                      enabled=progress)
     t0 = time.perf_counter()
     losses_sum, dice_sum, count = 0.0, np.zeros(3), 0
     for batch in pipeline.train_batches(
@@ -317,7 +327,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
       ax.text(switch_epoch + 0.6, 0.02, "SGD", transform=ax.get_xaxis_transform(),
               color="grey", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  outputs.save_figure(fig, path, dpi=110)
 
 
 def load_record(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -370,8 +380,10 @@ def tracin_checkpoints(workdir: str | os.PathLike, epochs: Sequence[int] | None 
     max_checkpoints: how many SGD epochs by default.
 
   Returns:
-    (apply_fn, checkpoints, epochs): `apply_fn(params, images) -> logits` of the run's model,
-    `checkpoints` a list of `(params, learning_rate)` and the epochs they come from.
+    (apply_fn, checkpoints, epochs): `apply_fn(params, images, state) -> logits` of the
+    run's model, `checkpoints` a list of `tracin_jax.Checkpoint(params, learning_rate,
+    state)` (each with its own non-parameter state, e.g. BatchNorm statistics) and the
+    epochs they come from.
   """
   if epochs is None:
     epochs = sgd_epochs_of(workdir)[:max_checkpoints]
@@ -382,7 +394,7 @@ def tracin_checkpoints(workdir: str | os.PathLike, epochs: Sequence[int] | None 
   apply_fn = None
   for epoch in epochs:
     model, meta = load_model(workdir, epoch)
-    fn, params = models.functional(model)
+    fn, params, state = models.functional(model)
     apply_fn = apply_fn or fn
-    checkpoints.append((params, float(meta["learning_rate"])))
+    checkpoints.append(Checkpoint(params, float(meta["learning_rate"]), state))
   return apply_fn, checkpoints, list(epochs)

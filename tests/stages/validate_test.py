@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tracin_jax.interpret import faithfulness
-from tracin_jax.interpret import validate
+from tracin_jax.stages import validate
 
 
 def _setup():

@@ -1,0 +1,99 @@
+"""Flags derived from a config dataclass: one flag per setting, written nowhere else.
+
+Each leaf field of the (nested) config becomes a flag named by its `setting(..., flag=)`
+metadata (default: the field's name), with the field's default and help text, and its
+allowed values appended to the help. `define_flags(ExperimentConfig)` returns a holder whose
+`value()` builds the config from the parsed flags.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Callable
+
+from absl import flags
+
+from tracin_jax import settings
+
+
+def _kind(leaf: settings.Leaf) -> tuple[str, Any]:
+  """('bool' | 'int' | 'float' | 'str' | 'list', element type)."""
+  tp = leaf.base_type
+  if typing.get_origin(tp) is typing.Literal:
+    return "str", str
+  if typing.get_origin(tp) is tuple:
+    return "list", typing.get_args(tp)[0]
+  for name, t in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+    if tp is t:
+      return name, t
+  raise TypeError(f"setting {'.'.join(leaf.path)}: no flag for type {tp}.")
+
+
+def _help(leaf: settings.Leaf) -> str:
+  allowed = settings.describe(leaf)
+  return leaf.help + (f" Allowed: {allowed}." if allowed else "")
+
+
+class ConfigFlags:
+  """The flags of one config class; `value()` is the config they describe."""
+
+  def __init__(self, config_cls: type, converters: dict[tuple[str, ...], tuple[str, Callable]]):
+    self._cls = config_cls
+    self._converters = converters
+
+  def value(self) -> Any:
+    values = {}
+    for path, (name, convert) in self._converters.items():
+      values[path] = convert(flags.FLAGS[name].value)
+    settings.check_values(self._cls, values)
+    return settings.build(self._cls, values)
+
+
+def define_flags(config_cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> ConfigFlags:
+  """Defines one flag per setting of `config_cls`.
+
+  Raises:
+    ValueError: two settings claim the same flag name.
+  """
+  converters = {}
+  seen: dict[str, tuple[str, ...]] = {}
+  for leaf in settings.leaves(config_cls):
+    name = leaf.flag
+    if name in seen:
+      raise ValueError(f"settings {'.'.join(seen[name])} and {'.'.join(leaf.path)} both "
+                       f"claim the flag --{name}.")
+    seen[name] = leaf.path
+    kind, elem = _kind(leaf)
+    default = leaf.field.default
+    text = _help(leaf)
+    if kind == "bool":
+      flags.DEFINE_bool(name, default, text, flag_values=flag_values)
+      convert = bool
+    elif kind == "int":
+      flags.DEFINE_integer(name, default, text, flag_values=flag_values)
+      convert = lambda v: v  # noqa: E731
+    elif kind == "float":
+      flags.DEFINE_float(name, default, text, flag_values=flag_values)
+      convert = lambda v: v  # noqa: E731
+    elif kind == "str":
+      flags.DEFINE_string(name, default, text, flag_values=flag_values)
+      convert = lambda v: v  # noqa: E731
+    else:
+      flags.DEFINE_list(name, None if default is None else [str(x) for x in default], text,
+                        flag_values=flag_values)
+      convert = _list_converter(name, elem, leaf.optional)
+    converters[leaf.path] = (name, convert)
+  return ConfigFlags(config_cls, converters)
+
+
+def _list_converter(name: str, elem: type, optional: bool) -> Callable:
+  def convert(value):
+    if not value:
+      return None if optional else ()
+    try:
+      return tuple(elem(v) for v in value)
+    except ValueError:
+      kind = {int: "an integer", float: "a number"}.get(elem, elem.__name__)
+      raise settings.SettingsError(
+          f"--{name}={','.join(value)}: every item must be {kind}.") from None
+  return convert

@@ -1,0 +1,84 @@
+"""Flags derived from the configs: one per setting, the old names kept, bad values named."""
+
+import dataclasses
+
+import pytest
+from absl import flags
+
+from experiments import config_flags
+from tracin_jax import experiment
+from tracin_jax import settings
+
+# The flag names of the command line before flags were derived from the configs; the
+# flagfiles and the README use them.
+OLD_FLAGS = """workdir data_dir synthetic_cases synthetic_seed cache_dir groups num_slices
+slice_center crop_size image_size val_fraction num_val split_seed skip_bad_cases model
+base_width depth norm batch_size adam_epochs sgd_epochs adam_learning_rate weight_decay
+sgd_learning_rate augment seed threshold checkpoint_epochs max_checkpoints top_k global_top
+global_fraction num_local_panels memory_budget_mb fi_threshold num_scatter_features
+regions_per_class num_removed num_random validate_seed retrain_from_epoch
+randomisation_examples""".split()
+
+
+def _parse(*argv):
+  fv = flags.FlagValues()
+  holder = config_flags.define_flags(experiment.ExperimentConfig, fv)
+  fv(["prog", *argv])
+  saved = flags.FLAGS
+  flags.FLAGS = fv  # `value()` reads the global flags, as the app does
+  try:
+    return holder.value()
+  finally:
+    flags.FLAGS = saved
+
+
+def test_every_setting_has_one_flag_with_help_and_the_old_names_remain():
+  leaves = list(settings.leaves(experiment.ExperimentConfig))
+  names = [leaf.flag for leaf in leaves]
+  assert len(names) == len(set(names))
+  assert set(OLD_FLAGS) <= set(names)
+  for leaf in leaves:
+    assert leaf.help.endswith((".", ")")), leaf.path
+  assert {"background_bias", "eval_batch_size", "influence_block_size",
+          "interpret_batch_size"} <= set(names)
+
+
+def test_defaults_build_the_default_config():
+  assert dataclasses.replace(_parse("--workdir=w"), workdir=None) == \
+      experiment.ExperimentConfig()
+
+
+def test_flags_reach_every_level_of_the_config():
+  config = _parse("--workdir=w", "--model=resunet", "--image_size=64", "--groups=HGG,LGG",
+                  "--checkpoint_epochs=9,10", "--validate_seed=3", "--seed=5",
+                  "--influence_block_size=16", "--noaugment", "--background_bias=2.5")
+  assert config.train.model.name == "resunet"
+  assert config.data.preprocess.image_size == 64
+  assert config.data.preprocess.groups == ("HGG", "LGG")
+  assert config.influence.checkpoint_epochs == (9, 10)
+  assert config.validate.seed == 3 and config.train.seed == 5
+  assert config.influence.block_size == 16 and config.train.augment is False
+  assert config.train.model.background_bias == 2.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image_size=7"], "--image_size=7: must be >= 8"),
+    (["--threshold=1.5"], "--threshold=1.5: must be strictly between 0 and 1"),
+    (["--threshold=-0.5"], "--threshold=-0.5"),
+    (["--memory_budget_mb=0"], "--memory_budget_mb=0: must be >= 1"),
+    (["--sgd_epochs=0"], "--sgd_epochs=0"),
+    (["--model=foo"], "--model=foo: must be one of"),
+    (["--num_slices=0"], "--num_slices=0"),
+    (["--groups=XYZ"], "--groups=XYZ: must be one of HGG, LGG"),
+    (["--batch_size=-1"], "--batch_size=-1"),
+    (["--checkpoint_epochs=a"], "--checkpoint_epochs=a: every item must be an integer"),
+])
+def test_a_bad_value_names_its_flag_and_the_allowed_range(argv, message):
+  with pytest.raises(settings.SettingsError) as e:
+    _parse("--workdir=w", *argv)
+  assert message in str(e.value)
+
+
+def test_a_misspelled_flag_is_an_error_naming_it():
+  with pytest.raises(flags.UnrecognizedFlagError, match="trheshold"):
+    _parse("--workdir=w", "--trheshold=0.5")

@@ -1,0 +1,145 @@
+"""Each stage on the tests' tiny training run: outputs, manifest, load, reuse and resume."""
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+import tiny_run
+
+from tracin_jax import stages
+from tracin_jax.influence import layout
+from tracin_jax.stages.influence import InfluenceConfig
+from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.validate import ValidateConfig
+
+CONFIGS = {
+    "train": tiny_run.CONFIG,
+    "influence": InfluenceConfig(threshold=0.5, top_k=3, global_top=3, num_local_panels=1),
+    "interpret": InterpretConfig(batch_size=8),
+    "validate": ValidateConfig(regions_per_class=1, num_removed=2, num_random=1,
+                               randomisation_examples=6),
+}
+
+
+def _context(workdir):
+  return stages.Context(workdir, tiny_run.TRAIN, tiny_run.VAL, data_name="tiny test set",
+                        configs=CONFIGS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def staged(full_run):
+  """Every stage run once in order on the tiny run: (context, {name: result})."""
+  context = _context(full_run[0])
+  results = {name: stages.run_stage(stages.get_stage(name, CONFIGS[name]), context)
+             for name in stages.list_stages()}
+  return context, results
+
+
+def test_registry_order_and_needs():
+  assert stages.list_stages() == ("train", "influence", "interpret", "validate")
+  for name in stages.list_stages():
+    stage = stages.get_stage(name)
+    assert isinstance(stage, stages.Stage)
+    assert all(stages.list_stages().index(n) < stages.list_stages().index(name)
+               for n in stage.needs)
+  with pytest.raises(ValueError, match="Unknown stage 'trian'"):
+    stages.get_stage("trian")
+
+
+def test_every_stage_writes_a_manifest_listing_what_it_wrote(staged):
+  context, results = staged
+  for name in stages.list_stages():
+    manifest = stages.read_manifest(context.workdir, name)
+    assert manifest["stage"] == name and manifest["data"] == "tiny test set"
+    assert manifest["fingerprint"] == results[name].manifest.fingerprint
+    assert manifest["seconds"] >= 0 and manifest["versions"]["jax"]
+    assert manifest["settings"] == json.loads(json.dumps(
+        stages.base.outputs.plain(CONFIGS[name])))
+    assert manifest["files"] and manifest["figures"]
+    for entry in manifest["files"] + manifest["figures"]:
+      assert (context.workdir / entry["path"]).exists(), entry
+      assert len(entry.get("description", entry.get("caption", ""))) > 20
+  assert stages.read_manifest(context.workdir, "train")["headline"]["validation_dice"] == \
+      results["train"].metrics["validation"]
+
+
+def test_influence_result_matches_its_files_and_load(staged):
+  context, results = staged
+  inf = results["influence"]
+  n, v = len(tiny_run.TRAIN), len(tiny_run.VAL)
+  assert inf.train_blocks.shape == (3, n, 3 * n) and inf.test_blocks.shape == (3, v, 3 * n)
+  assert inf.epochs == [3, 4]
+  with np.load(context.workdir / "influence" / "test_influence.npz") as f:
+    np.testing.assert_array_equal(f["scores"], inf.test_blocks)
+    assert str(f["dataset"]) == "tiny test set"
+  scores = layout.from_class_blocks(inf.train_blocks)
+  assert np.all(np.isnan(scores[~inf.presence_train]))
+  loaded = stages.get_stage("influence", CONFIGS["influence"]).load(context)
+  np.testing.assert_array_equal(loaded.train_blocks, inf.train_blocks)
+  np.testing.assert_array_equal(loaded.val_regions, inf.val_regions)
+  assert loaded.fingerprint == inf.fingerprint
+
+
+def test_interpret_and_validate_results(staged):
+  context, results = staged
+  fi = results["interpret"].fi
+  assert fi.shape[:2] == (3, tiny_run.CONFIG.model.base_width)
+  val = results["validate"]
+  assert val.reproduces_run is True
+  saved = json.loads((context.workdir / "validate" / "retraining.json").read_text())
+  assert saved["num_removed"] == 2 and saved["dice_change"] == json.loads(
+      json.dumps(val.summary["dice_change"]))
+  loaded = stages.get_stage("validate", CONFIGS["validate"]).load(context)
+  assert loaded.summary["dice_change"] == saved["dice_change"]
+
+
+def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
+  context, results = staged
+  again = _context(context.workdir)
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    for name in stages.list_stages():
+      stages.run_stage(stages.get_stage(name, CONFIGS[name]), again)
+  assert caplog.text.count("reusing it") == 4
+  np.testing.assert_array_equal(again.results["influence"].test_blocks,
+                                results["influence"].test_blocks)
+
+  # As after a kill before the manifest: the stage runs again, from its saved parts.
+  (context.workdir / "influence" / "manifest.json").unlink()
+  caplog.clear()
+  third = _context(context.workdir)
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    rerun = stages.run_stage(stages.get_stage("influence", CONFIGS["influence"]), third)
+  assert "checkpoint of epoch 3 (1/2) reused" in caplog.text
+  assert "checkpoint of epoch 4 (2/2) reused" in caplog.text
+  np.testing.assert_array_equal(rerun.test_blocks, results["influence"].test_blocks)
+  assert rerun.fingerprint == results["influence"].fingerprint
+
+
+def test_a_changed_setting_reruns_the_stage_reusing_the_parts_it_does_not_change(
+    staged, caplog):
+  context, results = staged
+  other = dict(CONFIGS, influence=dataclasses.replace(CONFIGS["influence"], top_k=2))
+  ctx = stages.Context(context.workdir, tiny_run.TRAIN, tiny_run.VAL,
+                       data_name="tiny test set", configs=other, progress=False)
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    rerun = stages.run_stage(stages.get_stage("influence", other["influence"]), ctx)
+  assert "reusing it" not in caplog.text  # the stage ran again ...
+  assert "checkpoint of epoch 4 (2/2) reused" in caplog.text  # ... on its saved TracIn sums
+  assert rerun.fingerprint != results["influence"].fingerprint
+  saved = json.loads((context.workdir / "influence" / "proponents.json").read_text())
+  assert saved["k"] == 2
+  assert all(len(e["proponents"]) <= 2 for e in saved["explanations"])
+  # The stages after it see a changed input and run again too.
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    stages.run_stage(stages.get_stage("interpret", other["interpret"]), ctx)
+  assert "interpret: inputs and settings unchanged" not in caplog.text
+  stages.run_stage(stages.get_stage("influence", CONFIGS["influence"]),
+                   _context(context.workdir))  # restore the module's run
+
+
+def test_a_stage_whose_needs_have_not_run_is_refused(tmp_path):
+  context = _context(tmp_path)
+  with pytest.raises(stages.StageError, match="no finished influence stage"):
+    stages.run_stage(stages.get_stage("interpret", CONFIGS["interpret"]), context)

@@ -1,0 +1,400 @@
+"""The contract every stage of the experiment follows, and what stages share.
+
+A stage is a class registered by name (`register_stage`), with
+
+  * `name`: its name on the command line and its directory under the workdir;
+  * `config_cls`: a frozen dataclass of its settings (an instance is `stage.config`);
+  * `needs`: the stages whose results it reads;
+  * `fingerprint(context) -> str`: a hash of everything its outputs depend on;
+  * `run(context) -> result`: computes and writes its outputs, returning a typed result
+    whose `manifest` lists them;
+  * `load(context) -> result`: the same result, read back from a finished run's files.
+
+`run_stage` is the one way a stage is run: it reuses a finished stage whose fingerprint is
+unchanged, otherwise removes the stale manifest, runs the stage and writes
+`<workdir>/<stage>/manifest.json` (settings, fingerprint, timings, versions, data, every
+file with its description and every figure with its caption, headline numbers). Later
+readers (a report, a notebook) read manifests and the files they list, never a stage's
+private names.
+
+Work that can be saved in parts (TracIn per checkpoint, one retraining) goes through
+`Parts`: a directory keyed by the fingerprint of the inputs, parts written atomically as
+they finish and reused on rerun, and a log line naming what changed when the inputs did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from tracin_jax import outputs
+from tracin_jax.data.slices import SliceSet
+
+logger = logging.getLogger("tracin_jax")
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("tracin_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+class StageError(RuntimeError):
+  """A stage cannot run: a needed stage has not run, or its inputs do not match."""
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclasses.dataclass
+class Manifest:
+  """What a stage wrote and found; `run_stage` adds timings and versions and writes it.
+
+  Paths are relative to the workdir.
+  """
+
+  stage: str
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  fingerprint: str = ""
+  files: list[dict[str, str]] = dataclasses.field(default_factory=list)
+  figures: list[dict[str, str]] = dataclasses.field(default_factory=list)
+  headline: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def file(self, path: str | os.PathLike, description: str) -> None:
+    self.files.append({"path": str(path), "description": description})
+
+  def figure(self, path: str | os.PathLike, caption: str) -> None:
+    self.figures.append({"path": str(path), "caption": caption})
+
+  def paths(self) -> list[str]:
+    return [f["path"] for f in self.files + self.figures]
+
+  @classmethod
+  def from_record(cls, record: dict[str, Any]) -> "Manifest":
+    """The Manifest of a written `manifest.json` (its timings and versions left out)."""
+    return cls(record["stage"], record.get("settings", {}), record.get("fingerprint", ""),
+               record.get("files", []), record.get("figures", []), record.get("headline", {}))
+
+
+def versions() -> dict[str, str]:
+  """Versions of Python and of the packages that decide the numbers."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  out = {"python": platform.python_version()}
+  for name in _PACKAGES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = "not installed"
+  return out
+
+
+def machine() -> dict[str, Any]:
+  return {"platform": platform.platform(), "processor": platform.machine(),
+          "cpus": os.cpu_count()}
+
+
+def read_manifest(workdir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
+  """The manifest of `stage` in `workdir`, or None if it has not finished there."""
+  path = pathlib.Path(workdir) / stage / MANIFEST
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:
+    return None
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage receives.
+
+  Attributes:
+    workdir: the run's directory.
+    train_set, val_set: the training and validation slices (with their case and slice ids).
+    data_name: "synthetic cohort" or "BraTS data in <dir>".
+    synthetic: whether the data are the synthetic cohort.
+    configs: every stage's config by stage name (a stage's `load` may need another's).
+    memory_budget_bytes: per-example gradients held at once by any stage.
+    progress: show progress bars.
+    results: results of the stages run or loaded so far, by name.
+  """
+
+  workdir: pathlib.Path
+  train_set: SliceSet
+  val_set: SliceSet
+  data_name: str = ""
+  synthetic: bool = False
+  configs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  memory_budget_bytes: int = 1 << 30
+  progress: bool = True
+  results: dict[str, Any] = dataclasses.field(default_factory=dict)
+  _data_fingerprint: str | None = dataclasses.field(default=None, repr=False)
+
+  def __post_init__(self):
+    self.workdir = pathlib.Path(self.workdir)
+
+  def log(self, message: str) -> None:
+    logger.info(message)
+
+  @property
+  def suffix(self) -> str:
+    """" (<data name>)" for figure titles."""
+    return f" ({self.data_name})" if self.data_name else ""
+
+  def stage_dir(self, name: str) -> pathlib.Path:
+    path = self.workdir / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+  def data_fingerprint(self) -> str:
+    """A hash of the training and validation slices: images, labels and ids."""
+    if self._data_fingerprint is None:
+      h = hashlib.sha256()
+      for s in (self.train_set, self.val_set):
+        outputs.hash_arrays(h, s.images, s.labels)
+        h.update("|".join(f"{c}:{z}" for c, z in s.ids).encode())
+      self._data_fingerprint = h.hexdigest()[:16]
+    return self._data_fingerprint
+
+  def need(self, name: str) -> Any:
+    """The result of stage `name`: from this run, or loaded from the workdir.
+
+    Raises:
+      StageError: the stage has not finished in the workdir.
+    """
+    if name not in self.results:
+      if read_manifest(self.workdir, name) is None:
+        raise StageError(f"{self.workdir} has no finished {name} stage: run it first "
+                         f"(--stages=...,{name},...).")
+      self.results[name] = get_stage(name, self.configs.get(name)).load(self)
+    return self.results[name]
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+@runtime_checkable
+class Stage(Protocol):
+  """One stage of the experiment (see the module docstring)."""
+
+  name: ClassVar[str]
+  config_cls: ClassVar[type]
+  needs: ClassVar[tuple[str, ...]]
+  config: Any
+
+  def fingerprint(self, context: Context) -> str:
+    ...
+
+  def run(self, context: Context) -> Any:
+    ...
+
+  def load(self, context: Context) -> Any:
+    ...
+
+
+_STAGES: dict[str, type] = {}
+
+
+def register_stage(cls: type) -> type:
+  """Class decorator: registers a stage class under `cls.name`, in registration order."""
+  if cls.name in _STAGES:
+    raise ValueError(f"stage {cls.name!r} is already registered to {_STAGES[cls.name]}.")
+  for need in cls.needs:
+    if need not in _STAGES:
+      raise ValueError(f"stage {cls.name!r} needs {need!r}, which is not registered before it.")
+  _STAGES[cls.name] = cls
+  return cls
+
+
+def list_stages() -> tuple[str, ...]:
+  """Registered stage names, in the order they run."""
+  return tuple(_STAGES)
+
+
+def get_stage(name: str, config: Any = None) -> Stage:
+  """The stage `name` with `config` (default: its config class's defaults).
+
+  Raises:
+    ValueError: no stage of that name.
+  """
+  if name not in _STAGES:
+    raise ValueError(f"Unknown stage {name!r}; known stages: {', '.join(_STAGES)}.")
+  cls = _STAGES[name]
+  return cls(cls.config_cls() if config is None else config)
+
+
+class StageBase:
+  """Shared plumbing of the stage classes: the config, its settings for the manifest."""
+
+  name: ClassVar[str] = ""
+  config_cls: ClassVar[type] = type(None)
+  needs: ClassVar[tuple[str, ...]] = ()
+
+  def __init__(self, config: Any = None):
+    self.config = self.config_cls() if config is None else config
+    if not isinstance(self.config, self.config_cls):
+      raise TypeError(f"{self.name} stage: config must be a {self.config_cls.__name__}, "
+                      f"got {type(self.config).__name__}.")
+
+  def fingerprint(self, context: Context) -> str:
+    """By default: the fingerprints of the stages it needs, its settings and the data.
+
+    A stage whose outputs depend on more (checkpoints' contents, say) says so itself.
+    """
+    return inputs_key({
+        "needs": {name: context.need(name).manifest.fingerprint for name in self.needs},
+        "settings": outputs.plain(self.config), "data": context.data_fingerprint(),
+        "data_name": context.data_name})
+
+  def manifest(self, context: Context, fingerprint: str) -> Manifest:
+    return Manifest(self.name, outputs.plain(self.config), fingerprint)
+
+  def rel(self, name: str) -> str:
+    """The path of one of the stage's files as a manifest lists it (workdir-relative)."""
+    return f"{self.name}/{name}"
+
+
+def _finished(context: Context, stage: Stage, key: str) -> bool:
+  manifest = read_manifest(context.workdir, stage.name)
+  if manifest is None or manifest.get("fingerprint") != key:
+    return False
+  listed = [f["path"] for f in manifest.get("files", []) + manifest.get("figures", [])]
+  return all((context.workdir / p).exists() for p in listed)
+
+
+def run_stage(stage: Stage, context: Context) -> Any:
+  """Runs `stage` (or reuses its finished outputs) and writes its manifest.
+
+  Returns:
+    The stage's result, also stored in `context.results`.
+  """
+  for need in stage.needs:
+    context.need(need)
+  t0 = time.perf_counter()
+  key = stage.fingerprint(context)
+  reused = _finished(context, stage, key)
+  if reused:
+    context.log(f"{stage.name}: inputs and settings unchanged since the finished run in "
+                f"{context.workdir / stage.name}; reusing it.")
+    result = stage.load(context)
+  else:
+    (context.workdir / stage.name / MANIFEST).unlink(missing_ok=True)
+    result = stage.run(context)
+  seconds = time.perf_counter() - t0
+  context.results[stage.name] = result
+  if not reused:
+    write_manifest(context, result.manifest, seconds)
+  context.log(f"[{stage.name} stage {'reused' if reused else 'done'} in {seconds:.0f} s]")
+  return result
+
+
+def write_manifest(context: Context, manifest: Manifest, seconds: float) -> None:
+  """Writes `<workdir>/<stage>/manifest.json` from the stage's `Manifest`."""
+  missing = [p for p in manifest.paths() if not (context.workdir / p).exists()]
+  if missing:
+    raise StageError(f"{manifest.stage} stage: its manifest lists files it did not write: "
+                     f"{missing}.")
+  record = {
+      "stage": manifest.stage,
+      "data": context.data_name,
+      "synthetic": context.synthetic,
+      "fingerprint": manifest.fingerprint,
+      "settings": manifest.settings,
+      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "seconds": round(seconds, 1),
+      "versions": versions(),
+      "machine": machine(),
+      "headline": outputs.plain(manifest.headline),
+      "files": manifest.files,
+      "figures": manifest.figures,
+  }
+  outputs.write_json(context.stage_dir(manifest.stage) / MANIFEST, record)
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def inputs_key(inputs: dict[str, Any]) -> str:
+  return hashlib.sha256(
+      json.dumps(outputs.plain(inputs), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Parts:
+  """Work saved in named parts, keyed by what it depends on, reused on rerun.
+
+  Parts live in `<directory>/<key>/`, where key hashes `inputs` (a JSON-able dict of the
+  settings and input hashes the parts depend on; kept beside them as `inputs.json`). A part
+  is an array (`.npy`) or a JSON dict (`.json`), written atomically when it is finished, so
+  an interrupted computation resumes at the first missing part. When earlier parts exist
+  under another key, a log line names the inputs that changed.
+  """
+
+  def __init__(self, directory: str | os.PathLike, inputs: dict[str, Any], *,
+               what: str = "parts"):
+    self.root = pathlib.Path(directory)
+    self.inputs = outputs.plain(inputs)
+    self.key = inputs_key(inputs)
+    self.dir = self.root / self.key
+    self.what = what
+    fresh = not self.dir.exists()
+    self.dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+      outputs.write_json(self.dir / "inputs.json", self.inputs)
+      self._say_what_changed()
+
+  def _say_what_changed(self) -> None:
+    others = [p for p in self.root.glob("*/inputs.json") if p.parent != self.dir]
+    if not others:
+      return
+    latest = max(others, key=lambda p: p.stat().st_mtime)
+    try:
+      before = json.loads(latest.read_text())
+    except json.JSONDecodeError:
+      return
+    changed = sorted(k for k in set(before) | set(self.inputs)
+                     if json.dumps(before.get(k), sort_keys=True)
+                     != json.dumps(self.inputs.get(k), sort_keys=True))
+    logger.info(f"{self.what}: inputs changed since the parts in {latest.parent} were saved "
+                f"({', '.join(changed)}); computing them anew in {self.dir}.")
+
+  def _path(self, name: str, suffix: str) -> pathlib.Path:
+    return self.dir / f"{name}{suffix}"
+
+  def load(self, name: str) -> np.ndarray | dict | None:
+    """The part `name`, or None if it is not finished."""
+    npy, js = self._path(name, ".npy"), self._path(name, ".json")
+    if npy.exists():
+      return np.load(npy, allow_pickle=False)
+    if js.exists():
+      return json.loads(js.read_text())
+    return None
+
+  def save(self, name: str, value: np.ndarray | dict) -> None:
+    if isinstance(value, dict):
+      outputs.write_json(self._path(name, ".json"), value)
+    else:
+      outputs.save_npy(self._path(name, ".npy"), value)
+
+  def get(self, name: str, compute: Callable[[], Any], *, label: str | None = None) -> Any:
+    """The part `name`, computed by `compute()` and saved if it is not finished."""
+    label = label or name
+    part = self.load(name)
+    if part is not None:
+      logger.info(f"{self.what}: {label} reused.")
+      return part
+    t0 = time.perf_counter()
+    part = compute()
+    self.save(name, part)
+    logger.info(f"{self.what}: {label} done in {time.perf_counter() - t0:.1f} s.")
+    return part

@@ -1,0 +1,332 @@
+"""The `influence` stage: TracIn explanations of a training run (eq 6).
+
+Reads the run's SGD checkpoints and writes under `<workdir>/influence/`:
+  - `train_influence.npz`: `scores` [3, n_train, 3 * n_train] (test class i, then train class
+    j's block), `presence` [n_train, 3], example ids, checkpoint epochs and learning rates;
+  - `test_influence.npz`: the same for validation against training
+    (`scores` [3, n_val, 3 * n_train], `presence_test`, `presence_train`);
+  - `proponents.json`: per validation example and predicted class, the top-k proponents and
+    opponents (case, slice, class, score, global_explainer);
+  - `global_explainers.json`: train regions in the top `global_top` of more than
+    `global_fraction` of the validation regions;
+  - figures: `train_influence.png` (Fig. 4), `proponent_classes.png` (Fig. 5),
+    `self_influence.png`, `local_<case>_<slice>.png` (local explanation panels);
+  - `parts/<key>/epoch<e>.npy`: each checkpoint's share of the sum, saved as it finishes.
+Regions come from the final model (its own parameters and state) and are held fixed over
+the checkpoints; every checkpoint's gradients use that checkpoint's own state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Callable
+
+import numpy as np
+
+from tracin_jax import models
+from tracin_jax import outputs
+from tracin_jax.data import constants
+from tracin_jax.influence import core
+from tracin_jax.influence import figures
+from tracin_jax.influence import layout
+from tracin_jax.influence import report
+from tracin_jax.influence import segmentation
+from tracin_jax.settings import setting
+from tracin_jax.stages import base
+from tracin_jax.training import train as train_lib
+from tracin_jax.types import Checkpoint
+
+CLASS_NAMES = tuple(constants.CLASS_NAMES[c] for c in constants.TUMOUR_CLASSES)
+TRAIN_FILE = "train_influence.npz"
+TEST_FILE = "test_influence.npz"
+PROPONENTS_FILE = "proponents.json"
+GLOBAL_FILE = "global_explainers.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceConfig:
+  """Settings of the influence stage."""
+
+  threshold: float = setting(0.8, "Region threshold on p_j (strict: p_j > threshold).",
+                             minimum=0.0, maximum=1.0, exclusive=True)
+  checkpoint_epochs: tuple[int, ...] | None = setting(
+      None, "TracIn checkpoint epochs (unset: the first --max_checkpoints SGD epochs).",
+      minimum=1)
+  max_checkpoints: int = setting(5, "SGD checkpoints TracIn sums over by default.", minimum=1)
+  top_k: int = setting(10, "Proponents and opponents listed per region.", minimum=1)
+  global_top: int = setting(20, "Top-n proponents and opponents that find global explainers.",
+                            minimum=1)
+  global_fraction: float = setting(
+      0.5, "Share of the validation regions above which a train region is a global "
+      "explainer.", minimum=0.0, maximum=1.0)
+  num_local_panels: int = setting(2, "Local explanation figures.", minimum=0)
+  block_size: int | None = setting(
+      None, "Examples per gradient block (unset: the library's default, lowered to fit the "
+      "memory budget).", flag="influence_block_size", minimum=1)
+
+
+@dataclasses.dataclass
+class InfluenceOutputs:
+  """The influence stage's result, with the regions of the model it explains.
+
+  Attributes:
+    train_blocks: [K, n_train, K * n_train] train-influence (NaN for absent regions).
+    test_blocks: [K, n_val, K * n_train] validation-train influence.
+    presence_train, presence_test: [n, K] bool.
+    threshold: the region threshold used.
+    class_names: the K class names.
+    epochs, learning_rates: the TracIn checkpoints.
+    global_explainers: the entries of `global_explainers.json`.
+    apply_fn, params, state: the final model (`models.functional`).
+    train_regions, val_regions: [n, H, W, K] bool regions of the final model.
+    fingerprint: the stage's fingerprint (what later stages key their work by).
+    manifest: what the stage wrote.
+  """
+
+  train_blocks: np.ndarray
+  test_blocks: np.ndarray
+  presence_train: np.ndarray
+  presence_test: np.ndarray
+  threshold: float
+  class_names: tuple[str, ...]
+  epochs: list[int]
+  learning_rates: list[float]
+  global_explainers: list[dict[str, Any]]
+  apply_fn: Callable
+  params: Any
+  state: Any
+  train_regions: np.ndarray
+  val_regions: np.ndarray
+  fingerprint: str
+  manifest: base.Manifest
+
+
+def checkpoint_hash(checkpoint: Checkpoint) -> str:
+  """A hash of a checkpoint's parameters, state and learning rate."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  h = hashlib.sha256(repr(float(checkpoint.learning_rate)).encode())
+  outputs.hash_arrays(h, *jax.tree.leaves((checkpoint.params, checkpoint.state)))
+  return h.hexdigest()[:16]
+
+
+def _examples(slices, regions: np.ndarray) -> dict[str, np.ndarray]:
+  return {"image": slices.images, "target": slices.labels.astype(np.int32), "region": regions}
+
+
+@base.register_stage
+class InfluenceStage(base.StageBase):
+  """TracIn of every validation and training region against every training region."""
+
+  name, config_cls, needs = "influence", InfluenceConfig, ("train",)
+
+  def __init__(self, config: InfluenceConfig | None = None):
+    super().__init__(config)
+    self._loaded = None
+
+  def _checkpoints(self, context: base.Context):
+    """(apply_fn, checkpoints, epochs, final Checkpoint, final apply_fn), loaded once.
+
+    The final model's own apply_fn defaults to its own state, so library functions that
+    take `apply_fn(params, images)` (features, regions) see the explained model exactly.
+    """
+    if self._loaded is None:
+      apply_fn, checkpoints, epochs = train_lib.tracin_checkpoints(
+          context.workdir, self.config.checkpoint_epochs, self.config.max_checkpoints)
+      final_model, meta = train_lib.load_model(context.workdir)
+      final_apply, params, state = models.functional(final_model)
+      final = Checkpoint(params, float(meta["learning_rate"]), state)
+      self._loaded = apply_fn, checkpoints, epochs, final, final_apply
+    return self._loaded
+
+  def _inputs(self, context: base.Context) -> dict[str, Any]:
+    _, checkpoints, epochs, final, _ = self._checkpoints(context)
+    return {
+        "run": train_lib.load_record(context.workdir),
+        "data": context.data_fingerprint(),
+        "threshold": self.config.threshold,
+        "checkpoints": {str(e): checkpoint_hash(c) for e, c in zip(epochs, checkpoints)},
+        "final_model": checkpoint_hash(final),
+    }
+
+  def fingerprint(self, context: base.Context) -> str:
+    return base.inputs_key({**self._inputs(context), "settings": outputs.plain(self.config)})
+
+  def run(self, context: base.Context) -> InfluenceOutputs:
+    config, log = self.config, context.log
+    out = context.stage_dir(self.name)
+    apply_fn, checkpoints, epochs, final, final_apply = self._checkpoints(context)
+    rates = [c.learning_rate for c in checkpoints]
+    log(f"TracIn checkpoints: epochs {epochs}, learning rates {[f'{r:g}' for r in rates]}.")
+    train_set, val_set = context.train_set, context.val_set
+
+    # Regions of the explained model (the final checkpoint), held fixed over checkpoints.
+    train_regions, val_regions = (
+        segmentation.predict_regions(final_apply, final.params, s.images, config.threshold,
+                                     state=final.state) for s in (train_set, val_set))
+    presence_train = segmentation.region_presence(train_regions)
+    presence_val = segmentation.region_presence(val_regions)
+    log(f"Regions (p > {config.threshold}) present in train: "
+        + ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence_train.sum(0)))
+        + "; validation: "
+        + ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence_val.sum(0))) + ".")
+
+    # One train-influence of train + validation per checkpoint: each example's gradients are
+    # computed once (when they fit in the budget) and serve both the train-train and the
+    # validation-train blocks; the validation-validation block is cheap and dropped.
+    loss_fn = segmentation.make_region_losses(apply_fn)
+    train_ex, val_ex = _examples(train_set, train_regions), _examples(val_set, val_regions)
+    both = {key: np.concatenate([train_ex[key], val_ex[key]]) for key in train_ex}
+    parts = base.Parts(out / "parts", self._inputs(context), what="influence")
+    total = None
+    for t, (epoch, ckpt) in enumerate(zip(epochs, checkpoints)):
+      part = parts.get(
+          f"epoch{epoch}",
+          lambda ckpt=ckpt: core.influence(
+              loss_fn, [ckpt], both, memory_budget_bytes=context.memory_budget_bytes,
+              batch_size=config.block_size, progress=context.progress),
+          label=f"checkpoint of epoch {epoch} ({t + 1}/{len(epochs)})")
+      total = part if total is None else total + part
+    n = len(train_set)
+    train_scores = segmentation.mask_absent(total[:n, :, :n, :], presence_train,
+                                            presence_train)
+    test_scores = segmentation.mask_absent(total[n:, :, :n, :], presence_val, presence_train)
+    train_blocks = layout.to_class_blocks(train_scores)
+    test_blocks = layout.to_class_blocks(test_scores)
+
+    manifest = self.manifest(context, self.fingerprint(context))
+    ids = dict(train_case_ids=np.asarray(train_set.case_ids, str),
+               train_slice_indices=np.asarray(train_set.slice_indices, np.int32))
+    common = dict(epochs=np.asarray(epochs), learning_rates=np.asarray(rates),
+                  threshold=np.asarray(config.threshold), class_names=np.asarray(CLASS_NAMES),
+                  dataset=np.asarray(context.data_name), synthetic=np.asarray(context.synthetic))
+    outputs.save_npz(out / TRAIN_FILE, scores=train_blocks, presence=presence_train, **ids,
+                     **common)
+    manifest.file(self.rel(TRAIN_FILE), "train-influence: scores [3, n_train, 3 n_train] (test "
+                  "class i, then train class j's block), presence [n_train, 3], example ids, "
+                  "checkpoint epochs and learning rates")
+    outputs.save_npz(out / TEST_FILE, scores=test_blocks, presence_test=presence_val,
+                     presence_train=presence_train,
+                     test_case_ids=np.asarray(val_set.case_ids, str),
+                     test_slice_indices=np.asarray(val_set.slice_indices, np.int32),
+                     **ids, **common)
+    manifest.file(self.rel(TEST_FILE), "validation-train influence: scores [3, n_val, 3 n_train], "
+                  "presence_test, presence_train, example ids")
+
+    globals_ = report.global_explainers(test_blocks, top=config.global_top,
+                                        min_fraction=config.global_fraction)
+    for g in globals_:
+      g["case"], g["slice"] = train_set.ids[g["train_index"]]
+      g["class"] = CLASS_NAMES[g["train_class"]]
+    outputs.write_json(out / GLOBAL_FILE, {
+        "dataset": context.data_name, "top": config.global_top,
+        "min_fraction": config.global_fraction, "num_test_regions": int(presence_val.sum()),
+        "global_explainers": globals_})
+    manifest.file(self.rel(GLOBAL_FILE), f"train regions in the top {config.global_top} "
+                  f"proponents or opponents of more than {config.global_fraction:.0%} of the "
+                  "validation regions")
+    explanations = report.explain(
+        test_blocks, val_set.ids, train_set.ids, CLASS_NAMES, k=config.top_k,
+        global_columns=[g["column"] for g in globals_])
+    outputs.write_json(out / PROPONENTS_FILE, {
+        "dataset": context.data_name, "k": config.top_k, "checkpoint_epochs": list(epochs),
+        "threshold": config.threshold, "explanations": explanations})
+    manifest.file(self.rel(PROPONENTS_FILE), f"per validation example and predicted class: the "
+                  f"top {config.top_k} proponents and opponents (case, slice, class, score, "
+                  "global_explainer)")
+
+    suffix = context.suffix
+    figures.plot_influence_matrices(train_blocks, CLASS_NAMES, out / "train_influence.png",
+                                    title="Train-influence" + suffix)
+    manifest.figure(self.rel("train_influence.png"), "Train-influence matrices: for each class of "
+                    "the explained training region (rows), its TracIn score with every "
+                    "training region of each class (column blocks); white bands are absent "
+                    "regions (the paper's Fig. 4).")
+    dist = report.proponent_class_distribution(train_blocks, k=config.top_k,
+                                               exclude_self=True)
+    figures.plot_class_distribution(dist, CLASS_NAMES, out / "proponent_classes.png",
+                                    k=config.top_k, title_suffix=suffix)
+    manifest.figure(self.rel("proponent_classes.png"), f"Classes of the top {config.top_k} "
+                    "proponents of each training region, per class (the paper's Fig. 5).")
+    self_inf = layout.self_scores(train_scores)
+    figures.plot_self_influence(self_inf, train_set, train_regions, CLASS_NAMES,
+                                out / "self_influence.png", title_suffix=suffix)
+    manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions per "
+                    "class, highest first, with the top-ranked slices and their regions.")
+    panels = []
+    for a in _local_choices(val_regions, config.num_local_panels):
+      case, z = val_set.ids[a]
+      path = out / f"local_{case}_{z}.png"
+      figures.plot_local_explanation(a, test_blocks, val_set, val_regions, train_set,
+                                     train_regions, CLASS_NAMES, path, k=5,
+                                     title_suffix=suffix)
+      manifest.figure(self.rel(path.name), f"Local explanation of validation case {case}, slice "
+                      f"{z}: per predicted class, its top 5 proponents and opponents.")
+      panels.append(path)
+    manifest.headline.update({
+        "checkpoint_epochs": list(epochs), "learning_rates": rates,
+        "regions_train": dict(zip(CLASS_NAMES, presence_train.sum(0).tolist())),
+        "regions_validation": dict(zip(CLASS_NAMES, presence_val.sum(0).tolist())),
+        "global_explainers": len(globals_)})
+    log(f"Wrote {out}: {TRAIN_FILE}, {TEST_FILE}, {PROPONENTS_FILE}, {GLOBAL_FILE} "
+        f"({len(globals_)} global explainers) and figures.")
+    return InfluenceOutputs(
+        train_blocks, test_blocks, presence_train, presence_val, config.threshold,
+        CLASS_NAMES, list(epochs), rates, globals_, final_apply, final.params, final.state,
+        train_regions, val_regions, manifest.fingerprint, manifest)
+
+  def load(self, context: base.Context) -> InfluenceOutputs:
+    """Reads the stage's results and recomputes the final model's regions.
+
+    Raises:
+      StageError: the outputs are missing, were computed on other data, or the final model
+        changed since.
+    """
+    out = context.workdir / self.name
+    missing = [n for n in (TRAIN_FILE, TEST_FILE, GLOBAL_FILE) if not (out / n).exists()]
+    if missing:
+      raise base.StageError(f"{out} lacks {', '.join(missing)}: run the influence stage "
+                            "again (--stages=...,influence,...).")
+    manifest_record = base.read_manifest(context.workdir, self.name) or {"stage": self.name}
+    with np.load(out / TEST_FILE) as f:
+      test_blocks = f["scores"]
+      presence_test, presence_train = f["presence_test"], f["presence_train"]
+      threshold = float(f["threshold"])
+      class_names = tuple(str(c) for c in f["class_names"])
+      epochs = [int(e) for e in f["epochs"]]
+      rates = [float(r) for r in f["learning_rates"]]
+      _check_ids(f, "test", context.val_set, "validation")
+      _check_ids(f, "train", context.train_set, "training")
+    with np.load(out / TRAIN_FILE) as f:
+      train_blocks = f["scores"]
+    explainers = json.loads((out / GLOBAL_FILE).read_text())["global_explainers"]
+    model, _ = train_lib.load_model(context.workdir)
+    apply_fn, params, state = models.functional(model)
+    train_regions, val_regions = (
+        segmentation.predict_regions(apply_fn, params, s.images, threshold, state=state)
+        for s in (context.train_set, context.val_set))
+    if (not np.array_equal(segmentation.region_presence(train_regions), presence_train) or
+        not np.array_equal(segmentation.region_presence(val_regions), presence_test)):
+      raise base.StageError("The final model's regions differ from the influence stage's: "
+                            "the model changed since; rerun the influence stage.")
+    manifest = base.Manifest.from_record(manifest_record)
+    return InfluenceOutputs(train_blocks, test_blocks, presence_train, presence_test,
+                            threshold, class_names, epochs, rates, explainers, apply_fn, params,
+                            state, train_regions, val_regions, manifest.fingerprint, manifest)
+
+
+def _check_ids(f, prefix: str, slices, which: str) -> None:
+  ids = list(zip(f[f"{prefix}_case_ids"].tolist(), f[f"{prefix}_slice_indices"].tolist()))
+  if ids != [(str(c), int(z)) for c, z in slices.ids]:
+    raise base.StageError(f"The influence stage's {which} examples differ from the given "
+                          f"{which} set: it was run on other data; rerun the influence stage.")
+
+
+def _local_choices(regions: np.ndarray, num: int) -> list[int]:
+  """Validation examples with the most predicted classes, then the largest regions."""
+  present = regions.any(axis=(1, 2)).sum(axis=1)
+  size = regions.sum(axis=(1, 2, 3))
+  order = np.lexsort((-size, -present))
+  return [int(a) for a in order[:num] if present[a] > 0]

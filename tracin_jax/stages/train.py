@@ -1,0 +1,76 @@
+"""The `train` stage: trains (or resumes, or reuses) the run's segmentation model.
+
+Writes `train_config.json`, `checkpoints/<epoch>/`, `metrics.json` and
+`training_curves.png` at the top of the workdir (see `tracin_jax.training.train`), and
+`train/manifest.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from tracin_jax.stages import base
+from tracin_jax.training import train as train_lib
+
+
+@dataclasses.dataclass
+class TrainOutputs:
+  """The train stage's result.
+
+  Attributes:
+    metrics: the contents of `metrics.json` (hard Dice per class and region, train and
+      validation, per patient then averaged).
+    history: per-epoch records (loss, validation Dice, seconds).
+    manifest: what the stage wrote.
+  """
+
+  metrics: dict[str, Any]
+  history: list[dict[str, Any]]
+  manifest: base.Manifest
+
+
+@base.register_stage
+class TrainStage(base.StageBase):
+  """Adam then plain SGD, an Orbax checkpoint per epoch; resumes an interrupted run."""
+
+  name, config_cls, needs = "train", train_lib.TrainConfig, ()
+
+  def fingerprint(self, context: base.Context) -> str:
+    record = train_lib.run_record(self.config, context.train_set, context.val_set)
+    return base.inputs_key({"record": record, "data": context.data_fingerprint()})
+
+  def run(self, context: base.Context) -> TrainOutputs:
+    result = train_lib.train(self.config, context.train_set, context.val_set,
+                             context.workdir, progress=context.progress,
+                             dataset=context.data_name)
+    val = result.metrics.get("validation", {})
+    context.log(f"Validation hard Dice ({context.data_name}): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+    return TrainOutputs(result.metrics, result.history,
+                        self._manifest(context, result.metrics))
+
+  def load(self, context: base.Context) -> TrainOutputs:
+    metrics = json.loads((context.workdir / train_lib.METRICS_FILE).read_text())
+    _, meta = train_lib.load_model(context.workdir)
+    return TrainOutputs(metrics, list(meta.get("history", [])),
+                        self._manifest(context, metrics))
+
+  def _manifest(self, context: base.Context, metrics: dict[str, Any]) -> base.Manifest:
+    m = self.manifest(context, self.fingerprint(context))
+    m.file(train_lib.CONFIG_FILE, "the run's settings, its training and validation cases")
+    m.file(train_lib.METRICS_FILE,
+           "hard Dice per class (NCR/NET, ED, ET) and region (WT, TC) on train and "
+           "validation, per patient then averaged; an empty prediction of an empty truth "
+           "counts 1.0")
+    m.file(train_lib.CHECKPOINT_DIR,
+           "Orbax checkpoints per epoch: model, optimiser, metadata (epoch, step, phase, "
+           "learning_rate eta_t)")
+    m.figure(train_lib.CURVES_FILE,
+             "Training loss and validation hard Dice per epoch; the dashed line marks the "
+             "switch from Adam to plain SGD.")
+    m.headline["validation_dice"] = metrics.get("validation", {})
+    m.headline["train_dice"] = metrics.get("train", {})
+    m.headline["epochs"] = metrics.get("epochs")
+    return m

@@ -1,0 +1,479 @@
+"""The `validate` stage: is TracIn's influence real?
+
+Reads the influence stage's scores and writes under `<workdir>/validate/`:
+  - `retraining.json` and `retraining.png`: for `regions_per_class` validation regions of
+    each class, the change of the region's Dice after retraining the SGD phase without the
+    region's top-k proponent slices, without its top-k opponent slices, and without k random
+    slices (`num_random` random sets, shared by all regions); mean changes with 95%
+    confidence intervals, paired comparisons with random removal, and the rank correlation
+    between the TracIn score of each removed set and the loss change it actually caused;
+  - `randomisation_check.json` and `randomisation_check.png`: the train-influence matrices
+    with the trained checkpoints against the same computation with randomly initialised
+    networks (model-parameter randomisation), on a seeded subset of training slices: the
+    class-block structure of each, and how alike they rank each class's training regions;
+  - `retraining/<key>/` and `randomisation/<key>/`: each retraining's and each random
+    network's result, saved as it finishes (an interrupted stage resumes; another k keeps
+    the earlier results beside the new ones).
+
+Retraining (`training.retrain.Retrainer`) starts from the last Adam checkpoint and replays
+the run's SGD epochs in the run's order without the removed slices. A region's Dice is the
+soft Dice of its class on the region's pixels (1 - the loss TracIn explains, eq 6), against
+the ground truth, with the region held fixed; the hard Dice of that class on the whole slice
+is recorded beside it. Each retrained model is measured with its own parameters and state.
+Changes are against the replay with nothing removed, which is checked to reproduce the
+run's final parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tracin_jax import models
+from tracin_jax import outputs
+from tracin_jax.influence import core
+from tracin_jax.influence import layout
+from tracin_jax.influence import segmentation
+from tracin_jax.interpret import faithfulness
+from tracin_jax.interpret import figures
+from tracin_jax.settings import SettingsError
+from tracin_jax.settings import setting
+from tracin_jax.stages import base
+from tracin_jax.training import losses
+from tracin_jax.training import retrain as retrain_lib
+from tracin_jax.training import train as train_lib
+from tracin_jax.types import Checkpoint
+
+RETRAINING_FILE = "retraining.json"
+RETRAINING_FIGURE = "retraining.png"
+RANDOMISATION_FILE = "randomisation_check.json"
+RANDOMISATION_FIGURE = "randomisation_check.png"
+REMOVALS = ("proponents", "random", "opponents")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+  """Settings of the validate stage."""
+
+  regions_per_class: int = setting(7, "Validation regions per class checked by retraining.",
+                                   minimum=1)
+  num_removed: int = setting(20, "k: training slices removed per retraining (proponents, "
+                             "opponents or random).", minimum=1)
+  num_random: int = setting(5, "Random removal sets, shared by all checked regions.",
+                            minimum=0)
+  seed: int = setting(0, "Seed of the checked regions, random sets and randomisation subset.",
+                      flag="validate_seed")
+  from_epoch: int | None = setting(
+      None, "Checkpoint that retraining starts from (unset: the last Adam epoch).",
+      flag="retrain_from_epoch", minimum=1)
+  randomisation_examples: int = setting(
+      160, "Training slices in the randomisation check (0: all).", minimum=0)
+
+
+@dataclasses.dataclass
+class ValidateOutputs:
+  """The validate stage's result.
+
+  Attributes:
+    summary: the retraining summary, as in `retraining.json`.
+    reproduces_run: whether the replay with nothing removed reproduced the run bit for bit.
+    randomisation: class-block structure of the trained and randomised train-influence,
+      and their ranking similarity.
+    manifest: what the stage wrote.
+  """
+
+  summary: dict[str, Any]
+  reproduces_run: bool
+  randomisation: dict[str, Any]
+  manifest: base.Manifest
+
+
+def _check_settings(config: ValidateConfig, n_train: int, workdir) -> None:
+  if config.num_removed > n_train // 2:
+    raise SettingsError(
+        f"--num_removed={config.num_removed}: must be between 1 and half of the {n_train} "
+        "training slices (the proponent and opponent sets of a region must not overlap).")
+  if config.randomisation_examples == 1:
+    raise SettingsError("--randomisation_examples=1: must be at least 2 (or 0 for all "
+                        "training slices).")
+  run = train_lib.load_config(workdir)
+  if config.from_epoch is not None and not 0 < config.from_epoch < run.num_epochs:
+    raise SettingsError(f"--retrain_from_epoch={config.from_epoch}: the run in {workdir} has "
+                        f"epochs 1-{run.num_epochs}; retraining must start before the last.")
+  if (config.from_epoch is not None
+      and config.from_epoch < run.optimizer.adam_epochs):
+    raise SettingsError(
+        f"--retrain_from_epoch={config.from_epoch}: the run switches from Adam to SGD after "
+        f"epoch {run.optimizer.adam_epochs}; retraining with slices removed must start there "
+        "or later (the switch is counted in steps, and removal changes the steps per epoch).")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  name: str
+  removal: str  # "baseline" or one of REMOVALS
+  removed: tuple[int, ...]
+  region: int | None  # index into the chosen regions (proponents/opponents), else None
+
+
+def _jobs(regions, slice_scores, n_train: int, config: ValidateConfig) -> list[_Job]:
+  jobs = [_Job("baseline", "baseline", (), None)]
+  rng = np.random.default_rng(config.seed)
+  for r in range(config.num_random):
+    removed = np.sort(rng.choice(n_train, config.num_removed, replace=False))
+    jobs.append(_Job(f"random_{r}", "random", tuple(int(b) for b in removed), None))
+  for r, (a, i) in enumerate(regions):
+    prop, opp = faithfulness.removal_sets(slice_scores[i, a], config.num_removed)
+    jobs.append(_Job(f"proponents_{r}", "proponents", tuple(int(b) for b in prop), r))
+    jobs.append(_Job(f"opponents_{r}", "opponents", tuple(int(b) for b in opp), r))
+  return jobs
+
+
+def _evaluator(apply_fn, val_set, val_regions: np.ndarray, regions):
+  """measure(model) -> (region soft Dice [R], slice hard Dice [R]) of the chosen regions,
+  with the model's own parameters and state."""
+  slices = sorted({a for a, _ in regions})
+  row = {a: s for s, a in enumerate(slices)}
+  examples = {"image": val_set.images[slices],
+              "target": val_set.labels[slices].astype(np.int32),
+              "region": val_regions[slices]}
+  region_losses = jax.jit(jax.vmap(segmentation.make_region_losses(apply_fn),
+                                   in_axes=(None, 0, None)))
+
+  def measure(model: nnx.Module):
+    _, params, state = models.functional(model)
+    loss = np.asarray(region_losses(params, examples, state))  # [S, K]
+    pred = train_lib.predict_classes(model, examples["image"])
+    soft = [1.0 - float(loss[row[a], i]) for a, i in regions]
+    hard = [losses.hard_dice(pred[row[a]] == i + 1, examples["target"][row[a]] == i + 1)
+            for a, i in regions]
+    return soft, hard
+
+  return measure
+
+
+def _same_params(a, b) -> bool:
+  """Whether two parameter pytrees hold bit-identical arrays."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _part_name(job: _Job) -> str:
+  """A retraining's part name: its job and a hash of the removed set (so that another k,
+  or other sets, never reuse it by mistake)."""
+  digest = hashlib.sha256(repr(job.removed).encode()).hexdigest()[:8]
+  return job.name if job.removal == "baseline" else f"{job.name}_{digest}"
+
+
+def _run_jobs(jobs, context: base.Context, config: ValidateConfig, measure, final_params,
+              parts: base.Parts) -> dict[str, dict[str, Any]]:
+  """Runs (or reuses) every retraining; returns name -> result. The replay with nothing
+  removed is compared with the run's final parameters `final_params`."""
+  results = {job.name: parts.load(_part_name(job)) for job in jobs}
+  results = {name: r for name, r in results.items() if r is not None}
+  todo = [job for job in jobs if job.name not in results]
+  if results:
+    context.log(f"Retraining: {len(results)} of {len(jobs)} results reused from {parts.dir}.")
+  if not todo:
+    return results
+  retrainer = retrain_lib.Retrainer(context.workdir, context.train_set,
+                                    from_epoch=config.from_epoch)
+  context.log(f"Retraining epochs {retrainer.epochs[0]}-{retrainer.epochs[-1]} from the "
+              f"checkpoint of epoch {retrainer.from_epoch}, {len(todo)} times (the run made "
+              f"{retrainer.num_steps} steps; fewer without the removed slices); each result "
+              "is saved as it finishes.")
+  times = []
+  for t, job in enumerate(todo):
+    t0 = time.perf_counter()
+    model = retrainer(job.removed, progress=context.progress,
+                      desc=f"retrain {t + 1}/{len(todo)} ({job.name})")
+    soft, hard = measure(model)
+    record = {"name": job.name, "removal": job.removal, "region": job.region,
+              "removed": list(job.removed), "region_dice": soft, "hard_dice": hard}
+    if job.removal == "baseline":
+      record["reproduces_run"] = _same_params(models.functional(model)[1], final_params)
+    parts.save(_part_name(job), record)
+    results[job.name] = record
+    times.append(time.perf_counter() - t0)
+    left = np.median(times) * (len(todo) - t - 1)
+    context.log(f"retraining {t + 1}/{len(todo)} ({job.name}) done in {times[-1]:.0f} s; "
+                f"about {left / 60:.0f} min left.")
+  return results
+
+
+def _summarise(jobs, results, regions, slice_scores, class_names) -> dict[str, Any]:
+  """Per-region effects, their summaries, paired tests and the rank correlation."""
+  base = results["baseline"]
+  n = len(regions)
+  effect = {name: np.full(n, np.nan) for name in REMOVALS}
+  hard = {name: np.full(n, np.nan) for name in REMOVALS}
+  random_soft, random_hard = [], []
+  predicted, actual, kinds = [], [], []
+  for job in jobs:
+    if job.removal == "baseline":
+      continue
+    res = results[job.name]
+    d_soft = np.asarray(res["region_dice"]) - np.asarray(base["region_dice"])
+    d_hard = np.asarray(res["hard_dice"]) - np.asarray(base["hard_dice"])
+    targets = range(n) if job.region is None else [job.region]
+    for r in targets:
+      a, i = regions[r]
+      predicted.append(float(slice_scores[i, a, list(job.removed)].sum()))
+      actual.append(float(-d_soft[r]))  # the change of the region's loss
+      kinds.append(job.removal)
+    if job.region is None:
+      random_soft.append(d_soft)
+      random_hard.append(d_hard)
+    else:
+      effect[job.removal][job.region] = d_soft[job.region]
+      hard[job.removal][job.region] = d_hard[job.region]
+  if random_soft:
+    effect["random"] = np.mean(random_soft, axis=0)
+    hard["random"] = np.mean(random_hard, axis=0)
+  classes = np.array([i for _, i in regions])
+  predicted, actual, kinds = np.array(predicted), np.array(actual), np.array(kinds)
+  summary = {
+      "dice_change": {name: faithfulness.mean_ci(effect[name]) for name in REMOVALS},
+      "hard_dice_change": {name: faithfulness.mean_ci(hard[name]) for name in REMOVALS},
+      "per_class": {
+          class_names[i]: {name: faithfulness.mean_ci(effect[name][classes == i])
+                           for name in REMOVALS}
+          for i in sorted(set(classes.tolist()))},
+      "proponents_minus_random": faithfulness.paired_test(effect["proponents"],
+                                                          effect["random"]),
+      "opponents_minus_random": faithfulness.paired_test(effect["opponents"],
+                                                         effect["random"]),
+      "rank_correlation": {
+          "all": faithfulness.rank_correlation(predicted, actual),
+          **{name: faithfulness.rank_correlation(predicted[kinds == name],
+                                                 actual[kinds == name])
+             for name in REMOVALS}},
+      "sign_agreement": {
+          "all": faithfulness.sign_agreement(predicted, actual),
+          **{name: faithfulness.sign_agreement(predicted[kinds == name],
+                                               actual[kinds == name])
+             for name in REMOVALS}},
+  }
+  arrays = {"effect": effect, "hard": hard, "predicted": predicted, "actual": actual,
+            "kinds": kinds, "classes": classes}
+  return summary, arrays
+
+
+def _verdict(summary: dict[str, Any]) -> str:
+  """One honest sentence on the expected ordering (proponents < random < opponents)."""
+  d = {k: summary["dice_change"][k]["mean"] for k in REMOVALS}
+  if any(v is None for v in d.values()):
+    return "not enough results to compare the removals"
+  order_ok = d["proponents"] < d["random"] < d["opponents"]
+  pr, orr = summary["proponents_minus_random"], summary["opponents_minus_random"]
+  sig = [f"proponents - random {pr['mean']:+.4f} (p {_p(pr['p_value'])})",
+         f"opponents - random {orr['mean']:+.4f} (p {_p(orr['p_value'])})"]
+  head = ("the mean Dice changes are in the expected order (proponents < random < "
+          "opponents)" if order_ok else
+          "the mean Dice changes are not in the expected order (proponents < random < "
+          "opponents)")
+  head += (f": proponents {d['proponents']:+.4f}, random {d['random']:+.4f}, opponents "
+           f"{d['opponents']:+.4f}")
+  return f"{head}; paired: " + "; ".join(sig)
+
+
+def _p(p) -> str:
+  return "n/a" if p is None else f"{p:.2g}"
+
+
+def _randomisation_check(context: base.Context, inputs, config: ValidateConfig
+                         ) -> dict[str, Any]:
+  """Train-influence of a seeded subset with trained and with random checkpoints."""
+  train_set = context.train_set
+  n = len(train_set)
+  m = min(config.randomisation_examples or n, n)
+  rng = np.random.default_rng(config.seed)
+  index = np.sort(rng.choice(n, m, replace=False))
+  trained = layout.subset(inputs.train_blocks, index)
+  presence = inputs.presence_train[index]
+
+  run_config = train_lib.load_config(context.workdir)
+  # (seed, learning rate) per random network; a network is built only when its part of the
+  # sum is not saved yet.
+  seeds = [(1000 + config.seed + t, lr) for t, lr in enumerate(inputs.learning_rates)]
+
+  def random_influence(seed: int, lr: float) -> np.ndarray:
+    _, params, state = models.functional(train_lib.build_model(run_config.model, seed=seed))
+    return core.influence(loss_fn, [Checkpoint(params, lr, state)], examples,
+                          memory_budget_bytes=context.memory_budget_bytes,
+                          progress=context.progress)
+
+  examples = {"image": train_set.images[index],
+              "target": train_set.labels[index].astype(np.int32),
+              "region": inputs.train_regions[index]}
+  loss_fn = segmentation.make_region_losses(inputs.apply_fn)
+  parts = base.Parts(context.stage_dir("validate") / "randomisation",
+                     {"influence": inputs.fingerprint, "seed": config.seed,
+                      "examples": config.randomisation_examples, "model": run_config.model},
+                     what="randomisation check")
+  scores = None
+  for t, (seed, lr) in enumerate(seeds):
+    part = parts.get(f"network{t + 1}", lambda s=seed, r=lr: random_influence(s, r),
+                     label=f"random network {t + 1}/{len(seeds)}")
+    scores = part if scores is None else scores + part
+  scores = segmentation.mask_absent(scores, presence, presence)
+  randomised = layout.to_class_blocks(scores)
+  return {"index": index, "trained": trained, "randomised": randomised,
+          "trained_structure": faithfulness.class_block_structure(trained),
+          "randomised_structure": faithfulness.class_block_structure(randomised),
+          "ranking_similarity": faithfulness.ranking_similarity(trained, randomised)}
+
+
+@base.register_stage
+class ValidateStage(base.StageBase):
+  """Retraining without proponents, opponents and random slices; randomisation check."""
+
+  name, config_cls, needs = "validate", ValidateConfig, ("influence",)
+
+  def run(self, context: base.Context) -> ValidateOutputs:
+    _check_settings(self.config, len(context.train_set), context.workdir)
+    config, log, inputs = self.config, context.log, context.need("influence")
+    train_set, val_set, names = context.train_set, context.val_set, inputs.class_names
+    out = context.stage_dir(self.name)
+    manifest = self.manifest(context, self.fingerprint(context))
+
+    regions = faithfulness.choose_regions(inputs.presence_test, config.regions_per_class,
+                                          config.seed)
+    counts = [sum(1 for _, i in regions if i == c) for c in range(len(names))]
+    log("Validation regions checked: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts))
+        + f"; k = {config.num_removed} of {len(train_set)} training slices removed each "
+        "time.")
+    scores = faithfulness.slice_scores(inputs.test_blocks)  # [K, n_val, n_train]
+    jobs = _jobs(regions, scores, len(train_set), config)
+    # A retraining's result depends on the run, where it starts and which regions it
+    # measures (the parts' key), and on what it removes (in each part's name).
+    parts = base.Parts(out / "retraining",
+                       {"influence": inputs.fingerprint, "from_epoch": config.from_epoch,
+                        "regions": regions}, what="retraining")
+    measure = _evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
+    t0 = time.perf_counter()
+    results = _run_jobs(jobs, context, config, measure, inputs.params, parts)
+    summary, arrays = _summarise(jobs, results, regions, scores, names)
+    reproduces = bool(results["baseline"].get("reproduces_run"))
+    verdict = _verdict(summary)
+    log(f"Retraining check: {verdict}.")
+    agree = summary["sign_agreement"]["all"]
+    log("Spearman rho of TracIn score against the actual loss change over removed sets: "
+        f"{_fmt_rho(summary['rank_correlation']['all'])}; same sign in "
+        + ("n/a" if agree["share"] is None else
+           f"{agree['share']:.0%} of {agree['n']} (binomial p {_p(agree['p_value'])})") + ".")
+
+    figures.plot_retraining(arrays, summary, names, out / RETRAINING_FIGURE,
+                            k=config.num_removed, title_suffix=context.suffix)
+    manifest.figure(self.rel(RETRAINING_FIGURE), f"Change of each checked region's soft Dice after "
+                    f"retraining the SGD phase without its top {config.num_removed} proponent "
+                    "slices, without random slices and without its top opponent slices, with "
+                    "95% intervals; and the TracIn score of each removed set against the loss "
+                    "change it caused.")
+    region_records = []
+    for r, (a, i) in enumerate(regions):
+      case, z = val_set.ids[a]
+      region_records.append({
+          "case": case, "slice": z, "class": names[i],
+          "baseline_region_dice": results["baseline"]["region_dice"][r],
+          "dice_change": {name: outputs.json_ready(arrays["effect"][name][r])
+                          for name in REMOVALS},
+          "proponents": [list(train_set.ids[b]) for b in _jobs_for(jobs, "proponents", r)],
+          "opponents": [list(train_set.ids[b]) for b in _jobs_for(jobs, "opponents", r)]})
+    outputs.write_json(out / RETRAINING_FILE, {
+        "dataset": context.data_name, "num_removed": config.num_removed,
+        "num_random": config.num_random, "num_train_slices": len(train_set),
+        "baseline_reproduces_run": reproduces,
+        "dice": "soft Dice of the region's class on the region's pixels (1 - the TracIn "
+                "loss); changes are retrained minus baseline replay, negative = worse",
+        "verdict": verdict, **summary, "regions": region_records,
+        "random_sets": [[list(train_set.ids[b]) for b in job.removed]
+                        for job in jobs if job.removal == "random"]})
+    manifest.file(self.rel(RETRAINING_FILE), "the retraining check: per checked region the Dice "
+                  "changes of each removal, their means with 95% intervals, paired tests "
+                  "against random removal, rank correlation and sign agreement of TracIn "
+                  "scores with the actual loss changes")
+    log(f"[retraining check took {time.perf_counter() - t0:.0f} s]")
+
+    t0 = time.perf_counter()
+    check = _randomisation_check(context, inputs, config)
+    ts, rs = check["trained_structure"], check["randomised_structure"]
+    sim = check["ranking_similarity"]
+    log(f"Randomisation check on {len(check['index'])} training slices: class-block AUC "
+        f"trained {ts['auc']:.3f}, randomised {rs['auc']:.3f} (0.5 = no class structure); "
+        f"same-class share of top-10 proponents {ts['same_class_top']:.2f} vs "
+        f"{rs['same_class_top']:.2f}; within a class, trained and randomised rankings agree "
+        f"with median Spearman rho {sim['median_rho']:.2f}, top-10 overlap "
+        f"{sim['top_overlap']:.2f} (chance {sim['top_overlap_chance']:.2f}).")
+    figures.plot_randomisation_check(check["trained"], check["randomised"], ts, rs, names,
+                                     out / RANDOMISATION_FIGURE, title_suffix=context.suffix,
+                                     similarity=sim)
+    manifest.figure(self.rel(RANDOMISATION_FIGURE), "Train-influence of a seeded subset of "
+                    "training slices with the trained checkpoints and with randomly "
+                    "initialised networks, with their class-block AUC.")
+    outputs.write_json(out / RANDOMISATION_FILE, {
+        "dataset": context.data_name,
+        "num_examples": len(check["index"]),
+        "train_slices": [list(train_set.ids[b]) for b in check["index"]],
+        "measure": "class-block AUC: probability that a same-class pair of regions (different "
+                   "slices) has a larger self-influence-normalised TracIn than a pair of "
+                   "different classes; 0.5 means no class structure",
+        "trained": {k: outputs.json_ready(v) for k, v in ts.items()},
+        "randomised": {k: outputs.json_ready(v) for k, v in rs.items()},
+        "ranking_similarity": {k: outputs.json_ready(v) for k, v in sim.items()},
+        "ranking_similarity_measure": "per region, over the same-class training regions of "
+                                      "other slices: Spearman rho between the trained and "
+                                      "the randomised scores, and the overlap of their "
+                                      "top-10 proponents (chance: 10 / candidates); a "
+                                      "ranking that survives randomisation does not explain "
+                                      "what was learned",
+        "randomised_checkpoints": "fresh initialisations (seeds 1000 + seed + t) with the "
+                                  "trained checkpoints' learning rates"})
+    manifest.file(self.rel(RANDOMISATION_FILE), "the randomisation check: class-block structure "
+                  "of trained and randomised train-influence, and their ranking similarity")
+    log(f"[randomisation check took {time.perf_counter() - t0:.0f} s]")
+    randomisation = {"trained": ts, "randomised": rs, "ranking_similarity": sim}
+    manifest.headline.update({
+        "baseline_reproduces_run": reproduces, "num_removed": config.num_removed,
+        "dice_change": summary["dice_change"],
+        "proponents_minus_random": summary["proponents_minus_random"],
+        "opponents_minus_random": summary["opponents_minus_random"],
+        "rank_correlation": summary["rank_correlation"]["all"],
+        "class_block_auc": {"trained": ts["auc"], "randomised": rs["auc"]}})
+    log(f"Wrote {out}: {RETRAINING_FILE}, {RETRAINING_FIGURE}, {RANDOMISATION_FILE}, "
+        f"{RANDOMISATION_FIGURE}.")
+    return ValidateOutputs(summary, reproduces, randomisation, manifest)
+
+  def load(self, context: base.Context) -> ValidateOutputs:
+    import json  # pylint: disable=g-import-not-at-top
+
+    out = context.workdir / self.name
+    saved = json.loads((out / RETRAINING_FILE).read_text())
+    check = json.loads((out / RANDOMISATION_FILE).read_text())
+    summary = {k: saved[k] for k in ("dice_change", "hard_dice_change", "per_class",
+                                     "proponents_minus_random", "opponents_minus_random",
+                                     "rank_correlation", "sign_agreement")}
+    randomisation = {"trained": check["trained"], "randomised": check["randomised"],
+                     "ranking_similarity": check["ranking_similarity"]}
+    manifest = base.Manifest.from_record(base.read_manifest(context.workdir, self.name))
+    return ValidateOutputs(summary, bool(saved["baseline_reproduces_run"]), randomisation,
+                           manifest)
+
+
+def _jobs_for(jobs, removal: str, region: int) -> tuple[int, ...]:
+  for job in jobs:
+    if job.removal == removal and job.region == region:
+      return job.removed
+  return ()
+
+
+def _fmt_rho(c: dict[str, Any]) -> str:
+  if c["rho"] is None:
+    return f"undefined (n = {c['n']})"
+  return f"{c['rho']:+.3f} (p {_p(c['p_value'])}, n = {c['n']})"
