@@ -37,14 +37,16 @@ def _help(leaf: settings.Leaf) -> str:
 class ConfigFlags:
   """The flags of one config class; `value()` is the config they describe."""
 
-  def __init__(self, config_cls: type, converters: dict[tuple[str, ...], tuple[str, Callable]]):
+  def __init__(self, config_cls: type, converters: dict[tuple[str, ...], tuple[str, Callable]],
+               flag_values: flags.FlagValues):
     self._cls = config_cls
     self._converters = converters
+    self._flag_values = flag_values
 
   def value(self) -> Any:
     values = {}
     for path, (name, convert) in self._converters.items():
-      values[path] = convert(flags.FLAGS[name].value)
+      values[path] = convert(self._flag_values[name].value)
     settings.check_values(self._cls, values)
     return settings.build(self._cls, values)
 
@@ -83,7 +85,26 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues = flags.FLAGS) 
                         flag_values=flag_values)
       convert = _list_converter(name, elem, leaf.optional)
     converters[leaf.path] = (name, convert)
-  return ConfigFlags(config_cls, converters)
+  return ConfigFlags(config_cls, converters, flag_values)
+
+
+def from_flagfile(config_cls: type, path: str, *args: str) -> tuple[Any, list[str]]:
+  """The config (and the stages) a flagfile describes, for a notebook.
+
+  Args:
+    config_cls: the config class whose flags the file sets (`ExperimentConfig`).
+    path: the flagfile, e.g. "experiments/configs/demo.flags".
+    *args: further flags, e.g. "--workdir=runs/other".
+
+  Returns:
+    (config, stages): the stages the file's `--stages` names.
+  """
+  fv = flags.FlagValues()
+  stages = flags.DEFINE_list("stages", ["train"], "Stages to run.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
+  holder = define_flags(config_cls, fv)
+  fv(["from_flagfile", f"--flagfile={path}", *args])
+  return holder.value(), list(stages.value)
 
 
 def _list_converter(name: str, elem: type, optional: bool) -> Callable:

@@ -1,6 +1,7 @@
 """Flags derived from the configs: one per setting, the old names kept, bad values named."""
 
 import dataclasses
+import pathlib
 
 import pytest
 from absl import flags
@@ -24,12 +25,7 @@ def _parse(*argv):
   fv = flags.FlagValues()
   holder = config_flags.define_flags(experiment.ExperimentConfig, fv)
   fv(["prog", *argv])
-  saved = flags.FLAGS
-  flags.FLAGS = fv  # `value()` reads the global flags, as the app does
-  try:
-    return holder.value()
-  finally:
-    flags.FLAGS = saved
+  return holder.value()
 
 
 def test_every_setting_has_one_flag_with_help_and_the_old_names_remain():
@@ -82,3 +78,12 @@ def test_a_bad_value_names_its_flag_and_the_allowed_range(argv, message):
 def test_a_misspelled_flag_is_an_error_naming_it():
   with pytest.raises(flags.UnrecognizedFlagError, match="trheshold"):
     _parse("--workdir=w", "--trheshold=0.5")
+
+
+def test_a_flagfile_gives_the_config_and_stages_a_notebook_can_use():
+  demo = pathlib.Path(__file__).resolve().parents[2] / "experiments/configs/demo.flags"
+  config, names = config_flags.from_flagfile(experiment.ExperimentConfig, str(demo),
+                                             "--workdir=elsewhere")
+  assert names == ["train", "influence", "interpret"]
+  assert config.workdir == "elsewhere" and config.data.preprocess.image_size == 96
+  assert config.train.model.base_width == 8 and config.train.sgd_epochs == 4

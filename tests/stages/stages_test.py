@@ -143,3 +143,11 @@ def test_a_stage_whose_needs_have_not_run_is_refused(tmp_path):
   context = _context(tmp_path)
   with pytest.raises(stages.StageError, match="no finished influence stage"):
     stages.run_stage(stages.get_stage("interpret", CONFIGS["interpret"]), context)
+
+
+def test_a_finished_run_is_not_explained_on_other_data(staged):
+  context, _ = staged
+  fewer = stages.Context(context.workdir, tiny_run.TRAIN.subset(np.arange(10)), tiny_run.VAL,
+                         configs=CONFIGS, progress=False)
+  with pytest.raises(stages.StageError, match="trained on other data.*num_train_slices"):
+    stages.run_stage(stages.get_stage("influence", CONFIGS["influence"]), fewer)

@@ -47,8 +47,7 @@ def draw_influence_matrices(fig, axes: Sequence, blocks: np.ndarray,
   finite = np.abs(blocks[np.isfinite(blocks)])
   vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
   vmax = vmax if vmax > 0 else 1.0
-  cmap = matplotlib.colormaps["RdBu_r"].copy()
-  cmap.set_bad("white")
+  cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
   for i, ax in enumerate(axes):
     im = ax.imshow(blocks[i], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto",
                    interpolation="nearest")

@@ -266,7 +266,8 @@ class InfluenceStage(base.StageBase):
                       f"{z}: per predicted class, its top 5 proponents and opponents.")
       panels.append(path)
     manifest.headline.update({
-        "checkpoint_epochs": list(epochs), "learning_rates": rates,
+        "checkpoint_epochs": list(epochs),
+        "learning_rates": [float(f"{r:.7g}") for r in rates],  # float32 rates, as written
         "regions_train": dict(zip(CLASS_NAMES, presence_train.sum(0).tolist())),
         "regions_validation": dict(zip(CLASS_NAMES, presence_val.sum(0).tolist())),
         "global_explainers": len(globals_)})

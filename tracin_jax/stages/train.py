@@ -52,6 +52,22 @@ class TrainStage(base.StageBase):
                         self._manifest(context, result.metrics))
 
   def load(self, context: base.Context) -> TrainOutputs:
+    """The finished run's metrics and history.
+
+    Raises:
+      StageError: the run was trained on other data (cases, slices or image shape) than
+        the context's.
+    """
+    saved = train_lib.load_record(context.workdir)
+    given = train_lib.run_record(self.config, context.train_set, context.val_set)
+    differ = [k for k in ("train_cases", "val_cases", "num_train_slices", "image_shape")
+              if json.dumps(saved[k]) != json.dumps(given[k])]
+    if differ:
+      raise base.StageError(
+          f"The training run in {context.workdir} was trained on other data "
+          f"({', '.join(differ)} do not match; image shape "
+          f"{saved['image_shape']} there, {given['image_shape']} here). Use that run's data "
+          "settings (its flagfile), or another --workdir.")
     metrics = json.loads((context.workdir / train_lib.METRICS_FILE).read_text())
     _, meta = train_lib.load_model(context.workdir)
     return TrainOutputs(metrics, list(meta.get("history", [])),
