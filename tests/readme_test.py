@@ -19,3 +19,25 @@ def test_readme_python_example_runs():
   # The example's proponents are the largest scores of each test row.
   np.testing.assert_array_equal(
       namespace["prop_idx"][:, 0], np.argmax(scores[:, 0, :, 0], axis=1))
+
+
+def test_readme_saliency_example_runs_on_a_unet_and_a_pure_jax_model():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  namespace: dict = {}
+  exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102
+  images = namespace["images"]
+  for name in ("grad", "guided", "smooth"):
+    assert namespace[name].shape == images.shape
+    assert np.abs(np.asarray(namespace[name])).sum() > 0
+  ig = namespace["ig"]
+  # The README's claim: with the "min" baseline, completeness within 10% of the change.
+  assert np.all(np.abs(ig.completeness_error) < 0.1 * np.abs(ig.delta))
+  assert namespace["cam"].cam.shape == images.shape[:3]
+  assert namespace["own_cam"].upsampled.shape == images.shape[:3]
+  assert "last_hidden" in namespace["flow"] and "bottleneck" in namespace["flow"]
+  assert namespace["deletion"].auc.shape == (2,)
+  # Guided backpropagation differs from the plain gradient on a ReLU model.
+  import tracin_jax.saliency as saliency  # pylint: disable=g-import-not-at-top
+  plain = saliency.vanilla_gradient(namespace["apply_fn"], namespace["params"], images,
+                                    namespace["ed"])
+  assert not np.allclose(plain, namespace["guided"])
