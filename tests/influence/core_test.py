@@ -261,3 +261,43 @@ def test_progress_callback_and_text(capsys):
   last = err.strip().splitlines()[-1]
   assert last.startswith("tracin example gradients") and "checkpoint=2/2" in last
   assert err.endswith("\n")
+
+
+def _masked_plain(loss, ckpts, train, test, keep):
+  """The plain loop on the kept leaves only: sum_t eta_t g_keep(test) . g_keep(train)."""
+  total = 0.0
+  for params, lr in ckpts:
+    def rows(data):
+      out = []
+      for e in range(len(data["x"])):
+        ex = jax.tree.map(lambda x: x[e], data)
+        jac = jax.jacrev(loss)(params, ex)  # {name: [K, ...]}
+        out.append(np.concatenate([np.reshape(jac[n], (3, -1)) for n in keep], axis=1))
+      return np.stack(out)
+    total = total + lr * np.einsum("aip,bjp->aibj", rows(test), rows(train))
+  return total
+
+
+@pytest.mark.parametrize("params_filter, keep", [
+    ("w2", ["w2"]),
+    (["b1", "w1"], ["b1", "w1"]),
+    (lambda path: not path.startswith("w2"), ["b1", "w1"]),
+])
+def test_params_filter_restricts_the_gradients_to_the_kept_parameters(x64, params_filter, keep):
+  ckpts = [(tm.mlp_params(0, jnp.float64), 0.5), (tm.mlp_params(1, jnp.float64), 0.25)]
+  train, test = tm.mlp_data(2, 9, np.float64), tm.mlp_data(3, 4, np.float64)
+  scores = influence(tm.mlp_loss, ckpts, train, test, params_filter=params_filter,
+                     batch_size=4)
+  np.testing.assert_allclose(scores, _masked_plain(tm.mlp_loss, ckpts, train, test, keep),
+                             rtol=1e-10, atol=1e-12)
+  full = influence(tm.mlp_loss, ckpts, train, test, batch_size=4)
+  assert not np.allclose(scores, full)
+  diag = self_influence(tm.mlp_loss, ckpts, train, params_filter=params_filter)
+  own = influence(tm.mlp_loss, ckpts, train, params_filter=params_filter)
+  np.testing.assert_allclose(diag, np.einsum("aiai->ai", own), rtol=1e-10)
+
+
+def test_params_filter_that_keeps_nothing_is_an_error():
+  with pytest.raises(ValueError, match="selects no parameter"):
+    influence(tm.mlp_loss, [(tm.mlp_params(0), 0.1)], tm.mlp_data(0, 3),
+              params_filter="decoder")

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from tracin_jax import params as params_lib
 from tracin_jax import progress as progress_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
@@ -346,14 +347,50 @@ class _NonFinite:
           f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning, stacklevel=3)
 
 
-def _check_arguments(loss_fn, checkpoints, memory_budget_bytes):
-  """The cheap checks, before any data are read; returns the checked checkpoints."""
+@dataclasses.dataclass(frozen=True)
+class _Restricted:
+  """A loss of the kept parameters only: the other parameters (and the model's state, if
+  any) arrive as the state argument, so they get no gradient. Hashable and equal for the
+  same loss, structure and selection: one compiled function serves every checkpoint."""
+
+  loss_fn: LossFn
+  treedef: Any
+  mask: tuple[bool, ...]
+  with_state: bool
+
+  def __call__(self, kept, example, frozen):
+    others, state = frozen
+    params = params_lib.merge(self.treedef, self.mask, kept, others)
+    if self.with_state:
+      return self.loss_fn(params, example, state)
+    return self.loss_fn(params, example)
+
+
+def _restrict(loss_fn, checkpoints: list[Checkpoint], params_filter):
+  """(loss of the kept parameters, checkpoints of the kept parameters)."""
+  params0 = checkpoints[0].params
+  mask = params_lib.selection(params0, params_filter)
+  restricted = _Restricted(loss_fn, jax.tree.structure(params0), mask,
+                           checkpoints[0].state is not None)
+  out = []
+  for ckpt in checkpoints:
+    kept, others = params_lib.split(ckpt.params, mask)
+    out.append(Checkpoint(kept, ckpt.learning_rate, (others, ckpt.state)))
+  return restricted, out
+
+
+def _check_arguments(loss_fn, checkpoints, memory_budget_bytes, params_filter=None):
+  """The cheap checks, before any data are read; returns the loss and checkpoints to
+  differentiate (restricted to the kept parameters when `params_filter` is given)."""
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
   if int(memory_budget_bytes) != memory_budget_bytes or memory_budget_bytes <= 0:
     raise ValueError(f"memory_budget_bytes must be a positive integer, got "
                      f"{memory_budget_bytes!r}.")
-  return _checkpoints(checkpoints)
+  checkpoints = _checkpoints(checkpoints)
+  if params_filter is None:
+    return loss_fn, checkpoints
+  return _restrict(loss_fn, checkpoints, params_filter)
 
 
 def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: _Data):
@@ -376,6 +413,7 @@ def influence(
     batch_size: int | None = None,
     progress: bool | Callable[[Progress], None] = False,
     vectorize: str = "auto",
+    params_filter: params_lib.ParamsFilter | None = None,
 ) -> np.ndarray:
   """TracIn scores between test and train examples, per pair of losses (eq 4-6).
 
@@ -409,6 +447,11 @@ def influence(
     progress: True writes a progress line to stderr; a callable receives `Progress`.
     vectorize: "auto" (loop on CPU, vmap elsewhere), "vmap" or "loop"; see
       `grads.block_grads`. Every choice gives the same scores.
+    params_filter: restricts the gradients to some parameters (layer selection, e.g. the
+      TracIn paper's last layer): a predicate on a parameter's path ("head/kernel"), a path
+      prefix ("head") or a sequence of prefixes (see `tracin_jax.params`). The others are
+      held fixed; the dot products run over the kept parameters only, and the backward
+      pass stops where no kept parameter is left.
 
   Returns:
     numpy [n_test, K, n_train, K] (or [n, K, n, K] for train-influence), in the gradients'
@@ -423,7 +466,8 @@ def influence(
   Warns:
     RuntimeWarning: when some gradients are not finite (their scores are not either).
   """
-  checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes)
+  loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
+                                         params_filter)
   train_data = _Data(train, "train")
   test_data = None if test is None else _Data(test, "test")
   if test_data is not None:
@@ -465,6 +509,7 @@ def self_influence(
     batch_size: int | None = None,
     progress: bool | Callable[[Progress], None] = False,
     vectorize: str = "auto",
+    params_filter: params_lib.ParamsFilter | None = None,
 ) -> np.ndarray:
   """Self-influence sum_t eta_t |grad loss_i(theta_t; z)|^2 of every example and loss.
 
@@ -476,7 +521,8 @@ def self_influence(
   Returns:
     numpy [n, K].
   """
-  checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes)
+  loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
+                                         params_filter)
   data = _Data(train, "train")
   k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
   vectorize = grads_lib.resolve_vectorize(vectorize)

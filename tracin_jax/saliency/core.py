@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracin_jax import params as params_lib
 from tracin_jax.types import Array, PyTree
 
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
@@ -197,42 +198,6 @@ def display(maps: Array, *, absolute: bool = False, eps: float = 1e-12) -> Array
   return (maps - low) / jnp.maximum(high - low, eps)
 
 
-def _key_part(key: Any) -> str | int:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return str(key)
-
-
-def _group_of(path: tuple) -> str:
-  parts = [_key_part(k) for k in path]
-  group = [parts[0]]
-  if len(parts) > 1 and isinstance(parts[1], int):
-    group.append(parts[1])
-  out = ""
-  for part in group:
-    out += f"[{part}]" if isinstance(part, int) else str(part)
-  return out
-
-
-def param_group_names(params: PyTree) -> tuple[str, ...]:
-  """Top-level groups of a params pytree, in its flattening order: the first path key, with
-  the next one when it is a list index ("encoder[0]", "bottleneck", "head"; "[0]" for a
-  top-level list; "layers[1]" for {"layers": [w0, w1]}). A bare array is one group "".
-
-  The flattening order of a dict or an `nnx.State` is its sorted keys, not the network's
-  order: give `parameter_randomisation` a `layer_order` (for NNX models,
-  `NnxModel.param_groups_in_call_order(x)`)."""
-  names: list[str] = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = _group_of(path) if path else ""
-    if name not in names:
-      names.append(name)
-  return tuple(names)
-
-
-def param_group_mask(params: PyTree, group: str) -> PyTree:
-  """A pytree of bools like `params`: True for the leaves of a top-level group."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return jax.tree.unflatten(treedef,
-                            [(_group_of(path) if path else "") == group for path, _ in flat])
+# Parameter groups have one owner, `tracin_jax.params`.
+param_group_names = params_lib.group_names
+param_group_mask = params_lib.group_mask

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from tracin_jax import params as params_lib
 from tracin_jax.saliency import core
 from tracin_jax.saliency import gradients
 from tracin_jax.saliency import targets as targets_lib
@@ -367,7 +368,7 @@ def param_groups(params: PyTree) -> tuple[str, ...]:
 
 
 def _group(path) -> str:
-  return core._group_of(path) if path else ""  # pylint: disable=protected-access
+  return params_lib.group_of(path)
 
 
 @dataclasses.dataclass(frozen=True)
