@@ -93,6 +93,16 @@ def test_interpret_and_validate_results(staged):
       json.dumps(val.summary["dice_change"]))
   loaded = stages.get_stage("validate", CONFIGS["validate"]).load(context)
   assert loaded.summary["dice_change"] == saved["dice_change"]
+  # The cascade re-initialises one more layer per step, from the output down, and ends with
+  # every layer random: the full randomisation check.
+  check = json.loads((context.workdir / "validate" / "randomisation_check.json").read_text())
+  order = check["cascade"]["order"]
+  assert order[0] == "head" and order[-1] == "encoder[0]" and "last_hidden" in order[1:3]
+  steps = check["cascade"]["steps"]
+  assert [s["randomised"] for s in steps] == [order[:i + 1] for i in range(len(order))]
+  assert steps[-1]["auc"] == check["randomised"]["auc"]
+  assert check["without_output_layer"]["output_layer"] == "head"
+  assert (context.workdir / "validate" / "randomisation_cascade.png").stat().st_size > 0
 
 
 def test_rerun_reuses_finished_stages_and_parts(staged, caplog):

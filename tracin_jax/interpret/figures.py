@@ -192,3 +192,40 @@ def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   outputs.save_figure(fig, path, dpi=100)
+
+
+def plot_randomisation_cascade(cascade: dict[str, Any], trained_structure: dict[str, float],
+                               without_output_layer: dict[str, Any],
+                               path: str | os.PathLike, *, title_suffix: str = "") -> None:
+  """Cascading randomisation of TracIn: per step (one more layer re-initialised from the
+  output down), the class-block AUC (left) and the within-class ranking's similarity to the
+  trained checkpoints' (right); TracIn without the output layer's parameters as a marker."""
+  steps = cascade["steps"]
+  x = np.arange(1, len(steps) + 1)
+  labels = [s["randomised"][-1] for s in steps]
+  fig = new_figure(figsize=(12, 4.2))
+  left, right = fig.subplots(1, 2)
+  left.plot(x, [s["auc"] for s in steps], marker="o", label="cascading randomisation")
+  left.axhline(trained_structure["auc"], color="k", ls="--", lw=1, label="trained")
+  left.axhline(0.5, color="grey", ls=":", lw=1, label="no class structure")
+  left.scatter([0], [without_output_layer["auc"]], marker="*", s=120, color="tab:red",
+               zorder=3, label=f"trained, without {without_output_layer['output_layer']}")
+  left.set(ylabel="class-block AUC", ylim=(0.4, 1.02),
+           title="Class blocks of the train-influence")
+  right.plot(x, [s["median_rho"] for s in steps], marker="o",
+             label="median Spearman rho to trained")
+  right.plot(x, [s["top_overlap"] for s in steps], marker="s",
+             label="top-10 proponent overlap with trained")
+  right.scatter([0], [without_output_layer["median_rho"]], marker="*", s=120,
+                color="tab:red", zorder=3, label="without the output layer: median rho")
+  right.axhline(0, color="grey", ls=":", lw=1)
+  right.set(ylim=(-0.2, 1.02), title="Ranking within a class, against the trained one")
+  for ax in (left, right):
+    ax.set_xticks([0] + list(x), ["trained, no\noutput layer"] + labels, rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_xlabel("layers re-initialised, from the output down (cumulative)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("Cascading randomisation of TracIn's checkpoints" + title_suffix, fontsize=10)
+  fig.tight_layout()
+  outputs.save_figure(fig, path, dpi=100)

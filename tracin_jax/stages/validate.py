@@ -11,6 +11,9 @@ Reads the influence stage's scores and writes under `<workdir>/validate/`:
     with the trained checkpoints against the same computation with randomly initialised
     networks (model-parameter randomisation), on a seeded subset of training slices: the
     class-block structure of each, and how alike they rank each class's training regions;
+    then cascading randomisation (the checkpoints' layers re-initialised from the output
+    layer down, one more at each step) and TracIn without the output layer's parameters
+    (`randomisation_cascade.png`): do the class blocks come from the output layer alone?
   - `retraining/<key>/` and `randomisation/<key>/`: each retraining's and each random
     network's result, saved as it finishes (an interrupted stage resumes; another k keeps
     the earlier results beside the new ones).
@@ -37,11 +40,13 @@ from flax import nnx
 
 from tracin_jax import models
 from tracin_jax import outputs
+from tracin_jax import params as params_lib
 from tracin_jax.influence import core
 from tracin_jax.influence import layout
 from tracin_jax.influence import segmentation
 from tracin_jax.interpret import faithfulness
 from tracin_jax.interpret import figures
+from tracin_jax.saliency import layers as saliency_layers
 from tracin_jax.settings import SettingsError
 from tracin_jax.settings import setting
 from tracin_jax.stages import base
@@ -54,6 +59,7 @@ RETRAINING_FILE = "retraining.json"
 RETRAINING_FIGURE = "retraining.png"
 RANDOMISATION_FILE = "randomisation_check.json"
 RANDOMISATION_FIGURE = "randomisation_check.png"
+CASCADE_FIGURE = "randomisation_cascade.png"
 REMOVALS = ("proponents", "random", "opponents")
 
 
@@ -324,10 +330,66 @@ def _randomisation_check(context: base.Context, inputs, config: ValidateConfig
     scores = part if scores is None else scores + part
   scores = segmentation.mask_absent(scores, presence, presence)
   randomised = layout.to_class_blocks(scores)
-  return {"index": index, "trained": trained, "randomised": randomised,
-          "trained_structure": faithfulness.class_block_structure(trained),
-          "randomised_structure": faithfulness.class_block_structure(randomised),
-          "ranking_similarity": faithfulness.ranking_similarity(trained, randomised)}
+  check = {"index": index, "trained": trained, "randomised": randomised,
+           "trained_structure": faithfulness.class_block_structure(trained),
+           "randomised_structure": faithfulness.class_block_structure(randomised),
+           "ranking_similarity": faithfulness.ranking_similarity(trained, randomised)}
+
+  # Cascading randomisation from the head down (Adebayo et al.), and TracIn without the
+  # output layer's parameters: do the class blocks come from the output layer alone?
+  _, trained_ckpts, _ = train_lib.tracin_checkpoints(context.workdir, inputs.epochs)
+  order = _cascade_order(run_config, train_set.images[:1])
+  random_params = {}
+
+  def summed(name: str, label: str, compute) -> np.ndarray:
+    total = None
+    for t in range(len(trained_ckpts)):
+      part = parts.get(f"{name}_network{t + 1}", lambda t=t: compute(t),
+                       label=f"{label}, checkpoint {t + 1}/{len(trained_ckpts)}")
+      total = part if total is None else total + part
+    return layout.to_class_blocks(segmentation.mask_absent(total, presence, presence))
+
+  def cascade(step: int):
+    def compute(t):
+      if t not in random_params:
+        random_params[t] = models.functional(
+            train_lib.build_model(run_config.model, seed=seeds[t][0]))[1]
+      ckpt = trained_ckpts[t]
+      mixed = params_lib.replace_groups(ckpt.params, random_params[t], order[:step])
+      return core.influence(loss_fn, [ckpt._replace(params=mixed)], examples,
+                            memory_budget_bytes=context.memory_budget_bytes,
+                            progress=context.progress)
+    return compute
+
+  def summary(blocks) -> dict[str, Any]:
+    st = faithfulness.class_block_structure(blocks)
+    sim = faithfulness.ranking_similarity(trained, blocks)
+    return {"auc": st["auc"], "same_class_top": st["same_class_top"],
+            "median_rho": sim["median_rho"], "top_overlap": sim["top_overlap"]}
+
+  steps = []
+  for step in range(1, len(order)):  # all groups randomised is the check above
+    blocks = summed(f"cascade{step}", f"cascade {step}/{len(order)} ({order[step - 1]})",
+                    cascade(step))
+    steps.append({"randomised": list(order[:step]), **summary(blocks)})
+  steps.append({"randomised": list(order), **summary(randomised)})
+  output_layer = order[0]
+  keep = params_lib.as_predicate(output_layer)
+  without = summed(
+      "without_output_layer", f"TracIn without {output_layer}",
+      lambda t: core.influence(loss_fn, [trained_ckpts[t]], examples,
+                               memory_budget_bytes=context.memory_budget_bytes,
+                               progress=context.progress,
+                               params_filter=lambda path: not keep(path)))
+  check["cascade"] = {"order": list(order), "steps": steps}
+  check["without_output_layer"] = {"output_layer": output_layer, **summary(without)}
+  return check
+
+
+def _cascade_order(run_config, image: np.ndarray) -> tuple[str, ...]:
+  """The model's parameter groups from the output layer back to the input."""
+  model = train_lib.build_model(run_config.model, seed=0)
+  return tuple(reversed(saliency_layers.NnxModel(model).param_groups_in_call_order(image)))
 
 
 @base.register_stage
@@ -417,6 +479,20 @@ class ValidateStage(base.StageBase):
     manifest.figure(self.rel(RANDOMISATION_FIGURE), "Train-influence of a seeded subset of "
                     "training slices with the trained checkpoints and with randomly "
                     "initialised networks, with their class-block AUC.")
+    cascade, without = check["cascade"], check["without_output_layer"]
+    figures.plot_randomisation_cascade(cascade, ts, without, out / CASCADE_FIGURE,
+                                       title_suffix=context.suffix)
+    manifest.figure(self.rel(CASCADE_FIGURE), "Cascading randomisation of TracIn: the "
+                    "checkpoints' layers re-initialised from the output layer down, one more "
+                    "at each step; the class-block AUC of the train-influence and how alike it "
+                    "ranks each class's training regions to the trained checkpoints' ranking; "
+                    "beside them, TracIn with the output layer's parameters left out of the "
+                    "gradients.")
+    log(f"Cascading randomisation (class-block AUC, median rho to trained): "
+        + "; ".join(f"{s['randomised'][-1]} {s['auc']:.3f}, {s['median_rho']:.2f}"
+                    for s in cascade["steps"])
+        + f". Without the output layer ({without['output_layer']}): AUC "
+        f"{without['auc']:.3f}, median rho to full TracIn {without['median_rho']:.2f}.")
     outputs.write_json(out / RANDOMISATION_FILE, {
         "dataset": context.data_name,
         "num_examples": len(check["index"]),
@@ -434,18 +510,29 @@ class ValidateStage(base.StageBase):
                                       "ranking that survives randomisation does not explain "
                                       "what was learned",
         "randomised_checkpoints": "fresh initialisations (seeds 1000 + seed + t) with the "
-                                  "trained checkpoints' learning rates"})
+                                  "trained checkpoints' learning rates",
+        "cascade": {"order": cascade["order"],
+                    "steps": [{k: outputs.json_ready(v) if k != "randomised" else v
+                               for k, v in st.items()} for st in cascade["steps"]],
+                    "measure": "step s: the s parameter groups nearest the output replaced by "
+                               "those of the random networks (trained state kept); auc and "
+                               "same_class_top as above; median_rho and top_overlap compare "
+                               "the ranking within a class with the trained checkpoints'"},
+        "without_output_layer": {k: outputs.json_ready(v) if k != "output_layer" else v
+                                 for k, v in without.items()}})
     manifest.file(self.rel(RANDOMISATION_FILE), "the randomisation check: class-block structure "
                   "of trained and randomised train-influence, and their ranking similarity")
     log(f"[randomisation check took {time.perf_counter() - t0:.0f} s]")
-    randomisation = {"trained": ts, "randomised": rs, "ranking_similarity": sim}
+    randomisation = {"trained": ts, "randomised": rs, "ranking_similarity": sim,
+                     "cascade": cascade, "without_output_layer": without}
     manifest.headline.update({
         "baseline_reproduces_run": reproduces, "num_removed": config.num_removed,
         "dice_change": summary["dice_change"],
         "proponents_minus_random": summary["proponents_minus_random"],
         "opponents_minus_random": summary["opponents_minus_random"],
         "rank_correlation": summary["rank_correlation"]["all"],
-        "class_block_auc": {"trained": ts["auc"], "randomised": rs["auc"]}})
+        "class_block_auc": {"trained": ts["auc"], "randomised": rs["auc"],
+                            "without_output_layer": without["auc"]}})
     log(f"Wrote {out}: {RETRAINING_FILE}, {RETRAINING_FIGURE}, {RANDOMISATION_FILE}, "
         f"{RANDOMISATION_FIGURE}.")
     return ValidateOutputs(summary, reproduces, randomisation, manifest)
@@ -460,7 +547,9 @@ class ValidateStage(base.StageBase):
                                      "proponents_minus_random", "opponents_minus_random",
                                      "rank_correlation", "sign_agreement")}
     randomisation = {"trained": check["trained"], "randomised": check["randomised"],
-                     "ranking_similarity": check["ranking_similarity"]}
+                     "ranking_similarity": check["ranking_similarity"],
+                     "cascade": check["cascade"],
+                     "without_output_layer": check["without_output_layer"]}
     manifest = base.Manifest.from_record(base.read_manifest(context.workdir, self.name))
     return ValidateOutputs(summary, bool(saved["baseline_reproduces_run"]), randomisation,
                            manifest)
