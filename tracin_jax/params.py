@@ -75,8 +75,18 @@ def replace_groups(params: PyTree, other: PyTree, groups: Sequence[str]) -> PyTr
     raise ValueError(f"replace_groups: no group {sorted(unknown)}; the groups are "
                      f"{group_names(params)}.")
   names = set(groups)
-  return jax.tree.unflatten(treedef, [o if group_of(path) in names else leaf
-                                      for (path, leaf), o in zip(flat, other_leaves)])
+  # The taken leaves are placed as the ones they replace: jit's cache tells committed arrays
+  # (restored from a checkpoint) from uncommitted ones (fresh from an initialiser), and a
+  # mix of placements would compile every mixture anew.
+  return jax.tree.unflatten(treedef, [
+      _placed_like(o, leaf) if group_of(path) in names else leaf
+      for (path, leaf), o in zip(flat, other_leaves)])
+
+
+def _placed_like(x, like):
+  if isinstance(like, jax.Array) and getattr(like, "committed", False):
+    return jax.device_put(x, like.sharding)
+  return x
 
 
 def as_predicate(params_filter: ParamsFilter) -> Callable[[str], bool]:

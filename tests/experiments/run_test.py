@@ -97,7 +97,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
     assert retraining["dice_change"][name]["n"] == len(retraining["regions"])
   assert retraining["rank_correlation"]["all"]["n"] == (2 + 2) * len(retraining["regions"])
   check = json.loads((out / "randomisation_check.json").read_text())
-  assert check["num_examples"] == 40 and set(check["trained"]) >= {"auc", "same_class_top"}
+  assert check["num_examples"] == 20 and set(check["trained"]) >= {"auc", "same_class_top"}
   for name in ("retraining.png", "randomisation_check.png"):
     assert (out / name).stat().st_size > 0
   jobs = sorted(p for p in (out / "retraining").glob("*/*.json") if p.name != "inputs.json")

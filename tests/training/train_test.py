@@ -75,6 +75,6 @@ def test_tracin_checkpoints_are_the_sgd_epochs_with_their_rates(full_run):
   apply_fn, checkpoints, epochs = train_lib.tracin_checkpoints(workdir)
   assert epochs == [3, 4]
   assert [c.learning_rate for c in checkpoints] == pytest.approx([0.05, 0.05])
-  logits = apply_fn(checkpoints[-1].params, VAL.images[:2], checkpoints[-1].state)
+  logits = jax.jit(apply_fn)(checkpoints[-1].params, VAL.images[:2], checkpoints[-1].state)
   expected = result.model(VAL.images[:2])
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
