@@ -109,7 +109,7 @@ def main(argv):
     print(f"  {name}: warm-up {warmup:.2f} s, median {median:.3f} s", flush=True)
 
   print()
-  print(f"| method | warm-up s (compile + 1 call) | median s / call | maps / s |")
+  print("| method | warm-up s (compile + 1 call) | median s / call | maps / s |")
   print("|---|---|---|---|")
   for name, warmup, median, rate in rows:
     print(f"| {name} | {warmup:.2f} | {median:.3f} | {rate:.2f} |")

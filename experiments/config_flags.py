@@ -14,6 +14,11 @@ from typing import Any, Callable
 from absl import flags
 
 from tracin_jax import settings
+from tracin_jax import stages as stages_lib
+
+# absl's DEFINE function of each kind of setting.
+_DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "str": flags.DEFINE_string}
 
 
 def _kind(leaf: settings.Leaf) -> tuple[str, Any]:
@@ -68,22 +73,13 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues = flags.FLAGS) 
     kind, elem = _kind(leaf)
     default = leaf.field.default
     text = _help(leaf)
-    if kind == "bool":
-      flags.DEFINE_bool(name, default, text, flag_values=flag_values)
-      convert = bool
-    elif kind == "int":
-      flags.DEFINE_integer(name, default, text, flag_values=flag_values)
-      convert = lambda v: v  # noqa: E731
-    elif kind == "float":
-      flags.DEFINE_float(name, default, text, flag_values=flag_values)
-      convert = lambda v: v  # noqa: E731
-    elif kind == "str":
-      flags.DEFINE_string(name, default, text, flag_values=flag_values)
-      convert = lambda v: v  # noqa: E731
-    else:
+    if kind == "list":
       flags.DEFINE_list(name, None if default is None else [str(x) for x in default], text,
                         flag_values=flag_values)
       convert = _list_converter(name, elem, leaf.optional)
+    else:
+      _DEFINE[kind](name, default, text, flag_values=flag_values)
+      convert = lambda v: v  # noqa: E731
     converters[leaf.path] = (name, convert)
   return ConfigFlags(config_cls, converters, flag_values)
 
@@ -100,11 +96,20 @@ def from_flagfile(config_cls: type, path: str, *args: str) -> tuple[Any, list[st
     (config, stages): the stages the file's `--stages` names.
   """
   fv = flags.FlagValues()
-  stages = flags.DEFINE_list("stages", ["train"], "Stages to run.", flag_values=fv)
-  flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
+  stages, _ = define_app_flags(fv)
   holder = define_flags(config_cls, fv)
   fv(["from_flagfile", f"--flagfile={path}", *args])
   return holder.value(), list(stages.value)
+
+
+def define_app_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """The flags of a run that are not settings: `--stages` and `--progress`."""
+  stages = flags.DEFINE_list(
+      "stages", ["train"], f"Stages to run, of {', '.join(stages_lib.list_stages())} (run in "
+      "that order).", flag_values=flag_values)
+  progress = flags.DEFINE_bool("progress", True, "Show progress bars.",
+                               flag_values=flag_values)
+  return stages, progress
 
 
 def _list_converter(name: str, elem: type, optional: bool) -> Callable:

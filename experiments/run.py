@@ -23,10 +23,7 @@ from tracin_jax import stages
 from tracin_jax.data import brats
 from tracin_jax.training import train as train_lib
 
-_STAGES = flags.DEFINE_list(
-    "stages", ["train"], f"Stages to run, of {', '.join(stages.list_stages())} (run in that "
-    "order).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_STAGES, _PROGRESS = config_flags.define_app_flags()
 _CONFIG = config_flags.define_flags(experiment.ExperimentConfig)
 flags.mark_flag_as_required("workdir")
 

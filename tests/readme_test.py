@@ -30,14 +30,20 @@ def test_readme_saliency_example_runs_on_a_unet_and_a_pure_jax_model():
     assert namespace[name].shape == images.shape
     assert np.abs(np.asarray(namespace[name])).sum() > 0
   ig = namespace["ig"]
-  # The README's claim: with the "min" baseline, completeness within 10% of the change.
-  assert np.all(np.abs(ig.completeness_error) < 0.1 * np.abs(ig.delta))
+  # The README's claims: with the "min" baseline, completeness within 3-5% of the change;
+  # from the zero baseline the GroupNorm UNet's attributions sum to about 0, so the error
+  # is the whole change.
+  relative = np.abs(ig.completeness_error / ig.delta)
+  assert np.all(relative < 0.06), relative
+  unet, et = namespace["unet"], namespace["et"]
+  import tracin_jax.saliency as saliency  # pylint: disable=g-import-not-at-top
+  zero = saliency.integrated_gradients(unet.apply_fn, unet.params, images, et, steps=64)
+  np.testing.assert_allclose(zero.completeness_error / zero.delta, -1.0, atol=0.01)
   assert namespace["cam"].cam.shape == images.shape[:3]
   assert namespace["own_cam"].upsampled.shape == images.shape[:3]
   assert "last_hidden" in namespace["flow"] and "bottleneck" in namespace["flow"]
   assert namespace["deletion"].auc.shape == (2,)
   # Guided backpropagation differs from the plain gradient on a ReLU model.
-  import tracin_jax.saliency as saliency  # pylint: disable=g-import-not-at-top
   plain = saliency.vanilla_gradient(namespace["apply_fn"], namespace["params"], images,
                                     namespace["ed"])
   assert not np.allclose(plain, namespace["guided"])

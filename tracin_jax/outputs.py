@@ -1,4 +1,4 @@
-"""Writing outputs safely, and recognising unchanged inputs.
+"""Writing outputs safely, and hashing their contents.
 
 Every file a stage writes (JSON, npz, npy, PNG, HTML) goes through `atomic_path`: it is
 written under a temporary name in the same directory and renamed into place, so an
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -95,22 +94,3 @@ def hash_arrays(h, *arrays) -> None:
     a = np.ascontiguousarray(a)
     h.update(f"{a.dtype.str}:{a.shape}".encode())
     h.update(a.tobytes())
-
-
-def fingerprint(paths: Iterable[str | os.PathLike] = (), *settings: Any) -> str:
-  """A short hash of the files' contents and the settings (dataclasses or JSON values).
-
-  An npz is hashed array by array (name, dtype, shape, bytes): its zip members carry write
-  times, so equal arrays rewritten by a rerun keep the fingerprint.
-  """
-  h = hashlib.sha256()
-  for p in map(pathlib.Path, paths):
-    if p.suffix == ".npz":
-      with np.load(p) as f:
-        for name in sorted(f.files):
-          h.update(name.encode())
-          hash_arrays(h, f[name])
-    else:
-      h.update(p.read_bytes())
-  h.update(json.dumps(plain(list(settings)), sort_keys=True).encode())
-  return h.hexdigest()[:16]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from tracin_jax.influence import layout
-from tracin_jax.influence import report
 
 from tracin_jax.training.checkpoints import CheckpointStore
 

@@ -45,7 +45,7 @@ class ToyStage(base.StageBase):
     type(self).runs += 1
     out = context.stage_dir(self.name)
     outputs.write_json(out / "out.json", {"total": self.config.value * 10})
-    manifest = self.manifest(context, self.fingerprint(context))
+    manifest = self.manifest()
     manifest.file("toy/out.json", "the value times ten, as a toy output")
     manifest.headline["total"] = self.config.value * 10
     return ToyResult(self.config.value * 10, manifest)

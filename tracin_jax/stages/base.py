@@ -257,8 +257,10 @@ class StageBase:
         "settings": outputs.plain(self.config), "data": context.data_fingerprint(),
         "data_name": context.data_name})
 
-  def manifest(self, context: Context, fingerprint: str) -> Manifest:
-    return Manifest(self.name, outputs.plain(self.config), fingerprint)
+  def manifest(self) -> Manifest:
+    """An empty manifest of this stage with its settings; `run_stage` adds the fingerprint
+    (computed once, before the stage runs)."""
+    return Manifest(self.name, outputs.plain(self.config))
 
   def rel(self, name: str) -> str:
     """The path of one of the stage's files as a manifest lists it (workdir-relative)."""
@@ -294,6 +296,7 @@ def run_stage(stage: Stage, context: Context) -> Any:
   seconds = time.perf_counter() - t0
   context.results[stage.name] = result
   if not reused:
+    result.manifest.fingerprint = key
     write_manifest(context, result.manifest, seconds)
   context.log(f"[{stage.name} stage {'reused' if reused else 'done'} in {seconds:.0f} s]")
   return result

@@ -81,8 +81,8 @@ class InfluenceOutputs:
     global_explainers: the entries of `global_explainers.json`.
     apply_fn, params, state: the final model (`models.functional`).
     train_regions, val_regions: [n, H, W, K] bool regions of the final model.
-    fingerprint: the stage's fingerprint (what later stages key their work by).
-    manifest: what the stage wrote.
+    manifest: what the stage wrote, with its fingerprint (what later stages key their
+      work by; `run_stage` sets it).
   """
 
   train_blocks: np.ndarray
@@ -99,8 +99,11 @@ class InfluenceOutputs:
   state: Any
   train_regions: np.ndarray
   val_regions: np.ndarray
-  fingerprint: str
   manifest: base.Manifest
+
+  @property
+  def fingerprint(self) -> str:
+    return self.manifest.fingerprint
 
 
 def checkpoint_hash(checkpoint: Checkpoint) -> str:
@@ -124,7 +127,10 @@ class InfluenceStage(base.StageBase):
 
   def __init__(self, config: InfluenceConfig | None = None):
     super().__init__(config)
-    self._loaded = None
+    self._cache: dict[tuple, dict[str, Any]] = {}  # per (workdir, data): loaded, hashed
+
+  def _cached(self, context: base.Context) -> dict[str, Any]:
+    return self._cache.setdefault((context.workdir, context.data_fingerprint()), {})
 
   def _checkpoints(self, context: base.Context):
     """(apply_fn, checkpoints, epochs, final Checkpoint, final apply_fn), loaded once.
@@ -132,24 +138,29 @@ class InfluenceStage(base.StageBase):
     The final model's own apply_fn defaults to its own state, so library functions that
     take `apply_fn(params, images)` (features, regions) see the explained model exactly.
     """
-    if self._loaded is None:
+    cache = self._cached(context)
+    if "loaded" not in cache:
       apply_fn, checkpoints, epochs = train_lib.tracin_checkpoints(
           context.workdir, self.config.checkpoint_epochs, self.config.max_checkpoints)
       final_model, meta = train_lib.load_model(context.workdir)
       final_apply, params, state = models.functional(final_model)
       final = Checkpoint(params, float(meta["learning_rate"]), state)
-      self._loaded = apply_fn, checkpoints, epochs, final, final_apply
-    return self._loaded
+      cache["loaded"] = apply_fn, checkpoints, epochs, final, final_apply
+    return cache["loaded"]
 
   def _inputs(self, context: base.Context) -> dict[str, Any]:
-    _, checkpoints, epochs, final, _ = self._checkpoints(context)
-    return {
-        "run": train_lib.load_record(context.workdir),
-        "data": context.data_fingerprint(),
-        "threshold": self.config.threshold,
-        "checkpoints": {str(e): checkpoint_hash(c) for e, c in zip(epochs, checkpoints)},
-        "final_model": checkpoint_hash(final),
-    }
+    """What the TracIn sums depend on (the checkpoints hashed once)."""
+    cache = self._cached(context)
+    if "inputs" not in cache:
+      _, checkpoints, epochs, final, _ = self._checkpoints(context)
+      cache["inputs"] = {
+          "run": train_lib.load_record(context.workdir),
+          "data": context.data_fingerprint(),
+          "threshold": self.config.threshold,
+          "checkpoints": {str(e): checkpoint_hash(c) for e, c in zip(epochs, checkpoints)},
+          "final_model": checkpoint_hash(final),
+      }
+    return cache["inputs"]
 
   def fingerprint(self, context: base.Context) -> str:
     return base.inputs_key({**self._inputs(context), "settings": outputs.plain(self.config)})
@@ -196,7 +207,7 @@ class InfluenceStage(base.StageBase):
     train_blocks = layout.to_class_blocks(train_scores)
     test_blocks = layout.to_class_blocks(test_scores)
 
-    manifest = self.manifest(context, self.fingerprint(context))
+    manifest = self.manifest()
     ids = dict(train_case_ids=np.asarray(train_set.case_ids, str),
                train_slice_indices=np.asarray(train_set.slice_indices, np.int32))
     common = dict(epochs=np.asarray(epochs), learning_rates=np.asarray(rates),
@@ -276,7 +287,7 @@ class InfluenceStage(base.StageBase):
     return InfluenceOutputs(
         train_blocks, test_blocks, presence_train, presence_val, config.threshold,
         CLASS_NAMES, list(epochs), rates, globals_, final_apply, final.params, final.state,
-        train_regions, val_regions, manifest.fingerprint, manifest)
+        train_regions, val_regions, manifest)
 
   def load(self, context: base.Context) -> InfluenceOutputs:
     """Reads the stage's results and recomputes the final model's regions.
@@ -315,7 +326,7 @@ class InfluenceStage(base.StageBase):
     manifest = base.Manifest.from_record(manifest_record)
     return InfluenceOutputs(train_blocks, test_blocks, presence_train, presence_test,
                             threshold, class_names, epochs, rates, explainers, apply_fn, params,
-                            state, train_regions, val_regions, manifest.fingerprint, manifest)
+                            state, train_regions, val_regions, manifest)
 
 
 def _check_ids(f, prefix: str, slices, which: str) -> None:

@@ -177,7 +177,7 @@ class InterpretStage(base.StageBase):
                   for i in range(k)}
     tests = {class_names[i]: _mann_whitney(impact[:, i], selection["predictive"][i])
              for i in range(k)}
-    manifest = self.manifest(context, self.fingerprint(context))
+    manifest = self.manifest()
     exemplars = [_exemplars(scores, i, exclude, apply_fn, params, state, val_set, val_regions,
                             train_set, train_regions, class_names) for i in range(k)]
     for i, name in enumerate(class_names):

@@ -13,6 +13,7 @@ from typing import Any
 
 from tracin_jax.stages import base
 from tracin_jax.training import train as train_lib
+from tracin_jax.training.checkpoints import CHECKPOINT_DIR
 
 
 @dataclasses.dataclass
@@ -48,8 +49,7 @@ class TrainStage(base.StageBase):
     val = result.metrics.get("validation", {})
     context.log(f"Validation hard Dice ({context.data_name}): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
-    return TrainOutputs(result.metrics, result.history,
-                        self._manifest(context, result.metrics))
+    return TrainOutputs(result.metrics, result.history, self._manifest(result.metrics))
 
   def load(self, context: base.Context) -> TrainOutputs:
     """The finished run's metrics and history.
@@ -70,17 +70,17 @@ class TrainStage(base.StageBase):
           "settings (its flagfile), or another --workdir.")
     metrics = json.loads((context.workdir / train_lib.METRICS_FILE).read_text())
     _, meta = train_lib.load_model(context.workdir)
-    return TrainOutputs(metrics, list(meta.get("history", [])),
-                        self._manifest(context, metrics))
+    return TrainOutputs(metrics, list(meta.get("history", [])), base.Manifest.from_record(
+        base.read_manifest(context.workdir, self.name)))
 
-  def _manifest(self, context: base.Context, metrics: dict[str, Any]) -> base.Manifest:
-    m = self.manifest(context, self.fingerprint(context))
+  def _manifest(self, metrics: dict[str, Any]) -> base.Manifest:
+    m = self.manifest()
     m.file(train_lib.CONFIG_FILE, "the run's settings, its training and validation cases")
     m.file(train_lib.METRICS_FILE,
            "hard Dice per class (NCR/NET, ED, ET) and region (WT, TC) on train and "
            "validation, per patient then averaged; an empty prediction of an empty truth "
            "counts 1.0")
-    m.file(train_lib.CHECKPOINT_DIR,
+    m.file(CHECKPOINT_DIR,
            "Orbax checkpoints per epoch: model, optimiser, metadata (epoch, step, phase, "
            "learning_rate eta_t)")
     m.figure(train_lib.CURVES_FILE,

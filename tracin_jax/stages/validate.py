@@ -295,7 +295,8 @@ def _p(p) -> str:
 
 def _randomisation_check(context: base.Context, inputs, config: ValidateConfig
                          ) -> dict[str, Any]:
-  """Train-influence of a seeded subset with trained and with random checkpoints."""
+  """Train-influence of a seeded subset with trained and with random checkpoints; then the
+  cascade from the head down, and TracIn without the output layer."""
   train_set = context.train_set
   n = len(train_set)
   m = min(config.randomisation_examples or n, n)
@@ -303,63 +304,45 @@ def _randomisation_check(context: base.Context, inputs, config: ValidateConfig
   index = np.sort(rng.choice(n, m, replace=False))
   trained = layout.subset(inputs.train_blocks, index)
   presence = inputs.presence_train[index]
-
-  run_config = train_lib.load_config(context.workdir)
-  # (seed, learning rate) per random network; a network is built only when its part of the
-  # sum is not saved yet.
-  seeds = [(1000 + config.seed + t, lr) for t, lr in enumerate(inputs.learning_rates)]
-
-  def random_influence(seed: int, lr: float) -> np.ndarray:
-    _, params, state = models.functional(train_lib.build_model(run_config.model, seed=seed))
-    return core.influence(loss_fn, [Checkpoint(params, lr, state)], examples,
-                          memory_budget_bytes=context.memory_budget_bytes,
-                          progress=context.progress)
-
   examples = {"image": train_set.images[index],
               "target": train_set.labels[index].astype(np.int32),
               "region": inputs.train_regions[index]}
   loss_fn = segmentation.make_region_losses(inputs.apply_fn)
+  run_config = train_lib.load_config(context.workdir)
   parts = base.Parts(context.stage_dir("validate") / "randomisation",
                      {"influence": inputs.fingerprint, "seed": config.seed,
                       "examples": config.randomisation_examples, "model": run_config.model},
                      what="randomisation check")
-  scores = None
-  for t, (seed, lr) in enumerate(seeds):
-    part = parts.get(f"network{t + 1}", lambda s=seed, r=lr: random_influence(s, r),
-                     label=f"random network {t + 1}/{len(seeds)}")
-    scores = part if scores is None else scores + part
-  scores = segmentation.mask_absent(scores, presence, presence)
-  randomised = layout.to_class_blocks(scores)
-  check = {"index": index, "trained": trained, "randomised": randomised,
-           "trained_structure": faithfulness.class_block_structure(trained),
-           "randomised_structure": faithfulness.class_block_structure(randomised),
-           "ranking_similarity": faithfulness.ranking_similarity(trained, randomised)}
+  num = len(inputs.learning_rates)
+  # Random networks (seeds 1000 + seed + t) and the trained checkpoints are built or loaded
+  # only when a part that needs them is not saved yet, and then once.
+  loaded: dict[Any, Any] = {}
 
-  # Cascading randomisation from the head down (Adebayo et al.), and TracIn without the
-  # output layer's parameters: do the class blocks come from the output layer alone?
-  _, trained_ckpts, _ = train_lib.tracin_checkpoints(context.workdir, inputs.epochs)
-  order = _cascade_order(run_config, train_set.images[:1])
-  random_params = {}
+  def random_network(t: int) -> Checkpoint:
+    if t not in loaded:
+      model = train_lib.build_model(run_config.model, seed=1000 + config.seed + t)
+      _, params, state = models.functional(model)
+      loaded[t] = Checkpoint(params, inputs.learning_rates[t], state)
+    return loaded[t]
 
-  def summed(name: str, label: str, compute) -> np.ndarray:
+  def trained_checkpoint(t: int) -> Checkpoint:
+    if "trained" not in loaded:
+      loaded["trained"] = train_lib.tracin_checkpoints(context.workdir, inputs.epochs)[1]
+    return loaded["trained"][t]
+
+  def tracin(ckpt: Checkpoint, **kwargs) -> np.ndarray:
+    return core.influence(loss_fn, [ckpt], examples,
+                          memory_budget_bytes=context.memory_budget_bytes,
+                          progress=context.progress, **kwargs)
+
+  def summed(prefix: str, label: str, compute) -> np.ndarray:
+    """Class blocks of the sum over checkpoints of compute(t), each part saved."""
     total = None
-    for t in range(len(trained_ckpts)):
-      part = parts.get(f"{name}_network{t + 1}", lambda t=t: compute(t),
-                       label=f"{label}, checkpoint {t + 1}/{len(trained_ckpts)}")
+    for t in range(num):
+      part = parts.get(f"{prefix}network{t + 1}", lambda t=t: compute(t),
+                       label=f"{label}, checkpoint {t + 1}/{num}")
       total = part if total is None else total + part
     return layout.to_class_blocks(segmentation.mask_absent(total, presence, presence))
-
-  def cascade(step: int):
-    def compute(t):
-      if t not in random_params:
-        random_params[t] = models.functional(
-            train_lib.build_model(run_config.model, seed=seeds[t][0]))[1]
-      ckpt = trained_ckpts[t]
-      mixed = params_lib.replace_groups(ckpt.params, random_params[t], order[:step])
-      return core.influence(loss_fn, [ckpt._replace(params=mixed)], examples,
-                            memory_budget_bytes=context.memory_budget_bytes,
-                            progress=context.progress)
-    return compute
 
   def summary(blocks) -> dict[str, Any]:
     st = faithfulness.class_block_structure(blocks)
@@ -367,28 +350,43 @@ def _randomisation_check(context: base.Context, inputs, config: ValidateConfig
     return {"auc": st["auc"], "same_class_top": st["same_class_top"],
             "median_rho": sim["median_rho"], "top_overlap": sim["top_overlap"]}
 
+  randomised = summed("", "random networks", lambda t: tracin(random_network(t)))
+  check = {"index": index, "trained": trained, "randomised": randomised,
+           "trained_structure": faithfulness.class_block_structure(trained),
+           "randomised_structure": faithfulness.class_block_structure(randomised),
+           "ranking_similarity": faithfulness.ranking_similarity(trained, randomised)}
+
+  # Cascading randomisation from the head down (Adebayo et al.), and TracIn without the
+  # output layer's parameters: do the class blocks come from the output layer alone?
+  order = _cascade_order(run_config, train_set.images[:1])
+
+  def cascade(step: int):
+    def compute(t):
+      ckpt = trained_checkpoint(t)
+      mixed = params_lib.replace_groups(ckpt.params, random_network(t).params, order[:step])
+      return tracin(ckpt._replace(params=mixed))
+    return compute
+
   steps = []
   for step in range(1, len(order)):  # all groups randomised is the check above
-    blocks = summed(f"cascade{step}", f"cascade {step}/{len(order)} ({order[step - 1]})",
+    blocks = summed(f"cascade{step}_", f"cascade {step}/{len(order)} ({order[step - 1]})",
                     cascade(step))
     steps.append({"randomised": list(order[:step]), **summary(blocks)})
   steps.append({"randomised": list(order), **summary(randomised)})
   output_layer = order[0]
   keep = params_lib.as_predicate(output_layer)
-  without = summed(
-      "without_output_layer", f"TracIn without {output_layer}",
-      lambda t: core.influence(loss_fn, [trained_ckpts[t]], examples,
-                               memory_budget_bytes=context.memory_budget_bytes,
-                               progress=context.progress,
-                               params_filter=lambda path: not keep(path)))
+  without = summed("without_output_layer_", f"TracIn without {output_layer}",
+                   lambda t: tracin(trained_checkpoint(t),
+                                    params_filter=lambda path: not keep(path)))
   check["cascade"] = {"order": list(order), "steps": steps}
   check["without_output_layer"] = {"output_layer": output_layer, **summary(without)}
   return check
 
 
 def _cascade_order(run_config, image: np.ndarray) -> tuple[str, ...]:
-  """The model's parameter groups from the output layer back to the input."""
-  model = train_lib.build_model(run_config.model, seed=0)
+  """The model's parameter groups from the output layer back to the input (traced on an
+  abstract model: nothing is initialised or compiled)."""
+  model = nnx.eval_shape(lambda: train_lib.build_model(run_config.model, seed=0))
   return tuple(reversed(saliency_layers.NnxModel(model).param_groups_in_call_order(image)))
 
 
@@ -403,7 +401,7 @@ class ValidateStage(base.StageBase):
     config, log, inputs = self.config, context.log, context.need("influence")
     train_set, val_set, names = context.train_set, context.val_set, inputs.class_names
     out = context.stage_dir(self.name)
-    manifest = self.manifest(context, self.fingerprint(context))
+    manifest = self.manifest()
 
     regions = faithfulness.choose_regions(inputs.presence_test, config.regions_per_class,
                                           config.seed)
@@ -488,7 +486,7 @@ class ValidateStage(base.StageBase):
                     "ranks each class's training regions to the trained checkpoints' ranking; "
                     "beside them, TracIn with the output layer's parameters left out of the "
                     "gradients.")
-    log(f"Cascading randomisation (class-block AUC, median rho to trained): "
+    log("Cascading randomisation (class-block AUC, median rho to trained): "
         + "; ".join(f"{s['randomised'][-1]} {s['auc']:.3f}, {s['median_rho']:.2f}"
                     for s in cascade["steps"])
         + f". Without the output layer ({without['output_layer']}): AUC "

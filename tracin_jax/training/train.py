@@ -33,7 +33,7 @@ from tracin_jax.progress import ProgressBar
 from tracin_jax.settings import setting
 from tracin_jax.training import losses
 from tracin_jax.training import optim
-from tracin_jax.training.checkpoints import CHECKPOINT_DIR, CheckpointStore
+from tracin_jax.training.checkpoints import CheckpointStore
 from tracin_jax.types import Checkpoint
 
 logger = logging.getLogger("tracin_jax")
