@@ -54,6 +54,28 @@ def test_blocked_budgeted_equals_plain_loop(x64, batch_size, budget_examples, ve
   np.testing.assert_allclose(scores, expect_train, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("iterable", [False, True])
+def test_no_gradient_is_computed_for_padding(monkeypatch, vectorize, iterable):
+  # 7 train and 4 test examples in blocks of 3: ragged last blocks of 1 and 1 example.
+  sizes = []
+  block_grads = core.grads_lib.block_grads
+
+  def spy(loss_fn, k, params, batch, *args, **kwargs):
+    sizes.append(jax.tree.leaves(batch)[0].shape[0])
+    return block_grads(loss_fn, k, params, batch, *args, **kwargs)
+
+  monkeypatch.setattr(core.grads_lib, "block_grads", spy)
+  train, test = tm.mlp_data(10, N_TRAIN), tm.mlp_data(11, N_TEST)
+  if iterable:
+    train = Batches(train, [2, 4, 1])
+  scores = influence(tm.mlp_loss, mlp_checkpoints(), train, test, batch_size=3,
+                     vectorize=vectorize)
+  assert sizes == 2 * [3, 1, 3, 3, 1]  # per checkpoint: test 3 + 1, train 3 + 3 + 1
+  expect = reference()[0]
+  np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
 def test_float32_matches_loop_within_float32_tolerance():
   train, test = tm.mlp_data(10, N_TRAIN), tm.mlp_data(11, N_TEST)
   scores = influence(tm.mlp_loss, mlp_checkpoints(), train, test, batch_size=3)
@@ -253,7 +275,8 @@ def test_progress_callback_and_text(capsys):
   influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), batch_size=3,
             progress=seen.append)
   assert all(isinstance(p, core.Progress) for p in seen)
-  assert seen[-1].examples_done == seen[-1].examples_total == 2 * 3 * 3  # 2 ckpts, 3 blocks
+  # 2 checkpoints x 7 examples (blocks of 3, 3 and 1: no padding counted, none computed).
+  assert seen[-1].examples_done == seen[-1].examples_total == 2 * N_TRAIN
   assert seen[-1].checkpoint == seen[-1].num_checkpoints == 2
   assert [p.examples_done for p in seen] == sorted(p.examples_done for p in seen)
   self_influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), progress=True)

@@ -7,14 +7,13 @@ from tracin_jax.influence import gram
 
 
 def fake_producer(g, block_size, calls):
-  """Blocks of a fixed [n * K, P] matrix, padded like real gradient blocks; logs calls."""
+  """Blocks of a fixed [n * K, P] matrix, the last one ragged like real gradient blocks;
+  logs the block indices and the examples produced."""
 
   def blocks(start, stop):
     for block in range(start, stop):
       rows = g[block * block_size * K: (block + 1) * block_size * K]
-      pad = block_size * K - rows.shape[0]
-      rows = np.concatenate([rows, np.full((pad, g.shape[1]), 1e30, g.dtype)])  # never read
-      calls.append(block)
+      calls.append((block, rows.shape[0] // K))
       yield block, rows
 
   return blocks
@@ -49,6 +48,7 @@ def test_blocked_equals_dense(n_rows, n_cols, batch_size, budget_blocks, symmetr
                          fake_producer(g_cols, plan.block_size, calls), learning_rate)
   np.testing.assert_allclose(out, 0.75 * g_rows @ g_cols.T, rtol=1e-5, atol=1e-5)
   assert len(calls) == 2 * plan.gradient_blocks()
+  assert sum(m for _, m in calls) == 2 * plan.gradient_examples()
   if symmetric:
     np.testing.assert_array_equal(out, out.T)
   # What the plan holds at once fits in the budget.
@@ -91,3 +91,22 @@ def test_symmetric_plan_recomputes_only_later_blocks():
   gram.accumulate_gram(out, plan, K, fake_producer(g, 1, calls), None, 1.0)
   assert len(calls) == plan.gradient_blocks()
   np.testing.assert_allclose(out, g @ g.T, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_counts_examples_not_padding():
+  # 8 test examples against 32 train in blocks of 32: 40 gradients, not 64.
+  plan = gram.plan_blocks(8, 32, 100, 1 << 30, batch_size=32)
+  assert plan.block_size == 32 and plan.gradient_examples() == 40
+  # Symmetric, blocks of 4 over 10 examples held one at a time: block 0 streams examples
+  # 4..9 again, block 1 examples 8..9 (a ragged block of 2).
+  plan = gram.plan_blocks(10, 10, 100, 2 * 4 * 100, batch_size=4, symmetric=True)
+  assert plan.groups() == [(0, 1), (1, 2), (2, 3)]
+  assert plan.gradient_examples() == 10 + 6 + 2
+
+
+def test_a_block_of_the_wrong_size_is_refused():
+  plan = gram.plan_blocks(3, 3, K * P * 4, 1 << 20, batch_size=2)
+  g = np.ones((4 * K, P), np.float32)  # one example too many
+  with pytest.raises(ValueError, match="wrong size"):
+    gram.accumulate_gram(np.zeros((3 * K, 3 * K), np.float32), plan, K,
+                         fake_producer(g, 2, []), fake_producer(g, 2, []), 1.0)

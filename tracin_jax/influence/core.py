@@ -51,7 +51,7 @@ class Progress:
     checkpoint: checkpoints finished or in progress (1-based).
     num_checkpoints: checkpoints in all.
     examples_done: example gradients computed so far (all checkpoints; an example whose
-      gradient is recomputed for another group of blocks counts again; padding counts).
+      gradient is recomputed for another group of blocks counts again).
     examples_total: example gradients the whole computation will compute.
     elapsed_s: seconds since the start.
     remaining_s: estimated seconds left (None before the first block).
@@ -214,14 +214,14 @@ class _Data:
     """Blocks start, ..., stop - 1 of `block_size` examples.
 
     Yields:
-      (block index, block with leaves [block_size, ...], number of real examples). The last
-      block is padded by repeating its last example.
+      (block index, block with leaves [m, ...], m): m = block_size except for the last
+      block of the data, which holds the m <= block_size examples left (never padding, so
+      no gradient is ever computed twice for one example of a block).
     """
     if self._factory is None:
       for block in range(start, stop):
         lo, hi = block * block_size, min((block + 1) * block_size, self.n)
-        index = np.minimum(np.arange(lo, lo + block_size), hi - 1)
-        yield block, jax.tree.map(lambda x: x[index], self._arrays), hi - lo
+        yield block, jax.tree.map(lambda x: x[lo:hi], self._arrays), hi - lo
       return
     yield from self._stream_blocks(block_size, start, stop)
 
@@ -253,8 +253,7 @@ class _Data:
                        "the first; iterables must give the same examples every time.")
     if count and block < stop:
       out, _, _ = _take(buffered, count)
-      index = np.minimum(np.arange(block_size), count - 1)
-      yield block, jax.tree.unflatten(self.spec.treedef, [x[index] for x in out]), count
+      yield block, jax.tree.unflatten(self.spec.treedef, out), count
 
 
 def _take(buffered: list[list[np.ndarray]], size: int):
@@ -477,8 +476,7 @@ def influence(
   vectorize = grads_lib.resolve_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
-  reporter = _Reporter(progress, len(checkpoints),
-                       plan.gradient_blocks() * plan.block_size * len(checkpoints))
+  reporter = _Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
   nonfinite = _NonFinite()
   out = np.zeros((rows.n * k, train_data.n * k), dtype)
 
@@ -487,7 +485,7 @@ def influence(
       for index, block, n_valid in data.blocks(plan.block_size, start, stop):
         g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
         nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
-        reporter.examples(plan.block_size)
+        reporter.examples(n_valid)
         yield index, g
         del g  # not alive while the next block is computed
     return blocks
@@ -534,7 +532,7 @@ def self_influence(
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), data.n, fit)
   n_blocks = data.n_blocks(block_size)
-  reporter = _Reporter(progress, len(checkpoints), n_blocks * block_size * len(checkpoints))
+  reporter = _Reporter(progress, len(checkpoints), data.n * len(checkpoints))
   out = np.zeros((data.n, k), dtype)
   for t, (params, learning_rate, state) in enumerate(checkpoints):
     reporter.checkpoint(t)
@@ -542,10 +540,10 @@ def self_influence(
     for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
       norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize, state)
       pending.append((index * block_size, n_valid, norms))
-      reporter.examples(block_size)
+      reporter.examples(n_valid)
     bad = []
     for first, n_valid, norms in pending:
-      norms = np.asarray(norms)[:n_valid]
+      norms = np.asarray(norms)
       out[first:first + n_valid] += learning_rate * norms
       bad.extend((np.flatnonzero(~np.isfinite(norms).all(axis=1)) + first).tolist())
     if bad:

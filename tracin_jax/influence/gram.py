@@ -2,9 +2,9 @@
 
 The TracIn matrix of one checkpoint is `eta_t G_rows G_cols^T`, with G the per-example
 gradients raveled to `[n * K, P]`. G of a whole data set rarely fits in memory, so the
-examples are cut into blocks of `block_size` examples (the last block padded to that size,
-so that one compiled shape serves every block; padded rows are dropped), and the product is
-formed block by block:
+examples are cut into blocks of `block_size` examples (the last block of a side holds what is
+left: it is never padded, so no gradient is computed for an example that is not there), and
+the product is formed block by block:
 
 * `plan_blocks` derives the block size from the memory budget and the bytes of one example's
   gradients (K * P * itemsize), and how many blocks may be held at once.
@@ -34,8 +34,9 @@ DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 # activation memory of one vectorised gradient call, which the budget does not count.
 DEFAULT_BATCH_SIZE = 64
 
-# A block producer: blocks(start, stop) yields (block_index, grads [block_size * K, P]) for the
-# block indices start, start + 1, ..., stop - 1, in order.
+# A block producer: blocks(start, stop) yields (block_index, grads [m * K, P]) for the block
+# indices start, start + 1, ..., stop - 1, in order; m = block_size except for a side's last
+# block, which holds the m <= block_size examples left.
 BlockProducer = Callable[[int, int], Iterator[tuple[int, Array]]]
 
 
@@ -95,6 +96,15 @@ class BlockPlan:
       return held + sum(held - stop for _, stop in self.groups())
     return held + streamed * len(self.groups())
 
+  def gradient_examples(self) -> int:
+    """How many example gradients one checkpoint computes (recomputations included; the
+    last block of a side is ragged, never padded)."""
+    held, streamed = ((self.n_rows, self.n_cols) if self.hold == "rows"
+                      else (self.n_cols, self.n_rows))
+    if self.symmetric:
+      return held + sum(held - min(stop * self.block_size, held) for _, stop in self.groups())
+    return held + streamed * len(self.groups())
+
 
 def plan_blocks(
     n_rows: int,
@@ -111,7 +121,7 @@ def plan_blocks(
   budget then holds m = budget // (B * bytes_per_example) blocks. If a whole side fits beside
   one streamed block, it is held and every gradient is computed once per checkpoint;
   otherwise groups of m - 1 blocks are held and the other side is streamed once per group.
-  The side to hold is the one that computes fewer gradient blocks.
+  The side to hold is the one that computes fewer example gradients (then fewer blocks).
 
   Args:
     n_rows: examples on the row side (>= 1).
@@ -147,8 +157,8 @@ def plan_blocks(
     # A whole side that fits is held; symmetric, it then needs no streamed block beside it.
     group = n_held if n_held <= (capacity if symmetric else capacity - 1) else capacity - 1
     plan = dataclasses.replace(plan, group_blocks=group)
-    candidates.append((plan.gradient_blocks(), n_held, plan))
-  return min(candidates, key=lambda c: c[:2])[2]
+    candidates.append((plan.gradient_examples(), plan.gradient_blocks(), n_held, plan))
+  return min(candidates, key=lambda c: c[:3])[3]
 
 
 class _Sink:
@@ -176,7 +186,11 @@ class _Sink:
     i, j, value = self._pending
     self._pending = None
     rows, cols = self._span(i, self._plan.n_rows), self._span(j, self._plan.n_cols)
-    block = np.asarray(value)[: rows.stop - rows.start, : cols.stop - cols.start]
+    block = np.asarray(value)
+    if block.shape != (rows.stop - rows.start, cols.stop - cols.start):
+      raise ValueError(f"Gram block ({i}, {j}) has shape {block.shape}, expected "
+                       f"{(rows.stop - rows.start, cols.stop - cols.start)}: a producer "
+                       "yielded a block of the wrong size.")
     if self._plan.symmetric and i == j:
       block = 0.5 * (block + block.T)  # exactly symmetric, whatever the matmul's order
     self._out[rows, cols] += block
@@ -200,7 +214,7 @@ def accumulate_gram(
       example b.
     plan: from `plan_blocks`.
     k: K, outputs per example.
-    row_blocks: produces row-side gradient blocks ([block_size * K, P], padded).
+    row_blocks: produces row-side gradient blocks ([m * K, P], the last one ragged).
     col_blocks: produces column-side blocks; ignored when the plan is symmetric.
     learning_rate: eta_t of this checkpoint.
   """
