@@ -22,6 +22,11 @@ are extra outputs. Layer methods (the Grad-CAM family) also take `layer=`: a
     cam.cam, cam.upsampled, cam.display                                 # [2, h, w], ...
     flow = saliency.information_flow(m.apply_fn, m.params, x, et, layers=m.layers())
 
+    found = saliency.find_instances(pred_labels[0], true_labels[0])    # lesions: TP/FP/FN
+    ies = saliency.instance_smoothgrad(m.apply_fn, m.params, x[0], found[:1], key=0)
+    numbers = saliency.quantify(ies[0], found[0].mask, radius=3)        # per modality
+    context = saliency.context_curve(m.apply_fn, m.params, x[0], found[0])
+
     curve = saliency.deletion_curve(m.apply_fn, m.params, x, et, grad, patch_size=4)
     sanity = saliency.parameter_randomisation(
         lambda p: saliency.vanilla_gradient(m.apply_fn, p, x, et), m.params, key=0,
@@ -35,6 +40,8 @@ Modules: `targets` (targets and masks), `gradients` (vanilla, guided backprop, I
 SmoothGrad), `guided_interpreter` (the guided-ReLU jaxpr interpreter), `layers` (layer splits, NNX
 probing), `cam` (Grad-CAM, Grad-CAM++, guided Grad-CAM, information flow), `faithfulness`
 (deletion/insertion, completeness, relevance mass/rank, parameter randomisation, SSIM),
+`instances` (lesions as connected components, their targets, instance SmoothGrad and
+Grad-CAM++, quantitative saliency per modality, perilesional context), `figures` (grids),
 `core` (chunking, baselines, resizing, display normalisation).
 """
 
@@ -70,6 +77,13 @@ from tracin_jax.saliency.gradients import smoothgrad
 from tracin_jax.saliency.gradients import vanilla_gradient
 from tracin_jax.saliency.guided_interpreter import guided
 from tracin_jax.saliency.guided_interpreter import guided_relu
+from tracin_jax.saliency.instances import Instance
+from tracin_jax.saliency.instances import context_curve
+from tracin_jax.saliency.instances import find_instances
+from tracin_jax.saliency.instances import instance_grad_cam_plus_plus
+from tracin_jax.saliency.instances import instance_smoothgrad
+from tracin_jax.saliency.instances import instance_target
+from tracin_jax.saliency.instances import quantify
 from tracin_jax.saliency.layers import Layers
 from tracin_jax.saliency.layers import NnxModel
 from tracin_jax.saliency.layers import split_layer
@@ -92,6 +106,7 @@ __all__ = [
     "ClassSoftmaxSum",
     "CurveResult",
     "GradCamResult",
+    "Instance",
     "IntegratedGradientsResult",
     "Layers",
     "MaskedClassSum",
@@ -104,8 +119,10 @@ __all__ = [
     "class_score",
     "class_softmax_sum",
     "completeness_error",
+    "context_curve",
     "deletion_curve",
     "display",
+    "find_instances",
     "grad_cam",
     "grad_cam_plus_plus",
     "guided",
@@ -114,6 +131,9 @@ __all__ = [
     "guided_integrated_gradients",
     "guided_relu",
     "information_flow",
+    "instance_grad_cam_plus_plus",
+    "instance_smoothgrad",
+    "instance_target",
     "insertion_curve",
     "integrated_gradients",
     "make_baseline",
@@ -122,6 +142,7 @@ __all__ = [
     "parameter_randomisation",
     "perturbation_curve",
     "predicted_region",
+    "quantify",
     "quadrature",
     "random_saliency",
     "randomize_groups",
