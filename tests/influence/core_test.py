@@ -187,10 +187,12 @@ def test_same_inputs_same_scores():
   np.testing.assert_array_equal(a, b)
 
 
-def test_conv_net_matches_plain_loop(x64):
+@pytest.mark.parametrize("vectorize", ["auto", "vmap", "loop"])
+def test_conv_net_matches_plain_loop(x64, vectorize):
   checkpoints = [(tm.conv_params(0, jnp.float64), 0.1), (tm.conv_params(1, jnp.float64), 0.2)]
   train, test = tm.conv_data(0, 3, dtype=np.float64), tm.conv_data(1, 2, dtype=np.float64)
-  scores = influence(tm.conv_loss, checkpoints, train, test, batch_size=2)
+  scores = influence(tm.conv_loss, checkpoints, train, test, batch_size=2,
+                     vectorize=vectorize)
   expect = tm.loop_influence(tm.conv_loss, checkpoints, train, test)
   np.testing.assert_allclose(scores, expect, rtol=1e-10, atol=1e-13)
 
@@ -231,9 +233,13 @@ def test_bad_data():
     influence(tm.mlp_loss, params, {"x": train["x"], "y": np.float32(1.0)})
   with pytest.raises(TypeError, match="lambda: iter"):
     influence(tm.mlp_loss, params, [train, train][:1] + ["x"])
-  with pytest.raises(TypeError) as error:  # a list of batches is one pytree
-    influence(tm.mlp_loss, params, [train, train])
+  with pytest.raises(TypeError) as error:  # a tuple of batches is one pytree
+    influence(tm.mlp_loss, params, (train, train))
   assert "lambda: iter(batches)" in "".join(error.value.__notes__)
+  halves = [{k: v[:5] for k, v in train.items()}, {k: v[5:] for k, v in train.items()}]
+  np.testing.assert_allclose(  # a list of batches is read as batches
+      influence(tm.mlp_loss, params, halves, progress=False),
+      influence(tm.mlp_loss, params, train, progress=False), rtol=1e-6)
   batches = [train, {"x": train["x"][:, :4], "y": train["y"]}]
   with pytest.raises(ValueError, match=r"train batch 1: leaf \['x'\]"):
     influence(tm.mlp_loss, params, lambda: iter(batches))
@@ -278,11 +284,13 @@ def test_progress_callback_and_text(capsys):
   # 2 checkpoints x 7 examples (blocks of 3, 3 and 1: no padding counted, none computed).
   assert seen[-1].examples_done == seen[-1].examples_total == 2 * N_TRAIN
   assert seen[-1].checkpoint == seen[-1].num_checkpoints == 2
+  assert {p.vectorize for p in seen} <= {"loop", "vmap"}  # "auto" says what it chose
   assert [p.examples_done for p in seen] == sorted(p.examples_done for p in seen)
   self_influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), progress=True)
   err = capsys.readouterr().err
   last = err.strip().splitlines()[-1]
   assert last.startswith("tracin example gradients") and "checkpoint=2/2" in last
+  assert "vectorize=loop" in last or "vectorize=vmap" in last
   assert err.endswith("\n")
 
 

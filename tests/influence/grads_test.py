@@ -8,7 +8,7 @@ import pytest
 from tracin_jax.influence import grads
 import tiny_models as tm
 
-VECTORIZE = ["vmap", "loop"]
+VECTORIZE = ["vmap", "loop", "auto"]
 
 
 @pytest.mark.parametrize("vectorize", VECTORIZE)
@@ -90,9 +90,46 @@ def test_low_precision_parameters_give_float32_gradients():
   assert g.dtype == jnp.float32
 
 
-def test_resolve_vectorize():
-  assert grads.resolve_vectorize("vmap") == "vmap"
-  expected = "loop" if jax.default_backend() == "cpu" else "vmap"
-  assert grads.resolve_vectorize("auto") == expected
-  with pytest.raises(ValueError, match="vectorize"):
-    grads.resolve_vectorize("pmap")
+def test_check_vectorize():
+  assert grads.check_vectorize("vmap") == "vmap"
+  assert grads.check_vectorize("auto") == "auto"
+  with pytest.raises(ValueError, match="vectorize must be one of"):
+    grads.check_vectorize("pmap")
+  with pytest.raises(ValueError, match="vectorize must be one of"):
+    grads.block_grads(tm.mlp_loss, 3, tm.mlp_params(0), tm.mlp_data(0, 2), "pmap")
+
+
+def test_auto_measures_every_path_once_and_keeps_the_fastest(x64, monkeypatch):
+  def loss_fn(params, example):  # a new object: nothing measured for it yet
+    return tm.conv_loss(params, example)
+
+  params, data = tm.conv_params(0, jnp.float64), tm.conv_data(1, 3, dtype=np.float64)
+  calls = []
+  block_grads = grads._block_grads
+
+  def spy(loss, k, p, batch, path, state):
+    calls.append((path, jax.tree.leaves(batch)[0].shape[0]))
+    return block_grads(loss, k, p, batch, path, state)
+
+  monkeypatch.setattr(grads, "_block_grads", spy)
+  assert grads.auto_choice(loss_fn, 3, params, data) is None
+  g, finite = grads.block_grads(loss_fn, 3, params, data, "auto")
+  assert calls == [(path, 3) for path in grads.PATHS]  # every path timed on the block
+  choice = grads.auto_choice(loss_fn, 3, params, data)
+  assert choice in grads.auto_choices() and choice.path in grads.PATHS
+  assert set(choice.seconds) == set(grads.PATHS) and choice.block_size == 3
+  assert choice.path == min(choice.seconds, key=choice.seconds.get)
+  assert choice.path in str(choice)
+  np.testing.assert_allclose(np.asarray(g), tm.loop_grads(loss_fn, params, data).reshape(9, -1),
+                             rtol=1e-12, atol=1e-12)
+  assert np.asarray(finite).all()
+  # Later blocks, of any size, take the choice without measuring again.
+  calls.clear()
+  grads.block_grads(loss_fn, 3, params, jax.tree.map(lambda x: x[:2], data), "auto")
+  assert calls == [(choice.path, 2)]
+  assert grads.resolve_vectorize(loss_fn, 3, params, data, "auto") == choice.path
+  assert grads.resolve_vectorize(loss_fn, 3, params, data, "vmap") == "vmap"
+  # Another example shape is measured anew.
+  calls.clear()
+  grads.block_grads(loss_fn, 3, params, tm.conv_data(1, 2, size=4, dtype=np.float64), "auto")
+  assert [path for path, _ in calls] == list(grads.PATHS)

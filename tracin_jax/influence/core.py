@@ -17,9 +17,10 @@ Data (`train`, `test`) are given as one of:
 
 Iterables are read more than once (once to count and check them, then once per checkpoint,
 and again for each group of blocks when the gradients do not fit in the memory budget), and
-must give the same examples in the same order every time. Lists and tuples are pytrees in
-JAX, so a Python list of batches must be wrapped: `lambda: iter(batches)`. One-shot
-iterators and generators are refused.
+must give the same examples in the same order every time. A Python list whose elements are
+all batches of one structure (`[{"image": ..., "target": ...}, ...]`, as a data loader
+gives them) is read as a list of batches; a tuple stays one pytree (`(images, targets)`).
+One-shot iterators and generators are refused.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Progress:
     examples_total: example gradients the whole computation will compute.
     elapsed_s: seconds since the start.
     remaining_s: estimated seconds left (None before the first block).
+    vectorize: the path that computed the last block's gradients ("loop" or "vmap"; with
+      `vectorize="auto"`, the one measured fastest).
   """
 
   checkpoint: int
@@ -63,6 +66,7 @@ class Progress:
   examples_total: int
   elapsed_s: float
   remaining_s: float | None
+  vectorize: str | None = None
 
 
 class _Reporter:
@@ -86,18 +90,19 @@ class _Reporter:
   def checkpoint(self, index: int) -> None:
     self._checkpoint = index + 1
 
-  def examples(self, count: int) -> None:
+  def examples(self, count: int, vectorize: str | None = None) -> None:
     self._done += count
     if not (self._callback or self._text):
       return
     elapsed = time.perf_counter() - self._start
     remaining = elapsed / self._done * (self._total - self._done) if self._done else None
     info = Progress(self._checkpoint, self._num_checkpoints, self._done, self._total,
-                    elapsed, remaining)
+                    elapsed, remaining, vectorize)
     if self._callback:
       self._callback(info)
     if self._text:
-      self._bar.update(count, checkpoint=f"{info.checkpoint}/{info.num_checkpoints}")
+      self._bar.update(count, checkpoint=f"{info.checkpoint}/{info.num_checkpoints}",
+                       vectorize=vectorize)
       if self._done >= self._total:
         self._bar.close()
 
@@ -160,6 +165,20 @@ def _check_same_spec(spec: _Spec, ref: _Spec, where: str, ref_name: str) -> None
           f"{rdtype}{list(rshape)}.")
 
 
+def _is_batch_list(data) -> bool:
+  """Whether `data` is a list of batches: every element a container (not an array) of
+  arrays, all of one structure."""
+  if not isinstance(data, list) or not data:
+    return False
+  structures = set()
+  for batch in data:
+    leaves = jax.tree.leaves(batch)
+    if _is_array(batch) or not leaves or not all(_is_array(x) for x in leaves):
+      return False
+    structures.add(jax.tree.structure(batch))
+  return len(structures) == 1
+
+
 class _Data:
   """A data set given as arrays or as an iterable of batches, read block by block."""
 
@@ -170,6 +189,8 @@ class _Data:
       raise ValueError(f"{name} is None.")
     if callable(data):
       self._factory = data
+    elif _is_batch_list(data):
+      self._factory = lambda: iter(data)
     else:
       leaves = jax.tree.leaves(data)
       if leaves and all(_is_array(x) for x in leaves):
@@ -316,7 +337,8 @@ def _num_outputs(loss_fn: LossFn, checkpoint: Checkpoint, data: _Data) -> int:
                                  checkpoint.state)
   except Exception as e:
     if not (isinstance(e, ValueError) and "loss_fn" in str(e)):
-      hint = (" A list or tuple of batches is one pytree: pass `lambda: iter(batches)`."
+      hint = (" A tuple (or a list of differently structured batches) is one pytree: pass a "
+              "list of batches of one structure, or `lambda: iter(batches)`."
               if data.is_sequence else "")
       e.add_note(f"tracin_jax: while evaluating loss_fn on one {data.name} example of "
                  f"structure {data.spec.treedef}.{hint}")
@@ -444,8 +466,10 @@ def influence(
     batch_size: examples per block, i.e. per gradient call and per Gram block side; None
       uses `gram.DEFAULT_BATCH_SIZE`. Lowered if the budget cannot hold two such blocks.
     progress: True writes a progress line to stderr; a callable receives `Progress`.
-    vectorize: "auto" (loop on CPU, vmap elsewhere), "vmap" or "loop"; see
-      `grads.block_grads`. Every choice gives the same scores.
+    vectorize: "auto" (the faster of "loop" and "vmap", measured on the first block and
+      remembered per loss, parameter structure, example shape and device; the progress
+      line names it), "vmap" or "loop"; see `grads.block_grads`. Every choice gives the
+      same scores.
     params_filter: restricts the gradients to some parameters (layer selection, e.g. the
       TracIn paper's last layer): a predicate on a parameter's path ("head/kernel"), a path
       prefix ("head") or a sequence of prefixes (see `tracin_jax.params`). The others are
@@ -473,7 +497,7 @@ def influence(
     _check_same_spec(test_data.spec, train_data.spec, "test", "train")
   rows = train_data if test_data is None else test_data
   k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data)
-  vectorize = grads_lib.resolve_vectorize(vectorize)
+  vectorize = grads_lib.check_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
   reporter = _Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
@@ -485,7 +509,8 @@ def influence(
       for index, block, n_valid in data.blocks(plan.block_size, start, stop):
         g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
         nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
-        reporter.examples(n_valid)
+        reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
+                                                               vectorize, state))
         yield index, g
         del g  # not alive while the next block is computed
     return blocks
@@ -523,7 +548,7 @@ def self_influence(
                                          params_filter)
   data = _Data(train, "train")
   k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
-  vectorize = grads_lib.resolve_vectorize(vectorize)
+  vectorize = grads_lib.check_vectorize(vectorize)
   fit = int(memory_budget_bytes) // bytes_per_example
   if fit < 1:
     raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
@@ -540,7 +565,8 @@ def self_influence(
     for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
       norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize, state)
       pending.append((index * block_size, n_valid, norms))
-      reporter.examples(n_valid)
+      reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
+                                                             vectorize, state))
     bad = []
     for first, n_valid, norms in pending:
       norms = np.asarray(norms)

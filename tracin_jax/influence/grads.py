@@ -6,7 +6,10 @@ the K one-hot cotangents at once (`jax.vmap(vjp_fn)(jnp.eye(K))`). The examples 
 are then either vectorised with `jax.vmap` (one compiled call per block: the fast path on
 GPUs and TPUs) or looped over with one compiled batch-1 call each (the fast path on XLA:CPU
 for convolutions, whose vmapped per-example filter gradients become grouped convolutions
-that XLA:CPU runs slowly). Both give the same gradients; `vectorize="auto"` picks by backend.
+that XLA:CPU runs slowly, though not for every model). Both give the same gradients.
+`vectorize="auto"` measures: the first time it meets a loss, parameter structure, example
+shape and device, it compiles every path, times each on that block and keeps the fastest
+for every later block (see `auto_choices`).
 
 Gradients come out flattened, one row per (example, output) pair: `[B * K, P]`, rows
 ordered example-major (row `b * K + k` is output k of example b), columns in
@@ -19,8 +22,10 @@ every block, every call of `influence`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import time
 from typing import Callable, Iterator
 
 import jax
@@ -80,19 +85,99 @@ def gradient_dtype(params: Params) -> np.dtype:
 
 
 VECTORIZE = ("auto", "vmap", "loop")
+PATHS = ("loop", "vmap")  # what "auto" chooses from, in the order it times them
 
 
-def resolve_vectorize(vectorize: str) -> str:
-  """Checks the name; "auto" is "loop" on CPU and "vmap" on GPUs and TPUs.
+def check_vectorize(vectorize: str) -> str:
+  """Returns `vectorize` if it names a path or "auto".
 
-  For convolutions on XLA:CPU a loop of batch-1 gradients beats vmap (see the module
-  docstring); on accelerators vmap keeps the device busy.
+  Raises:
+    ValueError: naming the argument and the choices.
   """
   if vectorize not in VECTORIZE:
     raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}.")
-  if vectorize == "auto":
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
   return vectorize
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoChoice:
+  """What `vectorize="auto"` measured for one loss, parameter structure, example shape and
+  device, and chose.
+
+  Attributes:
+    path: the chosen path ("loop" or "vmap"), the fastest measured.
+    seconds: {path: seconds for the measured block, compilation excluded}.
+    block_size: examples in the measured block.
+    device: the device the block ran on.
+  """
+
+  path: str
+  seconds: dict[str, float]
+  block_size: int
+  device: str
+
+  def __str__(self) -> str:
+    times = ", ".join(f"{p} {1e3 * t / self.block_size:.1f}" for p, t in self.seconds.items())
+    return (f"{self.path} (ms per example on a block of {self.block_size} on {self.device}: "
+            f"{times})")
+
+
+_AUTO: dict[tuple, AutoChoice] = {}
+
+
+def _auto_key(loss_fn: LossFn, k: int, params: Params, batch: Batch, state: State) -> tuple:
+  """(loss, K, structures, shapes and dtypes of the parameters, state and one example,
+  device): what decides which path is fastest, except the block size."""
+
+  def avals(tree, drop_leading=False):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x)[1 if drop_leading else 0:], np.dtype(x.dtype))
+                          for x in leaves)
+
+  device = jax.devices()[0]
+  return (loss_fn, k, avals(params), avals(state), avals(batch, drop_leading=True),
+          device.platform, device.device_kind)
+
+
+def auto_choices() -> list[AutoChoice]:
+  """What `vectorize="auto"` has measured and chosen so far in this process."""
+  return list(_AUTO.values())
+
+
+def auto_choice(loss_fn: LossFn, k: int, params: Params, batch: Batch,
+                state: State = None) -> AutoChoice | None:
+  """The measured choice for this loss, structure, example shape and device, or None."""
+  return _AUTO.get(_auto_key(loss_fn, k, params, batch, state))
+
+
+def _measure(loss_fn, k, params, batch, state) -> tuple[AutoChoice, tuple[Array, Array]]:
+  """Compiles every path, times each on `batch`, records the fastest; returns it and the
+  gradients of the block (every path computes the same)."""
+  seconds, result = {}, None
+  for path in PATHS:
+    if path == "vmap":
+      _vmap_grads.lower(loss_fn, k, params, batch, state).compile()  # cached by jit
+    else:
+      _one_grads.lower(loss_fn, k, params, next(_examples(batch)), state).compile()
+    start = time.perf_counter()
+    result = jax.block_until_ready(_block_grads(loss_fn, k, params, batch, path, state))
+    seconds[path] = time.perf_counter() - start
+  device = jax.devices()[0]
+  choice = AutoChoice(min(seconds, key=seconds.get), seconds,
+                      jax.tree.leaves(batch)[0].shape[0], f"{device.platform}:{device.device_kind}")
+  _AUTO[_auto_key(loss_fn, k, params, batch, state)] = choice
+  return choice, result
+
+
+def resolve_vectorize(loss_fn: LossFn, k: int, params: Params, batch: Batch,
+                      vectorize: str = "auto", state: State = None) -> str:
+  """The path that `block_grads` runs for this block: `vectorize` itself, or for "auto" the
+  measured choice (measuring it now, on `batch`, if this is the first such block)."""
+  if check_vectorize(vectorize) != "auto":
+    return vectorize
+  choice = auto_choice(loss_fn, k, params, batch, state) or _measure(
+      loss_fn, k, params, batch, state)[0]
+  return choice.path
 
 
 def _ravel_rows(tree, rows: int) -> Array:
@@ -158,22 +243,37 @@ def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
   """Per-example gradients of a block of examples.
 
   Compiled once per (loss_fn, k, shapes): `loss_fn` is a static argument, hashed by
-  identity, so keep one loss function object and reuse it.
+  identity, so keep one loss function object and reuse it. With `vectorize="auto"`, the
+  first block of a loss, parameter structure, example shape and device is computed by
+  every path, each compiled first and then timed; later blocks take the fastest
+  (`auto_choices()` lists what was measured).
 
   Args:
     loss_fn: `loss_fn(params, example) -> [K]` (or a scalar when k == 1).
     k: K.
     params: the parameters theta.
     batch: B examples (leaves with a leading axis of B).
-    vectorize: "vmap" (one compiled call for the block) or "loop" (one compiled batch-1
-      call per example; faster for convolutions on XLA:CPU), or "auto".
+    vectorize: "vmap" (one compiled call for the block), "loop" (one compiled batch-1
+      call per example; often faster for convolutions on XLA:CPU), or "auto" (the faster
+      of the two, measured).
     state: non-parameter state passed to `loss_fn` (None: `loss_fn(params, example)`).
 
   Returns:
     grads: [B * K, P], row b * K + j = grad loss_j(theta, example b).
     finite: [B] bool, whether all K gradients of example b are finite.
+
+  Raises:
+    ValueError: an unknown `vectorize`.
   """
-  if resolve_vectorize(vectorize) == "vmap":
+  if check_vectorize(vectorize) == "auto":
+    if auto_choice(loss_fn, k, params, batch, state) is None:
+      return _measure(loss_fn, k, params, batch, state)[1]
+    vectorize = auto_choice(loss_fn, k, params, batch, state).path
+  return _block_grads(loss_fn, k, params, batch, vectorize, state)
+
+
+def _block_grads(loss_fn, k, params, batch, path: str, state):
+  if path == "vmap":
     return _vmap_grads(loss_fn, k, params, batch, state)
   gs, fs = zip(*(_one_grads(loss_fn, k, params, ex, state) for ex in _examples(batch)))
   return jnp.concatenate(gs, axis=0), jnp.stack(fs)
@@ -188,7 +288,12 @@ def block_squared_norms(loss_fn: LossFn, k: int, params: Params, batch: Batch,
   Returns:
     [B, K] squared Euclidean norms of the per-example, per-output gradients.
   """
-  if resolve_vectorize(vectorize) == "vmap":
+  if check_vectorize(vectorize) == "auto":
+    if auto_choice(loss_fn, k, params, batch, state) is None:  # measure on gradients
+      g, _ = _measure(loss_fn, k, params, batch, state)[1]
+      return jnp.sum(jnp.square(jnp.reshape(g, (-1, k, g.shape[-1]))), axis=-1)
+    vectorize = auto_choice(loss_fn, k, params, batch, state).path
+  if vectorize == "vmap":
     return _vmap_squared_norms(loss_fn, k, params, batch, state)
   return jnp.stack([_one_squared_norms(loss_fn, k, params, ex, state)
                     for ex in _examples(batch)])
