@@ -148,3 +148,16 @@ def test_randomize_groups_and_param_groups():
     saliency.parameter_randomisation(_conv_gradient_map, params, 0, layer_order=["nope"])
   nested = {"enc": [{"w": 1.0}, {"w": 2.0}], "head": {"w": 3.0, "b": 0.0}}
   assert saliency.param_groups(nested) == ("enc[0]", "enc[1]", "head")
+
+
+def test_randomised_parameters_do_not_recompile_a_jitted_method():
+  # Parameters restored from a checkpoint are committed to a device; re-drawn leaves must be
+  # placed the same way, or every step of a cascade compiles the method anew.
+  params = jax.device_put(sm.conv_params(), jax.devices()[0])
+  total = jax.jit(lambda p: sum(jnp.sum(v) for v in jax.tree.leaves(p)))
+  total(params)
+  current = params
+  for i, group in enumerate(["w3", "w2", "w1"]):
+    current = saliency.randomize_groups(current, [group], i)
+    total(current)
+  assert total._cache_size() == 1  # pylint: disable=protected-access

@@ -359,7 +359,16 @@ def randomize_groups(params: PyTree, groups: Sequence[str], key: Array | int,
       key = jax.random.key(int(key))
     leaves = [init(jax.random.fold_in(key, i), leaf) if _group(path) in names else leaf
               for i, (path, leaf) in enumerate(flat)]
+  # Placed as the leaves they replace: a jitted method then sees the same argument
+  # signature (committed or not) at every step and compiles once, not once per step.
+  leaves = [_placed_like(new, old) for new, (_, old) in zip(leaves, flat)]
   return jax.tree.unflatten(treedef, leaves)
+
+
+def _placed_like(new: Any, old: Any) -> Any:
+  if new is old or not isinstance(old, jax.Array) or not getattr(old, "committed", False):
+    return new
+  return jax.device_put(new, old.sharding)
 
 
 def param_groups(params: PyTree) -> tuple[str, ...]:
