@@ -65,6 +65,10 @@ class InfluenceConfig:
   block_size: int | None = setting(
       None, "Examples per gradient block (unset: the library's default, lowered to fit the "
       "memory budget).", flag="influence_block_size", minimum=1)
+  params_filter: tuple[str, ...] | None = setting(
+      None, "Parameters TracIn differentiates, as path prefixes of the model's parameters "
+      "(e.g. head: TracIn's last-layer variant; head,last_hidden); the others are held "
+      "fixed (unset: all parameters).", flag="influence_params")
 
 
 @dataclasses.dataclass
@@ -160,6 +164,8 @@ class InfluenceStage(base.StageBase):
           "checkpoints": {str(e): checkpoint_hash(c) for e, c in zip(epochs, checkpoints)},
           "final_model": checkpoint_hash(final),
       }
+      if self.config.params_filter is not None:  # absent when unset: old parts still match
+        cache["inputs"]["params_filter"] = list(self.config.params_filter)
     return cache["inputs"]
 
   def fingerprint(self, context: base.Context) -> str:
@@ -171,6 +177,9 @@ class InfluenceStage(base.StageBase):
     apply_fn, checkpoints, epochs, final, final_apply = self._checkpoints(context)
     rates = [c.learning_rate for c in checkpoints]
     log(f"TracIn checkpoints: epochs {epochs}, learning rates {[f'{r:g}' for r in rates]}.")
+    if config.params_filter is not None:
+      kept = _check_params_filter(config.params_filter, final.params)
+      log(f"TracIn gradients restricted to {kept}.")
     train_set, val_set = context.train_set, context.val_set
 
     # Regions of the explained model (the final checkpoint), held fixed over checkpoints.
@@ -197,7 +206,8 @@ class InfluenceStage(base.StageBase):
           f"epoch{epoch}",
           lambda ckpt=ckpt: core.influence(
               loss_fn, [ckpt], both, memory_budget_bytes=context.memory_budget_bytes,
-              batch_size=config.block_size, progress=context.progress),
+              batch_size=config.block_size, progress=context.progress,
+              params_filter=config.params_filter),
           label=f"checkpoint of epoch {epoch} ({t + 1}/{len(epochs)})")
       total = part if total is None else total + part
     n = len(train_set)
@@ -327,6 +337,28 @@ class InfluenceStage(base.StageBase):
     return InfluenceOutputs(train_blocks, test_blocks, presence_train, presence_test,
                             threshold, class_names, epochs, rates, explainers, apply_fn, params,
                             state, train_regions, val_regions, manifest)
+
+
+def _check_params_filter(prefixes: tuple[str, ...], params) -> str:
+  """What the `params_filter` setting keeps, in words.
+
+  Raises:
+    StageError: a prefix selects no parameter (the message lists the top-level groups).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from tracin_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+
+  for prefix in prefixes:
+    try:
+      params_lib.selection(params, prefix)
+    except ValueError:
+      raise base.StageError(
+          f"--influence_params: {prefix!r} selects no parameter; the model's top-level "
+          f"groups are {', '.join(params_lib.group_names(params))}.") from None
+  mask = params_lib.selection(params, prefixes)
+  kept = [x for x, m in zip(jax.tree.leaves(params), mask) if m]
+  return (f"{', '.join(prefixes)} ({len(kept)} arrays, "
+          f"{sum(int(np.size(x)) for x in kept)} parameters)")
 
 
 def _check_ids(f, prefix: str, slices, which: str) -> None:
