@@ -21,6 +21,7 @@ from tracin_jax.data.slices import SliceSet
 from tracin_jax.settings import setting
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.saliency import SaliencyConfig
 from tracin_jax.stages.validate import ValidateConfig
 from tracin_jax.training.train import TrainConfig
 
@@ -76,6 +77,7 @@ class ExperimentConfig:
   train: TrainConfig = TrainConfig()
   influence: InfluenceConfig = InfluenceConfig()
   interpret: InterpretConfig = InterpretConfig()
+  saliency: SaliencyConfig = SaliencyConfig()
   validate: ValidateConfig = ValidateConfig()
 
   def stage_configs(self) -> dict[str, Any]:

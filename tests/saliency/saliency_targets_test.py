@@ -93,3 +93,18 @@ def test_a_layer_called_twice_is_refused():
   np.testing.assert_allclose(m.apply_fn(m.params, x), _Shared()(x), rtol=1e-6)
   with pytest.raises(ValueError, match="more than once"):
     m.layer("dense").forward(m.params, x, None)
+
+
+def test_a_class_per_example_equals_one_masked_class_sum_each():
+  out = jnp.asarray(sm.rand((3, 4, 4, 4), 52))
+  masks = np.random.default_rng(53).random((3, 4, 4)) > 0.5
+  for on in ("logits", "probabilities"):
+    several = saliency.masked_class_sums([1, 3, 2], masks, on=on)
+    expected = [saliency.masked_class_sum(c, masks[n:n + 1], on=on)(out[n:n + 1])[0]
+                for n, c in enumerate([1, 3, 2])]
+    np.testing.assert_allclose(several(out), expected, rtol=1e-6)
+  grad = jax.grad(lambda o: saliency.masked_class_sums([1, 3, 2], masks)(o).sum())(out)
+  np.testing.assert_array_equal(grad[1, ..., 3], masks[1])
+  assert float(jnp.abs(grad[1, ..., 1]).sum()) == 0.0
+  with pytest.raises(ValueError, match="2 classes for 3 masks"):
+    saliency.masked_class_sums([1, 2], masks)

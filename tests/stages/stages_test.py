@@ -12,12 +12,18 @@ from tracin_jax import stages
 from tracin_jax.influence import layout
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.saliency import SaliencyConfig
 from tracin_jax.stages.validate import ValidateConfig
 
 CONFIGS = {
     "train": tiny_run.CONFIG,
     "influence": InfluenceConfig(threshold=0.5, top_k=3, global_top=3, num_local_panels=1),
     "interpret": InterpretConfig(batch_size=8),
+    "saliency": SaliencyConfig(
+        num_images=2, methods=("vanilla_gradient", "integrated_gradients", "smoothgrad",
+                               "grad_cam_plus_plus"), ig_steps=4, smoothgrad_samples=2,
+        instance_samples=2, rings=2, context_dilations=3, deletion_patch=2, deletion_steps=4,
+        randomisation_methods=("vanilla_gradient", "grad_cam_plus_plus")),
     "validate": ValidateConfig(regions_per_class=1, num_removed=2, num_random=1,
                                randomisation_examples=6),
 }
@@ -38,7 +44,7 @@ def staged(full_run):
 
 
 def test_registry_order_and_needs():
-  assert stages.list_stages() == ("train", "influence", "interpret", "validate")
+  assert stages.list_stages() == ("train", "influence", "interpret", "saliency", "validate")
   for name in stages.list_stages():
     stage = stages.get_stage(name)
     assert isinstance(stage, stages.Stage)
@@ -111,7 +117,7 @@ def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
   with caplog.at_level(logging.INFO, logger="tracin_jax"):
     for name in stages.list_stages():
       stages.run_stage(stages.get_stage(name, CONFIGS[name]), again)
-  assert caplog.text.count("reusing it") == 4
+  assert caplog.text.count("reusing it") == 5
   np.testing.assert_array_equal(again.results["influence"].test_blocks,
                                 results["influence"].test_blocks)
 

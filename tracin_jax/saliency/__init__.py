@@ -91,12 +91,14 @@ from tracin_jax.saliency.targets import REGIONS
 from tracin_jax.saliency.targets import ClassScore
 from tracin_jax.saliency.targets import ClassSoftmaxSum
 from tracin_jax.saliency.targets import MaskedClassSum
+from tracin_jax.saliency.targets import MaskedClassSums
 from tracin_jax.saliency.targets import PredictedRegion
 from tracin_jax.saliency.targets import Target
 from tracin_jax.saliency.targets import bind_target
 from tracin_jax.saliency.targets import class_score
 from tracin_jax.saliency.targets import class_softmax_sum
 from tracin_jax.saliency.targets import masked_class_sum
+from tracin_jax.saliency.targets import masked_class_sums
 from tracin_jax.saliency.targets import predicted_region
 from tracin_jax.saliency.targets import region_mask
 
@@ -110,6 +112,7 @@ __all__ = [
     "IntegratedGradientsResult",
     "Layers",
     "MaskedClassSum",
+    "MaskedClassSums",
     "NnxModel",
     "PredictedRegion",
     "RandomisationResult",
@@ -138,6 +141,7 @@ __all__ = [
     "integrated_gradients",
     "make_baseline",
     "masked_class_sum",
+    "masked_class_sums",
     "param_groups",
     "parameter_randomisation",
     "perturbation_curve",

@@ -29,6 +29,7 @@ function `output -> [N]` is a valid target as well (without `bind`/`terms`).
     target = masked_class_sum(1, region_mask(labels, "TC"))    # ground-truth mask
     target = class_softmax_sum(2)                              # NeuroXAI's segmentation target
     target = class_score(0)                                    # a classifier's logit
+    target = masked_class_sums([1, 2, 3], masks)               # a class per example
 """
 
 from __future__ import annotations
@@ -238,6 +239,56 @@ def masked_class_sum(c: int, mask: Array | Callable[[Array], Array],
   if callable(mask) and not hasattr(mask, "shape"):
     return MaskedClassSum(mask=None, c=c, on=on, rule=mask)
   return MaskedClassSum(mask=jnp.asarray(mask, jnp.float32), c=c, on=on)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskedClassSums:
+  """`MaskedClassSum` with a class per example: F_n = sum_{voxels} mask_n * output_n[..., c_n]
+  (logits, or softmax probabilities). Explains several classes of one image in one batch.
+
+  output [N, *spatial, K] -> [N]; `terms` [N, prod(spatial)].
+
+  Attributes:
+    mask: [N, *spatial] float masks.
+    classes: [N] int class channels.
+    on: "logits" or "probabilities".
+  """
+
+  mask: Array
+  classes: Array
+  on: str = dataclasses.field(default="logits", metadata=dict(static=True))
+
+  def terms(self, output: Array) -> Array:
+    values = output if self.on == "logits" else jax.nn.softmax(output, axis=-1)
+    index = jnp.asarray(self.classes, jnp.int32).reshape((-1,) + (1,) * (output.ndim - 1))
+    picked = jnp.take_along_axis(values, index, axis=-1)[..., 0]
+    mask = jax.lax.stop_gradient(jnp.asarray(self.mask, values.dtype))
+    if mask.shape != picked.shape:
+      raise ValueError(f"mask has shape {mask.shape}; the output's class channels have shape "
+                       f"{picked.shape}")
+    return _flat_spatial(mask * picked)
+
+  def __call__(self, output: Array) -> Array:
+    return self.terms(output).sum(-1)
+
+
+def masked_class_sums(classes: Sequence[int], masks: Array,
+                      on: str = "logits") -> MaskedClassSums:
+  """Sum of channel classes[n] over masks[n], per example: output [N, *spatial, K] -> [N].
+
+  Args:
+    classes: [N] class channels, one per example.
+    masks: [N, *spatial] masks (bool or float).
+    on: "logits" (default) or "probabilities".
+  """
+  if on not in ON_CHOICES:
+    raise ValueError(f"on must be one of {ON_CHOICES}, got {on!r}")
+  classes = [_check_class(c) for c in classes]
+  masks = jnp.asarray(masks, jnp.float32)
+  if masks.shape[0] != len(classes):
+    raise ValueError(f"{len(classes)} classes for {masks.shape[0]} masks")
+  return MaskedClassSums(masks, jnp.asarray(classes, jnp.int32), on)
 
 
 @jax.tree_util.register_dataclass
