@@ -82,6 +82,15 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   assert list(out.glob("ranked_scatter_*_f*.png"))
   assert "[interpret stage done in" in proc.stdout
 
+  # The saliency stage's files: per explained region a grid of maps and a panel beside its
+  # TracIn proponents; the lesion, faithfulness and context tables and their figures.
+  out = workdir / "saliency"
+  for name in ("instances.csv", "instances.json", "faithfulness.json", "context_curves.json",
+               "modality_shares.png", "context_curves.png"):
+    assert (out / name).stat().st_size > 0
+  assert list(out.glob("grid_*.png")) and list(out.glob("tracin_*.png"))
+  assert json.loads((out / "instances.json").read_text())["synthetic"] is True
+
   # The validate stage's files: every checked region has its three removals, the baseline
   # replay reproduced the run, and the randomisation check compared the two structures.
   out = workdir / "validate"
@@ -101,7 +110,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
     assert (out / name).stat().st_size > 0
   jobs = sorted(p for p in (out / "retraining").glob("*/*.json") if p.name != "inputs.json")
   assert len(jobs) == 1 + 2 + 2 * len(retraining["regions"])
-  for stage in ("train", "influence", "interpret", "validate"):
+  for stage in ("train", "influence", "interpret", "saliency", "validate"):
     manifest = json.loads((workdir / stage / "manifest.json").read_text())
     assert manifest["data"] == "synthetic cohort" and manifest["synthetic"] is True
     assert all((workdir / f["path"]).exists() for f in manifest["files"] + manifest["figures"])
@@ -112,7 +121,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
   (out / "manifest.json").unlink()
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  for stage in ("train", "influence", "interpret"):
+  for stage in ("train", "influence", "interpret", "saliency"):
     assert f"{stage}: inputs and settings unchanged" in again.stdout
   assert f"{len(jobs) - 1} of {len(jobs)} results reused" in again.stdout
   assert "retraining 1/1 " in again.stdout
