@@ -8,7 +8,8 @@ For each image size it times, on the same N random images and their K = 3 region
 * naive: `jax.jit(jax.vmap(jax.grad(loss_k)))` once per class k (K forward passes per
   example);
 * loop: one jitted `jax.grad(loss_k)` call per example and class (N x K calls);
-* library: `grads.block_grads(..., vectorize="auto")`, what `influence` runs;
+* library: `grads.block_grads(..., vectorize="auto")`, what `influence` runs (the path it
+  measured fastest is printed);
 * bound: (1 + 2K) x the batched forward pass of the N images (one forward, and per class a
   backward of about twice its cost), the target's yardstick;
 * bound_b1: the same with the faster of the batched forward and N batch-1 forwards. On
@@ -107,8 +108,7 @@ def main(argv):
   n = FLAGS.examples
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{jax.local_device_count()} device(s); unet base_width={FLAGS.base_width} "
-        f"depth={FLAGS.depth}, P={p}, N={n}, repeats={FLAGS.repeats}, "
-        f"vectorize='auto' -> {grads_lib.resolve_vectorize('auto')!r}")
+        f"depth={FLAGS.depth}, P={p}, N={n}, repeats={FLAGS.repeats}")
   rows = []
   for size in map(int, FLAGS.sizes):
     batch = _examples(apply_fn, params, size, n, FLAGS.threshold, FLAGS.seed)
@@ -127,6 +127,8 @@ def main(argv):
         jax.block_until_ready(fns[name](params, batch))
         times[name].append(time.perf_counter() - start)
     seconds = {name: statistics.median(t) for name, t in times.items()}
+    if "library" in seconds:
+      print(f"  {size} px vectorize='auto' took {grads_lib.auto_choices()[-1]}")
     print(f"  {size} px medians: " + ", ".join(f"{m} {s:.3f} s" for m, s in seconds.items()))
     if "library" in seconds and "naive" in seconds:  # the same gradients, to float tolerance
       # Loose: at 96 px both float32 paths differ from a float64 reference by about 1e-3
