@@ -47,3 +47,17 @@ def test_readme_saliency_example_runs_on_a_unet_and_a_pure_jax_model():
   plain = saliency.vanilla_gradient(namespace["apply_fn"], namespace["params"], images,
                                     namespace["ed"])
   assert not np.allclose(plain, namespace["guided"])
+
+
+def test_readme_instance_example_runs():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  namespace: dict = {}
+  exec(compile(blocks[2], "README.md", "exec"), namespace)  # noqa: S102
+  found, table = namespace["found"], namespace["table"]
+  # Both true lesions are found: as true positives, or as false negatives through their mask.
+  truth_lesions = [i for i in found if i.status in ("TP", "FN")]
+  assert len(truth_lesions) >= 2 and len(table) == len(found)
+  for lesion, row in zip(found, table):
+    assert row["driver"].split()[0] in ("T1", "T1Gd", "T2", "FLAIR")
+    assert row["curve"]["probability"].shape == (9,)
+    assert abs(row["numbers"]["share"].sum() - 1) < 1e-6
