@@ -7,9 +7,14 @@ stages (`tracin_jax.experiment.run`). Examples:
   python -m experiments.run --flagfile=experiments/configs/demo.flags
   python -m experiments.run --flagfile=experiments/configs/brats19_paper.flags \
       --data_dir=/data/MICCAI_BraTS_2019_Data_Training --workdir=runs/brats19
+
+A bad flag, file or run ends in one line on stderr, `error: <what and where>`, and exit
+status 1; `TRACIN_JAX_DEBUG=1` shows the traceback instead.
 """
 
+import errno
 import logging
+import os
 import sys
 
 from absl import app
@@ -17,46 +22,112 @@ from absl import flags
 from absl import logging as absl_logging
 
 from experiments import config_flags
+from tracin_jax import errors
 from tracin_jax import experiment
 from tracin_jax import settings
-from tracin_jax import stages
-from tracin_jax.data import brats
-from tracin_jax.training import train as train_lib
 
-_STAGES, _PROGRESS = config_flags.define_app_flags()
-_CONFIG = config_flags.define_flags(experiment.ExperimentConfig)
-flags.mark_flag_as_required("workdir")
 
-# Bad input or a workdir in the way: the message says what and where; no traceback.
-_USER_ERRORS = (brats.BratsDataError, train_lib.RunMismatchError, FileNotFoundError,
-                settings.SettingsError, stages.StageError)
+def _define(flag_values: flags.FlagValues):
+  """(stages, progress, config) flag holders of the run, defined in `flag_values`."""
+  stages, progress = config_flags.define_app_flags(flag_values)
+  return stages, progress, config_flags.define_flags(experiment.ExperimentConfig, flag_values)
+
+
+_FLAGS = _define(flags.FLAGS)
+
+
+class _StdoutHandler(logging.StreamHandler):
+  """Writes to whatever `sys.stdout` is when a record is emitted; warnings say so."""
+
+  def __init__(self):
+    super().__init__(sys.stdout)
+
+  @property
+  def stream(self):
+    return sys.stdout
+
+  @stream.setter
+  def stream(self, value):
+    pass
+
+  def format(self, record):
+    text = super().format(record)
+    return f"warning: {text}" if record.levelno >= logging.WARNING else text
 
 
 def _show_library_log() -> None:
-  """The library's INFO lines on stdout, as plain lines (absl's handler shows warnings)."""
+  """The library's INFO lines on stdout, as plain lines (once per process); asyncio's
+  reports of Orbax's reads abandoned after a damaged checkpoint's error are not shown (the
+  error itself is)."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   logger = logging.getLogger("tracin_jax")
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter("%(message)s"))
-  logger.addHandler(handler)
+  if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False
 
 
+def _message(e: BaseException) -> str:
+  """One line for a user error; "" for anything else (a bug: its traceback is shown)."""
+  if isinstance(e, errors.USER_ERRORS):
+    text = str(e)
+  elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    text = f"no space left on device writing {e.filename or 'the outputs'}"
+  elif isinstance(e, PermissionError):
+    text = f"permission denied: {e.filename or e}"
+  elif isinstance(e, OSError):
+    text = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+  else:
+    return ""
+  return " ".join(text.split())
+
+
+def execute(stages, progress, config, argv) -> int:
+  """Runs the parsed flags' stages; returns the exit status (user errors: one line, 1)."""
+  debug = os.environ.get("TRACIN_JAX_DEBUG", "") not in ("", "0")
+  try:
+    if len(argv) > 1:
+      raise settings.SettingsError(f"unexpected argument {' '.join(argv[1:])!r} (flags are "
+                                 "written --name=value).")
+    _show_library_log()
+    experiment.run(config.value(), stages.value, progress=progress.value)
+  except Exception as e:  # pylint: disable=broad-except
+    text = _message(e)
+    if debug or not text:
+      raise
+    sys.stderr.write(f"error: {text}\n")
+    return 1
+  return 0
+
+
+def cli(argv) -> int:
+  """The command line in this process, with its own flags (for tests); the exit status."""
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every file it writes.
+  flag_values = flags.FlagValues()
+  holders = _define(flag_values)
+  try:
+    rest = flag_values(list(argv))
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 1
+  return execute(*holders, rest)
+
+
+def _parse(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(1)
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    names = experiment.check_stages(_STAGES.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  _show_library_log()
   if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes.
-  try:
-    experiment.run(_CONFIG.value(), names, progress=_PROGRESS.value)
-  except _USER_ERRORS as e:
-    sys.exit(f"error: {e}")
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every file it writes.
+  sys.exit(execute(*_FLAGS, argv))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse)

@@ -7,6 +7,7 @@ stages through `tracin_jax.stages.run_stage`, which reuses finished work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,6 +22,7 @@ from tracin_jax.data.slices import SliceSet
 from tracin_jax.settings import setting
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.report import ReportConfig
 from tracin_jax.stages.saliency import SaliencyConfig
 from tracin_jax.stages.validate import ValidateConfig
 from tracin_jax.training.train import TrainConfig
@@ -79,6 +81,7 @@ class ExperimentConfig:
   interpret: InterpretConfig = InterpretConfig()
   saliency: SaliencyConfig = SaliencyConfig()
   validate: ValidateConfig = ValidateConfig()
+  report: ReportConfig = ReportConfig()
 
   def stage_configs(self) -> dict[str, Any]:
     """Each registered stage's config, by stage name."""
@@ -102,11 +105,14 @@ def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, S
         root, config.synthetic_cases, config.synthetic_seed, progress=progress)
   else:
     root = pathlib.Path(config.data_dir)
+    _check_split(config, len(brats.list_cases(root, config.preprocess.groups)),
+                 f"in {root}")
   slices, skipped = brats.load_cached(
       root, config.preprocess, cache_dir / "slices", skip_bad=config.skip_bad_cases,
       progress=progress)
-  for case, reason in skipped:
-    logger.info(f"Skipped case {case}: {reason}")
+  if skipped:
+    logger.info(f"{len(skipped)} case(s) skipped: {', '.join(c for c, _ in skipped)}.")
+  _check_split(config, len(slices.cases), "after skipping bad cases" if skipped else "loaded")
   train_ids, val_ids = brats.split_cases(
       slices.cases, num_val=config.num_val, val_fraction=config.val_fraction,
       seed=config.split_seed)
@@ -141,9 +147,107 @@ def make_context(config: ExperimentConfig, train_set: SliceSet, val_set: SliceSe
       memory_budget_bytes=config.memory_budget_mb * 2**20, progress=progress)
 
 
+def _check_directory(flag: str, path: pathlib.Path) -> None:
+  """A directory the run may create and write: not a file, and writable where it exists."""
+  existing = path
+  while not existing.exists():
+    if existing.is_symlink() or existing == existing.parent:  # a dangling link, or no root
+      break
+    existing = existing.parent
+  if path.exists() and not path.is_dir():
+    raise settings.SettingsError(f"{flag}={path}: is a file, not a directory.")
+  if existing.exists() and not existing.is_dir():
+    raise settings.SettingsError(f"{flag}={path}: {existing} is a file, not a directory.")
+  if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+    raise settings.SettingsError(
+        f"{flag}={path}: {existing} is not writable (permission denied).")
+
+
+def check_config(config: ExperimentConfig) -> None:
+  """Checks every setting and how they fit together, before any work.
+
+  Raises:
+    SettingsError: naming the flag, its value and what is allowed.
+  """
+  settings.check(config)
+  if not config.workdir:
+    raise settings.SettingsError("--workdir: required (the run's directory).")
+  _check_directory("--workdir", pathlib.Path(config.workdir))
+  _check_directory("--cache_dir", pathlib.Path(config.data.cache_dir) if config.data.cache_dir
+                   else default_cache_dir())
+  data, train = config.data, config.train
+  if data.data_dir is not None and not pathlib.Path(data.data_dir).is_dir():
+    what = "is not a directory" if pathlib.Path(data.data_dir).exists() else "does not exist"
+    raise settings.SettingsError(f"--data_dir={data.data_dir}: {what} (the BraTS root, "
+                                 "holding HGG/ and LGG/).")
+  multiple = 2 ** train.model.depth
+  pre = data.preprocess
+  for flag, size in (("--image_size", pre.image_size),
+                     ("--crop_size", pre.crop_size if pre.image_size is None else None)):
+    if size is not None and size % multiple:
+      raise settings.SettingsError(
+          f"{flag}={size}: must be a multiple of 2**depth = {multiple} (--depth="
+          f"{train.model.depth}), e.g. {max(multiple, size // multiple * multiple)}.")
+  epochs = train.num_epochs
+  adam = train.optimizer.adam_epochs
+  chosen = config.influence.checkpoint_epochs or ()
+  if len(set(chosen)) != len(chosen):
+    raise settings.SettingsError(
+        f"--checkpoint_epochs={','.join(map(str, chosen))}: an epoch is repeated.")
+  for epoch in chosen:
+    if epoch > epochs:
+      raise settings.SettingsError(
+          f"--checkpoint_epochs={','.join(map(str, chosen))}: epoch {epoch} is beyond the "
+          f"run's {epochs} epochs (--adam_epochs={adam} + --sgd_epochs={train.sgd_epochs}).")
+    if epoch <= adam and not config.influence.allow_adam_checkpoints:
+      raise settings.SettingsError(
+          f"--checkpoint_epochs={','.join(map(str, chosen))}: epoch {epoch} is an Adam "
+          f"epoch (--adam_epochs={adam}); TracIn assumes plain SGD. Choose epochs "
+          f"{adam + 1} to {epochs}, or pass --allow_adam_checkpoints to use it anyway (the "
+          "outputs record it).")
+  start = config.validate.from_epoch
+  if start is not None and start >= epochs:
+    raise settings.SettingsError(
+        f"--retrain_from_epoch={start}: must be before the run's last epoch ({epochs}).")
+  if data.synthetic and data.num_val is not None and data.num_val >= data.synthetic_cases:
+    raise settings.SettingsError(
+        f"--num_val={data.num_val}: the synthetic cohort has {data.synthetic_cases} cases "
+        "(--synthetic_cases); at most "
+        f"{data.synthetic_cases - 1}, so that one is left to train on.")
+
+
+def _check_split(config: DataConfig, num_cases: int, where: str) -> None:
+  """Raises SettingsError if the split of `num_cases` cases leaves no training case."""
+  num_val = config.num_val
+  if num_val is None:
+    num_val = int(round(config.val_fraction * num_cases))
+    if num_val >= num_cases:
+      raise settings.SettingsError(
+          f"--val_fraction={config.val_fraction:g}: puts all {num_cases} cases {where} in "
+          "validation; none is left to train on.")
+  elif num_val >= num_cases:
+    raise settings.SettingsError(
+        f"--num_val={num_val}: the data have {num_cases} cases ({where}); at most "
+        f"{num_cases - 1}, so that one is left to train on.")
+
+
+def _remove_empty_dirs(path: pathlib.Path, keep: set[pathlib.Path]) -> None:
+  """Removes the empty directories in and under `path` that are not in `keep` (those that
+  existed before the run)."""
+  if not path.is_dir():
+    return
+  for p in sorted([path, *path.rglob("*")], key=lambda p: len(p.parts), reverse=True):
+    if p.is_dir() and not p.is_symlink() and p not in keep:
+      with contextlib.suppress(OSError):
+        p.rmdir()
+
+
 def run(config: ExperimentConfig, stages: Sequence[str], *,
         progress: bool = True) -> dict[str, Any]:
   """Checks every setting, loads the data and runs `stages` in the registry's order.
+
+  Nothing is written before every setting is checked; a run that fails leaves no empty
+  directory behind.
 
   Returns:
     The stages' results by name.
@@ -152,15 +256,22 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
     SettingsError: a setting outside its allowed values (before any work).
     ValueError: an unknown stage.
   """
-  names = check_stages(stages)
-  settings.check(config)
-  if not config.workdir:
-    raise settings.SettingsError("--workdir: required (the run's directory).")
-  pathlib.Path(config.workdir).mkdir(parents=True, exist_ok=True)
-  t0 = time.perf_counter()
-  train_set, val_set = load_data(config.data, progress=progress)
-  logger.info(f"[data ready in {time.perf_counter() - t0:.0f} s]")
-  context = make_context(config, train_set, val_set, progress=progress)
-  for name in names:
-    stages_lib.run_stage(stages_lib.get_stage(name, getattr(config, name)), context)
+  try:
+    names = check_stages(stages)
+  except ValueError as e:
+    raise settings.SettingsError(str(e)) from None
+  check_config(config)
+  workdir = pathlib.Path(config.workdir)
+  existed = ({workdir, *(p for p in workdir.rglob("*") if p.is_dir())}
+             if workdir.is_dir() else set())
+  try:
+    t0 = time.perf_counter()
+    train_set, val_set = load_data(config.data, progress=progress)
+    logger.info(f"[data ready in {time.perf_counter() - t0:.0f} s]")
+    context = make_context(config, train_set, val_set, progress=progress)
+    for name in names:
+      stages_lib.run_stage(stages_lib.get_stage(name, getattr(config, name)), context)
+  except BaseException:
+    _remove_empty_dirs(workdir, keep=existed)
+    raise
   return {name: context.results[name] for name in names}

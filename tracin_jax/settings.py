@@ -19,8 +19,10 @@ import types
 import typing
 from typing import Any, Iterator, Sequence
 
+from tracin_jax import errors
 
-class SettingsError(ValueError):
+
+class SettingsError(errors.UserError, ValueError):
   """A setting out of its allowed range or choices (the message names it and its flag)."""
 
 

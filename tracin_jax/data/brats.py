@@ -17,29 +17,39 @@ Per case (the paper's preprocessing, section 3.1), in this order:
    average for images, nearest neighbour for labels).
 6. Labels 4 -> 3 (`constants.remap_labels`).
 
+Checks (each a `BratsDataError` naming the case and file, which `skip_bad` skips): an
+unreadable directory or file (permission denied, said so), a header whose shape claims more
+than `MAX_VOLUME_BYTES` or more bytes than an uncompressed file holds (checked before
+reading), a truncated or corrupt stream, values that are not finite or overflow float32,
+and normalised images that are not finite. An all-zero modality and a file whose affine
+differs from the T1's are accepted with a warning naming the case (stored with the cache
+and repeated when it is read).
+
 Array axes: nibabel's (x, y, z); a slice is `volume[:, :, z]`, so an image is [x, y] and
 its first axis (H) is the left-right axis of BraTS' LPS storage.
 
 `load_cached` stores the result as an `.npz` keyed by the source files (path, size,
-mtime) and the config, so a second run reads no NIfTI.
+mtime) and the config, so a second run reads no NIfTI; the entry carries its SHA-256 and a
+damaged one is rebuilt.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import gzip
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import struct
 import zlib
 from typing import Iterable, Literal, Sequence
 
 import nibabel
 import numpy as np
 
+from tracin_jax import errors
 from tracin_jax.data import constants
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.progress import ProgressBar
@@ -53,9 +63,13 @@ NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 PERCENTILES = (0.5, 99.5)
 # Bump when the preprocessing changes in a way the config does not capture.
 CACHE_VERSION = 1
+# Largest volume read (bytes of voxel data, from the header); BraTS' are 36 MB in float32.
+MAX_VOLUME_BYTES = 1 << 30
+# Largest float32 magnitude: images are normalised in float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class BratsDataError(ValueError):
+class BratsDataError(errors.UserError, ValueError):
   """A BraTS directory, case or file that cannot be used; the message names it."""
 
 
@@ -115,9 +129,13 @@ class CaseFiles:
   group: str
   directory: pathlib.Path
   files: dict[str, pathlib.Path]
+  readable: bool = True
 
   def path(self, kind: str) -> pathlib.Path:
     """The path of one kind of file; raises BratsDataError, naming it, if it is missing."""
+    if not self.readable:
+      raise BratsDataError(f"case {self.case_id}: cannot read its directory {self.directory} "
+                           "(permission denied).")
     if kind not in self.files:
       expected = self.directory / f"{self.case_id}_{kind}{NIFTI_EXTENSIONS[0]}"
       raise BratsDataError(
@@ -160,13 +178,14 @@ def list_cases(
         continue
       case_id = case_dir.name
       files = {}
-      for kind in _file_kinds():
+      readable = os.access(case_dir, os.R_OK | os.X_OK)
+      for kind in _file_kinds() if readable else ():
         for ext in NIFTI_EXTENSIONS:
           candidate = case_dir / f"{case_id}_{kind}{ext}"
           if candidate.is_file():
             files[kind] = candidate
             break
-      cases.append(CaseFiles(case_id, group, case_dir, files))
+      cases.append(CaseFiles(case_id, group, case_dir, files, readable))
   if not cases:
     raise BratsDataError(
         f"No BraTS cases found under {root} in {', '.join(f'{g}/' for g in groups)} "
@@ -174,30 +193,83 @@ def list_cases(
   return cases
 
 
-def _read_volume(case: CaseFiles, kind: str) -> np.ndarray:
-  """Reads one NIfTI volume as an array; unreadable files become BratsDataError."""
+def _first_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  text = lines[0] if lines else ""
+  return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+# What nibabel, gzip and zlib raise on a damaged file (found by fuzzing headers and streams).
+_READ_ERRORS = (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError,
+                nibabel.spatialimages.ImageDataError, OSError, EOFError, zlib.error,
+                struct.error, ValueError, TypeError, KeyError, IndexError, OverflowError,
+                ZeroDivisionError)
+
+
+def _check_header(case: CaseFiles, kind: str, path: pathlib.Path, img) -> None:
+  """Refuses, before reading any voxel, a header whose shape the file cannot hold."""
+  shape = tuple(int(d) for d in img.header.get_data_shape())
+  itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+  nbytes = int(np.prod(shape, dtype=object)) * itemsize
+  where = f"case {case.case_id}: {kind} file {path}"
+  if not shape or min(shape) < 1:
+    raise BratsDataError(f"{where}: its header claims shape {shape}.")
+  if nbytes > MAX_VOLUME_BYTES:
+    raise BratsDataError(
+        f"{where}: its header claims shape {shape} ({nbytes / 2**30:.3g} GiB of voxels), more "
+        f"than the {MAX_VOLUME_BYTES / 2**30:g} GiB read at most; the header is damaged.")
+  if not str(path).endswith(".gz"):
+    offset = int(img.header.get_data_offset())
+    size = path.stat().st_size
+    if size < offset + nbytes:
+      raise BratsDataError(f"case {case.case_id}: cannot read {kind} file {path} (corrupt or "
+                           f"truncated?): its header claims {nbytes} bytes of voxels, the "
+                           f"file holds {max(size - offset, 0)}.")
+
+
+def _read_volume(case: CaseFiles, kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads one NIfTI volume: (array, affine); unreadable files become BratsDataError."""
   path = case.path(kind)
+  where = f"case {case.case_id}: cannot read {kind} file {path}"
+  if not os.access(path, os.R_OK):
+    raise BratsDataError(f"{where} (permission denied).")
   try:
     img = nibabel.load(path)
+    _check_header(case, kind, path, img)
     data = np.asanyarray(img.dataobj)
-  except (nibabel.filebasedimages.ImageFileError, OSError, EOFError, zlib.error,
-          gzip.BadGzipFile, ValueError) as e:
-    raise BratsDataError(
-        f"case {case.case_id}: cannot read {kind} file {path} (corrupt or truncated?): "
-        f"{type(e).__name__}: {e}") from e
+    affine = np.asarray(img.affine, np.float64)
+  except BratsDataError:
+    raise
+  except PermissionError as e:
+    raise BratsDataError(f"{where} (permission denied).") from e
+  except MemoryError as e:
+    raise BratsDataError(f"{where}: it does not fit in memory (a damaged header?).") from e
+  except _READ_ERRORS as e:
+    raise BratsDataError(f"{where} (corrupt or truncated?): {_first_line(e)}") from e
   if data.ndim == 4 and data.shape[3] == 1:
     data = data[..., 0]
   if data.ndim != 3:
     raise BratsDataError(
         f"case {case.case_id}: {kind} file {path} has shape {data.shape}, expected a 3D volume.")
-  return data
+  return data, affine
 
 
 def _check_finite(case: CaseFiles, kind: str, data: np.ndarray) -> None:
-  if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+  """Finite values that stay finite in float32, the precision images are normalised in."""
+  if not np.issubdtype(data.dtype, np.floating):
+    if not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
+      raise BratsDataError(f"case {case.case_id}: {kind} file {case.path(kind)} holds "
+                           f"{data.dtype} voxels, not numbers.")
+    return
+  if not np.isfinite(data).all():
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     raise BratsDataError(
         f"case {case.case_id}: {kind} file {case.path(kind)} has {bad} NaN or infinite voxels.")
+  peak = float(np.max(np.abs(data))) if data.size else 0.0
+  if peak > _FLOAT32_MAX:
+    raise BratsDataError(
+        f"case {case.case_id}: {kind} file {case.path(kind)} has values up to {peak:.3g}, "
+        f"beyond float32's range ({_FLOAT32_MAX:.3g}); rescale the volume.")
 
 
 def _check_labels(case: CaseFiles, seg: np.ndarray) -> None:
@@ -251,8 +323,9 @@ def _normalise(volume: np.ndarray, brain: np.ndarray, zs: range) -> np.ndarray:
   """
   lo, hi = np.percentile(volume[brain], PERCENTILES)
   scale = 2.0 / (hi - lo) if hi > lo else 0.0
-  out = (volume[:, :, zs.start:zs.stop].astype(np.float32) - np.float32(lo)) * np.float32(scale)
-  out = np.clip(out - 1.0, -1.0, 1.0)
+  # In float64: values near float32's limits would overflow (hi - lo) in float32.
+  out = (volume[:, :, zs.start:zs.stop].astype(np.float64) - lo) * scale
+  out = np.clip(out - 1.0, -1.0, 1.0).astype(np.float32)
   out[~brain[:, :, zs.start:zs.stop]] = -1.0
   return out
 
@@ -292,12 +365,15 @@ def _resize(images: np.ndarray, labels: np.ndarray, size: int):
   return images.astype(np.float32), labels[ix][:, iy]
 
 
-def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig()) -> SliceSet:
+def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
+              notes: list[str] | None = None) -> SliceSet:
   """Reads and preprocesses one case.
 
   Args:
     case: the case's files, from `list_cases`.
     config: preprocessing settings.
+    notes: where warnings about the case go (an all-zero modality, an affine that differs
+      from the T1's), one line each; default: logged.
 
   Returns:
     A SliceSet of `config.num_slices` slices: images [n, H, W, 4] float32 in [-1, 1]
@@ -307,16 +383,29 @@ def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig()) ->
   Raises:
     BratsDataError: a missing, unreadable or inconsistent file, naming the case and file.
   """
-  volumes = [_read_volume(case, m) for m in constants.MODALITIES]
-  seg = _read_volume(case, constants.SEG_SUFFIX)
-  shape = volumes[0].shape
-  for kind, data in zip(_file_kinds(), volumes + [seg]):
+  read = [_read_volume(case, kind) for kind in _file_kinds()]
+  volumes, seg = [v for v, _ in read[:-1]], read[-1][0]
+  shape, affine = volumes[0].shape, read[0][1]
+  found = []
+  for kind, (data, data_affine) in zip(_file_kinds(), read):
     if data.shape != shape:
       raise BratsDataError(
           f"case {case.case_id}: {kind} file {case.path(kind)} has shape {data.shape}, but "
           f"{constants.MODALITIES[0]} file {case.path(constants.MODALITIES[0])} has {shape}.")
     _check_finite(case, kind, data)
+    if not np.allclose(data_affine, affine, atol=1e-3):
+      found.append(f"case {case.case_id}: the affine of its {kind} file {case.path(kind)} "
+                   f"differs from its {constants.MODALITIES[0]} file's (voxels may not "
+                   "correspond); used as stored.")
+    if kind != constants.SEG_SUFFIX and not np.any(data):
+      found.append(f"case {case.case_id}: its {kind} file {case.path(kind)} is zero "
+                   "everywhere; that channel is -1 in every slice.")
   _check_labels(case, seg)
+  for note in found:
+    if notes is None:
+      _log.warning(note)
+    else:
+      notes.append(note)
 
   # NIfTI arrays come Fortran-ordered; building the mask from them keeps that order, so
   # the elementwise work below runs over contiguous memory.
@@ -334,6 +423,9 @@ def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig()) ->
   labels = _centre_crop(case, labels, config.crop_size)
   if config.image_size is not None:
     images, labels = _resize(images, labels, config.image_size)
+  if not np.isfinite(images).all():
+    raise BratsDataError(f"case {case.case_id}: its normalised images are not finite "
+                         f"(files in {case.directory}).")
   n = config.num_slices
   return SliceSet(
       images=np.ascontiguousarray(images.transpose(2, 0, 1, 3), dtype=np.float32),
@@ -367,7 +459,11 @@ def load_cases(
     BratsDataError: a bad directory; a bad case unless skip_bad; no case could be loaded.
   """
   cases = list_cases(root, config.groups)
-  return _load(cases, config, skip_bad=skip_bad, progress=progress, num_workers=num_workers)
+  slices, skipped, notes = _load(cases, config, skip_bad=skip_bad, progress=progress,
+                                 num_workers=num_workers)
+  for note in notes:
+    _log.warning(note)
+  return slices, skipped
 
 
 def _default_workers() -> int:
@@ -375,23 +471,29 @@ def _default_workers() -> int:
 
 
 def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: bool,
-          progress: bool, num_workers: int | None) -> tuple[SliceSet, list[tuple[str, str]]]:
-  """Loads cases on a thread pool (gzip inflation and numpy release the GIL), in order."""
+          progress: bool, num_workers: int | None
+          ) -> tuple[SliceSet, list[tuple[str, str]], list[str]]:
+  """Loads cases on a thread pool (gzip inflation and numpy release the GIL), in order.
+
+  Returns:
+    (slices, skipped (case id, reason), notes: warnings about accepted cases, one line each).
+  """
 
   def load_one(case):
+    notes = []
     try:
-      return load_case(case, config), None
+      return load_case(case, config, notes=notes), None, notes
     except BratsDataError as e:
       if not skip_bad:
         raise
-      _log.warning("Skipping case %s: %s", case.case_id, e)
-      return None, str(e)
+      return None, str(e), [f"skipped case {case.case_id}: {e}"]
 
-  loaded, skipped = [], []
+  loaded, skipped, notes = [], [], []
   bar = ProgressBar(len(cases), "loading cases", enabled=progress)
   pool = concurrent.futures.ThreadPoolExecutor(num_workers or _default_workers())
   try:
-    for case, (slices, reason) in zip(cases, pool.map(load_one, cases)):
+    for case, (slices, reason, case_notes) in zip(cases, pool.map(load_one, cases)):
+      notes += case_notes
       if slices is not None:
         loaded.append(slices)
       else:
@@ -403,7 +505,7 @@ def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: boo
   if not loaded:
     raise BratsDataError(
         f"None of the {len(cases)} cases could be loaded; first reason: {skipped[0][1]}")
-  return SliceSet.concatenate(loaded), skipped
+  return SliceSet.concatenate(loaded), skipped, notes
 
 
 def split_cases(
@@ -431,7 +533,7 @@ def split_cases(
   if num_val is None:
     num_val = int(round(val_fraction * len(ids)))
   if not 0 <= num_val <= len(ids):
-    raise ValueError(f"num_val={num_val} is outside [0, {len(ids)}] (number of cases).")
+    raise BratsDataError(f"num_val={num_val} is outside [0, {len(ids)}] (number of cases).")
   perm = np.random.default_rng(seed).permutation(len(ids))
   val = sorted(ids[i] for i in perm[:num_val])
   train = sorted(ids[i] for i in perm[num_val:])
@@ -473,10 +575,11 @@ def load_cached(
   """`load_cases` through an on-disk cache of the preprocessed slices.
 
   The cache entry is `<cache_dir>/brats_<key>.npz` (the SliceSet, no pickle) plus a JSON
-  sidecar (skipped cases, config, root), keyed by `cache_key`: any change to a file's
-  size or mtime, to the set of files, the root or the config misses. A hit reads no
-  NIfTI. Both files are written atomically (temporary file, then rename); the JSON first,
-  so a present .npz means a complete entry.
+  sidecar (skipped cases, warnings, config, root, the .npz's SHA-256), keyed by
+  `cache_key`: any change to a file's size or mtime, to the set of files, the root or the
+  config misses. A hit reads no NIfTI; it verifies the checksum, repeats the warnings, and
+  a damaged entry is logged and rebuilt. Both files are written atomically (temporary file,
+  then rename); the .npz last, so a present .npz means a complete entry.
 
   Args:
     root, config, skip_bad, progress, num_workers: as for `load_cases`.
@@ -490,24 +593,64 @@ def load_cached(
   cache_dir = pathlib.Path(cache_dir)
   npz_path = cache_dir / f"brats_{key}.npz"
   json_path = cache_dir / f"brats_{key}.json"
-  if npz_path.is_file() and json_path.is_file():
-    meta = json.loads(json_path.read_text())
-    _log.info("BraTS cache hit: %s", npz_path)
-    return SliceSet.load(npz_path), [tuple(s) for s in meta["skipped"]]
+  if npz_path.is_file():
+    hit = _read_cache(npz_path, json_path)
+    if hit is not None:
+      slices, meta = hit
+      _log.info("BraTS cache hit: %s", npz_path)
+      for note in meta.get("notes", []):
+        _log.warning(note)
+      return slices, [tuple(s) for s in meta["skipped"]]
 
-  slices, skipped = _load(cases, config, skip_bad=skip_bad, progress=progress,
-                          num_workers=num_workers)
+  slices, skipped, notes = _load(cases, config, skip_bad=skip_bad, progress=progress,
+                                 num_workers=num_workers)
+  for note in notes:
+    _log.warning(note)
   cache_dir.mkdir(parents=True, exist_ok=True)
+  tmp_npz = npz_path.with_name(npz_path.name + f".tmp{os.getpid()}.npz")
+  slices.save(tmp_npz)
   meta = {
       "root": str(pathlib.Path(root).resolve()),
       "config": dataclasses.asdict(config),
       "num_cases": len(slices.cases),
       "num_slices": len(slices),
       "skipped": skipped,
+      "notes": notes,
+      "sha256": _sha256(tmp_npz),
   }
   tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
   tmp.write_text(json.dumps(meta, indent=1))
   os.replace(tmp, json_path)
-  slices.save(npz_path)
+  os.replace(tmp_npz, npz_path)
   _log.info("BraTS cache written: %s", npz_path)
   return slices, skipped
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _read_cache(npz_path: pathlib.Path, json_path: pathlib.Path):
+  """(slices, sidecar) of a sound cache entry; None (and the entry removed, with a
+  warning) if it is damaged."""
+  try:
+    meta = json.loads(json_path.read_text())
+    digest = _sha256(npz_path)
+    if meta.get("sha256") not in (None, digest):
+      raise ValueError("its checksum does not match")
+    slices = SliceSet.load(npz_path)  # reads every array (zip CRCs checked)
+    if meta.get("sha256") is None:  # written before checksums: sound, so record one
+      meta["sha256"] = digest
+      tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
+      tmp.write_text(json.dumps(meta, indent=1))
+      os.replace(tmp, json_path)
+    return slices, meta
+  except Exception as e:  # pylint: disable=broad-except  # any damage: rebuild
+    _log.warning("slice cache %s is damaged (%s); rebuilding it.", npz_path, _first_line(e))
+    for p in (npz_path, json_path):
+      p.unlink(missing_ok=True)
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -78,3 +79,15 @@ class SliceSet:
         np.concatenate([s.labels for s in sets]),
         np.concatenate([s.case_ids for s in sets]),
         np.concatenate([s.slice_indices for s in sets]))
+
+
+def fingerprint(*sets: SliceSet) -> str:
+  """A hash of the slices' contents (images, labels) and ids, in order (16 hex digits)."""
+  h = hashlib.sha256()
+  for s in sets:
+    for a in (s.images, s.labels):
+      a = np.ascontiguousarray(a)
+      h.update(f"{a.dtype.str}:{a.shape}".encode())
+      h.update(a.tobytes())
+    h.update("|".join(f"{c}:{z}" for c, z in s.ids).encode())
+  return h.hexdigest()[:16]

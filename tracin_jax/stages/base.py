@@ -8,14 +8,19 @@ A stage is a class registered by name (`register_stage`), with
   * `fingerprint(context) -> str`: a hash of everything its outputs depend on;
   * `run(context) -> result`: computes and writes its outputs, returning a typed result
     whose `manifest` lists them;
-  * `load(context) -> result`: the same result, read back from a finished run's files.
+  * `load(context) -> result`: the same result, read back from a finished run's files;
+  * optionally `check(context)`: raises `StageError` (or another user error) if the stage
+    cannot run in this workdir, before anything there is touched.
 
 `run_stage` is the one way a stage is run: it reuses a finished stage whose fingerprint is
-unchanged, otherwise removes the stale manifest, runs the stage and writes
+unchanged, otherwise checks that it may run, removes the stale manifest, runs the stage and
+writes
 `<workdir>/<stage>/manifest.json` (settings, fingerprint, timings, versions, data, every
 file with its description and every figure with its caption, headline numbers). Later
 readers (a report, a notebook) read manifests and the files they list, never a stage's
-private names.
+private names. A stage read back from the workdir for a later one (`Context.need`) must
+have the fingerprint this run would give it: outputs of other settings, data or
+checkpoints are refused, naming what differs.
 
 Work that can be saved in parts (TracIn per checkpoint, one retraining) goes through
 `Parts`: a directory keyed by the fingerprint of the inputs, parts written atomically as
@@ -37,7 +42,9 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from tracin_jax import errors
 from tracin_jax import outputs
+from tracin_jax.data import slices as slices_lib
 from tracin_jax.data.slices import SliceSet
 
 logger = logging.getLogger("tracin_jax")
@@ -46,7 +53,7 @@ MANIFEST = "manifest.json"
 _PACKAGES = ("tracin_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
-class StageError(RuntimeError):
+class StageError(errors.UserError, RuntimeError):
   """A stage cannot run: a needed stage has not run, or its inputs do not match."""
 
 
@@ -160,11 +167,7 @@ class Context:
   def data_fingerprint(self) -> str:
     """A hash of the training and validation slices: images, labels and ids."""
     if self._data_fingerprint is None:
-      h = hashlib.sha256()
-      for s in (self.train_set, self.val_set):
-        outputs.hash_arrays(h, s.images, s.labels)
-        h.update("|".join(f"{c}:{z}" for c, z in s.ids).encode())
-      self._data_fingerprint = h.hexdigest()[:16]
+      self._data_fingerprint = slices_lib.fingerprint(self.train_set, self.val_set)
     return self._data_fingerprint
 
   def need(self, name: str) -> Any:
@@ -174,11 +177,35 @@ class Context:
       StageError: the stage has not finished in the workdir.
     """
     if name not in self.results:
-      if read_manifest(self.workdir, name) is None:
+      record = read_manifest(self.workdir, name)
+      if record is None:
         raise StageError(f"{self.workdir} has no finished {name} stage: run it first "
                          f"(--stages=...,{name},...).")
-      self.results[name] = get_stage(name, self.configs.get(name)).load(self)
+      stage = get_stage(name, self.configs.get(name))
+      result = stage.load(self)
+      if record.get("fingerprint") != stage.fingerprint(self):
+        raise StageError(_changed_since(self.workdir, stage, record))
+      self.results[name] = result
     return self.results[name]
+
+
+def _changed_since(workdir: pathlib.Path, stage: "Stage", record: dict[str, Any]) -> str:
+  """Why a finished stage's outputs do not fit this run: its settings, else its inputs."""
+  from tracin_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
+
+  saved = record.get("settings", {})
+  differ = []
+  for leaf in settings_lib.leaves(type(stage.config)):
+    there = saved
+    for part in leaf.path:
+      there = there.get(part) if isinstance(there, dict) else None
+    here = outputs.plain(settings_lib.get(stage.config, leaf.path))
+    if json.dumps(there) != json.dumps(here):
+      differ.append(f"--{leaf.flag} ({there} there, {here} here)")
+  what = (f"other settings: {', '.join(differ)}" if differ else
+          "other inputs (the data, the checkpoints or an earlier stage changed since)")
+  return (f"the {stage.name} stage in {workdir} was run with {what}. Run it again "
+          f"(--stages=...,{stage.name},...), or use its settings.")
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -291,6 +318,9 @@ def run_stage(stage: Stage, context: Context) -> Any:
                 f"{context.workdir / stage.name}; reusing it.")
     result = stage.load(context)
   else:
+    check = getattr(stage, "check", None)
+    if check is not None:  # refuses before the finished outputs' manifest is removed
+      check(context)
     (context.workdir / stage.name / MANIFEST).unlink(missing_ok=True)
     result = stage.run(context)
   seconds = time.perf_counter() - t0

@@ -55,6 +55,9 @@ class InfluenceConfig:
       None, "TracIn checkpoint epochs (unset: the first --max_checkpoints SGD epochs).",
       minimum=1)
   max_checkpoints: int = setting(5, "SGD checkpoints TracIn sums over by default.", minimum=1)
+  allow_adam_checkpoints: bool = setting(
+      False, "Accept Adam epochs in --checkpoint_epochs (TracIn assumes plain SGD; the "
+      "manifest records the choice).")
   top_k: int = setting(10, "Proponents and opponents listed per region.", minimum=1)
   global_top: int = setting(20, "Top-n proponents and opponents that find global explainers.",
                             minimum=1)
@@ -145,7 +148,8 @@ class InfluenceStage(base.StageBase):
     cache = self._cached(context)
     if "loaded" not in cache:
       apply_fn, checkpoints, epochs = train_lib.tracin_checkpoints(
-          context.workdir, self.config.checkpoint_epochs, self.config.max_checkpoints)
+          context.workdir, self.config.checkpoint_epochs, self.config.max_checkpoints,
+          allow_adam=self.config.allow_adam_checkpoints)
       final_model, meta = train_lib.load_model(context.workdir)
       final_apply, params, state = models.functional(final_model)
       final = Checkpoint(params, float(meta["learning_rate"]), state)
@@ -201,13 +205,15 @@ class InfluenceStage(base.StageBase):
     both = {key: np.concatenate([train_ex[key], val_ex[key]]) for key in train_ex}
     parts = base.Parts(out / "parts", self._inputs(context), what="influence")
     total = None
+    present = np.concatenate([presence_train, presence_val])
     for t, (epoch, ckpt) in enumerate(zip(epochs, checkpoints)):
       part = parts.get(
           f"epoch{epoch}",
-          lambda ckpt=ckpt: core.influence(
+          lambda ckpt=ckpt, epoch=epoch: _finite_part(core.influence(
               loss_fn, [ckpt], both, memory_budget_bytes=context.memory_budget_bytes,
               batch_size=config.block_size, progress=context.progress,
               params_filter=config.params_filter),
+              present, presence_train, epoch),
           label=f"checkpoint of epoch {epoch} ({t + 1}/{len(epochs)})")
       total = part if total is None else total + part
     n = len(train_set)
@@ -337,6 +343,25 @@ class InfluenceStage(base.StageBase):
     return InfluenceOutputs(train_blocks, test_blocks, presence_train, presence_test,
                             threshold, class_names, epochs, rates, explainers, apply_fn, params,
                             state, train_regions, val_regions, manifest)
+
+
+def _finite_part(part: np.ndarray, present: np.ndarray, present_train: np.ndarray,
+                 epoch: int) -> np.ndarray:
+  """`part` [n, K, n_train, K] if its scores of present regions are finite; it is then
+  saved and reused, so a non-finite one is never cached.
+
+  Raises:
+    StageError: naming the checkpoint's epoch.
+  """
+  n_train = present_train.shape[0]
+  scores = part[:, :, :n_train, :][present][:, present_train]
+  bad = int(scores.size - np.count_nonzero(np.isfinite(scores)))
+  if bad:
+    raise base.StageError(
+        f"influence: the checkpoint of epoch {epoch} gives {bad} non-finite TracIn scores "
+        f"of {scores.size} (its gradients are not finite); nothing was saved. Check that "
+        "checkpoint, or leave it out with --checkpoint_epochs.")
+  return part
 
 
 def _check_params_filter(prefixes: tuple[str, ...], params) -> str:

@@ -42,6 +42,14 @@ class TrainStage(base.StageBase):
     record = train_lib.run_record(self.config, context.train_set, context.val_set)
     return base.inputs_key({"record": record, "data": context.data_fingerprint()})
 
+  def check(self, context: base.Context) -> None:
+    """Refuses a workdir holding another run's checkpoints, before anything is touched."""
+    identity = dict(train_lib.run_record(self.config, context.train_set, context.val_set),
+                    data=context.data_fingerprint())
+    directory = context.workdir / CHECKPOINT_DIR
+    has = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    train_lib.check_run(context.workdir, identity, has_checkpoints=has)
+
   def run(self, context: base.Context) -> TrainOutputs:
     result = train_lib.train(self.config, context.train_set, context.val_set,
                              context.workdir, progress=context.progress,
@@ -59,15 +67,14 @@ class TrainStage(base.StageBase):
         the context's.
     """
     saved = train_lib.load_record(context.workdir)
-    given = train_lib.run_record(self.config, context.train_set, context.val_set)
-    differ = [k for k in ("train_cases", "val_cases", "num_train_slices", "image_shape")
-              if json.dumps(saved[k]) != json.dumps(given[k])]
+    given = dict(train_lib.run_record(self.config, context.train_set, context.val_set),
+                 data=context.data_fingerprint())
+    differ = train_lib.record_differences(saved, given)
     if differ:
       raise base.StageError(
-          f"The training run in {context.workdir} was trained on other data "
-          f"({', '.join(differ)} do not match; image shape "
-          f"{saved['image_shape']} there, {given['image_shape']} here). Use that run's data "
-          "settings (its flagfile), or another --workdir.")
+          f"the training run in {context.workdir} differs from this one in "
+          f"{'; '.join(differ)}. Use that run's settings and data (its flagfile), or another "
+          "--workdir.")
     metrics = json.loads((context.workdir / train_lib.METRICS_FILE).read_text())
     _, meta = train_lib.load_model(context.workdir)
     return TrainOutputs(metrics, list(meta.get("history", [])), base.Manifest.from_record(

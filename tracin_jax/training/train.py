@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from tracin_jax import batching
+from tracin_jax import errors
 from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax.data import pipeline
@@ -33,6 +34,8 @@ from tracin_jax.progress import ProgressBar
 from tracin_jax.settings import setting
 from tracin_jax.training import losses
 from tracin_jax.training import optim
+from tracin_jax.data import slices as slices_lib
+from tracin_jax.training.checkpoints import CheckpointError
 from tracin_jax.training.checkpoints import CheckpointStore
 from tracin_jax.types import Checkpoint
 
@@ -43,8 +46,12 @@ METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
 
 
-class RunMismatchError(RuntimeError):
+class RunMismatchError(errors.UserError, RuntimeError):
   """The workdir already holds a run with other settings or data."""
+
+
+class TrainingError(errors.UserError, RuntimeError):
+  """Training cannot go on (a non-finite loss); the message names the step, epoch and cases."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,20 +176,104 @@ def run_record(config: TrainConfig, train_set: SliceSet, val_set: SliceSet) -> d
   }
 
 
-def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
-  path = workdir / CONFIG_FILE
-  if path.exists():
-    saved = json.loads(path.read_text())
-    if saved != json.loads(json.dumps(record)):
-      diff = sorted(k for k in set(saved) | set(record)
-                    if json.dumps(saved.get(k)) != json.dumps(record.get(k)))
+def data_record(train_set: SliceSet, val_set: SliceSet) -> dict[str, Any]:
+  """`run_record`'s facts plus a content hash of the slices a run trains and validates on."""
+  return {"data": data_fingerprint(train_set, val_set)}
+
+
+def data_fingerprint(train_set: SliceSet, val_set: SliceSet) -> str:
+  """A hash of the training and validation slices: images, labels and ids."""
+  return slices_lib.fingerprint(train_set, val_set)
+
+
+def _differences(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
+  """The keys (and, under "config", the settings) whose values differ."""
+  out = []
+  for k in sorted(set(saved) | set(record)):
+    if k == "data" and k not in saved:
+      continue  # a run recorded before data hashes: its cases and shapes are compared
+    if k == "config" and isinstance(saved.get(k), dict) and isinstance(record.get(k), dict):
+      out += [f"--{name}" for name in _config_differences(saved[k], record[k])]
+    elif json.dumps(saved.get(k)) != json.dumps(record.get(k)):
+      out.append(_RECORD_KEYS.get(k, k))
+  return list(dict.fromkeys(out))
+
+
+# What a difference in a run record's entry means, in the flags' terms.
+_RECORD_KEYS = {
+    "train_cases": "cases (another --split_seed, --num_val, --val_fraction or data)",
+    "val_cases": "cases (another --split_seed, --num_val, --val_fraction or data)",
+    "num_train_slices": "slices (another --num_slices or data)",
+    "image_shape": "image shape (another --crop_size or --image_size)",
+    "data": "data (the slices' contents differ: another cohort, --data_dir, "
+            "--synthetic_seed or preprocessing)",
+}
+
+
+def record_differences(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
+  """What differs between two run records, in words that name the flags."""
+  return _differences(saved, json.loads(json.dumps(record)))
+
+
+def _config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+  out = []
+  for k in sorted(set(saved) | set(given)):
+    a, b = saved.get(k), given.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_differences(a, b)
+    elif json.dumps(a) != json.dumps(b):
+      out.append({"name": "model"}.get(k, k) + f" ({a} there, {b} here)")
+  return out
+
+
+def read_record(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """The run record in `workdir`, or None if there is none.
+
+  Raises:
+    RunMismatchError: the record is not readable JSON.
+  """
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunMismatchError(f"{path} is damaged ({e.msg if hasattr(e, 'msg') else e}); the "
+                           "run's settings and data cannot be checked. Use another "
+                           "--workdir.") from None
+  if not isinstance(record, dict) or "config" not in record:
+    raise RunMismatchError(f"{path} is not a run record (no config); use another --workdir.")
+  return record
+
+
+def check_run(workdir: pathlib.Path, record: dict[str, Any], *, has_checkpoints: bool) -> bool:
+  """Whether `workdir` already records this run.
+
+  A record without a checkpoint claims nothing (the run before failed before its first
+  epoch ended); it is replaced when this run saves its first checkpoint.
+
+  Raises:
+    RunMismatchError: the workdir holds checkpoints of another run (settings or data), or
+      checkpoints without a record.
+  """
+  saved = read_record(workdir)
+  if saved is None:
+    if has_checkpoints:
       raise RunMismatchError(
-          f"{workdir} already holds a training run with different {', '.join(diff)}; "
-          "its checkpoints would be overwritten. Use another --workdir, or delete that "
-          "directory yourself if you no longer need it.")
-  else:
-    workdir.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(path, record)
+          f"{workdir / 'checkpoints'} holds checkpoints but {workdir} has no run record "
+          f"({CONFIG_FILE}): what they were trained on cannot be checked. Use another "
+          "--workdir.")
+    return False
+  if not has_checkpoints:
+    return False
+  diff = _differences(saved, json.loads(json.dumps(record)))
+  if diff:
+    raise RunMismatchError(
+        f"{workdir} already holds a training run with different {', '.join(diff)}; its "
+        "checkpoints would be overwritten or mixed with this run's. Use that run's settings "
+        "and data, another --workdir, or delete that directory yourself if you no longer "
+        "need it.")
+  return True
 
 
 def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
@@ -212,81 +303,97 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
   workdir = pathlib.Path(workdir)
   if len(train_set) == 0:
     raise ValueError("train_set is empty: nothing to train on.")
-  _check_run(workdir, run_record(config, train_set, val_set))
-
-  n_steps = steps_per_epoch(len(train_set), config.batch_size)
-  tx, schedule = optim.make_optimizer(config.optimizer, n_steps)
-  model, optimizer = build_model_and_optimizer(config, tx)
+  identity = dict(run_record(config, train_set, val_set), **data_record(train_set, val_set))
   store = CheckpointStore(workdir)
+  try:
+    recorded = check_run(workdir, identity, has_checkpoints=bool(store.epochs()))
 
-  start_epoch, history, resumed_from = 1, [], None
-  latest = store.latest_epoch()
-  if latest is not None:
-    meta = store.restore(latest, model, optimizer)
-    history = list(meta.get("history", []))
-    start_epoch, resumed_from = latest + 1, latest
-    if latest < config.num_epochs:
-      log(f"Resuming {workdir} from the checkpoint of epoch {latest}/{config.num_epochs}.")
+    n_steps = steps_per_epoch(len(train_set), config.batch_size)
+    tx, schedule = optim.make_optimizer(config.optimizer, n_steps)
+    model, optimizer = build_model_and_optimizer(config, tx)
 
-  metrics_path = workdir / METRICS_FILE
-  if latest == config.num_epochs and metrics_path.exists():
-    log(f"{workdir} holds a finished run ({config.num_epochs} epochs); reusing it.")
-    store.close()
-    return TrainResult(model, json.loads(metrics_path.read_text()), history, latest, True)
+    start_epoch, history, resumed_from = 1, [], None
+    latest = store.latest_epoch()
+    if latest is not None:
+      meta = store.restore(latest, model, optimizer)
+      history = list(meta.get("history", []))
+      start_epoch, resumed_from = latest + 1, latest
+      if latest < config.num_epochs:
+        log(f"Resuming {workdir} from the checkpoint of epoch {latest}/{config.num_epochs}.")
 
-  for epoch in range(start_epoch, config.num_epochs + 1):
-    if stop_after_epoch is not None and epoch > stop_after_epoch:
+    metrics_path = workdir / METRICS_FILE
+    if latest == config.num_epochs and metrics_path.exists():
+      log(f"{workdir} holds a finished run ({config.num_epochs} epochs); reusing it.")
       store.close()
-      return TrainResult(model, {}, history, resumed_from, False)
-    first_step = (epoch - 1) * n_steps
-    phase = optim.phase_at(config.optimizer, n_steps, first_step)
-    bar = ProgressBar(n_steps, f"epoch {epoch}/{config.num_epochs} ({phase})",
-                      enabled=progress)
-    t0 = time.perf_counter()
-    losses_sum, dice_sum, count = 0.0, np.zeros(3), 0
-    for batch in pipeline.train_batches(
-        train_set, config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment):
-      images, labels, weights = pad_batch(batch, config.batch_size)
-      loss, dice = train_step(model, optimizer, images, labels, weights)
-      loss, dice = float(loss), np.asarray(dice)
-      losses_sum += loss
-      dice_sum += dice
-      count += 1
-      bar.update(1, loss=losses_sum / count, dice=float(dice_sum.mean() / count))
-    bar.close()
-    val = evaluate(model, val_set, config.eval_batch_size) if len(val_set) else {}
-    step = epoch * n_steps
-    record = {
-        "epoch": epoch, "loss": losses_sum / max(count, 1),
-        "train_soft_dice": (dice_sum / max(count, 1)).tolist(),
-        "val_dice": val, "seconds": time.perf_counter() - t0,
-    }
-    history.append(record)
-    metadata = {
-        "epoch": epoch, "step": step, "phase": phase,
-        "learning_rate": float(schedule(step)),
-        "next_phase": optim.phase_at(config.optimizer, n_steps, step),
-        "history": history,
-    }
-    store.save(epoch, model, optimizer, metadata)
-    val_s = " ".join(f"{k}={v:.3f}" for k, v in val.items())
-    log(f"epoch {epoch}: loss {record['loss']:.4f}; validation Dice {val_s}")
+      return TrainResult(model, json.loads(metrics_path.read_text()), history, latest, True)
 
-  store.close()
-  metrics = {
-      "dataset": dataset,
-      "train": evaluate(model, train_set, config.eval_batch_size),
-      "validation": history[-1]["val_dice"],  # the last epoch's, of this same model
-      "num_train_cases": len(train_set.cases), "num_val_cases": len(val_set.cases),
-      "epochs": config.num_epochs,
-      "convention": "hard Dice per patient over its slices, averaged over patients; an "
-                    "empty prediction of an empty truth counts 1.0",
-  }
-  outputs.write_json(metrics_path, metrics)
-  plot_training_curves(history, workdir / CURVES_FILE,
-                       title_suffix=f" ({dataset})" if dataset else "",
-                       switch_epoch=config.optimizer.adam_epochs)
-  return TrainResult(model, metrics, history, resumed_from, False)
+    for epoch in range(start_epoch, config.num_epochs + 1):
+      if stop_after_epoch is not None and epoch > stop_after_epoch:
+        store.close()
+        return TrainResult(model, {}, history, resumed_from, False)
+      first_step = (epoch - 1) * n_steps
+      phase = optim.phase_at(config.optimizer, n_steps, first_step)
+      bar = ProgressBar(n_steps, f"epoch {epoch}/{config.num_epochs} ({phase})",
+                        enabled=progress)
+      t0 = time.perf_counter()
+      losses_sum, dice_sum, count = 0.0, np.zeros(3), 0
+      for batch in pipeline.train_batches(
+          train_set, config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment):
+        images, labels, weights = pad_batch(batch, config.batch_size)
+        loss, dice = train_step(model, optimizer, images, labels, weights)
+        loss, dice = float(loss), np.asarray(dice)
+        if not np.isfinite(loss):
+          store.close()
+          cases = sorted({str(c) for c in train_set.case_ids[np.asarray(batch["index"])]})
+          raise TrainingError(
+              f"the training loss is {loss} at step {first_step + count + 1} (epoch {epoch}, "
+              f"batch {count + 1} of {n_steps}; cases {', '.join(cases)}); no checkpoint of "
+              f"epoch {epoch} was written. Lower the learning rate (--{phase}_learning_rate="
+              f"{getattr(config.optimizer, phase + '_learning_rate'):g}) or check those cases.")
+        losses_sum += loss
+        dice_sum += dice
+        count += 1
+        bar.update(1, loss=losses_sum / count, dice=float(dice_sum.mean() / count))
+      bar.close()
+      val = evaluate(model, val_set, config.eval_batch_size) if len(val_set) else {}
+      step = epoch * n_steps
+      record = {
+          "epoch": epoch, "loss": losses_sum / max(count, 1),
+          "train_soft_dice": (dice_sum / max(count, 1)).tolist(),
+          "val_dice": val, "seconds": time.perf_counter() - t0,
+      }
+      history.append(record)
+      metadata = {
+          "epoch": epoch, "step": step, "phase": phase,
+          "learning_rate": float(schedule(step)),
+          "next_phase": optim.phase_at(config.optimizer, n_steps, step),
+          "history": history,
+      }
+      if not recorded:  # recorded once there is a checkpoint to describe, never before
+        outputs.write_json(workdir / CONFIG_FILE, identity)
+        recorded = True
+      store.save(epoch, model, optimizer, metadata)
+      val_s = " ".join(f"{k}={v:.3f}" for k, v in val.items())
+      log(f"epoch {epoch}: loss {record['loss']:.4f}; validation Dice {val_s}")
+
+    store.close()
+    metrics = {
+        "dataset": dataset,
+        "train": evaluate(model, train_set, config.eval_batch_size),
+        "validation": history[-1]["val_dice"],  # the last epoch's, of this same model
+        "num_train_cases": len(train_set.cases), "num_val_cases": len(val_set.cases),
+        "epochs": config.num_epochs,
+        "convention": "hard Dice per patient over its slices, averaged over patients; an "
+                      "empty prediction of an empty truth counts 1.0",
+    }
+    outputs.write_json(metrics_path, metrics)
+    plot_training_curves(history, workdir / CURVES_FILE,
+                         title_suffix=f" ({dataset})" if dataset else "",
+                         switch_epoch=config.optimizer.adam_epochs)
+    return TrainResult(model, metrics, history, resumed_from, False)
+  except BaseException:
+    store.close()  # idempotent: Orbax's threads end with the error
+    raise
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int):
@@ -332,11 +439,17 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
 
 def load_record(workdir: str | os.PathLike) -> dict[str, Any]:
   """The record of the run in `workdir` (`train_config.json`): its settings under "config",
-  its train and validation cases, number of training slices and image shape."""
-  path = pathlib.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} holds no training run.")
-  return json.loads(path.read_text())
+  its train and validation cases, number of training slices, image shape and data hash.
+
+  Raises:
+    FileNotFoundError: no record.
+    RunMismatchError: a damaged record.
+  """
+  record = read_record(workdir)
+  if record is None:
+    raise FileNotFoundError(f"{pathlib.Path(workdir) / CONFIG_FILE} not found: {workdir} "
+                            "holds no training run.")
+  return record
 
 
 def load_config(workdir: str | os.PathLike) -> TrainConfig:
@@ -350,26 +463,35 @@ def load_model(workdir: str | os.PathLike, epoch: int | None = None) -> tuple[nn
   # An abstract model (shapes only): restoring fills it, so no initialiser is compiled or run.
   model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
   store = CheckpointStore(workdir, create=False)
-  epoch = store.latest_epoch() if epoch is None else epoch
-  if epoch is None:
-    raise FileNotFoundError(f"{workdir} has no checkpoint yet.")
-  if epoch not in store.epochs():
-    raise ValueError(f"{workdir} has no checkpoint of epoch {epoch}; it has {store.epochs()}.")
-  meta = store.restore(epoch, model)
-  store.close()
+  try:
+    epoch = store.latest_epoch() if epoch is None else epoch
+    if epoch is None:
+      raise CheckpointError(f"{workdir} has no checkpoint yet: run the train stage.")
+    if epoch not in store.epochs():
+      raise CheckpointError(f"{workdir} has no checkpoint of epoch {epoch}; it has "
+                            f"{store.epochs()}.")
+    meta = store.restore(epoch, model)
+  finally:
+    store.close()
   return model, meta
 
 
 def sgd_epochs_of(workdir: str | os.PathLike) -> list[int]:
   """Epochs whose checkpoint was written after an SGD epoch, ascending."""
+  return [e for e, phase in phases_of(workdir).items() if phase == "sgd"]
+
+
+def phases_of(workdir: str | os.PathLike) -> dict[int, str]:
+  """The phase ('adam' or 'sgd') of each checkpoint's epoch, by epoch, ascending."""
   store = CheckpointStore(workdir, create=False)
-  out = [e for e in store.epochs() if store.metadata(e).get("phase") == "sgd"]
-  store.close()
-  return out
+  try:
+    return {e: store.metadata(e)["phase"] for e in store.epochs()}
+  finally:
+    store.close()
 
 
 def tracin_checkpoints(workdir: str | os.PathLike, epochs: Sequence[int] | None = None,
-                       max_checkpoints: int = 5):
+                       max_checkpoints: int = 5, *, allow_adam: bool = False):
   """Loads TracIn checkpoints `(params, learning_rate)` from a training run.
 
   Args:
@@ -378,18 +500,32 @@ def tracin_checkpoints(workdir: str | os.PathLike, epochs: Sequence[int] | None 
       (the paper: the first 5 epochs after the switch), i.e. the checkpoints written at the
       end of those epochs.
     max_checkpoints: how many SGD epochs by default.
+    allow_adam: accept checkpoints of Adam epochs in `epochs` (TracIn assumes SGD).
 
   Returns:
     (apply_fn, checkpoints, epochs): `apply_fn(params, images, state) -> logits` of the
     run's model, `checkpoints` a list of `tracin_jax.Checkpoint(params, learning_rate,
     state)` (each with its own non-parameter state, e.g. BatchNorm statistics) and the
     epochs they come from.
+
+  Raises:
+    CheckpointError: a missing, unreadable or Adam checkpoint (unless `allow_adam`).
   """
+  phases = phases_of(workdir)
   if epochs is None:
-    epochs = sgd_epochs_of(workdir)[:max_checkpoints]
+    epochs = [e for e, phase in phases.items() if phase == "sgd"][:max_checkpoints]
     if not epochs:
-      raise ValueError(f"{workdir} has no checkpoint of an SGD epoch; TracIn assumes SGD "
-                       "(train with --sgd_epochs >= 1).")
+      raise CheckpointError(f"{workdir} has no checkpoint of an SGD epoch; TracIn assumes "
+                            "SGD (train with --sgd_epochs >= 1).")
+  for epoch in epochs:
+    if epoch not in phases:
+      raise CheckpointError(f"{workdir} has no checkpoint of epoch {epoch} "
+                            f"(--checkpoint_epochs); it has epochs {sorted(phases)}.")
+    if phases[epoch] != "sgd" and not allow_adam:
+      raise CheckpointError(
+          f"the checkpoint of epoch {epoch} (--checkpoint_epochs) ends an Adam epoch; TracIn "
+          "assumes plain SGD. Choose SGD epochs "
+          f"{[e for e, p in phases.items() if p == 'sgd']}, or pass --allow_adam_checkpoints.")
   checkpoints = []
   apply_fn = None
   for epoch in epochs:

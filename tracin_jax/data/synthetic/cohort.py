@@ -2,7 +2,8 @@
 
 `synthesize_case` makes case i of a seeded cohort in memory (anatomy from `anatomy`, images
 from `physics`) in BraTS storage orientation; `write_case` writes its five NIfTI files;
-`generate_cohort` writes a whole cohort in worker processes, resumably, with its record
+`generate_cohort` writes a whole cohort in worker processes (which end with their parent,
+however it ends), resumably, with its record
 `cohort.json`; `ensure_cohort` reuses a finished one.
 
 Everything random is drawn from `numpy.random.SeedSequence([seed, case_index])`: the same
@@ -13,6 +14,8 @@ A cohort of n cases is the first n cases of any larger cohort with the same seed
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import io
 import json
@@ -21,6 +24,8 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
+import threading
 import time
 import zlib
 from typing import Any, Mapping
@@ -187,11 +192,30 @@ def _maps(resolution: int) -> anatomy.TissueMaps:
   return _PROCESS_MAPS.get(resolution) or anatomy.load_tissue_maps(resolution)
 
 
-def _init_worker(resolution: int, maps_queue) -> None:
-  """Waits for the parent's template maps (the parent loads them while workers start).
+def _die_with_parent(parent: int) -> None:
+  """Ends this worker process as soon as its parent ends, even by SIGKILL: Linux's
+  PR_SET_PDEATHSIG where there is one, and a thread that watches the parent's pid."""
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError, TypeError):
+    pass  # not Linux: the thread alone
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access  # no cleanup: the parent is gone
+
+  threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _init_worker(resolution: int, maps_queue, parent: int) -> None:
+  """Ties the worker to its parent, then waits for the parent's template maps (the parent
+  loads them while workers start).
 
   None means the parent failed; a task then loads them itself (and meets the same error).
   """
+  _die_with_parent(parent)
   maps = maps_queue.get()
   if maps is not None:
     _PROCESS_MAPS[resolution] = maps
@@ -367,7 +391,7 @@ def generate_cohort(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, *
     try:
       with concurrent.futures.ProcessPoolExecutor(
           workers, mp_context=context, initializer=_init_worker,
-          initargs=(template_resolution, maps_queue)) as pool:
+          initargs=(template_resolution, maps_queue, os.getpid())) as pool:
         # Submitting starts the workers; they import while this process loads the maps.
         futures = [pool.submit(_make_case, str(root), i, settings) for i in todo]
         try:
