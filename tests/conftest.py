@@ -11,6 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "training"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "stages"))
 import tiny_run  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tracin_jax.training import train as train_lib  # noqa: E402

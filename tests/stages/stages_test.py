@@ -12,6 +12,7 @@ from tracin_jax import stages
 from tracin_jax.influence import layout
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.report import ReportConfig
 from tracin_jax.stages.saliency import SaliencyConfig
 from tracin_jax.stages.validate import ValidateConfig
 
@@ -26,6 +27,7 @@ CONFIGS = {
         randomisation_methods=("vanilla_gradient", "grad_cam_plus_plus")),
     "validate": ValidateConfig(regions_per_class=1, num_removed=2, num_random=1,
                                randomisation_examples=6),
+    "report": ReportConfig(pages=3, top=2),
 }
 
 
@@ -44,7 +46,8 @@ def staged(full_run):
 
 
 def test_registry_order_and_needs():
-  assert stages.list_stages() == ("train", "influence", "interpret", "saliency", "validate")
+  assert stages.list_stages() == ("train", "influence", "interpret", "saliency", "validate",
+                                  "report")
   for name in stages.list_stages():
     stage = stages.get_stage(name)
     assert isinstance(stage, stages.Stage)
@@ -63,7 +66,7 @@ def test_every_stage_writes_a_manifest_listing_what_it_wrote(staged):
     assert manifest["seconds"] >= 0 and manifest["versions"]["jax"]
     assert manifest["settings"] == json.loads(json.dumps(
         stages.base.outputs.plain(CONFIGS[name])))
-    assert manifest["files"] and manifest["figures"]
+    assert manifest["files"] and (manifest["figures"] or name == "report")
     for entry in manifest["files"] + manifest["figures"]:
       assert (context.workdir / entry["path"]).exists(), entry
       assert len(entry.get("description", entry.get("caption", ""))) > 20
@@ -117,7 +120,7 @@ def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
   with caplog.at_level(logging.INFO, logger="tracin_jax"):
     for name in stages.list_stages():
       stages.run_stage(stages.get_stage(name, CONFIGS[name]), again)
-  assert caplog.text.count("reusing it") == 5
+  assert caplog.text.count("reusing it") == 6
   np.testing.assert_array_equal(again.results["influence"].test_blocks,
                                 results["influence"].test_blocks)
 
@@ -165,5 +168,5 @@ def test_a_finished_run_is_not_explained_on_other_data(staged):
   context, _ = staged
   fewer = stages.Context(context.workdir, tiny_run.TRAIN.subset(np.arange(10)), tiny_run.VAL,
                          configs=CONFIGS, progress=False)
-  with pytest.raises(stages.StageError, match="trained on other data.*num_train_slices"):
+  with pytest.raises(stages.StageError, match="differs from this one in data.*slices"):
     stages.run_stage(stages.get_stage("influence", CONFIGS["influence"]), fewer)

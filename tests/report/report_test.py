@@ -1,0 +1,144 @@
+"""The HTML report: built from the manifests, escaped, and checked in a real browser."""
+
+import json
+import pathlib
+import shutil
+import urllib.parse
+
+import numpy as np
+import pytest
+import stages_test
+import tiny_run
+
+from tracin_jax import report
+from tracin_jax import stages
+from tracin_jax.data.slices import SliceSet
+
+staged = stages_test.staged  # every stage once on the tiny run (reused when finished)
+HOSTILE = '<img src=x onerror="alert(1)">&"case'
+
+
+def _browser():
+  """A headless Chromium WebDriver, or a skip naming what is missing."""
+  webdriver = pytest.importorskip(
+      "selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+  driver_path = shutil.which("chromedriver")
+  binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+  if not driver_path or not binary:
+    pytest.skip("no headless Chromium found (Debian: apt-get install chromium "
+                "chromium-driver)")
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+
+  options = webdriver.ChromeOptions()
+  options.binary_location = binary
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=1366,900", "--allow-file-access-from-files"):
+    options.add_argument(arg)
+  return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+_IMAGES = """
+document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; });
+return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete,
+                                             i.naturalWidth]);
+"""
+_LINKS = "return Array.from(document.querySelectorAll('a[href]')).map(a => a.href);"
+
+
+def _check_page(driver, url: str) -> list[str]:
+  """Opens url; asserts every image loaded and every link resolves; returns the links."""
+  driver.get(url)
+  images = []
+  for _ in range(100):  # images decode asynchronously: wait until every one is complete
+    images = driver.execute_script(_IMAGES)
+    if all(done for _, done, _ in images):
+      break
+    driver.implicitly_wait(0.1)
+  assert images, url
+  broken = [src for src, done, width in images if not done or width == 0]
+  assert not broken, f"{url}: images that did not load: {broken}"
+  links = driver.execute_script(_LINKS)
+  for link in links:
+    parsed = urllib.parse.urlparse(link)
+    assert parsed.scheme == "file", f"{url} links outside the report: {link}"
+    path = pathlib.Path(urllib.parse.unquote(parsed.path))
+    assert path.exists(), f"{url}: broken link {link}"
+    if parsed.fragment and path.suffix == ".html":
+      assert f'id="{parsed.fragment}"' in path.read_text(), f"{url}: no anchor {link}"
+  return links
+
+
+def test_choose_pages_takes_the_given_images_then_large_regions_of_new_cases():
+  ids = [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
+  regions = np.zeros((4, 4, 4, 3), bool)
+  regions[1, :2] = True   # 24 px
+  regions[0, :1] = True   # 12 px
+  regions[2, :3] = True   # 36 px
+  assert report.choose_pages(ids, regions, [("c", 0)], 3) == [3, 2, 1]
+  assert report.choose_pages(ids, regions, [("zz", 9)], 4) == [2, 1, 3, 0]
+  assert report.choose_pages(ids, regions, [], 0) == []
+
+
+def test_the_report_lists_every_stage_and_its_pages(staged):
+  context, results = staged
+  index = results["report"].index
+  html = index.read_text()
+  assert index == context.workdir / "report" / "index.html"
+  for name in ("train", "influence", "interpret", "saliency", "validate"):
+    assert f"<td>{name}</td>" in html
+    for fig in stages.read_manifest(context.workdir, name)["figures"]:
+      assert f'src="../{fig["path"]}"' in html
+  pages = sorted((context.workdir / "report" / "images").glob("val*.html"))
+  assert pages and len(pages) <= stages_test.CONFIGS["report"].pages
+  # Every image the saliency stage explained has a page, with its grids.
+  texts = [p.read_text() for p in pages]
+  for case, z in results["saliency"].images:
+    mine = [t for t in texts if f"<h1>{case} slice {z}" in t]
+    assert len(mine) == 1 and "saliency/grid_" in mine[0]
+  manifest = stages.read_manifest(context.workdir, "report")
+  assert manifest["files"][0]["path"] == "report/index.html"
+
+
+def test_a_stage_that_did_not_run_is_absent_not_an_error(tmp_path):
+  (tmp_path / "train").mkdir()
+  (tmp_path / "train" / "manifest.json").write_text(json.dumps({
+      "stage": "train", "data": HOSTILE, "synthetic": False, "fingerprint": "abc",
+      "settings": {"seed": 0}, "seconds": 1.0, "files": [], "figures": [],
+      "headline": {"validation_dice": {"ED": 0.5}}}))
+  html = report.build_report(tmp_path).read_text()
+  assert "Not run in this workdir: influence, interpret, saliency, validate" in html
+  assert HOSTILE not in html and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
+  assert "badge synthetic" not in html  # this run's data are not the synthetic cohort
+  assert "<td>validation</td><td class=\"num\">0.500</td>" in html
+
+
+def test_case_names_are_escaped_on_the_pages(staged, tmp_path):
+  context, results = staged
+  workdir = tmp_path / "run"
+  shutil.copytree(context.workdir, workdir, ignore=shutil.ignore_patterns("parts"))
+  val = tiny_run.VAL
+  hostile = SliceSet(val.images, val.labels,
+                     np.array([HOSTILE + str(i) for i in range(len(val))]), val.slice_indices)
+  report.build_report(workdir, train_set=tiny_run.TRAIN, val_set=hostile,
+                      influence=results["influence"], max_pages=2)
+  page = next((workdir / "report" / "images").glob("val*.html")).read_text()
+  assert HOSTILE not in page and "&lt;img src=x onerror=" in page
+
+
+def test_every_image_loads_and_every_link_resolves_in_chromium(staged, tmp_path):
+  context, _ = staged
+  driver = _browser()
+  try:
+    index = (context.workdir / "report" / "index.html").resolve()
+    links = _check_page(driver, index.as_uri())
+    pages = sorted({l.split("#")[0] for l in links if "/report/images/val" in l})
+    assert pages
+    for page in pages:
+      _check_page(driver, page)
+    driver.get(index.as_uri())
+    shot = tmp_path / "report.png"
+    driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+  finally:
+    driver.quit()

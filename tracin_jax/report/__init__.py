@@ -1,0 +1,311 @@
+"""An HTML report of a run, from its stages' manifests: `<workdir>/report/index.html`.
+
+    from tracin_jax import report
+    path = report.build_report("runs/demo")                      # the index alone
+    path = report.build_report("runs/demo", train_set=train, val_set=val,
+                               influence=influence_outputs)       # with per-image pages
+
+The index shows the run's data, stage timings, Dice, the checks against retraining and
+randomisation, the saliency tables and every figure a manifest lists with its caption; a page
+per explained validation image shows it in four modalities with its predicted regions and, per
+class, its top TracIn proponents and opponents as thumbnails (global explainers marked) beside
+its saliency grids. Pages open offline from the file system: styles are inline, images are
+files beside them (figures are linked where their stage wrote them). Templates are Jinja2 with
+autoescaping, so case names and every other string from the data are escaped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import shutil
+from typing import Any, Sequence
+
+import jinja2
+import numpy as np
+
+from tracin_jax import outputs
+from tracin_jax.data.slices import SliceSet
+from tracin_jax.influence import layout
+from tracin_jax.influence.figures import REGION_COLOURS
+from tracin_jax.influence.figures import new_figure
+from tracin_jax.influence.figures import overlay
+from tracin_jax.influence.topk import top_k
+
+REPORT_DIR = "report"
+INDEX = "index.html"
+PAGES = "images"
+CHANNELS = ("T1", "T1Gd", "T2", "FLAIR")
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(pathlib.Path(__file__).parent / "templates")),
+    autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+    trim_blocks=True, lstrip_blocks=True)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+  """A number for a table: `digits` significant decimals, "n/a" for None or NaN."""
+  if value is None:
+    return "n/a"
+  if isinstance(value, (bool, np.bool_)):
+    return "yes" if value else "no"
+  if isinstance(value, (int, np.integer)):
+    return str(int(value))
+  if isinstance(value, (float, np.floating)):
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+  return str(value)
+
+
+def _manifests(workdir: pathlib.Path, names: Sequence[str]) -> list[dict[str, Any]]:
+  from tracin_jax.stages import base  # pylint: disable=g-import-not-at-top
+
+  found = []
+  for name in names:
+    record = base.read_manifest(workdir, name)
+    if record is not None:
+      found.append(record)
+  return found
+
+
+def _flat_settings(settings: Any, prefix: str = "") -> list[tuple[str, str]]:
+  if isinstance(settings, dict):
+    rows = []
+    for k, v in settings.items():
+      rows += _flat_settings(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}")
+    return rows
+  return [(prefix.rstrip("."), json.dumps(settings))]
+
+
+def _stage_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  rows = []
+  for r in records:
+    rows.append({
+        "stage": r["stage"], "seconds": fmt(r.get("seconds"), 1),
+        "finished": r.get("finished", ""), "fingerprint": r.get("fingerprint", "")[:12],
+        "settings": _flat_settings(r.get("settings", {})),
+        "files": [dict(f, href=f"../{f['path']}") for f in r.get("files", [])],
+        "figures": [dict(f, src=f"../{f['path']}") for f in r.get("figures", [])]})
+  return rows
+
+
+def _dice(train: dict[str, Any] | None) -> dict[str, Any] | None:
+  if not train:
+    return None
+  head = train.get("headline", {})
+  splits = [("train", head.get("train_dice")), ("validation", head.get("validation_dice"))]
+  splits = [(n, d) for n, d in splits if d]
+  if not splits:
+    return None
+  columns = list(splits[0][1])
+  return {"columns": columns,
+          "rows": [{"name": n, "values": [fmt(d.get(c)) for c in columns]} for n, d in splits]}
+
+
+def _validate(record: dict[str, Any] | None) -> dict[str, Any] | None:
+  if not record:
+    return None
+  head = record.get("headline", {})
+  change = head.get("dice_change", {})
+  retraining = [{"name": name, "mean": fmt(v.get("mean"), 4), "low": fmt(v.get("low"), 4),
+                 "high": fmt(v.get("high"), 4), "n": v.get("n")}
+                for name, v in change.items() if isinstance(v, dict)]
+  other = []
+  for key, value in head.items():
+    if key in ("dice_change", "num_removed", "baseline_reproduces_run"):
+      continue
+    if isinstance(value, dict):
+      value = ", ".join(f"{k} {fmt(v, 4)}" for k, v in value.items()
+                        if not isinstance(v, (dict, list)))
+    other.append((key.replace("_", " "), fmt(value, 4)))
+  return {"retraining": retraining, "num_removed": head.get("num_removed"),
+          "reproduces": head.get("baseline_reproduces_run"), "other": other}
+
+
+def _saliency(workdir: pathlib.Path, record: dict[str, Any] | None) -> dict[str, Any] | None:
+  if not record:
+    return None
+  out = workdir / "saliency"
+  faith = json.loads((out / "faithfulness.json").read_text())["summary"]
+  rows = json.loads((out / "instances.json").read_text())["instances"]
+  return {
+      "faithfulness": [{"method": r["method"], "regions": r["regions"],
+                        **{k: fmt(r[k]) for k in ("deletion_auc", "insertion_auc",
+                                                  "completeness_error", "relevance_mass")}}
+                       for r in faith],
+      "instances": [dict(r, probability=fmt(r.get("probability"), 2)) for r in rows],
+      "images": sorted({(r["case"], int(r["slice"])) for r in rows}
+                       | {(r["case"], int(r["slice"])) for r in json.loads(
+                           (out / "faithfulness.json").read_text())["rows"]}),
+      "grids": [f["path"] for f in record.get("figures", [])
+                if pathlib.Path(f["path"]).name.startswith("grid_")],
+      "captions": {f["path"]: f["caption"] for f in record.get("figures", [])}}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _save_rgb(path: pathlib.Path, rgb: np.ndarray) -> None:
+  from matplotlib import image as mpimg  # pylint: disable=g-import-not-at-top
+
+  with outputs.atomic_path(path) as tmp:
+    mpimg.imsave(tmp, np.clip(rgb, 0, 1), origin="lower", format="png")
+
+
+def _thumbnail(path: pathlib.Path, image: np.ndarray, regions: np.ndarray, j: int) -> None:
+  """FLAIR with region j of `regions` [H, W, K] filled in its colour."""
+  only = np.zeros_like(regions)
+  only[..., j] = regions[..., j]
+  _save_rgb(path, overlay(image, only))
+
+
+def _modalities(path: pathlib.Path, image: np.ndarray, regions: np.ndarray,
+                truth: np.ndarray, title: str) -> None:
+  """Four modalities with predicted regions outlined [H, W, K] and truth labels dashed."""
+  fig = new_figure(figsize=(11, 3.1))
+  axes = fig.subplots(1, image.shape[-1])
+  for k, ax in enumerate(axes):
+    ax.imshow(np.swapaxes((np.clip(image[..., k], -1, 1) + 1) / 2, 0, 1), cmap="gray",
+              origin="lower", vmin=0, vmax=1)
+    for j in range(regions.shape[-1]):
+      for mask, style, width in ((regions[..., j], "solid", 1.2),
+                                 (truth == j + 1, "dashed", 0.8)):
+        if mask.any() and not mask.all():
+          ax.contour(np.swapaxes(mask.astype(float), 0, 1), levels=[0.5],
+                     colors=[REGION_COLOURS[j]], linestyles=style, linewidths=width,
+                     origin="lower")
+    ax.set_title(CHANNELS[k] if k < len(CHANNELS) else f"channel {k}", fontsize=10)
+    ax.axis("off")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  outputs.save_figure(fig, path, dpi=90)
+
+
+def choose_pages(val_ids: Sequence[tuple[str, int]], val_regions: np.ndarray,
+                 first: Sequence[tuple[str, int]], num: int) -> list[int]:
+  """Validation images that get a page: `first` (e.g. the saliency stage's), then the
+  images with the largest predicted regions, one per case while other cases remain."""
+  index = {(str(c), int(z)): a for a, (c, z) in enumerate(val_ids)}
+  chosen = [index[(str(c), int(z))] for c, z in first if (str(c), int(z)) in index][:num]
+  order = sorted(range(len(val_ids)), key=lambda a: (-int(val_regions[a].sum()), a))
+  for only_new_cases in (True, False):
+    for a in order:
+      if len(chosen) >= num:
+        return chosen
+      cases = {val_ids[b][0] for b in chosen}
+      if a not in chosen and (not only_new_cases or val_ids[a][0] not in cases):
+        chosen.append(a)
+  return chosen
+
+
+def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
+          val_set: SliceSet, saliency: dict[str, Any] | None, top: int,
+          made: set[tuple[int, int]]) -> dict[str, Any]:
+  """Writes the images of validation image a's page; returns its template values."""
+  case, z = val_set.ids[a]
+  name = f"val{a:04d}"
+  folder = report_dir / PAGES / name
+  folder.mkdir(parents=True, exist_ok=True)
+  regions = influence.val_regions[a]
+  _modalities(folder / "modalities.png", val_set.images[a], regions, val_set.labels[a],
+              f"{case} slice {z}")
+  _save_rgb(folder / "thumb.png", overlay(val_set.images[a], regions))
+  n_train = len(train_set)
+  ge = {int(g["column"]) for g in influence.global_explainers}
+  classes = []
+  for i, cname in enumerate(influence.class_names):
+    entry = {"name": cname, "size": int(regions[..., i].sum()),
+             "present": bool(influence.presence_test[a, i]), "proponents": [],
+             "opponents": [], "saliency": []}
+    if entry["present"]:
+      pi, ps, oi, os_ = top_k(influence.test_blocks[i, a][None], top)
+      for kind, idx, val in (("proponents", pi[0], ps[0]), ("opponents", oi[0], os_[0])):
+        for col, score in zip(idx, val):
+          if col < 0:
+            continue
+          j, b = layout.split_column(int(col), n_train)
+          thumb = report_dir / PAGES / "train" / f"train{b:05d}_{j}.png"
+          if (b, j) not in made:
+            thumb.parent.mkdir(parents=True, exist_ok=True)
+            _thumbnail(thumb, train_set.images[b], influence.train_regions[b], j)
+            made.add((b, j))
+          tc, tz = train_set.ids[b]
+          entry[kind].append({"src": f"train/{thumb.name}", "case": tc, "slice": int(tz),
+                              "class": influence.class_names[j], "score": fmt(score, 4),
+                              "ge": int(col) in ge})
+      if saliency:
+        from tracin_jax.stages.saliency import tag  # pylint: disable=g-import-not-at-top
+
+        wanted = f"saliency/grid_{tag(case, z)}_{cname.replace('/', '-')}.png"
+        for path in saliency["grids"]:
+          if path == wanted:
+            entry["saliency"].append({"src": f"../../{path}",
+                                      "caption": saliency["captions"].get(path, "")})
+    classes.append(entry)
+  return {"name": name, "case": case, "slice": int(z), "index": a, "classes": classes,
+          "modalities": f"{name}/modalities.png", "thumb": f"{PAGES}/{name}/thumb.png",
+          "href": f"{PAGES}/{name}.html",
+          "saliency": any(c["saliency"] for c in classes)}
+
+
+def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = None,
+                 val_set: SliceSet | None = None, influence: Any = None,
+                 max_pages: int = 6, top: int = 5,
+                 stage_names: Sequence[str] | None = None) -> pathlib.Path:
+  """Writes `<workdir>/report/index.html` (and a page per explained image).
+
+  Args:
+    workdir: the run's directory; stages that did not run there are absent, not errors.
+    train_set, val_set: the run's slices (for the per-image pages' images).
+    influence: the influence stage's result (`InfluenceOutputs`), for the per-image pages;
+      None: the index only.
+    max_pages: validation images with a page (the saliency stage's first).
+    top: proponents and opponents shown per region.
+    stage_names: the stages to look for, in order (default: every registered stage).
+
+  Returns:
+    The index's path.
+  """
+  from tracin_jax.stages import base  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir)
+  names = [n for n in (stage_names or base.list_stages()) if n != REPORT_DIR]
+  records = _manifests(workdir, names)
+  by_name = {r["stage"]: r for r in records}
+  report_dir = workdir / REPORT_DIR
+  shutil.rmtree(report_dir / PAGES, ignore_errors=True)  # pages of an earlier report
+  report_dir.mkdir(parents=True, exist_ok=True)
+  saliency = _saliency(workdir, by_name.get("saliency"))
+  synthetic = any(r.get("synthetic") for r in records)
+  data = next((r.get("data") for r in records if r.get("data")), "unknown data")
+  first = records[0] if records else {}
+  common = {"synthetic": synthetic, "data": data, "workdir": str(workdir)}
+
+  pages = []
+  if influence is not None and train_set is not None and val_set is not None:
+    chosen = choose_pages(val_set.ids, influence.val_regions,
+                          saliency["images"] if saliency else [], max_pages)
+    made: set[tuple[int, int]] = set()
+    pages = [_page(report_dir, a, influence, train_set, val_set, saliency, top, made)
+             for a in chosen]
+    template = _ENV.get_template("image.html")
+    for k, p in enumerate(pages):
+      html = template.render(
+          title=f"{p['case']} slice {p['slice']}", threshold=fmt(influence.threshold, 2),
+          prev=f"{pages[k - 1]['name']}.html" if k else None,
+          next=f"{pages[k + 1]['name']}.html" if k + 1 < len(pages) else None,
+          **{key: p[key] for key in ("case", "slice", "index", "classes", "modalities")},
+          **common)
+      outputs.write_text(report_dir / PAGES / f"{p['name']}.html", html)
+
+  title = f"Run report: {workdir.name}" + (" (synthetic cohort)" if synthetic else "")
+  html = _ENV.get_template("index.html").render(
+      title=title, written=datetime.datetime.now().isoformat(timespec="seconds"),
+      versions=first.get("versions", {}), machine=first.get("machine", {}),
+      stages=_stage_rows(records), missing=[n for n in names if n not in by_name],
+      dice=_dice(by_name.get("train")), validate=_validate(by_name.get("validate")),
+      saliency=saliency, pages=pages, **common)
+  index = report_dir / INDEX
+  outputs.write_text(index, html)
+  return index
