@@ -242,9 +242,13 @@ def _remove_empty_dirs(path: pathlib.Path, keep: set[pathlib.Path]) -> None:
         p.rmdir()
 
 
+REPORT = "report"
+
+
 def run(config: ExperimentConfig, stages: Sequence[str], *,
         progress: bool = True) -> dict[str, Any]:
-  """Checks every setting, loads the data and runs `stages` in the registry's order.
+  """Checks every setting, loads the data and runs `stages` in the registry's order, then
+  the report (`<workdir>/report/index.html`).
 
   Nothing is written before every setting is checked; a run that fails leaves no empty
   directory behind.
@@ -271,7 +275,11 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
     context = make_context(config, train_set, val_set, progress=progress)
     for name in names:
       stages_lib.run_stage(stages_lib.get_stage(name, getattr(config, name)), context)
+    if REPORT not in names:  # every run ends with its report
+      stages_lib.run_stage(stages_lib.get_stage(REPORT, config.report), context)
   except BaseException:
     _remove_empty_dirs(workdir, keep=existed)
     raise
+  index = context.results[REPORT].index.resolve()
+  logger.info(f"Report of the run (open it in a browser): {index.as_uri()}")
   return {name: context.results[name] for name in names}

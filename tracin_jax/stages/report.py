@@ -63,7 +63,8 @@ class ReportStage(base.StageBase):
     manifest.file(self.rel(report_lib.INDEX), "the run's report: settings, timings, Dice, "
                   "checks, saliency tables and every figure with its caption; open it in a "
                   "browser (no server needed)")
-    context.log(f"Report: {index.resolve()}")
+    context.log(f"Wrote {index} ({len(list((index.parent / 'images').glob('*.html')))} "
+                "image pages).")
     return ReportOutputs(index, manifest)
 
   def load(self, context: base.Context) -> ReportOutputs:
