@@ -123,3 +123,24 @@ def _list_converter(name: str, elem: type, optional: bool) -> Callable:
       raise settings.SettingsError(
           f"--{name}={','.join(value)}: every item must be {kind}.") from None
   return convert
+
+
+_GROUPS = {"data": "data", "train": "train stage", "influence": "influence stage",
+           "interpret": "interpret stage", "saliency": "saliency stage",
+           "validate": "validate stage", "report": "report"}
+
+
+def help_text(config_cls: type) -> str:
+  """Every setting of `config_cls` with its default and one sentence, grouped by stage."""
+  groups: dict[str, list[str]] = {}
+  for leaf in settings.leaves(config_cls):
+    group = _GROUPS.get(leaf.path[0], "run") if len(leaf.path) > 1 else "run"
+    default = leaf.field.default
+    if isinstance(default, tuple):
+      default = ",".join(map(str, default))
+    shown = "unset" if default is None else default
+    groups.setdefault(group, []).append(f"  --{leaf.flag} (default: {shown})\n"
+                                        f"      {_help(leaf)}")
+  order = ["run"] + list(_GROUPS.values())
+  return "\n\n".join(f"{name}:\n" + "\n".join(groups[name]) for name in order
+                     if name in groups)

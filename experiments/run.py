@@ -25,6 +25,7 @@ from experiments import config_flags
 from tracin_jax import errors
 from tracin_jax import experiment
 from tracin_jax import settings
+from tracin_jax import stages as stages_lib
 
 
 def _define(flag_values: flags.FlagValues):
@@ -129,5 +130,27 @@ def main(argv):
   sys.exit(execute(*_FLAGS, argv))
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
+
+
+def usage() -> str:
+  """`--help`: how to run, the run's own flags, then every setting grouped by stage."""
+  run_flags = [
+      "  --flagfile=FILE",
+      "      Read flags from FILE (one --name=value per line), e.g. "
+      "experiments/configs/demo.flags; later flags override it.",
+      "  --stages (default: train)",
+      f"      Stages to run, of {', '.join(stages_lib.list_stages())} (run in that order; "
+      "the report is written at the end of every run).",
+      "  --[no]progress (default: true)",
+      "      Show progress bars.",
+  ]
+  return "\n".join([__doc__.strip(), "", "Flags of the run:", *run_flags, "",
+                    config_flags.help_text(experiment.ExperimentConfig), ""])
+
+
 if __name__ == "__main__":
+  if any(a in _HELP_FLAGS for a in sys.argv[1:]):
+    sys.stdout.write(usage())
+    sys.exit(0)
   app.run(main, flags_parser=_parse)

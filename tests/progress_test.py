@@ -29,3 +29,26 @@ def test_progress_disabled_prints_nothing_and_interval_limits_lines():
     bar.update(1)
   bar.close()
   assert len(out.getvalue().strip().splitlines()) == 2  # the first update and the close
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_a_terminal_gets_a_tqdm_bar_with_the_time_left():
+  out = _Terminal()
+  with ProgressBar(4, "epoch 1/2", stream=out) as bar:
+    assert bar._tqdm is not None  # pylint: disable=protected-access
+    for _ in range(4):
+      bar.update(1, loss=0.5)
+  text = out.getvalue()
+  assert "epoch 1/2" in text and "4/4" in text and "loss=0.5" in text
+  assert "<00:00" in text  # tqdm's elapsed<remaining
+
+
+def test_modes_are_checked():
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="mode must be"):
+    ProgressBar(1, mode="fancy")

@@ -1,13 +1,15 @@
-"""A small text progress bar for long work (training epochs, gradients, Gram blocks).
+"""Progress of long work (training epochs, gradients, Gram blocks, cohorts, retrainings).
 
-On a terminal it redraws one line; elsewhere (logs, CI, notebooks' captured stderr) it
-prints a line at most every `log_interval` seconds and at the end, so logs stay short.
+In a terminal and in a notebook, a `tqdm.auto` bar with the rate and the time left (a widget
+in Jupyter and Colab); elsewhere (logs, CI, output piped to a file) one plain line at most
+every `log_interval` seconds and one at the end, so logs stay short.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 
 def _fmt_time(seconds: float) -> str:
@@ -17,19 +19,40 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def in_notebook() -> bool:
+  """Whether this runs in a Jupyter (or Colab) kernel, where a widget shows progress."""
+  shell = sys.modules.get("IPython")
+  if shell is None or not hasattr(shell, "get_ipython"):
+    return False
+  ip = shell.get_ipython()
+  return ip is not None and type(ip).__name__ in ("ZMQInteractiveShell", "Shell")
+
+
+def _format(value: Any) -> str:
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 class ProgressBar:
   """Progress of `total` units of work, with elapsed time and time left.
 
   Usage:
-    bar = ProgressBar(32, "epoch 1/10")
-    for batch in batches:
-      ...
-      bar.update(1, loss=0.42)
-    bar.close()
+    with ProgressBar(32, "epoch 1/10") as bar:
+      for batch in batches:
+        ...
+        bar.update(1, loss=0.42)
+
+  Args:
+    total: units of work.
+    desc: what is being done ("epoch 1/10 (adam)").
+    stream: where to write (default sys.stderr).
+    enabled: False shows nothing.
+    log_interval: seconds between plain lines when the stream is not a terminal.
+    width: characters of the plain line's bar.
+    mode: "auto" (tqdm in a terminal or a notebook, plain lines elsewhere), "tqdm" or "lines".
   """
 
   def __init__(self, total: int, desc: str = "", *, stream=None, enabled: bool = True,
-               log_interval: float = 10.0, width: int = 24):
+               log_interval: float = 10.0, width: int = 24, mode: str = "auto"):
     self.total = max(int(total), 0)
     self.desc = desc
     self.stream = stream if stream is not None else sys.stderr
@@ -40,20 +63,41 @@ class ProgressBar:
     self.postfix: dict[str, object] = {}
     self._start = time.perf_counter()
     self._last_print = -float("inf")
-    self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
     self._closed = False
+    if mode not in ("auto", "tqdm", "lines"):
+      raise ValueError(f"mode must be 'auto', 'tqdm' or 'lines', got {mode!r}")
+    tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    self._tqdm = None
+    if enabled and (mode == "tqdm" or (mode == "auto" and (tty or in_notebook()))):
+      from tqdm import auto  # pylint: disable=g-import-not-at-top
+
+      self._tqdm = auto.tqdm(total=self.total, desc=desc, file=self.stream,
+                             dynamic_ncols=True, leave=True, mininterval=0.5)
 
   def set_postfix(self, **values) -> None:
     self.postfix.update(values)
+    if self._tqdm is not None:
+      self._tqdm.set_postfix_str(self._post(), refresh=False)
+
+  def _post(self) -> str:
+    return " ".join(f"{k}={_format(v)}" for k, v in self.postfix.items() if v is not None)
 
   def update(self, n: int = 1, **values) -> None:
     self.count += n
     self.postfix.update(values)
+    if not self.enabled:
+      return
+    if self._tqdm is not None:
+      if values:
+        self._tqdm.set_postfix_str(self._post(), refresh=False)
+      self._tqdm.update(n)
+      return
     now = time.perf_counter()
-    if self.enabled and (self._tty or now - self._last_print >= self.log_interval):
+    if now - self._last_print >= self.log_interval:
       self._print(now)
 
   def line(self, now: float | None = None) -> str:
+    """The plain line: desc [####....] count/total elapsed<left postfix."""
     now = time.perf_counter() if now is None else now
     elapsed = now - self._start
     frac = self.count / self.total if self.total else 1.0
@@ -61,28 +105,22 @@ class ProgressBar:
     bar = "#" * filled + "." * (self.width - filled)
     left = elapsed / self.count * (self.total - self.count) if self.count else float("nan")
     left_s = _fmt_time(left) if left == left else "--:--"
-    post = " ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.postfix.items())
     return (f"{self.desc} [{bar}] {self.count}/{self.total} "
-            f"{_fmt_time(elapsed)}<{left_s} {post}").rstrip()
+            f"{_fmt_time(elapsed)}<{left_s} {self._post()}").rstrip()
 
   def _print(self, now: float) -> None:
     self._last_print = now
-    if self._tty:
-      self.stream.write("\r" + self.line(now) + "\x1b[K")
-    else:
-      self.stream.write(self.line(now) + "\n")
+    self.stream.write(self.line(now) + "\n")
     self.stream.flush()
 
   def close(self) -> None:
     if self._closed:
       return
     self._closed = True
-    if self.enabled:
+    if self._tqdm is not None:
+      self._tqdm.close()
+    elif self.enabled:
       self._print(time.perf_counter())
-      if self._tty:
-        self.stream.write("\n")
-        self.stream.flush()
 
   def __enter__(self):
     return self

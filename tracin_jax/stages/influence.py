@@ -27,6 +27,7 @@ import numpy as np
 
 from tracin_jax import models
 from tracin_jax import outputs
+from tracin_jax import progress as progress_lib
 from tracin_jax.data import constants
 from tracin_jax.influence import core
 from tracin_jax.influence import figures
@@ -122,6 +123,24 @@ def checkpoint_hash(checkpoint: Checkpoint) -> str:
   return h.hexdigest()[:16]
 
 
+def _progress(show: bool, desc: str):
+  """A progress callback for `core.influence` that names the checkpoint (the stage calls it
+  once per checkpoint, so the library's own count would say 1/1 every time)."""
+  if not show:
+    return False
+  bar = None
+
+  def report(info: core.Progress) -> None:
+    nonlocal bar
+    if bar is None:
+      bar = progress_lib.ProgressBar(info.examples_total, desc)
+    bar.update(info.examples_done - bar.count, path=info.vectorize)
+    if info.examples_done >= info.examples_total:
+      bar.close()
+
+  return report
+
+
 def _examples(slices, regions: np.ndarray) -> dict[str, np.ndarray]:
   return {"image": slices.images, "target": slices.labels.astype(np.int32), "region": regions}
 
@@ -211,7 +230,9 @@ class InfluenceStage(base.StageBase):
           f"epoch{epoch}",
           lambda ckpt=ckpt, epoch=epoch: _finite_part(core.influence(
               loss_fn, [ckpt], both, memory_budget_bytes=context.memory_budget_bytes,
-              batch_size=config.block_size, progress=context.progress,
+              batch_size=config.block_size,
+              progress=_progress(context.progress, f"TracIn gradients, checkpoint of epoch "
+                                 f"{epoch} ({t + 1}/{len(epochs)})"),
               params_filter=config.params_filter),
               present, presence_train, epoch),
           label=f"checkpoint of epoch {epoch} ({t + 1}/{len(epochs)})")

@@ -1,0 +1,30 @@
+"""`python -m experiments.run --help`: every setting, its default and one sentence, by stage."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from experiments import config_flags
+from tracin_jax import experiment
+from tracin_jax import settings
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_every_setting_grouped_by_stage_and_exits_0():
+  proc = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = proc.stdout
+  assert "--flagfile=FILE" in text and "--stages (default: train)" in text
+  headings = [line[:-1] for line in text.splitlines() if line and line.endswith(":")
+              and not line.startswith(" ")]
+  assert headings[-7:] == ["data", "train stage", "influence stage", "interpret stage",
+                           "saliency stage", "validate stage", "report"]
+  for leaf in settings.leaves(experiment.ExperimentConfig):
+    assert f"  --{leaf.flag} (default: " in text, leaf.flag
+  assert text.count("(default: ") == len(list(settings.leaves(
+      experiment.ExperimentConfig))) + 2  # and --stages, --progress
+  assert config_flags.help_text(experiment.ExperimentConfig) in text
