@@ -123,6 +123,8 @@ def test_auto_measures_every_path_once_and_keeps_the_fastest(x64, monkeypatch):
   np.testing.assert_allclose(np.asarray(g), tm.loop_grads(loss_fn, params, data).reshape(9, -1),
                              rtol=1e-12, atol=1e-12)
   assert np.asarray(finite).all()
+  np.testing.assert_array_equal(  # the chosen path's own gradients, bit for bit
+      np.asarray(g), np.asarray(grads.block_grads(loss_fn, 3, params, data, choice.path)[0]))
   # Later blocks, of any size, take the choice without measuring again.
   calls.clear()
   grads.block_grads(loss_fn, 3, params, jax.tree.map(lambda x: x[:2], data), "auto")

@@ -152,21 +152,22 @@ def auto_choice(loss_fn: LossFn, k: int, params: Params, batch: Batch,
 
 def _measure(loss_fn, k, params, batch, state) -> tuple[AutoChoice, tuple[Array, Array]]:
   """Compiles every path, times each on `batch`, records the fastest; returns it and the
-  gradients of the block (every path computes the same)."""
-  seconds, result = {}, None
+  gradients of the block that path computed (so that "auto" gives exactly the scores of
+  the path it chose)."""
+  seconds, results = {}, {}
   for path in PATHS:
     if path == "vmap":
       _vmap_grads.lower(loss_fn, k, params, batch, state).compile()  # cached by jit
     else:
       _one_grads.lower(loss_fn, k, params, next(_examples(batch)), state).compile()
     start = time.perf_counter()
-    result = jax.block_until_ready(_block_grads(loss_fn, k, params, batch, path, state))
+    results[path] = jax.block_until_ready(_block_grads(loss_fn, k, params, batch, path, state))
     seconds[path] = time.perf_counter() - start
   device = jax.devices()[0]
   choice = AutoChoice(min(seconds, key=seconds.get), seconds,
                       jax.tree.leaves(batch)[0].shape[0], f"{device.platform}:{device.device_kind}")
   _AUTO[_auto_key(loss_fn, k, params, batch, state)] = choice
-  return choice, result
+  return choice, results[choice.path]
 
 
 def resolve_vectorize(loss_fn: LossFn, k: int, params: Params, batch: Batch,
