@@ -15,6 +15,21 @@ REGION_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [1.0, 0.85, 0.1]]) 
 _FLAIR = 3
 
 
+def _region_legend(fig, class_names: Sequence[str], *, truth: bool = False) -> None:
+  """A legend of the region colours at the bottom of the figure."""
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+
+  handles = [Patch(color=REGION_COLOURS[j], label=f"{c} region")
+             for j, c in enumerate(class_names)]
+  if truth:
+    handles.append(Line2D([], [], color="white", ls="--", label="ground truth (outline)"))
+  legend = fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+                      frameon=True)
+  if truth:
+    legend.get_frame().set_facecolor("#cccccc")
+
+
 def new_figure(**kwargs):
   """A figure that is not registered with pyplot: saving it leaves the caller's backend
   (a notebook's inline display, say) untouched."""
@@ -37,16 +52,27 @@ def overlay(image: np.ndarray, regions: np.ndarray, alpha: float = 0.45) -> np.n
   return np.transpose(rgb, (1, 0, 2))  # x horizontal, y vertical
 
 
-def draw_influence_matrices(fig, axes: Sequence, blocks: np.ndarray,
-                            class_names: Sequence[str], *, colorbar: bool = True) -> None:
-  """Draws the K matrices [n, K * n] of `blocks` on `axes` (one per test class): class
-  blocks separated by lines, NaN (absent regions) white, a symmetric colour scale clipped at
-  the 99th percentile of |score|."""
-  import matplotlib
-  k, n, _ = blocks.shape
+def clip_level(blocks: np.ndarray) -> float:
+  """The colour scale's limit: the 99th percentile of |score| (1.0 without a finite one)."""
   finite = np.abs(blocks[np.isfinite(blocks)])
   vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-  vmax = vmax if vmax > 0 else 1.0
+  return vmax if vmax > 0 else 1.0
+
+
+def draw_influence_matrices(fig, axes: Sequence, blocks: np.ndarray,
+                            class_names: Sequence[str], *, colorbar: bool = True,
+                            rows: str = "test") -> None:
+  """Draws the K matrices [n, K * n] of `blocks` on `axes` (one per explained class): class
+  blocks separated by lines, NaN (absent regions) white, a symmetric colour scale clipped at
+  the 99th percentile of |score| (`clip_level`).
+
+  Args:
+    rows: what the rows are: "test" (validation regions) or "train" (a train-influence
+      matrix, whose rows are training regions too).
+  """
+  import matplotlib
+  k, n, _ = blocks.shape
+  vmax = clip_level(blocks)
   cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
   for i, ax in enumerate(axes):
     im = ax.imshow(blocks[i], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto",
@@ -55,9 +81,10 @@ def draw_influence_matrices(fig, axes: Sequence, blocks: np.ndarray,
       ax.axvline(j * n - 0.5, color="k", lw=1)
     ax.set_xticks([(j + 0.5) * n for j in range(k)])
     ax.set_xticklabels([f"train {c}" for c in class_names])
-    ax.set_ylabel(f"test {class_names[i]}\n(example)")
+    ax.set_ylabel(f"{rows} {class_names[i]} region\n(slice index)")
     if colorbar:
-      fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="TracIn")
+      fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, extend="both",
+                   label=f"TracIn (clipped at ±{vmax:.2g})")
 
 
 def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
@@ -68,10 +95,13 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
   percentile of |score|.
   """
   k = blocks.shape[0]
-  fig = new_figure(figsize=(10, 2.6 * k + 0.6))
+  fig = new_figure(figsize=(10, 2.6 * k + 0.9))
   axes = fig.subplots(k, 1, squeeze=False)[:, 0]
-  draw_influence_matrices(fig, axes, blocks, class_names)
-  fig.suptitle(title + ": rows test region of class i, columns train regions by class j")
+  draw_influence_matrices(fig, axes, blocks, class_names, rows="train")
+  fig.suptitle(title + ": rows a training region of class i, columns every training region "
+               "by class j\nwhite rows and columns: regions absent from that slice (no pixel "
+               f"with p > threshold); colours clipped at the 99th percentile of |score| "
+               f"(±{clip_level(blocks):.2g})", fontsize=10)
   fig.tight_layout()
   outputs.save_figure(fig, path, dpi=110)
 
@@ -120,56 +150,73 @@ def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.n
       case, z = train_set.ids[b]
       a2.set_title(f"{case} z{z}\n{vals[b]:.3g}", fontsize=7)
       a2.axis("off")
-  fig.suptitle("Self-influence T_ii(z_i, z_i), highest first" + title_suffix)
-  fig.tight_layout()
+  fig.suptitle("Self-influence T_ii(z_i, z_i), highest first" + title_suffix
+               + "\nimages: FLAIR with the slice's predicted regions", fontsize=10)
+  _region_legend(fig, class_names)
+  fig.tight_layout(rect=(0, 0.05, 1, 1))
   outputs.save_figure(fig, path, dpi=100)
 
 
 def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
                            test_regions: np.ndarray, train_set: SliceSet,
                            train_regions: np.ndarray, class_names: Sequence[str],
-                           path: str | os.PathLike, *, k: int = 5,
+                           path: str | os.PathLike, *, k: int = 10,
+                           global_columns: Sequence[int] = (),
                            title_suffix: str = "") -> None:
   """One test image: per predicted class, its top-k proponents and top-k opponents.
 
-  Each row: the test image, its predicted regions, then k proponents and k opponents
-  (FLAIR with their predicted regions) titled with case, slice, class and score.
+  Per class two rows: the test image with the region (and the ground truth outlined) then k
+  proponents; the region alone then k opponents (FLAIR with the training region of the
+  scored class), each titled with class, case, slice and score; global explainers are
+  marked "GE".
   """
   from tracin_jax.influence.topk import top_k
 
   kk, _, kn = test_blocks.shape
   n_train = kn // kk
+  ge = {int(c) for c in global_columns}
   classes = [i for i in range(kk) if not np.all(np.isnan(test_blocks[i, a]))]
-  rows = max(len(classes), 1)
-  fig = new_figure(figsize=(1.9 * (2 + 2 * k), 2.3 * rows))
-  axes = fig.subplots(rows, 2 + 2 * k, squeeze=False)
+  rows = max(2 * len(classes), 1)
+  fig = new_figure(figsize=(1.32 * (k + 1) + 0.3, 1.62 * rows + 1.0))
+  axes = fig.subplots(rows, k + 1, squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
   case, z = test_set.ids[a]
+  img = test_set.images[a]
+  truth = test_set.labels[a]
   for r, i in enumerate(classes):
-    img = test_set.images[a]
-    axes[r, 0].imshow(overlay(img, np.zeros_like(test_regions[a])), origin="lower")
-    axes[r, 0].set_title(f"test {case} z{z}", fontsize=7)
     only = np.zeros_like(test_regions[a])
     only[..., i] = test_regions[a][..., i]
-    axes[r, 1].imshow(overlay(img, only), origin="lower")
-    axes[r, 1].set_title(f"region {class_names[i]}", fontsize=7)
+    for row, regions, label in ((2 * r, test_regions[a], f"test {case} z{z}"),
+                                (2 * r + 1, only, f"region {class_names[i]}")):
+      ax = axes[row, 0]
+      ax.imshow(overlay(img, regions), origin="lower")
+      if (truth == i + 1).any():
+        ax.contour((truth == i + 1).T.astype(float), levels=[0.5], colors=["white"],
+                   linestyles="dashed", linewidths=0.7, origin="lower")
+      ax.set_title(label, fontsize=7.5)
     pi, ps, oi, os_ = top_k(test_blocks[i, a][None], k)
-    for c, (idx, val, kind) in enumerate(
-        [(x, y, "proponent") for x, y in zip(pi[0], ps[0])] +
-        [(x, y, "opponent") for x, y in zip(oi[0], os_[0])]):
-      ax = axes[r, 2 + c]
-      ax.axis("off")
-      if idx < 0:
-        continue
-      j, b = layout.split_column(int(idx), n_train)
-      reg = np.zeros_like(train_regions[b])
-      reg[..., j] = train_regions[b][..., j]
-      ax.imshow(overlay(train_set.images[b], reg), origin="lower")
-      tc, tz = train_set.ids[b]
-      ax.set_title(f"{kind} {class_names[j]}\n{tc} z{tz}\n{val:.3g}", fontsize=6,
-                   color="darkgreen" if kind == "proponent" else "darkred")
-    axes[r, 0].axis("off")
-    axes[r, 1].axis("off")
-  fig.suptitle(f"Local explanation of {case} slice {z}: top {k} proponents and opponents"
-               + title_suffix)
-  fig.tight_layout()
+    for row, kind, idx, vals in ((2 * r, "proponent", pi[0], ps[0]),
+                                 (2 * r + 1, "opponent", oi[0], os_[0])):
+      for c, (col, val) in enumerate(zip(idx, vals)):
+        if col < 0:
+          continue
+        j, b = layout.split_column(int(col), n_train)
+        reg = np.zeros_like(train_regions[b])
+        reg[..., j] = train_regions[b][..., j]
+        ax = axes[row, 1 + c]
+        ax.imshow(overlay(train_set.images[b], reg), origin="lower")
+        tc, tz = train_set.ids[b]
+        mark = " GE" if int(col) in ge else ""
+        ax.set_title(f"{c + 1}. {class_names[j]}{mark}\n{tc} z{tz}\n{val:.3g}", fontsize=6.5,
+                     color="darkgreen" if kind == "proponent" else "darkred")
+    axes[2 * r, 1].text(-0.08, 1.35, "proponents", transform=axes[2 * r, 1].transAxes,
+                        fontsize=8, color="darkgreen", ha="left")
+    axes[2 * r + 1, 1].text(-0.08, 1.35, "opponents", transform=axes[2 * r + 1, 1].transAxes,
+                            fontsize=8, color="darkred", ha="left")
+  fig.suptitle(f"Local explanation of {case} slice {z}: top {k} proponents and opponents of "
+               f"each predicted region{title_suffix}\nGE: a global explainer (in the top of "
+               "most validation regions); images: FLAIR", fontsize=9.5)
+  _region_legend(fig, class_names, truth=True)
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
   outputs.save_figure(fig, path, dpi=100)

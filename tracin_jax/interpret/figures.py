@@ -43,16 +43,23 @@ def plot_ranked_scatter(fi_curve: np.ndarray, panels: Sequence[dict[str, Any]],
          ylabel=f"FI of feature {feature}")
   ax.set_title(f"Test class {class_name}, feature {feature}{title_suffix}\n{subtitle}",
                fontsize=9)
+  maps = [np.asarray(p["fmap"], float) for p in panels]
+  lo = min((float(np.nanmin(m)) for m in maps), default=0.0)
+  hi = max((float(np.nanmax(m)) for m in maps), default=1.0)
+  im = None
   for c, panel in enumerate(panels):
     a2 = fig.add_subplot(grid[1, c])
     fmap = panel["fmap"]
-    a2.imshow(fmap.T, origin="lower", cmap="viridis")
+    im = a2.imshow(fmap.T, origin="lower", cmap="viridis", vmin=lo, vmax=hi)
     if panel["region"].any():
       a2.contour(panel["region"].T.astype(float), levels=[0.5], colors=[panel["colour"]],
                  linewidths=1.2)
     a2.set_title(panel["title"], fontsize=7)
     a2.axis("off")
   fig.tight_layout()
+  if im is not None:  # one scale for every panel, so the maps compare
+    fig.colorbar(im, ax=fig.axes[1:], fraction=0.02, pad=0.01,
+                 label=f"feature {feature} (one scale)")
   outputs.save_figure(fig, path, dpi=100)
 
 
@@ -179,7 +186,7 @@ def plot_randomisation_check(trained: np.ndarray, randomised: np.ndarray,
   for col, (blocks, st, name) in enumerate(((trained, trained_structure, "trained"),
                                             (randomised, randomised_structure,
                                              "randomised"))):
-    draw_influence_matrices(fig, axes[:, col], blocks, class_names)
+    draw_influence_matrices(fig, axes[:, col], blocks, class_names, rows="train")
     axes[0, col].set_title(
         f"{name} checkpoints: class-block AUC {st['auc']:.3f}, same-class share of top-10 "
         f"proponents {st['same_class_top']:.2f}", fontsize=9)

@@ -304,14 +304,16 @@ class InfluenceStage(base.StageBase):
     manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions per "
                     "class, highest first, with the top-ranked slices and their regions.")
     panels = []
-    for a in _local_choices(val_regions, config.num_local_panels):
+    for a in _local_choices(val_regions, config.num_local_panels, val_set.case_ids):
       case, z = val_set.ids[a]
       path = out / f"local_{case}_{z}.png"
       figures.plot_local_explanation(a, test_blocks, val_set, val_regions, train_set,
-                                     train_regions, CLASS_NAMES, path, k=5,
+                                     train_regions, CLASS_NAMES, path, k=config.top_k,
+                                     global_columns=[g["column"] for g in globals_],
                                      title_suffix=suffix)
       manifest.figure(self.rel(path.name), f"Local explanation of validation case {case}, slice "
-                      f"{z}: per predicted class, its top 5 proponents and opponents.")
+                      f"{z}: per predicted class, its top {config.top_k} proponents and "
+                      "opponents, global explainers marked.")
       panels.append(path)
     manifest.headline.update({
         "checkpoint_epochs": list(epochs),
@@ -414,9 +416,17 @@ def _check_ids(f, prefix: str, slices, which: str) -> None:
                           f"{which} set: it was run on other data; rerun the influence stage.")
 
 
-def _local_choices(regions: np.ndarray, num: int) -> list[int]:
-  """Validation examples with the most predicted classes, then the largest regions."""
+def _local_choices(regions: np.ndarray, num: int, cases: np.ndarray) -> list[int]:
+  """Validation examples with the most predicted classes, then the largest regions, one per
+  case while other cases remain (neighbouring slices of one case explain alike)."""
   present = regions.any(axis=(1, 2)).sum(axis=1)
   size = regions.sum(axis=(1, 2, 3))
-  order = np.lexsort((-size, -present))
-  return [int(a) for a in order[:num] if present[a] > 0]
+  order = [int(a) for a in np.lexsort((-size, -present)) if present[a] > 0]
+  chosen: list[int] = []
+  for a in order:
+    if len(chosen) < num and str(cases[a]) not in {str(cases[b]) for b in chosen}:
+      chosen.append(a)
+  for a in order:
+    if len(chosen) < num and a not in chosen:
+      chosen.append(a)
+  return chosen

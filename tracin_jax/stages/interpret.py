@@ -46,8 +46,8 @@ class InterpretConfig:
       features.DEFAULT_FI_THRESHOLD, "FI at the first proponents that a predictive feature "
       "must exceed (the paper: 0.65).", minimum=0.0, maximum=1.0)
   num_scatter_features: int = setting(
-      1, "Ranked scatter figures per class for the most and, as many, for the least "
-      "predictive features.", minimum=0)
+      1, "Ranked scatter figures per class: every selected (predictive) feature, or this many "
+      "of the highest FI when none is selected, and this many of the lowest.", minimum=0)
   exclude_global_explainers: bool = setting(
       True, "Drop the influence stage's global explainers before ranking.")
   batch_size: int = setting(16, "Images per compiled call of the interpret stage.",
@@ -86,11 +86,14 @@ def _mann_whitney(impact: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
           "note": f"{len(a)} selected vs {len(b)} other features"}
 
 
-def _scatter_choices(fi_first: np.ndarray, num: int) -> list[int]:
-  """The `num` highest and `num` lowest finite fi_first features (no repeats)."""
+def _scatter_choices(fi_first: np.ndarray, predictive: np.ndarray, num: int) -> list[int]:
+  """The features the rule selected (all of them), else the `num` highest by fi_first; then
+  the `num` lowest finite fi_first features for contrast (no repeats)."""
   finite = np.flatnonzero(np.isfinite(fi_first))
   order = finite[np.argsort(-fi_first[finite], kind="stable")]
-  return list(dict.fromkeys(order[:num].tolist() + order[::-1][:num].tolist()))
+  selected = np.flatnonzero(predictive).tolist()
+  first = selected if selected else order[:num].tolist()
+  return list(dict.fromkeys(first + order[::-1][:num].tolist()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -181,7 +184,8 @@ class InterpretStage(base.StageBase):
     exemplars = [_exemplars(scores, i, exclude, apply_fn, params, state, val_set, val_regions,
                             train_set, train_regions, class_names) for i in range(k)]
     for i, name in enumerate(class_names):
-      for feat in _scatter_choices(selection["fi_first"][i], config.num_scatter_features):
+      for feat in _scatter_choices(selection["fi_first"][i], selection["predictive"][i],
+                                   config.num_scatter_features):
         path = out / f"ranked_scatter_{name.replace('/', '-')}_f{feat}.png"
         st = {s: selection[s][i, feat] for s in ("fi_first", "slope", "r2")}
         verdict = "predictive" if selection["predictive"][i, feat] else "not predictive"
@@ -199,7 +203,9 @@ class InterpretStage(base.StageBase):
                     "feature of the last hidden layer is masked, selected predictive "
                     "features against the others (the paper's Fig. 7).")
 
-    outputs.save_npz(out / FI_FILE, fi=fi, class_names=np.asarray(class_names), **selection)
+    outputs.save_npz(out / FI_FILE, fi=fi, class_names=np.asarray(class_names),
+                     dataset=np.asarray(context.data_name),
+                     synthetic=np.asarray(context.synthetic), **selection)
     manifest.file(self.rel(FI_FILE), "fi [K, C, R] (eq 8, global explainers removed) and the "
                   "selection statistics per class and feature")
     outputs.write_json(out / IMPACT_FILE, {
@@ -225,7 +231,8 @@ class InterpretStage(base.StageBase):
   def load(self, context: base.Context) -> InterpretOutputs:
     out = context.workdir / self.name
     with np.load(out / FI_FILE) as f:
-      selection = {name: f[name] for name in f.files if name not in ("fi", "class_names")}
+      selection = {name: f[name] for name in f.files
+                   if name not in ("fi", "class_names", "dataset", "synthetic")}
       fi = f["fi"]
     saved = json.loads((out / IMPACT_FILE).read_text())
     impact = np.array([[np.nan if v is None else v for v in saved["feature_impact"][c]]
