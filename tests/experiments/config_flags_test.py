@@ -84,6 +84,7 @@ def test_a_flagfile_gives_the_config_and_stages_a_notebook_can_use():
   demo = pathlib.Path(__file__).resolve().parents[2] / "experiments/configs/demo.flags"
   config, names = config_flags.from_flagfile(experiment.ExperimentConfig, str(demo),
                                              "--workdir=elsewhere")
-  assert names == ["train", "influence", "interpret"]
+  assert names == ["train", "influence", "interpret", "saliency"]
+  assert config.saliency.instance_samples == 4  # the demo's cheaper instance SmoothGrad
   assert config.workdir == "elsewhere" and config.data.preprocess.image_size == 96
   assert config.train.model.base_width == 8 and config.train.sgd_epochs == 4

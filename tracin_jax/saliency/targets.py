@@ -85,6 +85,15 @@ def _flat_spatial(values: Array) -> Array:
   return values.reshape(values.shape[0], -1)
 
 
+def _masked_terms(mask: Array, values: Array) -> Array:
+  """mask * values per voxel, [N, prod(spatial)]; the mask is held fixed (no gradient)."""
+  mask = jax.lax.stop_gradient(jnp.asarray(mask, values.dtype))
+  if mask.shape != values.shape:
+    raise ValueError(f"mask has shape {mask.shape}; the output's class channel has shape "
+                     f"{values.shape}")
+  return _flat_spatial(mask * values)
+
+
 def _check_class(c: int) -> int:
   if int(c) != c or c < 0:
     raise ValueError(f"class index must be a non-negative integer, got {c!r}")
@@ -208,11 +217,7 @@ class MaskedClassSum:
     values = output[..., self.c]
     if self.on == "probabilities":
       values = jax.nn.softmax(output, axis=-1)[..., self.c]
-    mask = jax.lax.stop_gradient(jnp.asarray(bound.mask, values.dtype))
-    if mask.shape != values.shape:
-      raise ValueError(f"mask has shape {mask.shape}; the output's class channel has shape "
-                       f"{values.shape}")
-    return _flat_spatial(mask * values)
+    return _masked_terms(bound.mask, values)
 
   def __call__(self, output: Array) -> Array:
     return self.terms(output).sum(-1)
@@ -262,12 +267,7 @@ class MaskedClassSums:
   def terms(self, output: Array) -> Array:
     values = output if self.on == "logits" else jax.nn.softmax(output, axis=-1)
     index = jnp.asarray(self.classes, jnp.int32).reshape((-1,) + (1,) * (output.ndim - 1))
-    picked = jnp.take_along_axis(values, index, axis=-1)[..., 0]
-    mask = jax.lax.stop_gradient(jnp.asarray(self.mask, values.dtype))
-    if mask.shape != picked.shape:
-      raise ValueError(f"mask has shape {mask.shape}; the output's class channels have shape "
-                       f"{picked.shape}")
-    return _flat_spatial(mask * picked)
+    return _masked_terms(self.mask, jnp.take_along_axis(values, index, axis=-1)[..., 0])
 
   def __call__(self, output: Array) -> Array:
     return self.terms(output).sum(-1)
