@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from typing import Any
 
 import jax
@@ -154,10 +155,15 @@ class InterpretStage(base.StageBase):
                if config.exclude_global_explainers else [])
 
     bs = config.batch_size
+    t0 = time.perf_counter()
+    log(f"interpret: last hidden layer over the regions of {len(train_set)} training and "
+        f"{len(val_set)} validation slices ...")
     f_train = features.hidden_features(apply_fn, params, train_set.images, train_regions,
                                        batch_size=bs)
     f_test = features.hidden_features(apply_fn, params, val_set.images, val_regions,
                                       batch_size=bs)
+    log(f"interpret: features in {time.perf_counter() - t0:.1f} s; FI along TracIn's "
+        "ranking (eq 8) ...")
     scores = layout.from_class_blocks(test_blocks)  # [n_val, K, n_train, K]
     fi = features.feature_importance(scores, f_train, f_test, exclude_columns=exclude)
     if exclude and fi.shape[2] < 3:
@@ -173,8 +179,12 @@ class InterpretStage(base.StageBase):
           "feature is reported as not predictive.")
       selection = {name: np.full((k, c), np.nan) for name in SELECTION[:8]}
       selection.update({name: np.zeros((k, c), bool) for name in SELECTION[8:]})
+    t0 = time.perf_counter()
+    log(f"interpret: feature impact (eq 9), each of the {c} features masked in turn over "
+        f"{len(val_set)} validation slices ...")
     impact = features.feature_impact(apply_fn, params, val_set.images, val_set.labels,
                                      batch_size=bs)  # [C, K]
+    log(f"interpret: feature impact in {time.perf_counter() - t0:.1f} s.")
 
     predictive = {class_names[i]: np.flatnonzero(selection["predictive"][i]).tolist()
                   for i in range(k)}
