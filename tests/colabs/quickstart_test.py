@@ -1,22 +1,24 @@
 """The quickstart notebook runs top to bottom, so it never rots."""
 
-import pathlib
+import re
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+from notebook_run import check_first_cell_installs, check_stripped, execute, images, outputs_text
 
-NOTEBOOK = pathlib.Path(__file__).resolve().parents[2] / "colabs" / "quickstart.ipynb"
+NAME = "quickstart.ipynb"
+
+
+def test_quickstart_is_committed_without_outputs():
+  check_stripped(NAME)
+  check_first_cell_installs(NAME)
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path):
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
-  outputs = "".join(
-      o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-  assert "validation hard Dice" in outputs
-  images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if "image/png" in o.get("data", {})]
-  assert images, "the notebook shows no figure"
+def test_quickstart_notebook_executes(toy_run, tmp_path, monkeypatch):
+  nb = execute(NAME, tmp_path, monkeypatch, toy_run)
+  text = outputs_text(nb)
+  dice = re.search(r"validation hard Dice: (\{.*\})", text)
+  assert dice, text[-2000:]
+  assert "the same scores as the stage's" in text
+  assert re.search(r"test \S+ +proponents", text) and re.search(r"test \S+ +opponents", text)
+  assert len(images(nb)) == 3, "slice, proponent panel, saliency grid"
