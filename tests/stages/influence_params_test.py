@@ -28,6 +28,7 @@ def test_params_filter_restricts_the_gradients_and_keys_the_saved_parts(
   shutil.copytree(full_run[0], workdir)  # the shared run stays as it is
   full = _run(workdir, FULL)
   head = dataclasses.replace(FULL, params_filter=("head",))
+  caplog.clear()  # the full run's lines are captured too when the logger is already at INFO
   with caplog.at_level(logging.INFO, logger="tracin_jax"):
     last_layer = _run(workdir, head)
   assert "TracIn gradients restricted to head (2 arrays" in caplog.text
