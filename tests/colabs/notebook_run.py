@@ -39,13 +39,6 @@ def check_stripped(name: str) -> None:
     assert c.get("execution_count") is None, f"{name}: code cell {i} has an execution count"
 
 
-def check_first_cell_installs(name: str) -> None:
-  """The first code cell detects Colab and installs from a clone not named tracin_jax."""
-  source = code_cells(read(name))[0].source
-  assert '"google.colab" in sys.modules' in source and "pip" in source
-  assert 'REPO_URL = ""' in source and 'pathlib.Path("tracin_jax_repo")' in source
-
-
 def execute(name: str, tmp_path, monkeypatch, run=None):
   """Executes colabs/<name> top to bottom in tmp_path (with the toy run, if given)."""
   if run is not None:
