@@ -177,7 +177,7 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
   ge = {int(c) for c in global_columns}
   classes = [i for i in range(kk) if not np.all(np.isnan(test_blocks[i, a]))]
   rows = max(2 * len(classes), 1)
-  fig = new_figure(figsize=(1.32 * (k + 1) + 0.3, 1.62 * rows + 1.0))
+  fig = new_figure(figsize=(max(1.32 * (k + 1) + 0.3, 10.0), 1.62 * rows + 1.0))
   axes = fig.subplots(rows, k + 1, squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")

@@ -56,10 +56,11 @@ def plot_ranked_scatter(fi_curve: np.ndarray, panels: Sequence[dict[str, Any]],
                  linewidths=1.2)
     a2.set_title(panel["title"], fontsize=7)
     a2.axis("off")
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 0.92, 1))
   if im is not None:  # one scale for every panel, so the maps compare
-    fig.colorbar(im, ax=fig.axes[1:], fraction=0.02, pad=0.01,
-                 label=f"feature {feature} (one scale)")
+    bar = fig.colorbar(im, cax=fig.add_axes([0.935, 0.08, 0.012, 0.36]))
+    bar.set_label(f"feature {feature} (one scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
   outputs.save_figure(fig, path, dpi=100)
 
 
