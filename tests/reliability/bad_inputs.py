@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -586,6 +587,31 @@ CASES = _cases()
 
 
 # ----------------------------------------------------------------------------- running
+
+
+@functools.lru_cache(maxsize=None)
+def unprivileged_problem(repo: pathlib.Path = ROOT) -> str | None:
+  """Why the permission cases cannot run here, or None.
+
+  As another user they run as that user, to whom a file without read permission is
+  unreadable; as root (who reads anything) they run as `nobody`, who must be able to start
+  this Python and import the project from `repo`: a checkout or virtual environment inside
+  a private directory, such as a fresh `mktemp -d`, is out of its reach.
+  """
+  if os.geteuid() != 0:
+    return None
+  if not shutil.which("setpriv"):
+    return "the permission cases need setpriv (util-linux) to run as nobody"
+  probe = subprocess.run(
+      ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+       "import experiments.run"], cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo),
+                                                        HOME="/tmp"),
+      capture_output=True, text=True, timeout=120, check=False)
+  if probe.returncode != 0:
+    last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    return (f"user nobody cannot run {sys.executable} on {repo} (a private directory "
+            f"above it?): {last}")
+  return None
 
 
 def subprocess_runner(repo: pathlib.Path = ROOT, cache: pathlib.Path | None = None):
