@@ -91,3 +91,25 @@ def fingerprint(*sets: SliceSet) -> str:
       h.update(a.tobytes())
     h.update("|".join(f"{c}:{z}" for c, z in s.ids).encode())
   return h.hexdigest()[:16]
+
+
+def spread_over_cases(candidates, case_ids, num: int, chosen=()) -> list[int]:
+  """Examples to show: `chosen`, then `candidates` in their order, one per case while
+  candidates of other cases remain (neighbouring slices of one patient look alike), up to
+  `num` in all.
+
+  Args:
+    candidates: example indices, best first.
+    case_ids: [N] the case of every example.
+    num: how many to return at most.
+    chosen: indices taken already (kept, first).
+  """
+  chosen = [int(a) for a in chosen]
+  for one_per_case in (True, False):
+    for a in candidates:
+      if len(chosen) >= num:
+        return chosen
+      taken = {str(case_ids[b]) for b in chosen}
+      if int(a) not in chosen and not (one_per_case and str(case_ids[a]) in taken):
+        chosen.append(int(a))
+  return chosen

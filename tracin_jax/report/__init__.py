@@ -29,6 +29,7 @@ import numpy as np
 
 from tracin_jax import outputs
 from tracin_jax.data.slices import SliceSet
+from tracin_jax.data.slices import spread_over_cases
 from tracin_jax.influence import layout
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.figures import new_figure
@@ -127,7 +128,8 @@ def _saliency(workdir: pathlib.Path, record: dict[str, Any] | None) -> dict[str,
   if not record:
     return None
   out = workdir / "saliency"
-  faith = json.loads((out / "faithfulness.json").read_text())["summary"]
+  faithfulness = json.loads((out / "faithfulness.json").read_text())
+  faith = faithfulness["summary"]
   rows = json.loads((out / "instances.json").read_text())["instances"]
   return {
       "faithfulness": [{"method": r["method"], "regions": r["regions"],
@@ -136,8 +138,7 @@ def _saliency(workdir: pathlib.Path, record: dict[str, Any] | None) -> dict[str,
                        for r in faith],
       "instances": [dict(r, probability=fmt(r.get("probability"), 2)) for r in rows],
       "images": sorted({(r["case"], int(r["slice"])) for r in rows}
-                       | {(r["case"], int(r["slice"])) for r in json.loads(
-                           (out / "faithfulness.json").read_text())["rows"]}),
+                       | {(r["case"], int(r["slice"])) for r in faithfulness["rows"]}),
       "grids": [f["path"] for f in record.get("figures", [])
                 if pathlib.Path(f["path"]).name.startswith("grid_")],
       "captions": {f["path"]: f["caption"] for f in record.get("figures", [])}}
@@ -189,14 +190,7 @@ def choose_pages(val_ids: Sequence[tuple[str, int]], val_regions: np.ndarray,
   index = {(str(c), int(z)): a for a, (c, z) in enumerate(val_ids)}
   chosen = [index[(str(c), int(z))] for c, z in first if (str(c), int(z)) in index][:num]
   order = sorted(range(len(val_ids)), key=lambda a: (-int(val_regions[a].sum()), a))
-  for only_new_cases in (True, False):
-    for a in order:
-      if len(chosen) >= num:
-        return chosen
-      cases = {val_ids[b][0] for b in chosen}
-      if a not in chosen and (not only_new_cases or val_ids[a][0] not in cases):
-        chosen.append(a)
-  return chosen
+  return spread_over_cases(order, [c for c, _ in val_ids], num, chosen)
 
 
 def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,

@@ -29,6 +29,7 @@ from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax import progress as progress_lib
 from tracin_jax.data import constants
+from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import core
 from tracin_jax.influence import figures
 from tracin_jax.influence import layout
@@ -422,11 +423,4 @@ def _local_choices(regions: np.ndarray, num: int, cases: np.ndarray) -> list[int
   present = regions.any(axis=(1, 2)).sum(axis=1)
   size = regions.sum(axis=(1, 2, 3))
   order = [int(a) for a in np.lexsort((-size, -present)) if present[a] > 0]
-  chosen: list[int] = []
-  for a in order:
-    if len(chosen) < num and str(cases[a]) not in {str(cases[b]) for b in chosen}:
-      chosen.append(a)
-  for a in order:
-    if len(chosen) < num and a not in chosen:
-      chosen.append(a)
-  return chosen
+  return slices_lib.spread_over_cases(order, cases, num)

@@ -47,6 +47,7 @@ import numpy as np
 from tracin_jax import outputs
 from tracin_jax import saliency as sal
 from tracin_jax.data import constants
+from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import layout
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.topk import top_k
@@ -187,21 +188,13 @@ def choose_images(val_ids: Sequence[tuple[str, int]], presence: np.ndarray,
   full = [a for a in range(n) if presence[a].all()]
   pool = full or [a for a in range(n) if presence[a].any()] or list(range(n))
   pool.sort(key=lambda a: (-region_sizes[a], a))
+  cases = [c for c, _ in val_ids]
   chosen: list[int] = []
-
-  def take(candidates):
-    cases = {val_ids[a][0] for a in chosen}
-    fresh = [a for a in candidates if a not in chosen and val_ids[a][0] not in cases]
-    rest = [a for a in candidates if a not in chosen]
-    pick = (fresh or rest)[:1]
-    chosen.extend(pick)
-
-  for kind in ("FP", "FN"):
+  for kind in ("FP", "FN"):  # one image with each, where there is one
     if len(chosen) < num:
-      take([a for a in pool if counts[a][kind] > 0])
-  while len(chosen) < min(num, len(pool)):
-    take(pool)
-  return chosen
+      chosen = slices_lib.spread_over_cases([a for a in pool if counts[a][kind] > 0], cases,
+                                            len(chosen) + 1, chosen)
+  return slices_lib.spread_over_cases(pool, cases, num, chosen)
 
 
 def _resolve_images(config: SaliencyConfig, val_ids) -> list[int] | None:
