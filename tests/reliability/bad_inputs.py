@@ -369,26 +369,19 @@ def _linear():
   return tracin_jax, loss_fn, data, ckpts
 
 
-def _lib_list_of_batches(_: Env) -> Result:
-  tj, loss_fn, data, ckpts = _linear()
-  batches = [{k: v[i:i + 4] for k, v in data.items()} for i in range(0, 10, 4)]
+def _lib_batches_of(size: int) -> Callable[[Env], Result]:
+  """A library case: `influence` given a Python list of batches of `size` examples."""
 
-  def call():
-    got = tj.influence(loss_fn, ckpts, batches, progress=False)
-    want = tj.influence(loss_fn, ckpts, data, progress=False)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-  return _library(call)
+  def case(_: Env) -> Result:
+    tj, loss_fn, data, ckpts = _linear()
+    batches = [{k: v[i:i + size] for k, v in data.items()} for i in range(0, 10, size)]
 
-
-def _lib_list_equal_batches(_: Env) -> Result:
-  tj, loss_fn, data, ckpts = _linear()
-  batches = [{k: v[i:i + 5] for k, v in data.items()} for i in range(0, 10, 5)]
-
-  def call():
-    got = tj.influence(loss_fn, ckpts, batches, progress=False)
-    want = tj.influence(loss_fn, ckpts, data, progress=False)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-  return _library(call)
+    def call():
+      got = tj.influence(loss_fn, ckpts, batches, progress=False)
+      want = tj.influence(loss_fn, ckpts, data, progress=False)
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+    return _library(call)
+  return case
 
 
 def _lib_generator(_: Env) -> Result:
@@ -571,8 +564,8 @@ def _cases() -> list[Case]:
       c("checkpoints_is_file", ("checkpoints",), (),
         setup=_file_at(lambda e: e.workdir / "checkpoints"), group=run),
       # The library.
-      c("list_of_batches", ("",), library=_lib_list_of_batches, expect="ok", group=lib),
-      c("list_of_equal_batches", ("",), library=_lib_list_equal_batches, expect="ok",
+      c("list_of_batches", ("",), library=_lib_batches_of(4), expect="ok", group=lib),
+      c("list_of_equal_batches", ("",), library=_lib_batches_of(5), expect="ok",
         group=lib),
       c("one_shot_generator", ("train", "iterator"), library=_lib_generator, group=lib),
       c("no_checkpoints", ("checkpoints",), library=_lib_no_checkpoints, group=lib),
