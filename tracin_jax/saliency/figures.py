@@ -164,6 +164,7 @@ def plot_modality_shares(rows: Sequence[dict[str, Any]], channel_names: Sequence
       ax.scatter((x + jitter).ravel(), shares.ravel(), s=8, color=STATUS_COLOURS[status],
                  edgecolor="black", linewidth=0.3, zorder=3)
     ax.axhline(1 / c, color="grey", lw=0.8, ls=":")
+    ax.set_xlim(-0.5, c - 0.5)  # the same columns in a panel without instances
     ax.set_xticks(np.arange(c), channel_names)
     ax.set_title(name, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
