@@ -13,6 +13,7 @@ Submodules: `data` (BraTS loader, synthetic cohort, pipelines), `models` (UNet v
 from tracin_jax.influence import influence
 from tracin_jax.influence import make_region_losses
 from tracin_jax.influence import mask_absent
+from tracin_jax.influence import Projection
 from tracin_jax.influence import predict_regions
 from tracin_jax.influence import region_presence
 from tracin_jax.influence import segmentation_influence
@@ -33,6 +34,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Projection",
     "Checkpoint",
     "influence",
     "make_region_losses",

@@ -332,3 +332,65 @@ def test_params_filter_that_keeps_nothing_is_an_error():
   with pytest.raises(ValueError, match="selects no parameter"):
     influence(tm.mlp_loss, [(tm.mlp_params(0), 0.1)], tm.mlp_data(0, 3),
               params_filter="decoder")
+
+
+def _plain_rows(checkpoint, data):
+  """[n, K, P] per-example gradients from the plain loop, float64."""
+  params, _ = checkpoint
+  grad_fn = jax.jacrev(tm.mlp_loss)
+  rows = []
+  for i in range(len(data["x"])):
+    example = jax.tree.map(lambda x: x[i], data)
+    jac = grad_fn(params, example)  # leaves [K, ...]
+    rows.append(np.concatenate([np.reshape(np.asarray(jac[name]), (3, -1))
+                                for name in sorted(jac)], axis=1))
+  return np.stack(rows)
+
+
+def _plain_transformed(normalize, projection, x64_ckpts, train, test):
+  out = 0
+  for params, lr in x64_ckpts:
+    a, b = _plain_rows((params, lr), test), _plain_rows((params, lr), train)
+    if normalize:
+      a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+      b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    if projection is not None:
+      a = np.asarray(projection(a.reshape(-1, a.shape[-1]))).reshape(*a.shape[:2], -1)
+      b = np.asarray(projection(b.reshape(-1, b.shape[-1]))).reshape(*b.shape[:2], -1)
+    out = out + lr * np.einsum("aip,bjp->aibj", a, b)
+  return out
+
+
+@pytest.mark.parametrize("normalize,kind", [(True, None), (False, "countsketch"),
+                                            (True, "srht"), (False, "dense")])
+def test_normalized_and_projected_scores_equal_the_plain_computation(x64, normalize, kind):
+  train, test = data64()
+  ckpts = mlp_checkpoints(jnp.float64)
+  projection = None if kind is None else core.projection_lib.Projection(16, kind, seed=2,
+                                                                        chunk_columns=20)
+  expect = _plain_transformed(normalize, projection, ckpts, train, test)
+  scores = influence(tm.mlp_loss, ckpts, train, test, batch_size=3, normalize=normalize,
+                     projection=projection)
+  np.testing.assert_allclose(scores, expect, rtol=1e-9, atol=1e-10)
+  self_scores = self_influence(tm.mlp_loss, ckpts, train, batch_size=3, normalize=normalize,
+                               projection=projection)
+  diagonal = influence(tm.mlp_loss, ckpts, train, normalize=normalize, projection=projection)
+  np.testing.assert_allclose(self_scores, np.einsum("aiai->ai", diagonal), rtol=1e-9)
+
+
+def test_normalized_scores_are_cosines_summed_over_checkpoints(x64):
+  train, test = data64()
+  ckpts = mlp_checkpoints(jnp.float64)
+  scores = influence(tm.mlp_loss, ckpts, train, test, normalize=True)
+  # |cosine| <= 1 per checkpoint, so |score| <= sum of the learning rates.
+  assert np.abs(scores).max() <= sum(lr for _, lr in ckpts) + 1e-12
+  np.testing.assert_allclose(self_influence(tm.mlp_loss, ckpts, train, normalize=True),
+                             sum(lr for _, lr in ckpts), rtol=1e-12)
+
+
+def test_transform_arguments_are_checked():
+  train, test = data64()
+  with pytest.raises(TypeError, match="normalize"):
+    influence(tm.mlp_loss, mlp_checkpoints(), train, test, normalize="yes")
+  with pytest.raises(TypeError, match="projection"):
+    influence(tm.mlp_loss, mlp_checkpoints(), train, test, projection=16)

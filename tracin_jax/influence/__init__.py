@@ -13,6 +13,7 @@ from tracin_jax.influence.core import Progress
 from tracin_jax.influence.core import influence
 from tracin_jax.influence.core import self_influence
 from tracin_jax.influence.grads import per_example_grads
+from tracin_jax.influence.projection import Projection
 from tracin_jax.influence.segmentation import make_region_losses
 from tracin_jax.influence.segmentation import mask_absent
 from tracin_jax.influence.segmentation import predict_regions
@@ -21,6 +22,7 @@ from tracin_jax.influence.segmentation import segmentation_influence
 from tracin_jax.influence.topk import top_k
 
 __all__ = [
+    "Projection",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "Progress",
     "influence",

@@ -33,12 +33,14 @@ import warnings
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tracin_jax import params as params_lib
 from tracin_jax import progress as progress_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
+from tracin_jax.influence import projection as projection_lib
 from tracin_jax.types import Checkpoint, Checkpoints, LossFn, Params, PyTree, State
 
 DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
@@ -414,11 +416,45 @@ def _check_arguments(loss_fn, checkpoints, memory_budget_bytes, params_filter=No
   return _restrict(loss_fn, checkpoints, params_filter)
 
 
-def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: _Data):
-  """K, the bytes of one example's K gradients, and their dtype."""
+def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: _Data, projection=None):
+  """K, the bytes of one example's K gradient rows (projected, if a projection is given),
+  and their dtype."""
   k = _num_outputs(loss_fn, checkpoint, data)  # test examples share the structure, hence K
   dtype = grads_lib.gradient_dtype(checkpoint.params)
-  return k, k * grads_lib.parameter_count(checkpoint.params) * dtype.itemsize, dtype
+  width = grads_lib.parameter_count(checkpoint.params) if projection is None else projection.dim
+  return k, k * width * dtype.itemsize, dtype
+
+
+def _check_transform(normalize, projection) -> None:
+  if not isinstance(normalize, (bool, np.bool_)):
+    raise TypeError(f"normalize must be True or False, got {normalize!r}.")
+  if projection is not None and not isinstance(projection, projection_lib.Projection):
+    raise TypeError("projection must be a tracin_jax.Projection or None, got "
+                    f"{type(projection).__name__}.")
+
+
+@jax.jit
+def normalize_rows(rows):
+  """Each gradient row divided by its Euclidean norm; a zero row stays zero.
+
+  Args:
+    rows: [R, P].
+
+  Returns:
+    [R, P] unit (or zero) rows.
+  """
+  norms = jnp.sqrt(jnp.sum(jnp.square(rows), axis=-1, keepdims=True))
+  return rows / jnp.where(norms > 0, norms, 1)
+
+
+def transform_rows(rows, normalize: bool = False, projection=None):
+  """What TracIn multiplies: gradient rows [R, P], unit-normalised (`normalize`) and then
+  projected (`projection`), or unchanged."""
+  if normalize:
+    rows = normalize_rows(rows)
+  if projection is not None:
+    rows = projection(rows)
+  return rows
 
 
 # ----------------------------------------------------------------------------- public API
@@ -435,6 +471,8 @@ def influence(
     progress: bool | Callable[[Progress], None] = False,
     vectorize: str = "auto",
     params_filter: params_lib.ParamsFilter | None = None,
+    normalize: bool = False,
+    projection: projection_lib.Projection | None = None,
 ) -> np.ndarray:
   """TracIn scores between test and train examples, per pair of losses (eq 4-6).
 
@@ -475,6 +513,15 @@ def influence(
       prefix ("head") or a sequence of prefixes (see `tracin_jax.params`). The others are
       held fixed; the dot products run over the kept parameters only, and the backward
       pass stops where no kept parameter is left.
+    normalize: renormalised TracIn: every per-example, per-output gradient is divided by its
+      norm at each checkpoint before the product, so scores are sums over checkpoints of
+      eta_t times the cosine of the two gradients (Hammoudeh and Lowd's renormalised
+      influence). It removes the pull of gradient norm: an example whose loss is scaled
+      scores the same. A zero gradient (an empty region) stays zero.
+    projection: a `tracin_jax.Projection`: gradients are projected to `projection.dim`
+      numbers (after `normalize`) before the product, an unbiased estimate of the exact
+      scores; the budget then counts projected rows (each block's raw gradients,
+      `batch_size` x K x P, are held only while they are projected).
 
   Returns:
     numpy [n_test, K, n_train, K] (or [n, K, n, K] for train-influence), in the gradients'
@@ -491,12 +538,14 @@ def influence(
   """
   loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
                                          params_filter)
+  _check_transform(normalize, projection)
   train_data = _Data(train, "train")
   test_data = None if test is None else _Data(test, "test")
   if test_data is not None:
     _check_same_spec(test_data.spec, train_data.spec, "test", "train")
   rows = train_data if test_data is None else test_data
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data)
+  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data,
+                                                 projection)
   vectorize = grads_lib.check_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
@@ -511,6 +560,7 @@ def influence(
         nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
         reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
                                                                vectorize, state))
+        g = transform_rows(g, normalize, projection)
         yield index, g
         del g  # not alive while the next block is computed
     return blocks
@@ -533,19 +583,23 @@ def self_influence(
     progress: bool | Callable[[Progress], None] = False,
     vectorize: str = "auto",
     params_filter: params_lib.ParamsFilter | None = None,
+    normalize: bool = False,
+    projection: projection_lib.Projection | None = None,
 ) -> np.ndarray:
   """Self-influence sum_t eta_t |grad loss_i(theta_t; z)|^2 of every example and loss.
 
   Computed directly from per-example gradient norms, never via the full matrix; it equals
   the diagonal `scores[a, i, a, i]` of `influence(loss_fn, checkpoints, train)`.
 
-  Args: as `influence`; the budget bounds one block of gradients.
+  Args: as `influence`; the budget bounds one block of gradients. With `normalize` or
+    `projection`, the squared norms are those of the normalised or projected rows.
 
   Returns:
     numpy [n, K].
   """
   loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
                                          params_filter)
+  _check_transform(normalize, projection)
   data = _Data(train, "train")
   k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
   vectorize = grads_lib.check_vectorize(vectorize)
@@ -563,7 +617,12 @@ def self_influence(
     reporter.checkpoint(t)
     pending = []
     for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
-      norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize, state)
+      if normalize or projection is not None:
+        g, _ = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
+        g = transform_rows(g, normalize, projection)
+        norms = jnp.sum(jnp.square(jnp.reshape(g, (n_valid, k, -1))), axis=-1)
+      else:
+        norms = grads_lib.block_squared_norms(loss_fn, k, params, block, vectorize, state)
       pending.append((index * block_size, n_valid, norms))
       reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
                                                              vectorize, state))
