@@ -1,0 +1,205 @@
+"""The gradient store: round trip, queries equal `influence`, resume, refusal, sharding."""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tracin_jax.influence import influence, self_influence
+from tracin_jax.influence import grads as grads_lib
+from tracin_jax.influence import projection as projection_lib
+from tracin_jax.influence import store as store_lib
+import store_worker as worker
+import tiny_models as tm
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(worker.__file__)
+
+
+def _mlp():
+  ckpts = [(tm.mlp_params(0, jnp.float64), 0.1), (tm.mlp_params(1, jnp.float64), 0.03)]
+  return ckpts, tm.mlp_data(10, 7, np.float64), tm.mlp_data(11, 4, np.float64)
+
+
+def _files(path):
+  return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*.npy"))}
+
+
+def test_round_trip_holds_the_per_example_gradients(x64, tmp_path):
+  ckpts, train, _ = _mlp()
+  store = store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train, batch_size=3,
+                                example_ids=[f"ex{i}" for i in range(7)],
+                                checkpoint_names=["e1", "e2"], fingerprint="model-a")
+  assert store.num_blocks == 3 and store.is_complete()
+  reopened = store_lib.open_store(tmp_path / "s")
+  assert reopened.meta["example_ids"][2] == "ex2"
+  assert [c["name"] for c in reopened.meta["checkpoints"]] == ["e1", "e2"]
+  for t, (params, _) in enumerate(ckpts):
+    expect = np.asarray(grads_lib.per_example_grads(tm.mlp_loss, params, train, "vmap"))
+    np.testing.assert_allclose(reopened.rows(t), expect.reshape(-1, expect.shape[-1]),
+                               rtol=1e-12, atol=1e-14)
+  assert store.nbytes() >= 2 * 7 * 3 * store.width * 8
+
+
+@pytest.mark.parametrize("normalize,projection", [
+    (False, None), (True, None), (False, projection_lib.Projection(16, "countsketch", 3)),
+    (True, projection_lib.Projection(16, "dense", 1, chunk_columns=20))])
+def test_queries_equal_influence_without_a_store(x64, tmp_path, normalize, projection):
+  ckpts, train, test = _mlp()
+  kwargs = dict(normalize=normalize, projection=projection)
+  store = store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train, batch_size=3,
+                                **kwargs)
+  np.testing.assert_allclose(store.influence(tm.mlp_loss, ckpts, test),
+                             influence(tm.mlp_loss, ckpts, train, test, **kwargs),
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(store.train_influence(),
+                             influence(tm.mlp_loss, ckpts, train, **kwargs),
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(store.self_influence(),
+                             self_influence(tm.mlp_loss, ckpts, train, **kwargs),
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_layer_selection_is_recorded_and_applied(x64, tmp_path):
+  ckpts, train, test = _mlp()
+  store = store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train, params_filter="w2")
+  assert store.width == 6 * 3 and store.meta["params_filter"] == ["w2"]
+  np.testing.assert_allclose(store.influence(tm.mlp_loss, ckpts, test),
+                             influence(tm.mlp_loss, ckpts, train, test, params_filter="w2"),
+                             rtol=1e-10)
+
+
+def test_a_store_built_from_something_else_is_refused_by_name(x64, tmp_path):
+  ckpts, train, test = _mlp()
+  store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train,
+                        projection=projection_lib.Projection(8, seed=1))
+  with pytest.raises(store_lib.StoreMismatch, match="projection"):
+    store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train,
+                          projection=projection_lib.Projection(8, seed=2))
+  other = [(tm.mlp_params(5, jnp.float64), 0.1), ckpts[1]]
+  with pytest.raises(store_lib.StoreMismatch, match="checkpoint 0 params_fingerprint"):
+    store_lib.build_store(tmp_path / "s", tm.mlp_loss, other, train,
+                          projection=projection_lib.Projection(8, seed=1))
+  store = store_lib.open_store(tmp_path / "s")
+  with pytest.raises(store_lib.StoreMismatch, match=r"checkpoint 0 \(0\): other weights"):
+    store.influence(tm.mlp_loss, other, test)
+  with pytest.raises(store_lib.StoreMismatch, match="learning rate"):
+    store.influence(tm.mlp_loss, [ckpts[0], (ckpts[1][0], 0.5)], test)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="not a gradient store"):
+    store_lib.build_store(tmp_path / "other", tm.mlp_loss, ckpts, train)
+  assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+  with pytest.raises(FileNotFoundError, match="no gradient store"):
+    store_lib.open_store(tmp_path / "missing")
+
+
+def test_interrupted_build_resumes_at_the_first_missing_block(x64, tmp_path):
+  ckpts, train, test = _mlp()
+  whole = store_lib.build_store(tmp_path / "whole", tm.mlp_loss, ckpts, train, batch_size=2)
+  calls = []
+
+  def stop_after_three_blocks(info):
+    calls.append(info)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2,
+                          progress=stop_after_three_blocks)
+  cut = store_lib.open_store(tmp_path / "cut")
+  assert len(cut.missing_blocks()) == 8 - 3
+  with pytest.raises(ValueError, match="incomplete"):
+    cut.influence(tm.mlp_loss, ckpts, test)
+  resumed = store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2)
+  assert resumed.last_build.blocks_reused == 3 and resumed.last_build.blocks_built == 5
+  assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
+  assert whole.last_build.blocks_built == 8
+
+
+def test_process_shares_together_make_the_whole_store(x64, tmp_path):
+  ckpts, train, _ = _mlp()
+  store_lib.build_store(tmp_path / "whole", tm.mlp_loss, ckpts, train, batch_size=2)
+  for index in (1, 0):
+    part = store_lib.build_store(tmp_path / "parts", tm.mlp_loss, ckpts, train, batch_size=2,
+                                 process_index=index, process_count=2)
+    assert part.is_complete() == (index == 0)
+  assert _files(tmp_path / "parts") == _files(tmp_path / "whole")
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
+
+
+def _run_worker(store_dir, out, *args, env=None, timeout=240):
+  proc = subprocess.run([sys.executable, str(WORKER), str(store_dir), str(out), *args],
+                        cwd=ROOT, env=env or _env(), capture_output=True, text=True,
+                        timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return np.load(out)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  path = tmp_path_factory.mktemp("one_device")
+  return path, _run_worker(path / "store", path / "scores.npz")
+
+
+def test_four_devices_give_the_scores_of_one(one_device, tmp_path):
+  path, expect = one_device
+  got = _run_worker(tmp_path / "store", tmp_path / "scores.npz", "--mesh",
+                    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert int(got["devices"]) == 4 and int(expect["devices"]) == 1
+  for key in ("test", "train", "self"):
+    np.testing.assert_allclose(got[key], expect[key], rtol=2e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_scores_of_one(one_device, tmp_path):
+  _, expect = one_device
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "store"),
+                             str(tmp_path / f"scores{i}.npz"), "--distributed", port, str(i),
+                             "2"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+  for i in range(2):
+    got = np.load(tmp_path / f"scores{i}.npz")
+    assert int(got["processes"]) == 2
+    for key in ("test", "train", "self"):
+      np.testing.assert_allclose(got[key], expect[key], rtol=2e-5, atol=1e-6)
+  # Each process built its own half of the blocks.
+  assert len(list((tmp_path / "store").rglob("block-?????.npy"))) == 2 * 3
+
+
+def test_killed_build_resumes_to_the_same_store(one_device, tmp_path):
+  path, expect = one_device
+  proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "store"),
+                           str(tmp_path / "unused.npz"), "--slow"], cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 200
+  while time.time() < deadline and len(list((tmp_path / "store").rglob("block-?????.npy"))) < 2:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  built = len(list((tmp_path / "store").rglob("block-?????.npy")))
+  assert 2 <= built < 6, built
+  got = _run_worker(tmp_path / "store", tmp_path / "scores.npz")
+  assert _files(tmp_path / "store") == _files(path / "store")
+  np.testing.assert_array_equal(got["test"], expect["test"])
