@@ -394,3 +394,26 @@ def test_transform_arguments_are_checked():
     influence(tm.mlp_loss, mlp_checkpoints(), train, test, normalize="yes")
   with pytest.raises(TypeError, match="projection"):
     influence(tm.mlp_loss, mlp_checkpoints(), train, test, projection=16)
+
+
+def test_plan_states_the_passes_a_budget_forces():
+  p = 1000
+  per_example = 3 * p * 4
+  roomy = core.plan_influence(100, None, 3, p, 5, memory_budget_bytes=200 * per_example,
+                              batch_size=10, seconds_per_example=2.0)
+  assert roomy.gradient_passes == 1.0 and roomy.gradient_examples == 500
+  assert roomy.seconds == pytest.approx(1000.0)
+  tight = core.plan_influence(100, None, 3, p, 5, memory_budget_bytes=30 * per_example,
+                              batch_size=10)
+  assert tight.gradient_passes > 1.0 and tight.groups == 5 and tight.seconds is None
+  # The plan is the one influence() follows: its progress counts the same example gradients.
+  train = tm.mlp_data(10, 7)
+  seen = []
+  influence(tm.mlp_loss, mlp_checkpoints(), train, memory_budget_bytes=4 * 3 * P_MLP * 4,
+            batch_size=2, progress=seen.append)
+  planned = core.plan_influence(7, None, 3, P_MLP, 2, memory_budget_bytes=4 * 3 * P_MLP * 4,
+                                batch_size=2)
+  assert seen[-1].examples_total == planned.gradient_examples
+  projected = core.plan_influence(100, 4, 3, 10**8, 1, memory_budget_bytes=1 << 30,
+                                  projection=core.projection_lib.Projection(1024))
+  assert projected.gradient_passes == 1.0

@@ -10,7 +10,9 @@ whole of eq 6 (regions, losses, NaN for empty regions).
 
 from tracin_jax.influence.core import DEFAULT_MEMORY_BUDGET_BYTES
 from tracin_jax.influence.core import Progress
+from tracin_jax.influence.core import InfluencePlan
 from tracin_jax.influence.core import influence
+from tracin_jax.influence.core import plan_influence
 from tracin_jax.influence.core import self_influence
 from tracin_jax.influence.grads import per_example_grads
 from tracin_jax.influence.projection import Projection
@@ -25,7 +27,9 @@ __all__ = [
     "Projection",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "Progress",
+    "InfluencePlan",
     "influence",
+    "plan_influence",
     "make_region_losses",
     "mask_absent",
     "per_example_grads",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 import time
 import warnings
 from typing import Any, Callable, Iterator
@@ -460,6 +461,76 @@ def transform_rows(rows, normalize: bool = False, projection=None):
 # ----------------------------------------------------------------------------- public API
 
 
+@dataclasses.dataclass(frozen=True)
+class InfluencePlan:
+  """What a memory budget forces on `influence`, before it starts.
+
+  Attributes:
+    block_size: examples per gradient block.
+    held_side: "rows" (test) or "cols" (train): the side whose blocks are held.
+    groups: groups of held blocks; the other side's gradients are computed once per group.
+    gradient_passes: example gradients computed per example and checkpoint, on average
+      (1.0 when a whole side fits; more when the budget forces recomputation).
+    gradient_examples: example gradients computed in all (every checkpoint).
+    seconds: estimated time, given a speed (None otherwise).
+  """
+
+  block_size: int
+  held_side: str
+  groups: int
+  gradient_passes: float
+  gradient_examples: int
+  seconds: float | None = None
+
+  @classmethod
+  def of(cls, plan: gram_lib.BlockPlan, num_checkpoints: int,
+         seconds_per_example: float | None = None) -> "InfluencePlan":
+    n = plan.n_rows + (0 if plan.symmetric else plan.n_cols)
+    per_checkpoint = plan.gradient_examples()
+    total = per_checkpoint * num_checkpoints
+    return cls(plan.block_size, plan.hold, len(plan.groups()), per_checkpoint / n, total,
+               None if seconds_per_example is None else total * seconds_per_example)
+
+  def __str__(self) -> str:
+    eta = "" if self.seconds is None else f", about {self.seconds / 3600:.2g} h"
+    return (f"blocks of {self.block_size}, {self.groups} group(s) of held {self.held_side} "
+            f"blocks, {self.gradient_passes:.2f} gradient passes per example, "
+            f"{self.gradient_examples} example gradients in all{eta}")
+
+
+def plan_influence(
+    n_train: int,
+    n_test: int | None,
+    num_outputs: int,
+    num_parameters: int,
+    num_checkpoints: int,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    batch_size: int | None = None,
+    itemsize: int = 4,
+    projection: projection_lib.Projection | None = None,
+    seconds_per_example: float | None = None,
+) -> InfluencePlan:
+  """How `influence` would cut a problem under a memory budget, without running it.
+
+  Args:
+    n_train, n_test: examples (n_test None: train-influence).
+    num_outputs: K; num_parameters: P (of the kept parameters).
+    num_checkpoints: checkpoints summed over.
+    memory_budget_bytes, batch_size, projection: as for `influence`.
+    itemsize: bytes per gradient number (4 for float32).
+    seconds_per_example: measured seconds of one example's K gradients, for the estimate.
+
+  Returns:
+    The plan, with the number of gradient passes the budget forces and the estimated time.
+  """
+  width = num_parameters if projection is None else projection.dim
+  plan = gram_lib.plan_blocks(n_train if n_test is None else n_test, n_train,
+                              num_outputs * width * itemsize, memory_budget_bytes, batch_size,
+                              symmetric=n_test is None)
+  return InfluencePlan.of(plan, num_checkpoints, seconds_per_example)
+
+
 def influence(
     loss_fn: LossFn,
     checkpoints: Checkpoints,
@@ -550,6 +621,9 @@ def influence(
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
   reporter = _Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
+  if progress is True:
+    summary = InfluencePlan.of(plan, len(checkpoints))
+    sys.stderr.write(f"tracin plan: {summary}\n")
   nonfinite = _NonFinite()
   out = np.zeros((rows.n * k, train_data.n * k), dtype)
 
