@@ -27,7 +27,8 @@ import pathlib
 
 from absl import app, flags
 import numpy as np
-from scipy import stats
+
+from tracin_jax.influence import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("full", None, "Workdir whose influence stage used all parameters.")
@@ -46,34 +47,6 @@ def _load(workdir: str):
   return data, manifest
 
 
-def compare(full: np.ndarray, restricted: np.ndarray, presence_test: np.ndarray,
-            presence_train: np.ndarray, top: int):
-  """Per present validation region: (class, Spearman, proponent overlap, opponent overlap).
-
-  Args:
-    full, restricted: [K, n_val, K * n_train] score blocks (test class i, then train class
-      j's block), NaN where a region is absent.
-    presence_test: [n_val, K] bool; presence_train: [n_train, K] bool.
-    top: k of the top-k overlap.
-
-  Returns:
-    list of (i, rho, proponent overlap, opponent overlap).
-  """
-  columns = presence_train.T.reshape(-1)  # train class j's block, example-major inside
-  out = []
-  for i in range(full.shape[0]):
-    for a in np.flatnonzero(presence_test[:, i]):
-      f, r = full[i, a, columns], restricted[i, a, columns]
-      if not (np.isfinite(f).all() and np.isfinite(r).all()):
-        raise ValueError(f"non-finite scores for present regions (class {i}, example {a}).")
-      rho = stats.spearmanr(f, r).statistic
-      order_f, order_r = np.argsort(-f), np.argsort(-r)
-      pro = len(set(order_f[:top]) & set(order_r[:top])) / top
-      opp = len(set(order_f[-top:]) & set(order_r[-top:])) / top
-      out.append((i, rho, pro, opp))
-  return out
-
-
 def main(argv):
   del argv
   full, full_manifest = _load(FLAGS.full)
@@ -90,7 +63,7 @@ def main(argv):
         raise ValueError(f"{workdir} explains other regions or examples than {FLAGS.full} "
                          f"({key} differs): not the same trained run.")
     kept = manifest["settings"].get("params_filter")
-    rows = np.asarray(compare(full["scores"], other["scores"], full["presence_test"],
+    rows = np.asarray(report.ranking_agreement(full["scores"], other["scores"], full["presence_test"],
                               full["presence_train"], FLAGS.top))
     for label, mask in [*((names[i], rows[:, 0] == i) for i in range(len(names))),
                         ("all", np.ones(len(rows), bool))]:

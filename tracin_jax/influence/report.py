@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import scipy.stats
 
 from tracin_jax.influence import layout
 from tracin_jax.influence.topk import top_k
@@ -149,3 +150,32 @@ def proponent_class_distribution(blocks: np.ndarray, *, k: int = 10,
     np.add.at(counts[i], layout.split_column(valid, n_train)[0], 1)
   with np.errstate(invalid="ignore"):
     return counts / counts.sum(axis=1, keepdims=True)
+
+
+def ranking_agreement(full: np.ndarray, restricted: np.ndarray, presence_test: np.ndarray,
+            presence_train: np.ndarray, top: int):
+  """How two TracIn score sets agree on each present validation region's ranking of the
+  present training regions: (class, Spearman, proponent overlap, opponent overlap).
+
+  Args:
+    full, restricted: [K, n_val, K * n_train] score blocks (test class i, then train class
+      j's block), NaN where a region is absent.
+    presence_test: [n_val, K] bool; presence_train: [n_train, K] bool.
+    top: k of the top-k overlap.
+
+  Returns:
+    list of (i, rho, proponent overlap, opponent overlap).
+  """
+  columns = presence_train.T.reshape(-1)  # train class j's block, example-major inside
+  out = []
+  for i in range(full.shape[0]):
+    for a in np.flatnonzero(presence_test[:, i]):
+      f, r = full[i, a, columns], restricted[i, a, columns]
+      if not (np.isfinite(f).all() and np.isfinite(r).all()):
+        raise ValueError(f"non-finite scores for present regions (class {i}, example {a}).")
+      rho = scipy.stats.spearmanr(f, r).statistic
+      order_f, order_r = np.argsort(-f), np.argsort(-r)
+      pro = len(set(order_f[:top]) & set(order_r[:top])) / top
+      opp = len(set(order_f[-top:]) & set(order_r[-top:])) / top
+      out.append((i, rho, pro, opp))
+  return out
