@@ -147,6 +147,22 @@ def _file_kinds() -> tuple[str, ...]:
   return constants.MODALITIES + (constants.SEG_SUFFIX,)
 
 
+def case_files(case_dir: str | os.PathLike, group: str = "") -> CaseFiles:
+  """The files of the case in `case_dir` (named `<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]`
+  after the directory); missing files are reported when the case is loaded."""
+  case_dir = pathlib.Path(case_dir)
+  case_id = case_dir.name
+  files = {}
+  readable = os.access(case_dir, os.R_OK | os.X_OK)
+  for kind in _file_kinds() if readable else ():
+    for ext in NIFTI_EXTENSIONS:
+      candidate = case_dir / f"{case_id}_{kind}{ext}"
+      if candidate.is_file():
+        files[kind] = candidate
+        break
+  return CaseFiles(case_id, group, case_dir, files, readable)
+
+
 def list_cases(
     root: str | os.PathLike, groups: Sequence[str] = ("HGG",)) -> list[CaseFiles]:
   """Lists the cases under `<root>/<group>/` for each group, sorted by group then id.
@@ -176,16 +192,7 @@ def list_cases(
     for case_dir in sorted(group_dir.iterdir()):
       if not case_dir.is_dir() or case_dir.name.startswith("."):
         continue
-      case_id = case_dir.name
-      files = {}
-      readable = os.access(case_dir, os.R_OK | os.X_OK)
-      for kind in _file_kinds() if readable else ():
-        for ext in NIFTI_EXTENSIONS:
-          candidate = case_dir / f"{case_id}_{kind}{ext}"
-          if candidate.is_file():
-            files[kind] = candidate
-            break
-      cases.append(CaseFiles(case_id, group, case_dir, files, readable))
+      cases.append(case_files(case_dir, group))
   if not cases:
     raise BratsDataError(
         f"No BraTS cases found under {root} in {', '.join(f'{g}/' for g in groups)} "
