@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracin_jax import errors
 from tracin_jax import outputs
 from tracin_jax.influence import core
 from tracin_jax.influence import grads as grads_lib
@@ -56,7 +57,7 @@ STORE_FILE = "store.json"
 FORMAT_VERSION = 1
 
 
-class StoreMismatch(ValueError):
+class StoreMismatch(errors.UserError, ValueError):
   """A store on disk was built from other weights, data or settings."""
 
 
@@ -100,6 +101,8 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
       "format_version": FORMAT_VERSION,
       "model_fingerprint": fingerprint,
       "num_examples": train_data.n,
+      "example_shapes": {path: list(shape) for path, shape in
+                         zip(train_data.spec.paths, train_data.spec.shapes)},
       "num_outputs": k,
       "num_parameters": p,
       "width": p if projection is None else int(projection.dim),

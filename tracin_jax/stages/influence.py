@@ -11,7 +11,9 @@ Reads the run's SGD checkpoints and writes under `<workdir>/influence/`:
     `global_fraction` of the validation regions;
   - figures: `train_influence.png` (Fig. 4), `proponent_classes.png` (Fig. 5),
     `self_influence.png`, `local_<case>_<slice>.png` (local explanation panels);
-  - `parts/<key>/epoch<e>.npy`: each checkpoint's share of the sum, saved as it finishes.
+  - `parts/<key>/epoch<e>.npy`: each checkpoint's share of the sum, saved as it finishes;
+  - `store/`: the gradient store of the training regions (`influence.store`; projected
+    by default), which `tracin_jax.explain` queries for new images.
 Regions come from the final model (its own parameters and state) and are held fixed over
 the checkpoints; every checkpoint's gradients use that checkpoint's own state.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from typing import Any, Callable
 
 import numpy as np
@@ -33,8 +36,10 @@ from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import core
 from tracin_jax.influence import figures
 from tracin_jax.influence import layout
+from tracin_jax.influence import projection as projection_lib
 from tracin_jax.influence import report
 from tracin_jax.influence import segmentation
+from tracin_jax.influence import store as store_lib
 from tracin_jax.settings import setting
 from tracin_jax.stages import base
 from tracin_jax.training import train as train_lib
@@ -45,6 +50,7 @@ TRAIN_FILE = "train_influence.npz"
 TEST_FILE = "test_influence.npz"
 PROPONENTS_FILE = "proponents.json"
 GLOBAL_FILE = "global_explainers.json"
+STORE_DIR = "store"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,15 @@ class InfluenceConfig:
       None, "Parameters TracIn differentiates, as path prefixes of the model's parameters "
       "(e.g. head: TracIn's last-layer variant; head,last_hidden); the others are held "
       "fixed (unset: all parameters).", flag="influence_params")
+  store: bool = setting(
+      True, "Also write the gradient store of the training regions (influence/store), which "
+      "explains new images in seconds (python -m experiments.explain).")
+  store_projection: str = setting(
+      "countsketch", "How the store keeps gradients: projected by countsketch, srht or "
+      "dense random projections, or exact (none: K x P floats per slice).",
+      choices=("countsketch", "srht", "dense", "none"))
+  store_dim: int = setting(16384, "Projected size d of the stored gradients.", minimum=1)
+  store_seed: int = setting(0, "Seed of the store's projection.")
 
 
 @dataclasses.dataclass
@@ -316,6 +331,13 @@ class InfluenceStage(base.StageBase):
                       f"{z}: per predicted class, its top {config.top_k} proponents and "
                       "opponents, global explainers marked.")
       panels.append(path)
+    if config.store:
+      store = self._build_store(context, loss_fn, checkpoints, epochs, train_ex, train_set)
+      manifest.file(self.rel(STORE_DIR), "gradient store of the training regions: "
+                    f"{_store_description(store)}; query it with python -m experiments.explain")
+      manifest.headline["store"] = {"bytes": store.nbytes(),
+                                    "projection": store.meta["projection"],
+                                    "seconds": round(store.last_build.seconds, 1)}
     manifest.headline.update({
         "checkpoint_epochs": list(epochs),
         "learning_rates": [float(f"{r:.7g}") for r in rates],  # float32 rates, as written
@@ -328,6 +350,40 @@ class InfluenceStage(base.StageBase):
         train_blocks, test_blocks, presence_train, presence_val, config.threshold,
         CLASS_NAMES, list(epochs), rates, globals_, final_apply, final.params, final.state,
         train_regions, val_regions, manifest)
+
+  def store_settings(self) -> dict[str, Any]:
+    """The `build_store` settings of this configuration."""
+    config = self.config
+    return {"projection": None if config.store_projection == "none" else
+            projection_lib.Projection(config.store_dim, config.store_projection,
+                                      config.store_seed),
+            "params_filter": config.params_filter}
+
+  def _build_store(self, context: base.Context, loss_fn, checkpoints, epochs, train_ex,
+                   train_set) -> store_lib.GradientStore:
+    """Builds (or finishes, or reuses) the training regions' gradient store."""
+    path = context.stage_dir(self.name) / STORE_DIR
+    settings = self.store_settings()
+    fingerprint = base.inputs_key(self._inputs(context))
+    kwargs = dict(example_ids=[f"{c}:{z}" for c, z in train_set.ids],
+                  checkpoint_names=[str(e) for e in epochs], fingerprint=fingerprint,
+                  batch_size=self.config.block_size, **settings)
+    progress = _progress(context.progress, "Gradient store of the training regions")
+    try:
+      store = store_lib.build_store(path, loss_fn, checkpoints, train_ex, progress=progress,
+                                    **kwargs)
+    except store_lib.StoreMismatch as e:
+      # The store is this stage's output: one built for other weights or settings is
+      # replaced, as the stage's other outputs are.
+      context.log(f"Rebuilding the gradient store: {e}")
+      shutil.rmtree(path)
+      store = store_lib.build_store(path, loss_fn, checkpoints, train_ex, progress=progress,
+                                    **kwargs)
+    report_ = store.last_build
+    context.log(f"Gradient store {path}: {_store_description(store)}; "
+                f"{report_.blocks_built} blocks built, {report_.blocks_reused} reused in "
+                f"{report_.seconds:.1f} s.")
+    return store
 
   def load(self, context: base.Context) -> InfluenceOutputs:
     """Reads the stage's results and recomputes the final model's regions.
@@ -367,6 +423,13 @@ class InfluenceStage(base.StageBase):
     return InfluenceOutputs(train_blocks, test_blocks, presence_train, presence_test,
                             threshold, class_names, epochs, rates, explainers, apply_fn, params,
                             state, train_regions, val_regions, manifest)
+
+
+def _store_description(store: store_lib.GradientStore) -> str:
+  spec = store.meta["projection"]
+  kind = "exact gradients" if spec is None else f"{spec['kind']} projection to d = {spec['dim']}"
+  return (f"{store.num_examples} slices x {store.num_outputs} regions x "
+          f"{len(store.learning_rates)} checkpoints, {kind}, {store.nbytes() / 1e6:.1f} MB")
 
 
 def _finite_part(part: np.ndarray, present: np.ndarray, present_train: np.ndarray,
