@@ -132,3 +132,13 @@ def test_factored_projection_of_a_convolution_equals_the_dense_projection():
   factored = projection_lib.factored_projection(patches, output_grads.reshape(-1, 4), a, b)
   dense = grad.reshape(-1) @ jnp.kron(a, b)  # [27 * 4] @ [108, 10]
   np.testing.assert_allclose(factored, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_traceable_form_is_the_projection(kind):
+  """The form the statistical tests vmap over keys is the projection users get."""
+  proj = Projection(16, kind, seed=9, chunk_columns=16)
+  rows = _rows(10)
+  np.testing.assert_allclose(
+      projection_lib._project(jnp.asarray(rows), jax.random.key(9), 16, kind, 16),  # pylint: disable=protected-access
+      proj(rows), rtol=1e-6, atol=1e-6)

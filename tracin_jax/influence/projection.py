@@ -9,11 +9,11 @@ must be applied to both sides.
 No P x d matrix is ever held. Three kinds, all linear, all drawn from `seed`:
 
 * "countsketch" (sparse JL with one non-zero per column; Clarkson and Woodruff 2013):
-  coordinate i goes to bucket h(i) with sign s(i); O(P) per row and 5 bytes per parameter
-  for the hash. Variance (|a|^2 |b|^2 + <a, b>^2 - 2 sum_i a_i^2 b_i^2) / d.
+  coordinate i goes to bucket h(i) with sign s(i); O(P) per row, and 8 bytes per parameter
+  for the hash (drawn once per seed, P and d, and kept on the device). Variance (|a|^2 |b|^2 + <a, b>^2 - 2 sum_i a_i^2 b_i^2) / d.
 * "srht" (subsampled randomised Hadamard transform, a fast JL transform; Ailon and Chazelle
   2009): random signs, a Walsh-Hadamard transform over P padded to a power of two, d
-  coordinates kept; O(P log P) per row.
+  coordinates kept; O(P log P) per row (the signs and kept coordinates kept on the device).
 * "dense": a Gaussian R drawn chunk by chunk of `chunk_columns` columns (each chunk from the
   seed and its index); O(P d) per row and per block of rows, the reference JL transform.
   Variance (|a|^2 |b|^2 + <a, b>^2) / d.
@@ -80,7 +80,10 @@ class Projection:
     rows = jnp.asarray(rows)
     if rows.ndim != 2:
       raise ValueError(f"Projection takes rows [R, P], got shape {rows.shape}.")
-    return _project(rows, jax.random.key(self.seed), self.dim, self.kind, self.chunk_columns)
+    if self.kind == "dense":
+      return _dense_project(rows, jax.random.key(self.seed), self.dim, self.chunk_columns)
+    return _sparse_project(rows, *_draws(self.kind, int(self.seed), rows.shape[1],
+                                         int(self.dim)), kind=self.kind, dim=self.dim)
 
   def describe(self) -> dict:
     """The settings that define it, for metadata and fingerprints."""
@@ -90,29 +93,62 @@ class Projection:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("dim", "kind", "chunk_columns"))
-def _project(rows, key, dim, kind, chunk_columns):
-  # The key is an argument, not a constant: XLA would otherwise fold the random draws of a
-  # P-long hash into the program at compile time.
-  rows = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
+def _as_float(rows):
+  return rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
+
+
+@functools.lru_cache(maxsize=4)
+def _draws(kind: str, seed: int, num_columns: int, dim: int) -> tuple[Array, Array]:
+  """The random draws of a sparse or structured projection of `num_columns` coordinates,
+  made once per (kind, seed, P, d) and kept on the device (8 bytes per coordinate), so
+  that projecting a block costs only the projection itself."""
+  key = jax.random.key(seed)
   if kind == "countsketch":
-    return _countsketch(rows, key, dim)
-  if kind == "srht":
-    return _srht(rows, key, dim)
-  return _dense(rows, key, dim, chunk_columns)
+    return countsketch_hash(key, num_columns, dim)
+  return srht_draws(key, num_columns, dim)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "dim"))
+def _sparse_project(rows, first, second, *, kind, dim):
+  rows = _as_float(rows)
+  if kind == "countsketch":
+    return jax.ops.segment_sum((rows * first.astype(rows.dtype)).T, second,
+                               num_segments=dim).T
+  return _srht(rows, first, second, dim)
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "chunk_columns"))
+def _dense_project(rows, key, dim, chunk_columns):
+  return _dense(_as_float(rows), key, dim, chunk_columns)
+
+
+def _project(rows, key, dim, kind, chunk_columns):
+  """The projection of `rows` with the draws of `key` (traceable: tests vmap it over keys)."""
+  rows = _as_float(rows)
+  if kind == "dense":
+    return _dense(rows, key, dim, chunk_columns)
+  if kind == "countsketch":
+    signs, buckets = countsketch_hash(key, rows.shape[1], dim)
+    return jax.ops.segment_sum((rows * signs).T, buckets, num_segments=dim).T
+  return _srht(rows, *srht_draws(key, rows.shape[1], dim), dim)
 
 
 def countsketch_hash(key, num_columns: int, dim: int) -> tuple[Array, Array]:
-  """The bucket h(i) in [0, dim) and sign s(i) of each of `num_columns` coordinates."""
+  """The sign s(i) and bucket h(i) in [0, dim) of each of `num_columns` coordinates."""
   bucket_key, sign_key = jax.random.split(key)
   buckets = jax.random.randint(bucket_key, (num_columns,), 0, dim)
   signs = jax.random.rademacher(sign_key, (num_columns,), dtype=jnp.float32)
-  return buckets, signs
+  return signs, buckets
 
 
-def _countsketch(rows, key, dim):
-  buckets, signs = countsketch_hash(key, rows.shape[1], dim)
-  return jax.ops.segment_sum((rows * signs.astype(rows.dtype)).T, buckets, num_segments=dim).T
+def srht_draws(key, num_columns: int, dim: int) -> tuple[Array, Array]:
+  """The signs of the `num_columns` coordinates and the `dim` kept coordinates of the
+  Hadamard transform (of length the next power of two)."""
+  n = 1 << max(0, (num_columns - 1).bit_length())
+  sign_key, pick_key = jax.random.split(key)
+  signs = jax.random.rademacher(sign_key, (num_columns,), dtype=jnp.float32)
+  picks = jax.random.choice(pick_key, n, (dim,), replace=dim > n)
+  return signs, picks
 
 
 def walsh_hadamard(x: Array) -> Array:
@@ -129,13 +165,10 @@ def walsh_hadamard(x: Array) -> Array:
   return jnp.reshape(x, (r, n))
 
 
-def _srht(rows, key, dim):
-  r, p = rows.shape
+def _srht(rows, signs, picks, dim):
+  p = rows.shape[1]
   n = 1 << max(0, (p - 1).bit_length())
-  sign_key, pick_key = jax.random.split(key)
-  signs = jax.random.rademacher(sign_key, (p,), dtype=rows.dtype)
-  mixed = walsh_hadamard(jnp.pad(rows * signs, ((0, 0), (0, n - p))))
-  picks = jax.random.choice(pick_key, n, (dim,), replace=dim > n)
+  mixed = walsh_hadamard(jnp.pad(rows * signs.astype(rows.dtype), ((0, 0), (0, n - p))))
   return mixed[:, picks] / math.sqrt(dim)
 
 
