@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -121,29 +121,54 @@ def _check_settings(config: ValidateConfig, n_train: int, workdir) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Job:
+class RemovalJob:
+  """One retraining of the removal test: what it removes and which region it is for."""
+
   name: str
   removal: str  # "baseline" or one of REMOVALS
   removed: tuple[int, ...]
   region: int | None  # index into the chosen regions (proponents/opponents), else None
 
 
-def _jobs(regions, slice_scores, n_train: int, config: ValidateConfig) -> list[_Job]:
-  jobs = [_Job("baseline", "baseline", (), None)]
-  rng = np.random.default_rng(config.seed)
-  for r in range(config.num_random):
-    removed = np.sort(rng.choice(n_train, config.num_removed, replace=False))
-    jobs.append(_Job(f"random_{r}", "random", tuple(int(b) for b in removed), None))
+def removal_jobs(regions, slice_scores: np.ndarray, n_train: int, num_removed: int,
+                 num_random: int, seed: int) -> list[RemovalJob]:
+  """The retrainings of the removal test: the replay with nothing removed, `num_random`
+  random sets of `num_removed` slices (shared by all regions), and each region's top
+  `num_removed` proponent and opponent slices.
+
+  Args:
+    regions: [(test index a, class index i)] the checked regions.
+    slice_scores: [K, n_test, n_train] scores of each test region for each training slice
+      (`faithfulness.slice_scores`), from whichever attribution method is tested.
+    n_train: training slices.
+    num_removed: k, slices removed per retraining.
+    num_random: random sets.
+    seed: the random sets' seed.
+
+  Returns:
+    The jobs: "baseline", "random_<r>", then "proponents_<r>" and "opponents_<r>" per
+    region r.
+  """
+  jobs = [RemovalJob("baseline", "baseline", (), None)]
+  rng = np.random.default_rng(seed)
+  for r in range(num_random):
+    removed = np.sort(rng.choice(n_train, num_removed, replace=False))
+    jobs.append(RemovalJob(f"random_{r}", "random", tuple(int(b) for b in removed), None))
   for r, (a, i) in enumerate(regions):
-    prop, opp = faithfulness.removal_sets(slice_scores[i, a], config.num_removed)
-    jobs.append(_Job(f"proponents_{r}", "proponents", tuple(int(b) for b in prop), r))
-    jobs.append(_Job(f"opponents_{r}", "opponents", tuple(int(b) for b in opp), r))
+    prop, opp = faithfulness.removal_sets(slice_scores[i, a], num_removed)
+    jobs.append(RemovalJob(f"proponents_{r}", "proponents", tuple(int(b) for b in prop), r))
+    jobs.append(RemovalJob(f"opponents_{r}", "opponents", tuple(int(b) for b in opp), r))
   return jobs
 
 
-def _evaluator(apply_fn, val_set, val_regions: np.ndarray, regions):
-  """measure(model) -> (region soft Dice [R], slice hard Dice [R]) of the chosen regions,
-  with the model's own parameters and state."""
+def _jobs(regions, slice_scores, n_train: int, config: ValidateConfig) -> list[RemovalJob]:
+  return removal_jobs(regions, slice_scores, n_train, config.num_removed, config.num_random,
+                      config.seed)
+
+
+def evaluator(apply_fn, val_set, val_regions: np.ndarray, regions):
+  """measure(model) -> (region soft Dice [R], slice hard Dice [R]) of the chosen regions
+  [(validation index a, class index i)], with the model's own parameters and state."""
   slices = sorted({a for a, _ in regions})
   row = {a: s for s, a in enumerate(slices)}
   examples = {"image": val_set.images[slices],
@@ -170,30 +195,54 @@ def _same_params(a, b) -> bool:
   return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 
-def _part_name(job: _Job) -> str:
+def _part_name(job: RemovalJob) -> str:
   """A retraining's part name: its job and a hash of the removed set (so that another k,
   or other sets, never reuse it by mistake)."""
   digest = hashlib.sha256(repr(job.removed).encode()).hexdigest()[:8]
   return job.name if job.removal == "baseline" else f"{job.name}_{digest}"
 
 
-def _run_jobs(jobs, context: base.Context, config: ValidateConfig, measure, final_params,
-              parts: base.Parts) -> dict[str, dict[str, Any]]:
-  """Runs (or reuses) every retraining; returns name -> result. The replay with nothing
-  removed is compared with the run's final parameters `final_params`."""
-  results = {job.name: parts.load(_part_name(job)) for job in jobs}
+def run_retrainings(jobs: list[RemovalJob], context: base.Context, measure, final_params,
+                    parts: base.Parts, *, from_epoch: int | None = None,
+                    part_name: Callable[[RemovalJob], str] | None = None,
+                    retrainer: retrain_lib.Retrainer | None = None
+                    ) -> dict[str, dict[str, Any]]:
+  """Runs (or reuses) every retraining of `jobs`, each saved in `parts` as it finishes.
+
+  Args:
+    jobs: the retrainings (`removal_jobs`).
+    context: the stage's context (workdir, training set, progress).
+    measure: `measure(model) -> (region soft Dice [R], hard Dice [R])` (`evaluator`).
+    final_params: the run's final parameters; the replay with nothing removed is compared
+      with them (`reproduces_run` in its record).
+    parts: where the results are saved.
+    from_epoch: the checkpoint retraining starts from (None: the last Adam epoch).
+    part_name: a job's part name (default: its name and a hash of its removed set; jobs of
+      the same part name share one retraining).
+    retrainer: the `Retrainer` to use (default: one made from the run, starting at
+      `from_epoch`, if any retraining is left to do).
+
+  Returns:
+    job name -> {"name", "removal", "region", "removed", "region_dice", "hard_dice"} (and
+    "reproduces_run" for the baseline).
+  """
+  part_name = part_name or _part_name
+  results = {job.name: parts.load(part_name(job)) for job in jobs}
   results = {name: r for name, r in results.items() if r is not None}
-  todo = [job for job in jobs if job.name not in results]
+  todo, seen = [], set()
+  for job in jobs:
+    if job.name not in results and part_name(job) not in seen:
+      todo.append(job)
+      seen.add(part_name(job))
   if results:
     context.log(f"Retraining: {len(results)} of {len(jobs)} results reused from {parts.dir}.")
-  if not todo:
-    return results
-  retrainer = retrain_lib.Retrainer(context.workdir, context.train_set,
-                                    from_epoch=config.from_epoch)
-  context.log(f"Retraining epochs {retrainer.epochs[0]}-{retrainer.epochs[-1]} from the "
-              f"checkpoint of epoch {retrainer.from_epoch}, {len(todo)} times (the run made "
-              f"{retrainer.num_steps} steps; fewer without the removed slices); each result "
-              "is saved as it finishes.")
+  if todo:
+    retrainer = retrainer or retrain_lib.Retrainer(context.workdir, context.train_set,
+                                                   from_epoch=from_epoch)
+    context.log(f"Retraining epochs {retrainer.epochs[0]}-{retrainer.epochs[-1]} from the "
+                f"checkpoint of epoch {retrainer.from_epoch}, {len(todo)} times (the run made "
+                f"{retrainer.num_steps} steps; fewer without the removed slices); each result "
+                "is saved as it finishes.")
   times = []
   for t, job in enumerate(todo):
     t0 = time.perf_counter()
@@ -204,17 +253,35 @@ def _run_jobs(jobs, context: base.Context, config: ValidateConfig, measure, fina
               "removed": list(job.removed), "region_dice": soft, "hard_dice": hard}
     if job.removal == "baseline":
       record["reproduces_run"] = _same_params(models.functional(model)[1], final_params)
-    parts.save(_part_name(job), record)
+    parts.save(part_name(job), record)
     results[job.name] = record
     times.append(time.perf_counter() - t0)
     left = np.median(times) * (len(todo) - t - 1)
     context.log(f"retraining {t + 1}/{len(todo)} ({job.name}) done in {times[-1]:.0f} s; "
                 f"about {left / 60:.0f} min left.")
+  for job in jobs:  # jobs that share a part with one run above
+    if job.name not in results:
+      results[job.name] = parts.load(part_name(job))
   return results
 
 
-def _summarise(jobs, results, regions, slice_scores, class_names) -> dict[str, Any]:
-  """Per-region effects, their summaries, paired tests and the rank correlation."""
+def summarise_removals(jobs: list[RemovalJob], results: dict[str, dict[str, Any]], regions,
+                       slice_scores: np.ndarray, class_names) -> tuple[dict, dict]:
+  """Per-region effects, their summaries, paired tests and the rank correlation.
+
+  Args:
+    jobs: the removal test's retrainings (`removal_jobs`).
+    results: job name -> record with "region_dice" [R] and "hard_dice" [R], R the checked
+      regions (`run_retrainings`).
+    regions: [(test index a, class index i)] the checked regions.
+    slice_scores: [K, n_test, n_train] the scores the removal sets came from.
+    class_names: the K class names.
+
+  Returns:
+    (summary, arrays): the JSON-ready summary (`dice_change` per removal with intervals,
+    `per_class`, `proponents_minus_random`, `opponents_minus_random` with Wilcoxon
+    p-values, `rank_correlation`, `sign_agreement`), and the per-region arrays behind it.
+  """
   base = results["baseline"]
   n = len(regions)
   effect = {name: np.full(n, np.nan) for name in REMOVALS}
@@ -269,6 +336,9 @@ def _summarise(jobs, results, regions, slice_scores, class_names) -> dict[str, A
   arrays = {"effect": effect, "hard": hard, "predicted": predicted, "actual": actual,
             "kinds": kinds, "classes": classes}
   return summary, arrays
+
+
+_summarise = summarise_removals
 
 
 def _verdict(summary: dict[str, Any]) -> str:
@@ -416,10 +486,11 @@ class ValidateStage(base.StageBase):
     parts = base.Parts(out / "retraining",
                        {"influence": inputs.fingerprint, "from_epoch": config.from_epoch,
                         "regions": regions}, what="retraining")
-    measure = _evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
+    measure = evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
     t0 = time.perf_counter()
-    results = _run_jobs(jobs, context, config, measure, inputs.params, parts)
-    summary, arrays = _summarise(jobs, results, regions, scores, names)
+    results = run_retrainings(jobs, context, measure, inputs.params, parts,
+                              from_epoch=config.from_epoch)
+    summary, arrays = summarise_removals(jobs, results, regions, scores, names)
     reproduces = bool(results["baseline"].get("reproduces_run"))
     verdict = _verdict(summary)
     log(f"Retraining check: {verdict}.")
