@@ -6,6 +6,8 @@ layer (`apply_fn(params, images, channel_mask=None, return_hidden=False)`, as
 
   - `region_features`, `hidden_features`: f(z_j)_k = max of feature map k over region z_j
     -> [N, K, C], NaN where the region is empty;
+  - `region_cosine`: the cosine of two regions' feature vectors f(z_j) (a similarity
+    baseline for TracIn that uses no gradients) -> [n_test, K, n_train, K];
   - `similarity` (eq 7): S(z_j, z'_i)_k = f(z'_i)_k f(z_j)_k / max(|f(z'_i)_k|, |f(z_j)_k|)^2;
   - `feature_importance` (eq 8): FI[i, k, r] = mean over the test regions of class i of S
     with the train region at TracIn rank r (the ranked scatter plot of the paper's Fig. 6);
@@ -109,6 +111,34 @@ def hidden_features(apply_fn: ApplyFn, params: Params, images, regions, *,
     f = _features_batch(apply_fn, params, images[index], regions[index])
     out.append(np.asarray(f)[:valid])
   return np.concatenate(out)
+
+
+def region_cosine(f_test, f_train) -> np.ndarray:
+  """The cosine of the region feature vectors of every test and train region.
+
+  A representation-similarity score beside TracIn: it uses the same ingredients as eq 7
+  (f(z_j), the maxima of the last hidden layer's maps over a region), compared as whole
+  vectors, and no gradient.
+
+  Args:
+    f_test: [n_test, K, C] region features (`hidden_features`), NaN where a region is empty.
+    f_train: [n_train, K, C].
+
+  Returns:
+    [n_test, K, n_train, K] float64: entry [a, i, b, j] = cos(f_test[a, i], f_train[b, j]);
+    NaN where either region is empty, 0 where either vector is 0.
+  """
+  f_test, f_train = np.asarray(f_test, np.float64), np.asarray(f_train, np.float64)
+  if f_train.ndim != 3 or f_test.ndim != 3 or f_train.shape[1:] != f_test.shape[1:]:
+    raise ValueError(f"f_train [n_train, K, C] and f_test [n_test, K, C] must share K and C; "
+                     f"got {f_train.shape} and {f_test.shape}.")
+
+  def unit(f):
+    norm = np.linalg.norm(f, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.where(norm == 0, 0.0, f / norm)
+
+  return np.einsum("aic,bjc->aibj", unit(f_test), unit(f_train))
 
 
 # ---------------------------------------------------------------------------------------------
