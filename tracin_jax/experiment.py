@@ -22,6 +22,7 @@ from tracin_jax.data.slices import SliceSet
 from tracin_jax.settings import setting
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.lds import LdsConfig
 from tracin_jax.stages.report import ReportConfig
 from tracin_jax.stages.saliency import SaliencyConfig
 from tracin_jax.stages.validate import ValidateConfig
@@ -81,6 +82,7 @@ class ExperimentConfig:
   interpret: InterpretConfig = InterpretConfig()
   saliency: SaliencyConfig = SaliencyConfig()
   validate: ValidateConfig = ValidateConfig()
+  lds: LdsConfig = LdsConfig()
   report: ReportConfig = ReportConfig()
 
   def stage_configs(self) -> dict[str, Any]:

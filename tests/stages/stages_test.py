@@ -12,6 +12,7 @@ from tracin_jax import stages
 from tracin_jax.influence import layout
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
+from tracin_jax.stages.lds import LdsConfig
 from tracin_jax.stages.report import ReportConfig
 from tracin_jax.stages.saliency import SaliencyConfig
 from tracin_jax.stages.validate import ValidateConfig
@@ -27,6 +28,8 @@ CONFIGS = {
         randomisation_methods=("vanilla_gradient", "grad_cam_plus_plus")),
     "validate": ValidateConfig(regions_per_class=1, num_removed=2, num_random=1,
                                randomisation_examples=6),
+    "lds": LdsConfig(num_subsets=2, variants=("tracin", "random"), removal_k=(),
+                     num_bootstrap=10),
     "report": ReportConfig(pages=3, top=2),
 }
 
@@ -47,7 +50,7 @@ def staged(full_run):
 
 def test_registry_order_and_needs():
   assert stages.list_stages() == ("train", "influence", "interpret", "saliency", "validate",
-                                  "report")
+                                  "lds", "report")
   for name in stages.list_stages():
     stage = stages.get_stage(name)
     assert isinstance(stage, stages.Stage)
@@ -120,7 +123,7 @@ def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
   with caplog.at_level(logging.INFO, logger="tracin_jax"):
     for name in stages.list_stages():
       stages.run_stage(stages.get_stage(name, CONFIGS[name]), again)
-  assert caplog.text.count("reusing it") == 6
+  assert caplog.text.count("reusing it") == 7
   np.testing.assert_array_equal(again.results["influence"].test_blocks,
                                 results["influence"].test_blocks)
 

@@ -2,12 +2,12 @@
 
     from tracin_jax import stages
     stages.list_stages()  # ('train', 'influence', 'interpret', 'saliency', 'validate',
-                          #  'report')
+                          #  'lds', 'report')
     context = stages.Context(workdir, train_set, val_set, data_name="synthetic cohort")
     result = stages.run_stage(stages.get_stage("influence"), context)
 
 Each stage is a class in its own module (`train`, `influence`, `interpret`, `saliency`, `validate`,
-`report`),
+`lds`, `report`),
 registered by name in the order the stages run; `base` holds the contract (`Stage`),
 the `Context` every stage receives, the per-stage `manifest.json` and the resume mechanism
 (`Parts`). The analysis itself lives in the library packages (`training`, `influence`,
@@ -20,6 +20,7 @@ from tracin_jax.stages import influence  # pylint: disable=g-bad-import-order
 from tracin_jax.stages import interpret  # pylint: disable=g-bad-import-order
 from tracin_jax.stages import saliency  # pylint: disable=g-bad-import-order
 from tracin_jax.stages import validate  # pylint: disable=g-bad-import-order
+from tracin_jax.stages import lds  # pylint: disable=g-bad-import-order
 from tracin_jax.stages import report  # pylint: disable=g-bad-import-order
 from tracin_jax.stages.base import MANIFEST
 from tracin_jax.stages.base import Context
@@ -44,6 +45,7 @@ __all__ = [
     "get_stage",
     "influence",
     "interpret",
+    "lds",
     "list_stages",
     "read_manifest",
     "register_stage",
