@@ -92,6 +92,15 @@ class _Run:
 _RUNS: dict[tuple[str, float], _Run] = {}
 
 
+def has_store(workdir: str | os.PathLike) -> bool:
+  """Whether the run in `workdir` has a complete gradient store."""
+  path = pathlib.Path(workdir) / STORE_PATH
+  try:
+    return store_lib.open_store(path).is_complete()
+  except (FileNotFoundError, ValueError):
+    return False
+
+
 def _run(workdir: pathlib.Path) -> _Run:
   store_file = workdir / STORE_PATH / store_lib.STORE_FILE
   if not store_file.is_file():
@@ -105,7 +114,7 @@ def _run(workdir: pathlib.Path) -> _Run:
 
 
 def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = "image",
-                  k: int = 10) -> Explanation:
+                  k: int = 10, labels: np.ndarray | None = None) -> Explanation:
   """TracIn of one image's predicted regions against a finished run's gradient store.
 
   Args:
@@ -114,6 +123,9 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
       FLAIR, in [-1, 1]; `tracin_jax.data.brats` does it for NIfTI cases).
     name: the image's name in files and titles.
     k: proponents and opponents kept per region.
+    labels: [H, W] int ground truth (0 background, 1..K the classes), if the image has
+      one: the region losses then score it, as the influence stage does for validation
+      images; default the model's own prediction, as for any unlabelled image.
 
   Returns:
     The explanation (scores, top-k lists, timings).
@@ -134,9 +146,14 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
                      f"T1, T1Gd, T2, FLAIR), got {list(image.shape)}.")
   regions = segmentation.predict_regions(run.final_apply, run.params, image[None],
                                          run.threshold, state=run.state)
-  labels = np.argmax(np.asarray(segmentation.call_model(run.final_apply, run.params,
-                                                        image[None], run.state)), axis=-1)
-  example = {"image": image[None], "target": labels.astype(np.int32), "region": regions}
+  if labels is None:
+    labels = np.argmax(np.asarray(segmentation.call_model(run.final_apply, run.params,
+                                                          image[None], run.state)), axis=-1)[0]
+  elif np.shape(labels) != image.shape[:2]:
+    raise ValueError(f"labels must be {list(image.shape[:2])} like the image, got "
+                     f"{list(np.shape(labels))}.")
+  example = {"image": image[None], "target": np.asarray(labels, np.int32)[None],
+             "region": regions}
   scores = run.store.influence(run.loss_fn, run.checkpoints, example)
   presence = segmentation.region_presence(regions)
   blocks = layout.to_class_blocks(segmentation.mask_absent(scores, presence,
@@ -184,4 +201,4 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
   return written
 
 
-__all__ = ["Explanation", "explain_image", "write_explanation"]
+__all__ = ["Explanation", "explain_image", "has_store", "write_explanation"]

@@ -96,6 +96,10 @@ def test_the_report_lists_every_stage_and_its_pages(staged):
   for case, z in results["saliency"].images:
     mine = [t for t in texts if f"<h1>{case} slice {z}" in t]
     assert len(mine) == 1 and "saliency/grid_" in mine[0]
+  # The pages' scores are queries of the gradient store, compared with the exact scores.
+  for text in texts:
+    assert "Scores queried from the run&#39;s gradient store (countsketch projection" in text
+    assert "are also among the top" in text
   manifest = stages.read_manifest(context.workdir, "report")
   assert manifest["files"][0]["path"] == "report/index.html"
 

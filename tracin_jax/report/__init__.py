@@ -195,8 +195,12 @@ def choose_pages(val_ids: Sequence[tuple[str, int]], val_regions: np.ndarray,
 
 def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
           val_set: SliceSet, saliency: dict[str, Any] | None, top: int,
-          made: set[tuple[int, int]]) -> dict[str, Any]:
-  """Writes the images of validation image a's page; returns its template values."""
+          made: set[tuple[int, int]], blocks: np.ndarray) -> dict[str, Any]:
+  """Writes the images of validation image a's page; returns its template values.
+
+  `blocks` [K, 1, K * n_train] are the image's scores (a query of the gradient store, or
+  the influence stage's own row); the page also says how many of each region's top
+  proponents the influence stage's exact scores share."""
   case, z = val_set.ids[a]
   name = f"val{a:04d}"
   folder = report_dir / PAGES / name
@@ -213,7 +217,9 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
              "present": bool(influence.presence_test[a, i]), "proponents": [],
              "opponents": [], "saliency": []}
     if entry["present"]:
-      pi, ps, oi, os_ = top_k(influence.test_blocks[i, a][None], top)
+      pi, ps, oi, os_ = top_k(blocks[i, 0][None], top)
+      exact = top_k(influence.test_blocks[i, a][None], top)[0][0]
+      entry["shared"] = len(set(pi[0].tolist()) & set(exact.tolist()))
       for kind, idx, val in (("proponents", pi[0], ps[0]), ("opponents", oi[0], os_[0])):
         for col, score in zip(idx, val):
           if col < 0:
@@ -241,6 +247,31 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
           "modalities": f"{name}/modalities.png", "thumb": f"{PAGES}/{name}/thumb.png",
           "href": f"{PAGES}/{name}.html",
           "saliency": any(c["saliency"] for c in classes)}
+
+
+def _page_scores(workdir: pathlib.Path, influence, val_set: SliceSet,
+                 chosen: Sequence[int], top: int) -> dict[str, Any]:
+  """The pages' scores: queries of the run's gradient store where it has one (each image
+  explained as a new one would be), else the influence stage's own rows."""
+  from tracin_jax import explain  # pylint: disable=g-import-not-at-top
+
+  if explain.has_store(workdir):
+    blocks, seconds = [], []
+    for a in chosen:
+      result = explain.explain_image(workdir, val_set.images[a], name=f"val{a}", k=top,
+                                     labels=val_set.labels[a])
+      blocks.append(result.blocks)
+      seconds.append(result.seconds["query"])
+    spec = explain._run(workdir).store.meta["projection"]  # pylint: disable=protected-access
+    kind = ("exact gradients" if spec is None
+            else f"{spec['kind']} projection to d = {spec['dim']}")
+    text = (f"Scores queried from the run's gradient store ({kind}), as a new image would "
+            f"be explained (python -m experiments.explain); {fmt(float(np.median(seconds)), 2)} "
+            "s per image (median).")
+    return {"blocks": blocks, "text": text}
+  text = ("Scores from the influence stage (the run has no gradient store: "
+          "--nostore).")
+  return {"blocks": [influence.test_blocks[:, a:a + 1] for a in chosen], "text": text}
 
 
 def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = None,
@@ -281,8 +312,9 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
     chosen = choose_pages(val_set.ids, influence.val_regions,
                           saliency["images"] if saliency else [], max_pages)
     made: set[tuple[int, int]] = set()
-    pages = [_page(report_dir, a, influence, train_set, val_set, saliency, top, made)
-             for a in chosen]
+    source = _page_scores(workdir, influence, val_set, chosen, top)
+    pages = [_page(report_dir, a, influence, train_set, val_set, saliency, top, made, blocks)
+             for a, blocks in zip(chosen, source["blocks"])]
     template = _ENV.get_template("image.html")
     for k, p in enumerate(pages):
       html = template.render(
@@ -290,7 +322,7 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
           prev=f"{pages[k - 1]['name']}.html" if k else None,
           next=f"{pages[k + 1]['name']}.html" if k + 1 < len(pages) else None,
           **{key: p[key] for key in ("case", "slice", "index", "classes", "modalities")},
-          **common)
+          source=source["text"], top=top, **common)
       outputs.write_text(report_dir / PAGES / f"{p['name']}.html", html)
 
   title = f"Run report: {workdir.name}" + (" (synthetic cohort)" if synthetic else "")
