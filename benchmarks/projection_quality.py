@@ -1,0 +1,127 @@
+"""How projected gradients rank training regions against exact TracIn, and what each
+projection costs, on a finished run.
+
+    python -m experiments.run --flagfile=experiments/configs/demo.flags   # once
+    PYTHONPATH=. python benchmarks/projection_quality.py \\
+        --flagfile=experiments/configs/demo.flags --out=runs/demo/projection_quality.json
+
+For every checkpoint TracIn sums over, the per-example region gradients of the training and
+validation slices are computed once; each projection (kind x d) is applied to the same
+gradient blocks, and the validation-train TracIn scores of every variant are summed over
+checkpoints beside the exact ones. For every present validation region (test example a,
+class i), its scores over the present training regions (all classes) are compared with the
+exact scores: Spearman's rank correlation and the share of the exact top-10 proponents (and
+opponents) that the projected scores also put in their top 10 (`influence.report.ranking_agreement`).
+Also timed: each projection's seconds per gradient row (median over blocks), against the
+gradient computation's.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import run as run_app  # pylint: disable=g-import-not-at-top
+from tracin_jax import experiment  # pylint: disable=g-import-not-at-top
+from tracin_jax.influence import grads as grads_lib  # pylint: disable=g-import-not-at-top
+from tracin_jax.influence import layout  # pylint: disable=g-import-not-at-top
+from tracin_jax.influence import report  # pylint: disable=g-import-not-at-top
+from tracin_jax.influence import projection as projection_lib  # pylint: disable=g-import-not-at-top
+from tracin_jax.influence import segmentation  # pylint: disable=g-import-not-at-top
+from tracin_jax.stages import influence as influence_stage  # pylint: disable=g-import-not-at-top
+
+flags.DEFINE_string("out", None, "JSON file for the table (optional).")
+flags.DEFINE_list("dims", ["256", "1024", "4096", "16384"], "Projected sizes d.")
+flags.DEFINE_list("kinds", list(projection_lib.KINDS), "Projection kinds.")
+flags.DEFINE_integer("dense_max_dim", 4096, "Largest d tried for the dense kind (its cost "
+                     "grows as P x d).")
+flags.DEFINE_integer("top", 10, "k of the top-k overlap.")
+flags.DEFINE_integer("block", 32, "Examples per gradient block.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  config = run_app._FLAGS[2].value()  # pylint: disable=protected-access
+  train_set, val_set = experiment.load_data(config.data, progress=False)
+  context = experiment.make_context(config, train_set, val_set)
+  stage = influence_stage.InfluenceStage(config.influence)
+  apply_fn, checkpoints, epochs, final, final_apply = stage._checkpoints(context)  # pylint: disable=protected-access
+  regions = [segmentation.predict_regions(final_apply, final.params, s.images,
+                                          config.influence.threshold, state=final.state)
+             for s in (train_set, val_set)]
+  presence = [segmentation.region_presence(r) for r in regions]
+  examples = [influence_stage._examples(s, r) for s, r in zip((train_set, val_set), regions)]  # pylint: disable=protected-access
+  both = {key: np.concatenate([examples[0][key], examples[1][key]]) for key in examples[0]}
+  n_train, n = len(train_set), len(train_set) + len(val_set)
+  loss_fn = segmentation.make_region_losses(apply_fn)
+  dims = [int(d) for d in FLAGS.dims]
+  variants = [projection_lib.Projection(d, kind, seed=0) for kind in FLAGS.kinds for d in dims
+              if kind != "dense" or d <= FLAGS.dense_max_dim]
+  k = 3
+  scores = {v: np.zeros((n * k, n_train * k)) for v in [None, *variants]}
+  seconds = {v: [] for v in [None, *variants]}
+  for epoch, ckpt in zip(epochs, checkpoints):
+    rows = {v: [] for v in [None, *variants]}
+    for start in range(0, n, FLAGS.block):
+      batch = {key: x[start:start + FLAGS.block] for key, x in both.items()}
+      t0 = time.perf_counter()
+      g, _ = grads_lib.block_grads(loss_fn, k, ckpt.params, batch, "auto", ckpt.state)
+      g.block_until_ready()
+      seconds[None].append((time.perf_counter() - t0) / g.shape[0])
+      rows[None].append(np.asarray(g))
+      for v in variants:
+        t0 = time.perf_counter()
+        p = v(g).block_until_ready()
+        seconds[v].append((time.perf_counter() - t0) / g.shape[0])
+        rows[v].append(np.asarray(p))
+    for v, parts in rows.items():
+      m = np.concatenate(parts).astype(np.float64)
+      scores[v] += ckpt.learning_rate * m @ m[:n_train * k].T
+    print(f"checkpoint of epoch {epoch} done", flush=True)
+
+  def blocks(v):
+    s = scores[v].reshape(n, k, n_train, k)[n_train:]
+    return layout.to_class_blocks(segmentation.mask_absent(s, presence[1], presence[0]))
+
+  exact = blocks(None)
+  p = sum(int(np.size(x)) for x in __import__("jax").tree.leaves(checkpoints[0].params))
+  grad_s = float(np.median(seconds[None][1:] or seconds[None]))
+  table = []
+  print(f"\nP = {p} parameters; exact gradient rows: {1e3 * grad_s:.1f} ms per row (median); "
+        f"{len(epochs)} checkpoints, {n_train} train + {len(val_set)} validation slices.\n")
+  print(f"| kind | d | Spearman median (mean) | top-{FLAGS.top} proponents shared, mean "
+        f"| top-{FLAGS.top} opponents shared, mean | projection ms per row (share of the "
+        "gradient's) | store MB per checkpoint |")
+  print("|---|---|---|---|---|---|---|")
+  for v in variants:
+    rows_ = np.asarray(report.ranking_agreement(exact, blocks(v), presence[1], presence[0],
+                                               FLAGS.top))
+    proj_s = float(np.median(seconds[v][1:] or seconds[v]))
+    entry = {"kind": v.kind, "dim": v.dim, "rho_median": float(np.median(rows_[:, 1])),
+             "rho_mean": float(np.mean(rows_[:, 1])), "rho_min": float(np.min(rows_[:, 1])),
+             "top_proponents": float(np.mean(rows_[:, 2])),
+             "top_opponents": float(np.mean(rows_[:, 3])), "ms_per_row": 1e3 * proj_s,
+             "share_of_gradient": proj_s / grad_s,
+             "store_mb_per_checkpoint": n_train * k * v.dim * 4 / 1e6}
+    table.append(entry)
+    print(f"| {v.kind} | {v.dim} | {entry['rho_median']:.3f} ({entry['rho_mean']:.3f}) "
+          f"| {entry['top_proponents']:.2f} | {entry['top_opponents']:.2f} "
+          f"| {entry['ms_per_row']:.2f} ({100 * entry['share_of_gradient']:.1f}%) "
+          f"| {entry['store_mb_per_checkpoint']:.1f} |")
+  print(f"| exact | {p} | 1 | 1 | 1 | - | {n_train * k * p * 4 / 1e6:.0f} |")
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).write_text(json.dumps(
+        {"num_parameters": p, "gradient_ms_per_row": 1e3 * grad_s, "epochs": list(epochs),
+         "regions": int(presence[1].sum()), "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=run_app._parse)  # pylint: disable=protected-access
