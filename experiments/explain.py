@@ -28,6 +28,9 @@ from experiments import run as run_app
 flags.DEFINE_list("image", None, "Slices of the run's data to explain, as case:slice.")
 flags.DEFINE_string("nifti_case", None, "A BraTS-layout case directory to explain.")
 flags.DEFINE_integer("slice", None, "With --nifti_case: the axial slice index to explain.")
+flags.DEFINE_bool("with_truth", False, "Score the image's regions against its ground truth "
+                  "(as the influence stage does for validation slices) instead of the "
+                  "model's own prediction (as for an unlabelled image).")
 flags.DEFINE_string("out", None, "Directory for the explanations (default: "
                     "<workdir>/explain).")
 
@@ -35,7 +38,7 @@ FLAGS = flags.FLAGS
 
 
 def _images(train_set, val_set, preprocess):
-  """(name, image) pairs from --image or --nifti_case/--slice."""
+  """(case, slice, image, ground truth) of each image --image or --nifti_case/--slice name."""
   from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
   from tracin_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
@@ -51,7 +54,7 @@ def _images(train_set, val_set, preprocess):
       raise UserError(f"--slice={FLAGS.slice}: {FLAGS.nifti_case} gives slices "
                       f"{int(case.slice_indices[0])}..{int(case.slice_indices[-1])} after "
                       "preprocessing.")
-    return [(f"{case.case_ids[where]}_z{FLAGS.slice}", case.images[where])]
+    return [(str(case.case_ids[where]), FLAGS.slice, case.images[where], case.labels[where])]
   known = {f"{c}:{z}": (s, i) for s in (val_set, train_set) for i, (c, z) in enumerate(s.ids)}
   out = []
   for name in FLAGS.image:
@@ -59,7 +62,8 @@ def _images(train_set, val_set, preprocess):
       raise UserError(f"--image={name}: no such slice in the run's data (case:slice, e.g. "
                       f"{next(iter(known))}).")
     s, i = known[name]
-    out.append((name.replace(":", "_z"), s.images[i]))
+    case_id, z = s.ids[i]
+    out.append((case_id, z, s.images[i], s.labels[i]))
   return out
 
 
@@ -100,15 +104,17 @@ def explain_images() -> None:
   images = _images(train_set, val_set, config.data.preprocess)
   out = pathlib.Path(FLAGS.out) if FLAGS.out else workdir / "explain"
   train_regions = None
-  for name, image in images:
-    result = explain.explain_image(workdir, image, name=name, k=config.influence.top_k)
+  for case_id, z, image, truth in images:
+    name = f"{case_id}_z{z}"
+    result = explain.explain_image(workdir, image, name=name, k=config.influence.top_k,
+                                   labels=truth if FLAGS.with_truth else None)
     if train_regions is None:  # the panel shows the training regions: predicted once
       run = explain._run(workdir)  # pylint: disable=protected-access
       train_regions = segmentation.predict_regions(run.final_apply, run.params,
                                                    train_set.images, run.threshold,
                                                    state=run.state)
     paths = explain.write_explanation(result, out, train_set, train_regions=train_regions,
-                                      k=config.influence.top_k)
+                                      k=config.influence.top_k, case=case_id, slice_index=z)
     seconds = result.seconds
     print(f"{name}: explained in {seconds['total']:.2f} s (loading the run "
           f"{seconds['load']:.2f} s, the query {seconds['query']:.2f} s) against a "

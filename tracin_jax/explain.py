@@ -47,8 +47,10 @@ class Explanation:
     proponents: `influence.report.explain`'s entries (one per present region).
     train_ids: (case, slice) of every training slice.
     train_regions_present: [n_train, K] bool.
+    global_columns: score columns of the run's global explainers (influence stage).
     seconds: {"load", "query", "total"}: wall time of `explain_image`.
     store_bytes: size of the store on disk.
+    truth: [H, W] the ground truth the region losses scored, or None (the prediction).
   """
 
   name: str
@@ -58,8 +60,10 @@ class Explanation:
   proponents: list[dict[str, Any]]
   train_ids: list[tuple[str, int]]
   train_regions_present: np.ndarray
+  global_columns: list[int]
   seconds: dict[str, float]
   store_bytes: int
+  truth: np.ndarray | None = None
 
 
 class _Run:
@@ -83,6 +87,8 @@ class _Run:
       self.presence_train = f["presence"]
       self.train_ids = list(zip(f["train_case_ids"].tolist(),
                                 [int(z) for z in f["train_slice_indices"]]))
+    explainers = json.loads((workdir / "influence" / influence_stage.GLOBAL_FILE).read_text())
+    self.global_columns = [int(g["column"]) for g in explainers["global_explainers"]]
     if [f"{c}:{z}" for c, z in self.train_ids] != self.store.meta["example_ids"]:
       raise store_lib.StoreMismatch(f"{workdir / STORE_PATH} holds other training slices "
                                     "than the influence stage's outputs: rerun the stage.")
@@ -146,6 +152,7 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
                      f"T1, T1Gd, T2, FLAIR), got {list(image.shape)}.")
   regions, predicted = segmentation.predict_regions_and_labels(
       run.final_apply, run.params, image[None], run.threshold, state=run.state)
+  truth = labels
   if labels is None:
     labels = predicted[0]
   elif np.shape(labels) != image.shape[:2]:
@@ -159,18 +166,21 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
   blocks = layout.to_class_blocks(segmentation.mask_absent(scores, presence,
                                                            run.presence_train))
   proponents = report.explain(blocks, [(name, 0)], run.train_ids,
-                              influence_stage.CLASS_NAMES, k=k)
+                              influence_stage.CLASS_NAMES, k=k,
+                              global_columns=run.global_columns)
   done = time.perf_counter()
   return Explanation(name, image, regions[0], blocks, proponents, run.train_ids,
-                     run.presence_train, {"load": loaded - start, "query": done - loaded,
-                                          "total": done - start}, run.store.nbytes())
+                     run.presence_train, run.global_columns, {"load": loaded - start, "query": done - loaded,
+                                          "total": done - start}, run.store.nbytes(), truth)
 
 
 def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
                       train_set: slices_lib.SliceSet | None = None, *,
-                      train_regions: np.ndarray | None = None, k: int = 10) -> list[pathlib.Path]:
+                      train_regions: np.ndarray | None = None, k: int = 10,
+                      case: str | None = None, slice_index: int = 0) -> list[pathlib.Path]:
   """Writes `<name>.json` (scores of the top-k, timings) and, given the training slices and
-  their regions, the local explanation panel `<name>.png`.
+  their regions, the local explanation panel `<name>.png` (titled with `case` and
+  `slice_index`, default the name and 0).
 
   Returns:
     The paths written.
@@ -188,15 +198,16 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
   if train_set is not None and train_regions is not None:
     from tracin_jax.influence import figures  # pylint: disable=g-import-not-at-top
 
-    labels = np.zeros(explanation.regions.shape[:2], np.int32)
-    for i in range(explanation.regions.shape[-1]):
-      labels[explanation.regions[..., i]] = i + 1
-    one = slices_lib.SliceSet(explanation.image[None], labels[None],
-                              np.asarray([explanation.name]), np.asarray([0], np.int32))
+    truth = (np.zeros(explanation.regions.shape[:2], np.int32) if explanation.truth is None
+             else np.asarray(explanation.truth, np.int32))  # zeros: no outline drawn
+    one = slices_lib.SliceSet(explanation.image[None], truth[None],
+                              np.asarray([case or explanation.name]),
+                              np.asarray([slice_index], np.int32))
     path = out_dir / f"{explanation.name}.png"
     figures.plot_local_explanation(0, explanation.blocks, one, explanation.regions[None],
                                    train_set, train_regions, influence_stage.CLASS_NAMES,
-                                   path, k=k, title_suffix=" (from the gradient store)")
+                                   path, k=k, global_columns=explanation.global_columns,
+                                   title_suffix=" (from the gradient store)")
     written.append(path)
   return written
 
