@@ -45,7 +45,7 @@ flags.DEFINE_integer("image_size", 192, "Image side in pixels (the paper's crop)
 flags.DEFINE_integer("base_width", 64, "UNet base width (the paper's: 64).")
 flags.DEFINE_integer("depth", 4, "UNet depth.")
 flags.DEFINE_integer("examples", 8, "Examples whose gradients are timed (after a warm-up).")
-flags.DEFINE_integer("dim", 16384, "Projected size d.")
+flags.DEFINE_integer("dim", 4096, "Projected size d (the store's default).")
 flags.DEFINE_integer("chunk", 8192, "Columns of the dense projection drawn at once.")
 flags.DEFINE_integer("factor_dim", 16, "d_in = d_out of the factored projection per layer.")
 flags.DEFINE_integer("train_slices", 2070, "The paper's training slices.")
@@ -176,8 +176,12 @@ def main(argv):
         f"and checkpoint, against {k * p * 4 / 1e6:.0f} MB exact)")
   print(f"- exact train-influence under {FLAGS.budget_gib:g} GiB: {exact}")
   print(f"- projected train-influence under {FLAGS.budget_gib:g} GiB: {projected}")
+  store_block = max(1, 2**30 // (k * p * 4))
   print(f"- peak resident memory of this benchmark: {peak:.1f} GiB (one block of {block} "
-        f"examples' raw gradients is {block * k * p * 4 / 2**30:.2f} GiB)")
+        f"examples' raw gradients is {block * k * p * 4 / 2**30:.2f} GiB); build_store's "
+        f"default 1 GiB budget holds blocks of {store_block} slices; the store's "
+        f"train-influence then holds {n * k * FLAGS.dim * 4 / 2**20:.0f} MiB of projected "
+        "rows per checkpoint")
   if FLAGS.out:
     pathlib.Path(FLAGS.out).write_text(json.dumps({
         "parameters": p, "image_size": size, "seconds_per_example": grad_s,

@@ -203,3 +203,15 @@ def test_killed_build_resumes_to_the_same_store(one_device, tmp_path):
   got = _run_worker(tmp_path / "store", tmp_path / "scores.npz")
   assert _files(tmp_path / "store") == _files(path / "store")
   np.testing.assert_array_equal(got["test"], expect["test"])
+
+
+def test_the_memory_budget_bounds_a_block_of_raw_gradients(x64, tmp_path):
+  ckpts, train, _ = _mlp()
+  per_example = 3 * store_lib.grads_lib.parameter_count(ckpts[0][0]) * 8
+  store = store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train,
+                                projection=projection_lib.Projection(4),
+                                memory_budget_bytes=2 * per_example + 1)
+  assert store.block_size == 2 and store.num_blocks == 4
+  with pytest.raises(ValueError, match="cannot hold one example"):
+    store_lib.build_store(tmp_path / "t", tm.mlp_loss, ckpts, train,
+                          memory_budget_bytes=per_example - 1)

@@ -395,6 +395,7 @@ def build_store(
     checkpoint_names: Sequence[str] | None = None,
     fingerprint: str | None = None,
     batch_size: int | None = None,
+    memory_budget_bytes: int = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES,
     vectorize: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
     process_index: int | None = None,
@@ -418,7 +419,10 @@ def build_store(
     checkpoint_names: one name per checkpoint (e.g. its epoch), recorded.
     fingerprint: the caller's fingerprint of the model and data, recorded and compared on
       resume.
-    batch_size: examples per block (and per block file); default 64.
+    batch_size: examples per block (and per block file); default 64, lowered so that one
+      block's raw gradients (block x K x P x itemsize, before projection) fit in
+      `memory_budget_bytes` (at the paper's 31 M parameters, 2 slices per GiB).
+    memory_budget_bytes: bytes of raw gradients of one block (default 1 GiB).
     vectorize: see `influence`.
     mesh: a one-axis `jax.sharding.Mesh` of local devices: each block's examples are split
       over its devices, each computing its share with the vectorised path
@@ -441,7 +445,12 @@ def build_store(
   train_data = core._Data(train, "train")  # pylint: disable=protected-access
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-  block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), train_data.n)
+  _, raw_bytes, _ = core._gradient_layout(restricted, ckpts[0], train_data)  # pylint: disable=protected-access
+  fit = int(memory_budget_bytes) // raw_bytes
+  if fit < 1:
+    raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
+                     f"gradients (K x P x itemsize = {raw_bytes} bytes); raise it.")
+  block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), train_data.n, fit)
   settings = _store_settings(loss_fn, checkpoints, train_data, projection=projection,
                              normalize=normalize, params_filter=params_filter,
                              block_size=block_size, example_ids=example_ids,

@@ -369,7 +369,8 @@ class InfluenceStage(base.StageBase):
     fingerprint = base.inputs_key(self._inputs(context))
     kwargs = dict(example_ids=[f"{c}:{z}" for c, z in train_set.ids],
                   checkpoint_names=[str(e) for e in epochs], fingerprint=fingerprint,
-                  batch_size=self.config.block_size, **settings)
+                  batch_size=self.config.block_size,
+                  memory_budget_bytes=context.memory_budget_bytes, **settings)
     progress = _progress(context.progress, "Gradient store of the training regions")
     try:
       store = store_lib.build_store(path, loss_fn, checkpoints, train_ex, progress=progress,
