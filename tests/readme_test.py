@@ -8,11 +8,18 @@ import numpy as np
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs():
+def _example(marker: str) -> str:
+  """The README's one python block that contains `marker`."""
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-  assert blocks, "no python example in the README"
+  found = [b for b in blocks if marker in b]
+  assert len(found) == 1, f"{len(found)} python blocks of the README contain {marker!r}"
+  return found[0]
+
+
+def test_readme_python_example_runs():
   namespace: dict = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+  code = _example("tracin_jax.self_influence(loss_fn")
+  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
   scores, self_inf = namespace["scores"], namespace["self_inf"]
   assert scores.shape == (5, 1, 100, 1)
   assert self_inf.shape == (100, 1)
@@ -22,9 +29,9 @@ def test_readme_python_example_runs():
 
 
 def test_readme_saliency_example_runs_on_a_unet_and_a_pure_jax_model():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
   namespace: dict = {}
-  exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102
+  code = _example("saliency.integrated_gradients(")
+  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
   images = namespace["images"]
   for name in ("grad", "guided", "smooth"):
     assert namespace[name].shape == images.shape
@@ -50,9 +57,9 @@ def test_readme_saliency_example_runs_on_a_unet_and_a_pure_jax_model():
 
 
 def test_readme_instance_example_runs():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
   namespace: dict = {}
-  exec(compile(blocks[2], "README.md", "exec"), namespace)  # noqa: S102
+  code = _example("find_instances(")
+  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
   found, table = namespace["found"], namespace["table"]
   # Both true lesions are found: as true positives, or as false negatives through their mask.
   truth_lesions = [i for i in found if i.status in ("TP", "FN")]
