@@ -570,12 +570,17 @@ def plot_lds(record: dict[str, Any], path, *, title_suffix: str = "") -> None:
   ax = axes[0]
   for yy, name in zip(y, variants):
     colour = "C3" if name == record["recommended"] else ("C0" if name != FLOOR else "grey")
-    errorbar(ax, yy, record["variants"][name]["lds"], color=colour)
+    c = record["variants"][name]["lds"]
+    errorbar(ax, yy, c, color=colour)
+    if c.get("mean") is not None:
+      ax.annotate(f"{c['mean']:+.3f}", (c["high"] if c.get("high") is not None else c["mean"],
+                                        yy), xytext=(4, 3), textcoords="offset points",
+                  fontsize=7, color=colour)
   ax.axvline(0, color="k", lw=0.6)
   ax.set_yticks(y, variants)
-  ax.set_xlabel("LDS: mean Spearman rho over validation regions")
+  ax.set_xlabel("LDS: mean Spearman rho over validation regions (95% bootstrap interval)")
   ax.set_title(f"LDS, {record['num_subsets']} subsets of {record['fraction']:.0%}, "
-               f"{record['num_regions']} regions", fontsize=10)
+               f"{record['num_regions']} regions; red: recommended", fontsize=10)
   if ks:
     ax = axes[1]
     styles = {"proponents_minus_random": ("v", "proponents - random"),
