@@ -12,21 +12,28 @@ import dataclasses
 import json
 import os
 import pathlib
+import threading
 from typing import Any, Iterator
 
 import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+def atomic_path(path: str | os.PathLike, *, unique: bool = False) -> Iterator[pathlib.Path]:
   """Yields a temporary path beside `path`; on success it is renamed to `path`.
 
   The temporary name keeps the suffix (`x.tmp.npz` for `x.npz`), so writers that add or
   check a suffix (numpy, matplotlib) write exactly there. On an error the temporary file is
   removed and `path` is left as it was.
+
+  `unique=True` is for a file that several processes or threads may write at once (the
+  same content, say): each writes under its own temporary name (`x.tmp<pid>-<thread>.npz`)
+  and the last rename wins, where one shared temporary name would let one writer rename
+  the other's half-written file, or find it gone.
   """
   path = pathlib.Path(path)
-  tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+  tag = f"{os.getpid()}-{threading.get_ident()}" if unique else ""
+  tmp = path.with_name(f"{path.stem}.tmp{tag}{path.suffix}")
   try:
     yield tmp
     os.replace(tmp, path)
@@ -34,15 +41,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     tmp.unlink(missing_ok=True)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` (UTF-8) to `path`, atomically."""
-  with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, *, unique: bool = False) -> None:
+  """Writes `text` (UTF-8) to `path`, atomically (`unique`: see `atomic_path`)."""
+  with atomic_path(path, unique=unique) as tmp:
     tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes `obj` as indented JSON to `path`, atomically."""
-  write_text(path, json.dumps(obj, indent=2) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, *, unique: bool = False) -> None:
+  """Writes `obj` as indented JSON to `path`, atomically (`unique`: see `atomic_path`)."""
+  write_text(path, json.dumps(obj, indent=2) + "\n", unique=unique)
 
 
 def save_npz(path: str | os.PathLike, **arrays) -> None:

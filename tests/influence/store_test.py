@@ -6,8 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,6 +134,42 @@ def test_process_shares_together_make_the_whole_store(x64, tmp_path):
                                  process_index=index, process_count=2)
     assert part.is_complete() == (index == 0)
   assert _files(tmp_path / "parts") == _files(tmp_path / "whole")
+
+
+def test_processes_starting_one_build_at_once_all_go_on(x64, tmp_path, monkeypatch):
+  ckpts, train, _ = _mlp()
+  store_lib.build_store(tmp_path / "whole", tm.mlp_loss, ckpts, train, batch_size=2)
+  # A share starting while another process's store.json is still under its temporary name.
+  (tmp_path / "parts").mkdir()
+  (tmp_path / "parts" / "store.tmp999-1.json").write_text("{")
+  # Two shares that both found no store.json write it at the same moment.
+  meet, write_json = threading.Barrier(2, timeout=60), store_lib.outputs.write_json
+
+  def write_together(*args, **kwargs):
+    meet.wait()
+    write_json(*args, **kwargs)
+
+  monkeypatch.setattr(store_lib.outputs, "write_json", write_together)
+  errors = []
+
+  def share(index):
+    try:
+      with jax.enable_x64(True):  # thread-local, as the x64 fixture's
+        store_lib.build_store(tmp_path / "parts", tm.mlp_loss, ckpts, train,
+                              batch_size=2, process_index=index, process_count=2)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=share, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  (tmp_path / "parts" / "store.tmp999-1.json").unlink()
+  assert _files(tmp_path / "parts") == _files(tmp_path / "whole")
+  assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted(
+      p.name for p in (tmp_path / "whole").iterdir())
 
 
 def _env(**extra):

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -54,6 +55,8 @@ from tracin_jax.influence import projection as projection_lib
 from tracin_jax.types import Checkpoints, LossFn
 
 STORE_FILE = "store.json"
+# Another process's store.json on its way into place (`outputs.atomic_path(unique=True)`).
+_META_TMP = re.compile(r"store\.tmp\d+-\d+\.json")
 FORMAT_VERSION = 1
 
 
@@ -457,19 +460,23 @@ def build_store(
                              checkpoint_names=checkpoint_names, fingerprint=fingerprint)
   root = pathlib.Path(path)
   meta_path = root / STORE_FILE
-  if meta_path.is_file():
-    found = open_store(root).meta
-    problems = _differences(found, settings)
-    if problems:
-      raise StoreMismatch(f"{root} holds a gradient store built from something else: "
-                          + "; ".join(problems) + ". Use another directory, or delete this "
-                          "one to rebuild it.")
-  elif root.exists() and any(root.iterdir()):
-    raise ValueError(f"{root} exists and is not a gradient store; give an empty or new "
-                     "directory.")
-  else:
+  # Several processes may start one build at once (each its share of the blocks). Each one
+  # that finds no store.json writes its settings under its own temporary name, the last
+  # rename wins, and every process then checks the settings it finds against its own.
+  if not meta_path.is_file():
+    others = ([p for p in root.iterdir() if not _META_TMP.fullmatch(p.name)]
+              if root.exists() else [])
+    # Looked at after the listing: another process's store.json came before its blocks.
+    if others and not meta_path.is_file():
+      raise ValueError(f"{root} exists and is not a gradient store; give an empty or new "
+                       "directory.")
     root.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(meta_path, settings)
+    outputs.write_json(meta_path, settings, unique=True)
+  problems = _differences(open_store(root).meta, settings)
+  if problems:
+    raise StoreMismatch(f"{root} holds a gradient store built from something else: "
+                        + "; ".join(problems) + ". Use another directory, or delete this "
+                        "one to rebuild it.")
   index = jax.process_index() if process_index is None else int(process_index)
   count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= index < count:
