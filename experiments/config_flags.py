@@ -127,7 +127,7 @@ def _list_converter(name: str, elem: type, optional: bool) -> Callable:
 
 _GROUPS = {"data": "data", "train": "train stage", "influence": "influence stage",
            "interpret": "interpret stage", "saliency": "saliency stage",
-           "validate": "validate stage", "report": "report"}
+           "validate": "validate stage", "lds": "lds stage", "report": "report"}
 
 
 def help_text(config_cls: type) -> str:

@@ -21,8 +21,12 @@ def test_help_lists_every_setting_grouped_by_stage_and_exits_0():
   assert "--flagfile=FILE" in text and "--stages (default: train)" in text
   headings = [line[:-1] for line in text.splitlines() if line and line.endswith(":")
               and not line.startswith(" ")]
-  assert headings[-7:] == ["data", "train stage", "influence stage", "interpret stage",
-                           "saliency stage", "validate stage", "report"]
+  assert headings[-8:] == ["data", "train stage", "influence stage", "interpret stage",
+                           "saliency stage", "validate stage", "lds stage", "report"]
+  # Every nested config (stage) has a heading of its own, not the run's.
+  nested = {leaf.path[0] for leaf in settings.leaves(experiment.ExperimentConfig)
+            if len(leaf.path) > 1}
+  assert nested == set(config_flags._GROUPS)  # pylint: disable=protected-access
   for leaf in settings.leaves(experiment.ExperimentConfig):
     assert f"  --{leaf.flag} (default: " in text, leaf.flag
   assert text.count("(default: ") == len(list(settings.leaves(
