@@ -10,7 +10,8 @@ Reads the run's SGD checkpoints and writes under `<workdir>/influence/`:
   - `global_explainers.json`: train regions in the top `global_top` of more than
     `global_fraction` of the validation regions;
   - figures: `train_influence.png` (Fig. 4), `proponent_classes.png` (Fig. 5),
-    `self_influence.png`, `local_<case>_<slice>.png` (local explanation panels);
+    `self_influence.png` (not with `normalize`: every self-influence is then the sum of the
+    learning rates), `local_<case>_<slice>.png` (local explanation panels);
   - `parts/<key>/epoch<e>.npy`: each checkpoint's share of the sum, saved as it finishes;
   - `store/`: the gradient store of the training regions (`influence.store`; projected
     by default), which `tracin_jax.explain` queries for new images.
@@ -80,6 +81,11 @@ class InfluenceConfig:
       None, "Parameters TracIn differentiates, as path prefixes of the model's parameters "
       "(e.g. head: TracIn's last-layer variant; head,last_hidden); the others are held "
       "fixed (unset: all parameters).", flag="influence_params")
+  normalize: bool = setting(
+      False, "Renormalised TracIn: every region's gradient is divided by its norm at each "
+      "checkpoint, so a score is a learning-rate-weighted sum of cosines (more faithful than "
+      "the paper's TracIn by the lds stage's score on the demo; off: the paper's TracIn).",
+      flag="influence_normalize")
   store: bool = setting(
       True, "Also write the gradient store of the training regions (influence/store), which "
       "explains new images in seconds (python -m experiments.explain).")
@@ -207,6 +213,8 @@ class InfluenceStage(base.StageBase):
       }
       if self.config.params_filter is not None:  # absent when unset: old parts still match
         cache["inputs"]["params_filter"] = list(self.config.params_filter)
+      if self.config.normalize:  # likewise
+        cache["inputs"]["normalize"] = True
     return cache["inputs"]
 
   def fingerprint(self, context: base.Context) -> str:
@@ -221,6 +229,8 @@ class InfluenceStage(base.StageBase):
     if config.params_filter is not None:
       kept = _check_params_filter(config.params_filter, final.params)
       log(f"TracIn gradients restricted to {kept}.")
+    if config.normalize:
+      log("Renormalised TracIn: each region's gradient is unit-normalised per checkpoint.")
     train_set, val_set = context.train_set, context.val_set
 
     # Regions of the explained model (the final checkpoint), held fixed over checkpoints.
@@ -251,7 +261,7 @@ class InfluenceStage(base.StageBase):
               batch_size=config.block_size,
               progress=_progress(context.progress, f"TracIn gradients, checkpoint of epoch "
                                  f"{epoch} ({t + 1}/{len(epochs)})"),
-              params_filter=config.params_filter),
+              params_filter=config.params_filter, normalize=config.normalize),
               present, presence_train, epoch),
           label=f"checkpoint of epoch {epoch} ({t + 1}/{len(epochs)})")
       total = part if total is None else total + part
@@ -305,7 +315,8 @@ class InfluenceStage(base.StageBase):
 
     suffix = context.suffix
     figures.plot_influence_matrices(train_blocks, CLASS_NAMES, out / "train_influence.png",
-                                    title="Train-influence" + suffix)
+                                    title="Train-influence" + (
+                                        ", renormalised" if config.normalize else "") + suffix)
     manifest.figure(self.rel("train_influence.png"), "Train-influence matrices: for each class of "
                     "the explained training region (rows), its TracIn score with every "
                     "training region of each class (column blocks); white bands are absent "
@@ -316,11 +327,18 @@ class InfluenceStage(base.StageBase):
                                     k=config.top_k, title_suffix=suffix)
     manifest.figure(self.rel("proponent_classes.png"), f"Classes of the top {config.top_k} "
                     "proponents of each training region, per class (the paper's Fig. 5).")
-    self_inf = layout.self_scores(train_scores)
-    figures.plot_self_influence(self_inf, train_set, train_regions, CLASS_NAMES,
-                                out / "self_influence.png", title_suffix=suffix)
-    manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions per "
-                    "class, highest first, with the top-ranked slices and their regions.")
+    if config.normalize:
+      # A unit gradient's score with itself is 1: every self-influence is the sum of the
+      # learning rates, and a figure of them would rank nothing.
+      (out / "self_influence.png").unlink(missing_ok=True)
+      log("No self_influence.png: renormalised, every region's self-influence is the sum of "
+          "the learning rates.")
+    else:
+      self_inf = layout.self_scores(train_scores)
+      figures.plot_self_influence(self_inf, train_set, train_regions, CLASS_NAMES,
+                                  out / "self_influence.png", title_suffix=suffix)
+      manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions "
+                      "per class, highest first, with the top-ranked slices and their regions.")
     panels = []
     for a in _local_choices(val_regions, config.num_local_panels, val_set.case_ids):
       case, z = val_set.ids[a]
@@ -342,6 +360,7 @@ class InfluenceStage(base.StageBase):
                                     "seconds": round(store.last_build.seconds, 1)}
     manifest.headline.update({
         "checkpoint_epochs": list(epochs),
+        "renormalised": bool(config.normalize),
         "learning_rates": [float(f"{r:.7g}") for r in rates],  # float32 rates, as written
         "regions_train": dict(zip(CLASS_NAMES, presence_train.sum(0).tolist())),
         "regions_validation": dict(zip(CLASS_NAMES, presence_val.sum(0).tolist())),
@@ -359,7 +378,7 @@ class InfluenceStage(base.StageBase):
     return {"projection": None if config.store_projection == "none" else
             projection_lib.Projection(config.store_dim, config.store_projection,
                                       config.store_seed),
-            "params_filter": config.params_filter}
+            "params_filter": config.params_filter, "normalize": config.normalize}
 
   def _build_store(self, context: base.Context, loss_fn, checkpoints, epochs, train_ex,
                    train_set) -> store_lib.GradientStore:
