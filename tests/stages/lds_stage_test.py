@@ -42,8 +42,8 @@ def test_every_variant_is_scored_on_the_same_retrainings(lds_run):
   context, result = lds_run
   saved = json.loads((context.workdir / "lds" / "lds.json").read_text())
   assert list(saved["variants"]) == list(lds_stage.VARIANTS)
-  assert saved["tracin_equals_influence_stage"] is True
-  assert saved["tracin_deviation_from_influence_stage"] <= 1e-4
+  assert saved["influence_stage_variant"] == "tracin" and saved["equals_influence_stage"]
+  assert saved["deviation_from_influence_stage"] <= 1e-4
   assert saved["num_subsets"] == 4 and saved["subset_size"] == 6
   for name, entry in saved["variants"].items():
     assert -1 <= entry["lds"]["mean"] <= 1 and entry["lds"]["n_subsets"] == 4, name
@@ -105,3 +105,10 @@ def test_recommend_needs_a_clearly_positive_difference_from_tracin():
              "c": entry(0.25, 0.05), "random": entry(0.9, 0.5)}
   assert lds_stage.recommend(summary) == "c"  # a's interval includes 0; random never counts
   assert lds_stage.recommend({"tracin": summary["tracin"], "a": summary["a"]}) == "tracin"
+
+
+def test_the_influence_stage_is_checked_against_the_variant_it_computed():
+  variant = lds_stage.influence_stage_variant
+  assert variant(None) == variant(InfluenceConfig()) == "tracin"
+  assert variant(InfluenceConfig(normalize=True)) == "renormalised"
+  assert variant(InfluenceConfig(params_filter=("head",))) is None

@@ -187,6 +187,15 @@ def global_explainer_stats(blocks: np.ndarray, train_regions: np.ndarray, *, top
           "columns": columns.tolist()}
 
 
+def influence_stage_variant(config: influence_stage.InfluenceConfig | None) -> str | None:
+  """The variant whose scores the influence stage wrote with `config` (None: a layer
+  selection, which no variant here reproduces exactly)."""
+  config = config or influence_stage.InfluenceConfig()
+  if config.params_filter is not None:
+    return None
+  return "renormalised" if config.normalize else BASELINE
+
+
 def relative_deviation(a: np.ndarray, b: np.ndarray) -> float:
   """max |a - b| / max |b| over the entries finite in both (NaN must match)."""
   ok = np.isfinite(a) & np.isfinite(b)
@@ -399,11 +408,19 @@ class LdsStage(base.StageBase):
       slice_scores[name] = faithfulness.slice_scores(blocks[name])
       predicted[name] = lds_lib.predicted_outputs(region_rows(slice_scores[name], regions),
                                                   masks)
-    deviation = relative_deviation(blocks[BASELINE], inputs.test_blocks)
-    same = deviation <= 1e-4
-    log(f"LDS: the tracin variant's scores {'agree' if same else 'DISAGREE'} with the "
-        f"influence stage's (largest difference {deviation:.1e} of the largest |score|; "
-        "float32 sums in another order).")
+    # A check on both computations: the variant the influence stage computed, recomputed here.
+    stage_variant = influence_stage_variant(context.configs.get("influence"))
+    deviation, same = None, None
+    if stage_variant in blocks:
+      deviation = relative_deviation(blocks[stage_variant], inputs.test_blocks)
+      same = deviation <= 1e-4
+      log(f"LDS: the {stage_variant} variant's scores {'agree' if same else 'DISAGREE'} with "
+          f"the influence stage's (largest difference {deviation:.1e} of the largest |score|; "
+          "float32 sums in another order).")
+    else:
+      log("LDS: the influence stage's scores are not compared with a variant (it used "
+          + ("a layer selection" if stage_variant is None else f"the {stage_variant} variant, "
+             "not scored here") + ").")
     summary: dict[str, Any] = {}
     for name in variants:
       score = lds_lib.lds(predicted[name], soft, num_bootstrap=config.num_bootstrap,
@@ -474,8 +491,9 @@ class LdsStage(base.StageBase):
         "removal_regions": [[val_set.ids[a][0], int(val_set.ids[a][1]), names[i]]
                             for a, i in chosen],
         "retraining_seconds": retrain_seconds, "removal_seconds": removal_seconds,
-        "tracin_equals_influence_stage": bool(same),
-        "tracin_deviation_from_influence_stage": deviation,
+        "influence_stage_variant": stage_variant,
+        "equals_influence_stage": same,
+        "deviation_from_influence_stage": deviation,
         "recommended": recommended, "variants": summary}
     outputs.write_json(out / LDS_FILE, record)
     manifest.file(self.rel(LDS_FILE), "per variant: LDS with bootstrap interval, paired "
