@@ -62,8 +62,10 @@ def test_explaining_an_image_equals_influence_with_the_store_projection(influenc
   paths = explain.write_explanation(result, tmp_path, tiny_run.TRAIN,
                                     train_regions=inf.train_regions, k=3)
   assert [p.name for p in paths] == ["val.json", "val.png"]
-  assert json.loads(paths[0].read_text())["explanations"] == json.loads(
-      json.dumps(result.proponents))
+  written = json.loads(paths[0].read_text())
+  assert written["explanations"] == json.loads(json.dumps(result.proponents))
+  assert written["method"] == {"renormalised": False, "projection": store.meta["projection"],
+                               "checkpoints": [c["name"] for c in store.meta["checkpoints"]]}
 
 
 def test_an_exact_store_gives_the_stage_scores(influenced, tmp_path):

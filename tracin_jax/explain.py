@@ -51,6 +51,8 @@ class Explanation:
     seconds: {"load", "query", "total"}: wall time of `explain_image`.
     store_bytes: size of the store on disk.
     truth: [H, W] the ground truth the region losses scored, or None (the prediction).
+    method: how the store scores: {"renormalised": bool, "projection": its description or
+      None (exact), "checkpoints": the checkpoint names (epochs)}.
   """
 
   name: str
@@ -64,6 +66,7 @@ class Explanation:
   seconds: dict[str, float]
   store_bytes: int
   truth: np.ndarray | None = None
+  method: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class _Run:
@@ -169,9 +172,13 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
                               influence_stage.CLASS_NAMES, k=k,
                               global_columns=run.global_columns)
   done = time.perf_counter()
+  meta = run.store.meta
+  method = {"renormalised": bool(meta["normalize"]), "projection": meta["projection"],
+            "checkpoints": [c["name"] for c in meta["checkpoints"]]}
   return Explanation(name, image, regions[0], blocks, proponents, run.train_ids,
-                     run.presence_train, run.global_columns, {"load": loaded - start, "query": done - loaded,
-                                          "total": done - start}, run.store.nbytes(), truth)
+                     run.presence_train, run.global_columns,
+                     {"load": loaded - start, "query": done - loaded, "total": done - start},
+                     run.store.nbytes(), truth, method)
 
 
 def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
@@ -194,7 +201,7 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
                           range(explanation.regions.shape[-1])
                           if explanation.regions[..., i].any()],
       "seconds": {key: round(v, 3) for key, v in explanation.seconds.items()},
-      "store_bytes": explanation.store_bytes})
+      "store_bytes": explanation.store_bytes, "method": explanation.method})
   if train_set is not None and train_regions is not None:
     from tracin_jax.influence import figures  # pylint: disable=g-import-not-at-top
 
@@ -207,7 +214,9 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
     figures.plot_local_explanation(0, explanation.blocks, one, explanation.regions[None],
                                    train_set, train_regions, influence_stage.CLASS_NAMES,
                                    path, k=k, global_columns=explanation.global_columns,
-                                   title_suffix=" (from the gradient store)")
+                                   title_suffix=" (renormalised TracIn, from the gradient "
+                                   "store)" if explanation.method.get("renormalised") else
+                                   " (from the gradient store)")
     written.append(path)
   return written
 
