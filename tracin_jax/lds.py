@@ -150,18 +150,29 @@ def lds(predicted: np.ndarray, measured: np.ndarray, *, level: float = 0.95,
          "per_output": rho}
   if num_bootstrap and ok.sum() >= 2:
     p, y = np.asarray(predicted)[ok], np.asarray(measured)[ok]
-    rng = np.random.default_rng(seed)
-    r, m = p.shape
-    means = []
-    for _ in range(num_bootstrap):
-      rows, cols = rng.integers(r, size=r), rng.integers(m, size=m)
-      sample = spearman_rows(p[rows][:, cols], y[rows][:, cols])
-      if np.isfinite(sample).any():
-        means.append(np.nanmean(sample))
-    if means:
-      out["low"], out["high"] = (float(q) for q in np.quantile(
-          means, [(1 - level) / 2, (1 + level) / 2]))
+    out["low"], out["high"] = _bootstrap(
+        lambda rows, cols: spearman_rows(p[rows][:, cols], y[rows][:, cols]), y.shape,
+        level, num_bootstrap, seed)
   return out
+
+
+def _bootstrap(statistic, shape: tuple[int, int], level: float, num_bootstrap: int,
+               seed: int) -> tuple[float | None, float | None]:
+  """Percentile interval of the mean over outputs of `statistic(rows, cols)` [R] on
+  resamples of the R outputs and the M subsets (`shape` = (R, M)); (None, None) when no
+  resample has a defined value."""
+  rng = np.random.default_rng(seed)
+  r, m = shape
+  means = []
+  for _ in range(num_bootstrap):
+    rows, cols = rng.integers(r, size=r), rng.integers(m, size=m)
+    sample = statistic(rows, cols)
+    if np.isfinite(sample).any():
+      means.append(np.nanmean(sample))
+  if not means:
+    return None, None
+  low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return float(low), float(high)
 
 
 def lds_difference(predicted_a: np.ndarray, predicted_b: np.ndarray, measured: np.ndarray,
@@ -188,18 +199,10 @@ def lds_difference(predicted_a: np.ndarray, predicted_b: np.ndarray, measured: n
          "high": None, "n_outputs": int(ok.sum())}
   if num_bootstrap and ok.sum() >= 2:
     pa, pb, y = (np.asarray(x)[ok] for x in (predicted_a, predicted_b, measured))
-    rng = np.random.default_rng(seed)
-    r, m = y.shape
-    diffs = []
-    for _ in range(num_bootstrap):
-      rows, cols = rng.integers(r, size=r), rng.integers(m, size=m)
-      d = (spearman_rows(pa[rows][:, cols], y[rows][:, cols])
-           - spearman_rows(pb[rows][:, cols], y[rows][:, cols]))
-      if np.isfinite(d).any():
-        diffs.append(np.nanmean(d))
-    if diffs:
-      out["low"], out["high"] = (float(q) for q in np.quantile(
-          diffs, [(1 - level) / 2, (1 + level) / 2]))
+    out["low"], out["high"] = _bootstrap(
+        lambda rows, cols: (spearman_rows(pa[rows][:, cols], y[rows][:, cols])
+                            - spearman_rows(pb[rows][:, cols], y[rows][:, cols])),
+        y.shape, level, num_bootstrap, seed)
   return out
 
 
