@@ -472,7 +472,8 @@ def build_store(
                        "directory.")
     root.mkdir(parents=True, exist_ok=True)
     outputs.write_json(meta_path, settings, unique=True)
-  problems = _differences(open_store(root).meta, settings)
+  store = open_store(root)
+  problems = _differences(store.meta, settings)
   if problems:
     raise StoreMismatch(f"{root} holds a gradient store built from something else: "
                         + "; ".join(problems) + ". Use another directory, or delete this "
@@ -482,7 +483,6 @@ def build_store(
   if not 0 <= index < count:
     raise ValueError(f"process_index must be in [0, {count}), got {index}.")
 
-  store = open_store(root)
   k, vectorize = settings["num_outputs"], grads_lib.check_vectorize(vectorize)
   mine = [b for b in range(store.num_blocks) if b % count == index]
   todo = [(t, b) for t in range(len(ckpts)) for b in mine
