@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # digests, shared_runs
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "training"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "stages"))
 import tiny_run  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -8,6 +8,9 @@ however it ends), resumably, with its record
 
 Everything random is drawn from `numpy.random.SeedSequence([seed, case_index])`: the same
 seed gives byte-identical files, and the number of worker processes does not change them.
+A case is computed with one BLAS and OpenMP thread wherever it is made: a threaded matrix
+product splits its sums by the thread count, and the last bit it changes can move a voxel
+across an int16 rounding boundary.
 A cohort of n cases is the first n cases of any larger cohort with the same seed.
 """
 
@@ -32,6 +35,7 @@ from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
+import threadpoolctl
 
 from tracin_jax import outputs
 from tracin_jax.data import constants
@@ -92,9 +96,15 @@ def synthesize_case(index: int, seed: int = 0, *, lgg_fraction: float = 0.0,
     maps: template tissue maps; anatomy.load_tissue_maps(1) when None.
 
   Returns:
-    The Case, in BraTS storage orientation.
+    The Case, in BraTS storage orientation: the same bytes in any process and with any
+    number of threads its numerical libraries were started with.
   """
   maps = anatomy.load_tissue_maps(1) if maps is None else maps
+  with threadpoolctl.threadpool_limits(1):
+    return _synthesize(index, seed, lgg_fraction, maps)
+
+
+def _synthesize(index: int, seed: int, lgg_fraction: float, maps: anatomy.TissueMaps) -> Case:
   rng = case_rng(seed, index)
   params = anatomy.draw_case_params(rng, lgg_fraction)
   body = anatomy.case_anatomy(maps, params)
