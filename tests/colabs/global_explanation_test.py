@@ -18,7 +18,7 @@ def test_global_explanation_notebook_executes(toy_run, tmp_path, monkeypatch):
   text = outputs_text(nb)
   # The notebook recomputes FI and the feature impact and compares them with the stage's
   # (assert_allclose in the cells), so getting here means they agree.
-  assert re.search(r"FI \(3, 4, \d+\) \(class, feature, rank\)", text), text[-3000:]
+  assert re.search(r"FI \(3, 8, \d+\) \(class, feature, rank\)", text), text[-3000:]
   auc = re.search(r"class-block AUC: trained ([\d.]+), randomised ([\d.]+)", text)
   assert auc and all(0.0 <= float(v) <= 1.0 for v in auc.groups())
   rows = re.findall(r"^(NCR/NET|ED|ET) +BraTS19_SYN_\d+ z\d+ +[\d.]+ +[-+][\d.]+ +[-+][\d.]+ "

@@ -6,7 +6,6 @@ import nbformat
 from nbclient import NotebookClient
 
 COLABS = pathlib.Path(__file__).resolve().parents[2] / "colabs"
-TOY_FLAGS = ("--adam_epochs=25", "--adam_learning_rate=1e-2")  # as in the notebooks
 
 
 def code_cells(nb):

@@ -1,4 +1,8 @@
-"""End to end: the smoke flagfile through the absl app, as a user runs it."""
+"""End to end: the smoke flagfile through the absl app, as a user runs it.
+
+The run itself is the suite's smoke run (`smoke_run`, made once in process through the same
+command-line entry point); a copy of it is resumed here in a real process.
+"""
 
 import json
 import os
@@ -6,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import bad_inputs
 import numpy as np
 import pytest
 
@@ -14,38 +19,37 @@ from tracin_jax.influence import layout
 from tracin_jax.training.checkpoints import CheckpointStore
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+ADAM_EPOCHS, SGD_EPOCHS = 20, 3  # experiments/configs/smoke.flags
 
 
 @pytest.mark.slow
-def test_smoke_flagfile_end_to_end(tmp_path):
-  workdir, cache = tmp_path / "run", tmp_path / "cache"
-  cmd = [sys.executable, "-m", "experiments.run",
-         "--flagfile=experiments/configs/smoke.flags",
-         f"--workdir={workdir}", f"--cache_dir={cache}", "--noprogress"]
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert "synthetic" in proc.stdout
+def test_smoke_flagfile_end_to_end(smoke_run):
+  workdir, stdout = smoke_run.workdir, smoke_run.stdout
+  assert "synthetic" in stdout
 
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics["dataset"] == "synthetic cohort"
   for split in ("train", "validation"):
     assert set(metrics[split]) == {"NCR/NET", "ED", "ET", "WT", "TC"}
     assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
+  # The smoke network learns: every class is found in the validation patients.
+  assert all(metrics["validation"][c] >= 0.3 for c in ("NCR/NET", "ED", "ET")), metrics
   assert (workdir / "training_curves.png").stat().st_size > 0
 
   store = CheckpointStore(workdir, create=False)
-  assert store.epochs() == [1, 2, 3, 4, 5]
+  assert store.epochs() == list(range(1, ADAM_EPOCHS + SGD_EPOCHS + 1))
   meta = [store.metadata(e) for e in store.epochs()]
-  assert [m["phase"] for m in meta] == ["adam", "adam", "sgd", "sgd", "sgd"]
-  assert [m["learning_rate"] for m in meta] == pytest.approx([3e-3, 0.05, 0.05, 0.05, 0.05])
+  assert [m["phase"] for m in meta] == ["adam"] * ADAM_EPOCHS + ["sgd"] * SGD_EPOCHS
+  # The rate SGD applies at each checkpoint: the last Adam epoch's is SGD's first.
+  assert [m["learning_rate"] for m in meta] == pytest.approx(
+      [1e-2] * (ADAM_EPOCHS - 1) + [0.05] * (SGD_EPOCHS + 1))
 
   # The influence stage's files (train regions: 4 cases x 10 slices; validation: 2 x 10).
   out = workdir / "influence"
   with np.load(out / "train_influence.npz") as f:
     blocks, presence = f["scores"], f["presence"]
     assert blocks.shape == (3, 40, 120) and presence.shape == (40, 3)
-    assert f["epochs"].tolist() == [3, 4, 5]
+    assert f["epochs"].tolist() == list(range(ADAM_EPOCHS + 1, ADAM_EPOCHS + SGD_EPOCHS + 1))
     assert set(f["train_case_ids"].tolist()) == set(f["train_case_ids"].tolist()[::10])
   scores = layout.from_class_blocks(blocks)
   np.testing.assert_allclose(scores, np.transpose(scores, (2, 3, 0, 1)), equal_nan=True)
@@ -80,7 +84,7 @@ def test_smoke_flagfile_end_to_end(tmp_path):
     assert test["p_value"] is not None or "selected" in test["note"]
   assert (out / "feature_impact.png").stat().st_size > 0
   assert list(out.glob("ranked_scatter_*_f*.png"))
-  assert "[interpret stage done in" in proc.stdout
+  assert "[interpret stage done in" in stdout
 
   # The saliency stage's files: per explained region a grid of maps and a panel beside its
   # TracIn proponents; the lesion, faithfulness and context tables and their figures.
@@ -89,7 +93,9 @@ def test_smoke_flagfile_end_to_end(tmp_path):
                "modality_shares.png", "context_curves.png"):
     assert (out / name).stat().st_size > 0
   assert list(out.glob("grid_*.png")) and list(out.glob("tracin_*.png"))
-  assert json.loads((out / "instances.json").read_text())["synthetic"] is True
+  instances = json.loads((out / "instances.json").read_text())
+  assert instances["synthetic"] is True
+  assert any(i["status"] == "TP" for i in instances["instances"])  # it sees tumour
 
   # The validate stage's files: every checked region has its three removals, the baseline
   # replay reproduced the run, and the randomisation check compared the two structures.
@@ -115,10 +121,19 @@ def test_smoke_flagfile_end_to_end(tmp_path):
     assert manifest["data"] == "synthetic cohort" and manifest["synthetic"] is True
     assert all((workdir / f["path"]).exists() for f in manifest["files"] + manifest["figures"])
 
-  # A second run reuses every finished stage; a stage interrupted before its manifest was
-  # written (here: validate, missing one retraining) redoes only the missing part.
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_finished_stages_in_a_real_process(smoke_run, tmp_path):
+  """A stage interrupted before its manifest was written (here: validate, missing one
+  retraining) redoes only the missing part; every other stage is reused."""
+  workdir = smoke_run.copy_to(tmp_path / "run")
+  out = workdir / "validate"
+  retraining = json.loads((out / "retraining.json").read_text())
+  jobs = sorted(p for p in (out / "retraining").glob("*/*.json") if p.name != "inputs.json")
   jobs[-1].unlink()
   (out / "manifest.json").unlink()
+  cmd = [sys.executable, "-m", "experiments.run", *smoke_run.flags(workdir)]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   for stage in ("train", "influence", "interpret", "saliency"):
@@ -130,9 +145,9 @@ def test_smoke_flagfile_end_to_end(tmp_path):
       retraining["dice_change"]
 
   # A setting the run cannot meet is a one-line error naming it, not a traceback.
-  bad = subprocess.run(cmd + ["--stages=validate", "--num_removed=21"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert bad.returncode == 1
+  bad = bad_inputs.inprocess_runner(ROOT)(
+      smoke_run.flags(workdir) + ["--stages=validate", "--num_removed=21"])
+  assert bad.rc == 1
   assert "error: --num_removed=21" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -18,6 +18,7 @@ from tracin_jax.influence import influence, self_influence
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import projection as projection_lib
 from tracin_jax.influence import store as store_lib
+import digests
 import store_worker as worker
 import tiny_models as tm
 
@@ -31,7 +32,8 @@ def _mlp():
 
 
 def _files(path):
-  return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*.npy"))}
+  """Relative path -> SHA-256 of every .npy file under path (a short diff where they differ)."""
+  return {p.relative_to(path): digests.digest(p.read_bytes()) for p in sorted(path.rglob("*.npy"))}
 
 
 def test_round_trip_holds_the_per_example_gradients(x64, tmp_path):
@@ -193,6 +195,7 @@ def one_device(tmp_path_factory):
   return path, _run_worker(path / "store", path / "scores.npz")
 
 
+@pytest.mark.slow  # worker processes
 def test_four_devices_give_the_scores_of_one(one_device, tmp_path):
   path, expect = one_device
   got = _run_worker(tmp_path / "store", tmp_path / "scores.npz", "--mesh",
@@ -208,6 +211,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # worker processes
 def test_two_processes_give_the_scores_of_one(one_device, tmp_path):
   _, expect = one_device
   port = str(_free_port())
@@ -226,6 +230,7 @@ def test_two_processes_give_the_scores_of_one(one_device, tmp_path):
   assert len(list((tmp_path / "store").rglob("block-?????.npy"))) == 2 * 3
 
 
+@pytest.mark.slow  # worker processes
 def test_killed_build_resumes_to_the_same_store(one_device, tmp_path):
   path, expect = one_device
   proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "store"),

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import bad_inputs
+import digests
 import tiny_brats
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def test_killed_runs_resume_to_the_uninterrupted_outputs_bit_for_bit(tmp_path):
     proc.wait(timeout=60)
     _run(workdir, data, cache)
     for name in ("train_config.json", "metrics.json"):
-      assert (workdir / name).read_bytes() == (reference / name).read_bytes(), (k, name, delay)
+      digests.assert_same_file(workdir / name, reference / name, f"kill {k} at {delay:.1f} s")
     got = _checkpoints(workdir)
     assert sorted(got) == sorted(want)
     for epoch, (arrays, meta) in want.items():

@@ -130,6 +130,7 @@ def test_case_names_are_escaped_on_the_pages(staged, tmp_path):
   assert HOSTILE not in page and "&lt;img src=x onerror=" in page
 
 
+@pytest.mark.slow  # a real browser
 def test_every_image_loads_and_every_link_resolves_in_chromium(staged, tmp_path):
   context, _ = staged
   driver = _browser()
