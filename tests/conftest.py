@@ -36,23 +36,10 @@ import tiny_run  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-
 from tracin_jax.training import train as train_lib  # noqa: E402
 
 
-# Modules whose tests share one process's fixtures, and so run in one pytest-xdist worker:
-# the tiny run's workdir and the stage outputs the modules build on it in turn, and the
-# bad-input cases' tiny data and trained run. Every other test is scheduled on its own.
-WORKER_GROUPS = {
-    "tiny_run": ("tests/explain_test.py", "tests/report/html_report_test.py",
-                 "tests/stages/influence_params_test.py", "tests/stages/lds_stage_test.py",
-                 "tests/stages/saliency_stage_test.py", "tests/stages/stages_test.py",
-                 "tests/training/retrain_test.py", "tests/training/train_test.py"),
-    "reliability": ("tests/reliability/bad_inputs_test.py",),
-}
-_GROUP_OF = {path: name for name, paths in WORKER_GROUPS.items() for path in paths}
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-  """Scheduling by WORKER_GROUPS (xdist's own `xdist_group` mark renames tests through an
-  attribute that pytest 9 no longer reads, so it groups nothing)."""
+  """Scheduling by shared_runs.WORKER_GROUPS (xdist's own `xdist_group` mark renames tests
+  through an attribute that pytest 9 no longer reads, so it groups nothing)."""
   if config.getvalue("dist") != "load":
     return None
   from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
@@ -60,7 +47,7 @@ def pytest_xdist_make_scheduler(config, log):
   class GroupScheduling(LoadScopeScheduling):
 
     def _split_scope(self, nodeid):
-      return _GROUP_OF.get(nodeid.split("::", 1)[0], nodeid)
+      return shared_runs.worker_group(nodeid)
 
   return GroupScheduling(config, log)
 

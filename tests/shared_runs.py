@@ -1,4 +1,4 @@
-"""The smoke run: made once for a whole test run and shared by every pytest-xdist worker.
+"""What the suite shares: the smoke run, made once for a whole test run, and the worker groups.
 
 The first worker to collect a test that needs it starts it, under a file lock in the run's
 common temporary directory; the others find it started and wait for it where they need it.
@@ -21,6 +21,23 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = ROOT / "experiments" / "configs" / "smoke.flags"
+
+# Modules whose tests share one process's fixtures, and so run in one pytest-xdist worker:
+# the tiny run's workdir and the stage outputs the modules build on it in turn, and the
+# bad-input cases' tiny data and trained run. Every other test is scheduled on its own.
+WORKER_GROUPS = {
+    "tiny_run": ("tests/explain_test.py", "tests/report/html_report_test.py",
+                 "tests/stages/influence_params_test.py", "tests/stages/lds_stage_test.py",
+                 "tests/stages/saliency_stage_test.py", "tests/stages/stages_test.py",
+                 "tests/training/retrain_test.py", "tests/training/train_test.py"),
+    "reliability": ("tests/reliability/bad_inputs_test.py",),
+}
+_GROUP_OF = {path: name for name, paths in WORKER_GROUPS.items() for path in paths}
+
+
+def worker_group(nodeid: str) -> str:
+  """The scheduling unit of a test: its module's group, or the test itself."""
+  return _GROUP_OF.get(nodeid.split("::", 1)[0], nodeid)
 
 
 def _shared_root(tmp_path_factory) -> pathlib.Path:

@@ -80,6 +80,7 @@ def test_choose_pages_takes_the_given_images_then_large_regions_of_new_cases():
   assert report.choose_pages(ids, regions, [], 0) == []
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_the_report_lists_every_stage_and_its_pages(staged):
   context, results = staged
   index = results["report"].index
@@ -117,6 +118,7 @@ def test_a_stage_that_did_not_run_is_absent_not_an_error(tmp_path):
   assert "<td>validation</td><td class=\"num\">0.500</td>" in html
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_case_names_are_escaped_on_the_pages(staged, tmp_path):
   context, results = staged
   workdir = tmp_path / "run"

@@ -38,6 +38,7 @@ def lds_run(full_run):
   return context, stages.run_stage(stages.get_stage("lds", CONFIGS["lds"]), context)
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_every_variant_is_scored_on_the_same_retrainings(lds_run):
   context, result = lds_run
   saved = json.loads((context.workdir / "lds" / "lds.json").read_text())
@@ -67,6 +68,7 @@ def test_every_variant_is_scored_on_the_same_retrainings(lds_run):
   assert loaded.summary == saved and loaded.recommended == result.recommended
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_more_subsets_retrain_only_the_new_ones(lds_run, caplog):
   context, _ = lds_run
   configs = dict(CONFIGS, lds=LdsConfig(num_subsets=5, removal_k=(), num_bootstrap=0,

@@ -16,6 +16,7 @@ from tracin_jax.stages import saliency as saliency_stage
 staged = stages_test.staged  # the module fixture: every stage once on the tiny run
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_the_stage_writes_grids_tables_and_curves(staged):
   context, results = staged
   out = context.workdir / "saliency"
@@ -62,6 +63,7 @@ def test_the_stage_writes_grids_tables_and_curves(staged):
   assert manifest["headline"]["instances"]["TP"] == sum(r["status"] == "TP" for r in rows)
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_an_interrupted_stage_resumes_from_its_saved_images(staged, caplog):
   context, results = staged
   (context.workdir / "saliency" / "manifest.json").unlink()
@@ -77,6 +79,7 @@ def test_an_interrupted_stage_resumes_from_its_saved_images(staged, caplog):
   assert rerun.faithfulness == results["saliency"].faithfulness
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_named_images_and_a_clear_error_for_unknown_ones(staged):
   context, _ = staged
   case, z = tiny_run.VAL.ids[1]

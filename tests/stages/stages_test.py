@@ -60,6 +60,7 @@ def test_registry_order_and_needs():
     stages.get_stage("trian")
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_every_stage_writes_a_manifest_listing_what_it_wrote(staged):
   context, results = staged
   for name in stages.list_stages():
@@ -77,6 +78,7 @@ def test_every_stage_writes_a_manifest_listing_what_it_wrote(staged):
       results["train"].metrics["validation"]
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_influence_result_matches_its_files_and_load(staged):
   context, results = staged
   inf = results["influence"]
@@ -94,6 +96,7 @@ def test_influence_result_matches_its_files_and_load(staged):
   assert loaded.fingerprint == inf.fingerprint
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_interpret_and_validate_results(staged):
   context, results = staged
   fi = results["interpret"].fi
@@ -117,6 +120,7 @@ def test_interpret_and_validate_results(staged):
   assert (context.workdir / "validate" / "randomisation_cascade.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
   context, results = staged
   again = _context(context.workdir)
@@ -167,6 +171,7 @@ def test_a_stage_whose_needs_have_not_run_is_refused(tmp_path):
     stages.run_stage(stages.get_stage("interpret", CONFIGS["interpret"]), context)
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_a_finished_run_is_not_explained_on_other_data(staged):
   context, _ = staged
   fewer = stages.Context(context.workdir, tiny_run.TRAIN.subset(np.arange(10)), tiny_run.VAL,
