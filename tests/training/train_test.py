@@ -1,6 +1,7 @@
 """Tests of training: checkpoint metadata, resume after an interruption, reuse, refusal."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -61,6 +62,18 @@ def test_finished_run_is_reused_not_overwritten(full_run):
   again = train_lib.train(CONFIG, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)
   assert again.reused
   assert (workdir / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_a_finished_run_without_its_figure_draws_it_when_reused(full_run, tmp_path):
+  """A run killed after metrics.json but before the figure (the order before the figure
+  came first) is reused with its figure drawn, not refused by the stage's manifest."""
+  workdir = tmp_path / "run"
+  shutil.copytree(full_run[0], workdir)
+  (workdir / train_lib.CURVES_FILE).unlink()
+  before = (workdir / "metrics.json").read_bytes()
+  again = train_lib.train(CONFIG, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)
+  assert again.reused and (workdir / "metrics.json").read_bytes() == before
+  assert (workdir / train_lib.CURVES_FILE).stat().st_size > 0
 
 
 def test_different_run_in_same_workdir_is_refused(full_run):

@@ -324,6 +324,8 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
     metrics_path = workdir / METRICS_FILE
     if latest == config.num_epochs and metrics_path.exists():
       log(f"{workdir} holds a finished run ({config.num_epochs} epochs); reusing it.")
+      if not (workdir / CURVES_FILE).exists():  # finished by a version that drew it last
+        _plot_curves(history, workdir, dataset, config)
       store.close()
       return TrainResult(model, json.loads(metrics_path.read_text()), history, latest, True)
 
@@ -386,14 +388,21 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
         "convention": "hard Dice per patient over its slices, averaged over patients; an "
                       "empty prediction of an empty truth counts 1.0",
     }
+    # The figure first: metrics.json marks the run finished, so a run killed between the two
+    # draws the figure again when resumed instead of reusing a run without it.
+    _plot_curves(history, workdir, dataset, config)
     outputs.write_json(metrics_path, metrics)
-    plot_training_curves(history, workdir / CURVES_FILE,
-                         title_suffix=f" ({dataset})" if dataset else "",
-                         switch_epoch=config.optimizer.adam_epochs)
     return TrainResult(model, metrics, history, resumed_from, False)
   except BaseException:
     store.close()  # idempotent: Orbax's threads end with the error
     raise
+
+
+def _plot_curves(history, workdir: pathlib.Path, dataset: str,
+                 config: TrainConfig) -> None:
+  plot_training_curves(history, workdir / CURVES_FILE,
+                       title_suffix=f" ({dataset})" if dataset else "",
+                       switch_epoch=config.optimizer.adam_epochs)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int):
