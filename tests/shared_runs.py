@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = ROOT / "experiments" / "configs" / "smoke.flags"
 
@@ -84,6 +83,10 @@ _RUN_AND_RECORD = ('out=$1; shift; "$@" > "$out/stdout.txt" 2> "$out/stderr.txt"
                    'echo $? > "$out/rc.tmp"; mv "$out/rc.tmp" "$out/rc"')
 
 
+def _smoke_in(directory: pathlib.Path, stdout: str, stderr: str) -> SmokeRun:
+  return SmokeRun(directory / "run", directory / "cache", stdout, stderr)
+
+
 def start_smoke_run(tmp_path_factory) -> None:
   """Starts the smoke run in the background unless a worker of this test run already did."""
   root = _shared_root(tmp_path_factory)
@@ -92,7 +95,7 @@ def start_smoke_run(tmp_path_factory) -> None:
     if directory.exists():
       return
     directory.mkdir()
-    run = SmokeRun(directory / "run", directory / "cache", "", "")
+    run = _smoke_in(directory, "", "")
     proc = subprocess.Popen(
         ["sh", "-c", _RUN_AND_RECORD, "sh", str(directory), sys.executable, "-m",
          "experiments.run", *run.flags()],
@@ -115,8 +118,8 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
   directory = _shared_root(tmp_path_factory) / _SMOKE
   while not (directory / "rc").exists():
     time.sleep(0.5)
-  run = SmokeRun(directory / "run", directory / "cache",
-                 (directory / "stdout.txt").read_text(), (directory / "stderr.txt").read_text())
+  run = _smoke_in(directory, (directory / "stdout.txt").read_text(),
+                  (directory / "stderr.txt").read_text())
   rc = (directory / "rc").read_text().strip()
   if rc != "0":
     raise RuntimeError(f"the smoke run failed (exit {rc}):\n{run.stdout[-2000:]}\n"
