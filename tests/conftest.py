@@ -52,8 +52,10 @@ def pytest_xdist_make_scheduler(config, log):
   return GroupScheduling(config, log)
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what will not run
 def pytest_collection_modifyitems(config, items):
-  """Tests of the smoke run go last, and the run starts now, in the background."""
+  """Tests of the smoke run go last, and the run starts now, in the background, if any of
+  them is to run (the quick tier has none)."""
   uses = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
   if uses:
     last = set(map(id, uses))

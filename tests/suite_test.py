@@ -31,3 +31,15 @@ def test_a_test_outside_the_groups_is_scheduled_on_its_own():
   assert shared_runs.worker_group("tests/influence/gram_test.py::test_x") == \
       "tests/influence/gram_test.py::test_x"
   assert shared_runs.worker_group("tests/explain_test.py::test_x[a]") == "tiny_run"
+
+
+# Fixtures that run the whole pipeline (every stage, retrainings, the smoke flagfile): a
+# test that uses one is end to end, and so in the slow tier, off the edit loop's path.
+END_TO_END_FIXTURES = ("staged", "lds_run", "smoke_run", "toy_run")
+
+
+def test_every_test_of_a_whole_pipeline_run_is_in_the_slow_tier(request):
+  unmarked = [item.nodeid for item in request.session.items
+              if set(END_TO_END_FIXTURES) & set(getattr(item, "fixturenames", ()))
+              and item.get_closest_marker("slow") is None]
+  assert not unmarked, unmarked

@@ -143,6 +143,7 @@ def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
   assert rerun.fingerprint == results["influence"].fingerprint
 
 
+@pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_a_changed_setting_reruns_the_stage_reusing_the_parts_it_does_not_change(
     staged, caplog):
   context, results = staged

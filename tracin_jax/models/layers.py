@@ -16,8 +16,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tracin_jax import draws
+
 NORMS: tuple[str, ...] = ("group", "batch", "none")
 UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "resize")
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], *,
+         rngs: nnx.Rngs, **kwargs) -> nnx.Conv:
+  """`nnx.Conv` with its default initialisation (LeCun normal kernel, zero bias), drawn by
+  `tracin_jax.draws`: the same values, compiled several times faster on XLA:CPU."""
+  return nnx.Conv(in_channels, out_channels, kernel_size,
+                  kernel_init=draws.lecun_normal(), rngs=rngs, **kwargs)
 
 
 def make_norm(norm: str, channels: int, *, norm_groups: int,
@@ -79,13 +89,13 @@ class ConvBlock(nnx.Module):
                residual: bool = False, norm_groups: int = 8, rngs: nnx.Rngs):
     # A bias before a norm with a learned offset is redundant: keep it only without norm.
     use_bias = norm == "none"
-    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
+    self.conv1 = conv(in_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
     self.norm1 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
-    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
+    self.conv2 = conv(out_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
     self.norm2 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
     self.residual = residual
     self.shortcut = (
-        nnx.Conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        conv(in_channels, out_channels, (1, 1), rngs=rngs)
         if residual and in_channels != out_channels else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,11 +121,11 @@ class Upsample(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, *, mode: str, rngs: nnx.Rngs):
     if mode == "transpose":
       # fan_in = in_channels: each output pixel sees one input pixel.
-      init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2, 3))
+      init = draws.lecun_normal(in_axis=0, out_axis=(1, 2, 3))
       self.kernel = nnx.Param(init(rngs.params(), (in_channels, 2, 2, out_channels)))
       self.bias = nnx.Param(jnp.zeros((out_channels,)))
     elif mode == "resize":
-      self.conv = nnx.Conv(in_channels, out_channels, (3, 3), rngs=rngs)
+      self.conv = conv(in_channels, out_channels, (3, 3), rngs=rngs)
     else:
       raise ValueError(f"unknown upsampling mode {mode!r}; expected one of {UPSAMPLE_MODES}")
     self.mode = mode
@@ -139,9 +149,9 @@ class AttentionGate(nnx.Module):
 
   def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int, *,
                rngs: nnx.Rngs):
-    self.w_skip = nnx.Conv(skip_channels, inter_channels, (1, 1), use_bias=False, rngs=rngs)
-    self.w_gate = nnx.Conv(gate_channels, inter_channels, (1, 1), rngs=rngs)
-    self.psi = nnx.Conv(inter_channels, 1, (1, 1), rngs=rngs)
+    self.w_skip = conv(skip_channels, inter_channels, (1, 1), use_bias=False, rngs=rngs)
+    self.w_gate = conv(gate_channels, inter_channels, (1, 1), rngs=rngs)
+    self.psi = conv(inter_channels, 1, (1, 1), rngs=rngs)
 
   def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
     """skip: [N, H, W, Cs]; gate: [N, H, W, Cg]. Returns skip scaled by alpha: [N, H, W, Cs]."""

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tracin_jax.models import layers
 from tracin_jax.models.layers import NORMS, AttentionGate, ConvBlock, Upsample, max_pool2
 from tracin_jax.types import Array, Params, State
 
@@ -176,7 +177,7 @@ class UNet(nnx.Module):
         if self.attention else None)
     self.decoder = nnx.List([block(2 * widths[i], widths[i]) for i in levels[:-1]])
     self.last_hidden = block(2 * widths[0], widths[0])
-    self.head = nnx.Conv(widths[0], num_classes, (1, 1), rngs=rngs)
+    self.head = layers.conv(widths[0], num_classes, (1, 1), rngs=rngs)
     if background_bias:
       self.head.bias[...] = self.head.bias[...].at[0].set(background_bias)
 

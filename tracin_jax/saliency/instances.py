@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from tracin_jax import draws
 from tracin_jax.saliency import cam as cam_lib
 from tracin_jax.saliency import gradients
 from tracin_jax.saliency import targets as targets_lib
@@ -223,9 +224,9 @@ def _shared_noise(key: Array | int, num_samples: int, shape: tuple[int, ...]) ->
   it."""
   if isinstance(key, (int, np.integer)):
     key = jax.random.key(int(key))
-  draws = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), shape[1:]))(
+  noise = jax.vmap(lambda s: draws.normal(jax.random.fold_in(key, s), shape[1:]))(
       jnp.arange(num_samples))
-  return jnp.broadcast_to(draws[:, None], (num_samples,) + tuple(shape))
+  return jnp.broadcast_to(noise[:, None], (num_samples,) + tuple(shape))
 
 
 def instance_grad_cam_plus_plus(apply_fn: Callable, params: Params, image: Array,
