@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from experiments import config_flags
 from tracin_jax import experiment
 from tracin_jax import settings
@@ -12,6 +14,7 @@ from tracin_jax import settings
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a real process
 def test_help_lists_every_setting_grouped_by_stage_and_exits_0():
   proc = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,

@@ -151,6 +151,7 @@ def test_a_second_run_reuses_the_finished_stages_in_a_real_process(smoke_run, tm
   assert "error: --num_removed=21" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # a real process
 def test_bad_data_dir_gives_a_one_line_error(tmp_path):
   (tmp_path / "data").mkdir()
   cmd = [sys.executable, "-m", "experiments.run", "--flagfile=experiments/configs/smoke.flags",

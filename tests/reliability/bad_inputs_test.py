@@ -2,7 +2,8 @@
 
 The cases run the command line in this process (`experiments.run.cli`), on the tiny data
 and a copy of the tiny trained run; permission cases run as an ordinary user in a
-subprocess when the tests run as root. Cases that train or compute TracIn are marked slow.
+subprocess when the tests run as root. Cases that train or compute TracIn, and those that
+start a process (the permission cases, the real-process check), are marked slow.
 """
 
 import os
@@ -23,7 +24,7 @@ SLOW = {"modality_all_zero", "seg_affine_differs", "header_30000_cubed_skipped",
 
 
 def _param(case):
-  marks = [pytest.mark.slow] if case.name in SLOW else []
+  marks = [pytest.mark.slow] if case.name in SLOW or case.unprivileged else []
   return pytest.param(case, id=case.name, marks=marks)
 
 
@@ -47,6 +48,7 @@ def test_the_case_list_covers_the_issue_and_more():
     assert name in names
 
 
+@pytest.mark.slow  # two processes
 def test_the_command_line_prints_one_line_and_exits_1_in_a_real_process(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "experiments.run", f"--workdir={tmp_path / 'w'}",

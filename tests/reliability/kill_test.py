@@ -112,6 +112,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.slow  # a parent process and its workers
 def test_cohort_workers_die_with_their_killed_parent(tmp_path):
   code = ("from tracin_jax.data.synthetic import cohort\n"
           "if __name__ == '__main__':\n"
