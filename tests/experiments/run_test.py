@@ -1,7 +1,7 @@
 """End to end: the smoke flagfile through the absl app, as a user runs it.
 
-The run itself is the suite's smoke run (`smoke_run`, made once in process through the same
-command-line entry point); a copy of it is resumed here in a real process.
+The run itself is the suite's smoke run (`smoke_run`, made once per test run in the
+background by `python -m experiments.run`); a copy of it is resumed here in a real process.
 """
 
 import json
