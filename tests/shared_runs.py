@@ -23,7 +23,8 @@ SMOKE_FLAGS = ROOT / "experiments" / "configs" / "smoke.flags"
 
 # Modules whose tests share one process's fixtures, and so run in one pytest-xdist worker:
 # the tiny run's workdir and the stage outputs the modules build on it in turn, and the
-# bad-input cases' tiny data and trained run. Every other test is scheduled on its own.
+# bad-input cases' tiny data and trained run. Every other module's tests run in one worker
+# together, so that the functions they share compile once, not once per worker.
 WORKER_GROUPS = {
     "tiny_run": ("tests/explain_test.py", "tests/report/html_report_test.py",
                  "tests/stages/influence_params_test.py", "tests/stages/lds_stage_test.py",
@@ -35,8 +36,9 @@ _GROUP_OF = {path: name for name, paths in WORKER_GROUPS.items() for path in pat
 
 
 def worker_group(nodeid: str) -> str:
-  """The scheduling unit of a test: its module's group, or the test itself."""
-  return _GROUP_OF.get(nodeid.split("::", 1)[0], nodeid)
+  """The scheduling unit of a test: its module's group, or the module itself."""
+  module = nodeid.split("::", 1)[0]
+  return _GROUP_OF.get(module, module)
 
 
 def _shared_root(tmp_path_factory) -> pathlib.Path:

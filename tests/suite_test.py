@@ -27,9 +27,9 @@ def test_every_module_using_a_shared_fixture_is_in_its_group():
         assert shared_runs.worker_group(f"{path}::test") == group, (path, fixture)
 
 
-def test_a_test_outside_the_groups_is_scheduled_on_its_own():
-  assert shared_runs.worker_group("tests/influence/gram_test.py::test_x") == \
-      "tests/influence/gram_test.py::test_x"
+def test_a_test_outside_the_groups_is_scheduled_with_its_module():
+  assert shared_runs.worker_group("tests/influence/gram_test.py::test_x[a]") == \
+      "tests/influence/gram_test.py"
   assert shared_runs.worker_group("tests/explain_test.py::test_x[a]") == "tiny_run"
 
 
