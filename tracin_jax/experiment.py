@@ -15,18 +15,12 @@ import pathlib
 import time
 from typing import Any, Sequence
 
+from tracin_jax import rundir
 from tracin_jax import settings
 from tracin_jax import stages as stages_lib
 from tracin_jax.data import brats
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.settings import setting
-from tracin_jax.stages.influence import InfluenceConfig
-from tracin_jax.stages.interpret import InterpretConfig
-from tracin_jax.stages.lds import LdsConfig
-from tracin_jax.stages.report import ReportConfig
-from tracin_jax.stages.saliency import SaliencyConfig
-from tracin_jax.stages.validate import ValidateConfig
-from tracin_jax.training.train import TrainConfig
 
 logger = logging.getLogger("tracin_jax")
 
@@ -68,26 +62,35 @@ class DataConfig:
     return "synthetic cohort" if self.synthetic else f"BraTS data in {self.data_dir}"
 
 
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-  """Every setting of a run: the data, resources, and each stage's config (by stage name)."""
+def _stage_configs(self) -> dict[str, Any]:
+  """Each registered stage's config, by stage name."""
+  return {name: getattr(self, name) for name in stages_lib.list_stages()}
 
-  workdir: str | None = setting(None, "Directory of the run (outputs, checkpoints); "
-                                "required.")
-  memory_budget_mb: int = setting(
-      1024, "Memory for per-example gradients held at once (MiB), in every stage.", minimum=1)
-  data: DataConfig = DataConfig()
-  train: TrainConfig = TrainConfig()
-  influence: InfluenceConfig = InfluenceConfig()
-  interpret: InterpretConfig = InterpretConfig()
-  saliency: SaliencyConfig = SaliencyConfig()
-  validate: ValidateConfig = ValidateConfig()
-  lds: LdsConfig = LdsConfig()
-  report: ReportConfig = ReportConfig()
 
-  def stage_configs(self) -> dict[str, Any]:
-    """Each registered stage's config, by stage name."""
-    return {name: getattr(self, name) for name in stages_lib.list_stages()}
+def _experiment_config_cls() -> type:
+  """`ExperimentConfig`, derived from the stage registry: the run's own settings, the
+  data's, then one field per registered stage (named as the stage, its `config_cls` with
+  its defaults), in run order. A new stage adds its field by being registered."""
+  fields: list[tuple[str, Any, Any]] = [
+      ("workdir", str | None, setting(None, "Directory of the run (outputs, checkpoints); "
+                                      "required.")),
+      ("memory_budget_mb", int, setting(
+          1024, "Memory for per-example gradients held at once (MiB), in every stage.",
+          minimum=1)),
+      ("data", DataConfig, dataclasses.field(default=DataConfig())),
+  ]
+  for name in stages_lib.list_stages():
+    config_cls = stages_lib.get_stage(name).config_cls
+    fields.append((name, config_cls, dataclasses.field(default=config_cls())))
+  cls = dataclasses.make_dataclass(
+      "ExperimentConfig", fields, frozen=True,
+      namespace={"stage_configs": _stage_configs, "__module__": __name__})
+  cls.__doc__ = ("Every setting of a run: the data, resources, and each stage's config (by "
+                 "stage name: " + ", ".join(stages_lib.list_stages()) + ").")
+  return cls
+
+
+ExperimentConfig = _experiment_config_cls()
 
 
 def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, SliceSet]:
@@ -244,7 +247,7 @@ def _remove_empty_dirs(path: pathlib.Path, keep: set[pathlib.Path]) -> None:
         p.rmdir()
 
 
-REPORT = "report"
+REPORT = rundir.REPORT
 
 
 def run(config: ExperimentConfig, stages: Sequence[str], *,

@@ -24,14 +24,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from tracin_jax import outputs
+from tracin_jax import rundir
+from tracin_jax.data import constants
 from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import layout
 from tracin_jax.influence import report
 from tracin_jax.influence import segmentation
 from tracin_jax.influence import store as store_lib
-from tracin_jax.stages import influence as influence_stage
 
-STORE_PATH = pathlib.Path("influence") / influence_stage.STORE_DIR
+STORE_PATH = pathlib.Path(rundir.INFLUENCE) / rundir.STORE_DIR
 
 
 @dataclasses.dataclass
@@ -77,8 +78,11 @@ class _Run:
     from tracin_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
 
     self.store = store_lib.open_store(workdir / STORE_PATH)
-    manifest = json.loads((workdir / "influence" / "manifest.json").read_text())
-    settings = manifest["settings"]
+    record = rundir.read_manifest(workdir, rundir.INFLUENCE)
+    if record is None:
+      raise FileNotFoundError(f"{rundir.manifest_path(workdir, rundir.INFLUENCE)}: the "
+                              "influence stage has not finished in this run; run it first.")
+    settings = record["settings"]
     self.threshold = float(settings["threshold"])
     epochs = [int(c["name"]) for c in self.store.meta["checkpoints"]]
     self.apply_fn, self.checkpoints, _ = train_lib.tracin_checkpoints(
@@ -86,11 +90,11 @@ class _Run:
     model, _ = train_lib.load_model(workdir)
     self.final_apply, self.params, self.state = models.functional(model)
     self.loss_fn = segmentation.make_region_losses(self.apply_fn)
-    with np.load(workdir / "influence" / influence_stage.TRAIN_FILE) as f:
+    with np.load(workdir / rundir.INFLUENCE / rundir.INFLUENCE_TRAIN_FILE) as f:
       self.presence_train = f["presence"]
       self.train_ids = list(zip(f["train_case_ids"].tolist(),
                                 [int(z) for z in f["train_slice_indices"]]))
-    explainers = json.loads((workdir / "influence" / influence_stage.GLOBAL_FILE).read_text())
+    explainers = json.loads((workdir / rundir.INFLUENCE / rundir.GLOBAL_FILE).read_text())
     self.global_columns = [int(g["column"]) for g in explainers["global_explainers"]]
     if [f"{c}:{z}" for c, z in self.train_ids] != self.store.meta["example_ids"]:
       raise store_lib.StoreMismatch(f"{workdir / STORE_PATH} holds other training slices "
@@ -169,7 +173,7 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
   blocks = layout.to_class_blocks(segmentation.mask_absent(scores, presence,
                                                            run.presence_train))
   proponents = report.explain(blocks, [(name, 0)], run.train_ids,
-                              influence_stage.CLASS_NAMES, k=k,
+                              constants.TUMOUR_CLASS_NAMES, k=k,
                               global_columns=run.global_columns)
   done = time.perf_counter()
   meta = run.store.meta
@@ -197,7 +201,7 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
   written = [out_dir / f"{explanation.name}.json"]
   outputs.write_json(written[0], {
       "image": explanation.name, "explanations": explanation.proponents,
-      "regions_present": [influence_stage.CLASS_NAMES[i] for i in
+      "regions_present": [constants.TUMOUR_CLASS_NAMES[i] for i in
                           range(explanation.regions.shape[-1])
                           if explanation.regions[..., i].any()],
       "seconds": {key: round(v, 3) for key, v in explanation.seconds.items()},
@@ -212,7 +216,7 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
                               np.asarray([slice_index], np.int32))
     path = out_dir / f"{explanation.name}.png"
     figures.plot_local_explanation(0, explanation.blocks, one, explanation.regions[None],
-                                   train_set, train_regions, influence_stage.CLASS_NAMES,
+                                   train_set, train_regions, constants.TUMOUR_CLASS_NAMES,
                                    path, k=k, global_columns=explanation.global_columns,
                                    title_suffix=" (renormalised TracIn, from the gradient "
                                    "store)" if explanation.method.get("renormalised") else

@@ -2,7 +2,10 @@
 
 import json
 import pathlib
+import re
 import shutil
+import subprocess
+import sys
 import urllib.parse
 
 import numpy as np
@@ -149,3 +152,44 @@ def test_every_image_loads_and_every_link_resolves_in_chromium(staged, tmp_path)
     assert shot.stat().st_size > 10_000
   finally:
     driver.quit()
+
+
+_FROM_THE_RUN_DIRECTORY = """
+import importlib.abc, re, sys
+class NoStages(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if re.match(r"tracin_jax[.](stages|experiment)([.]|$)", name):
+      raise ImportError(f"{name} is not to be imported by the report")
+sys.meta_path.insert(0, NoStages())
+sys.path.insert(0, sys.argv[2])
+import tiny_run
+from tracin_jax import report
+report.build_report(sys.argv[1], train_set=tiny_run.TRAIN, val_set=tiny_run.VAL,
+                    max_pages=int(sys.argv[3]), top=int(sys.argv[4]))
+assert not [m for m in sys.modules if m.startswith(("tracin_jax.stages", "tracin_jax.experiment"))]
+"""
+
+
+@pytest.mark.slow  # every stage, end to end, on the tiny run, and a fresh process
+def test_the_report_is_built_from_the_run_directory_alone(staged, tmp_path):
+  """In a process where the stages cannot be imported, the report reads the manifests and
+  the influence stage's files and makes the pages the report stage made, with the
+  saliency grids its manifest lists."""
+  context, _ = staged
+  workdir = tmp_path / "run"
+  shutil.copytree(context.workdir, workdir, ignore=shutil.ignore_patterns("parts"))
+  shutil.rmtree(workdir / "report")
+  config = stages_test.CONFIGS["report"]
+  subprocess.run([sys.executable, "-c", _FROM_THE_RUN_DIRECTORY, str(workdir),
+                  str(pathlib.Path(tiny_run.__file__).parent), str(config.pages),
+                  str(config.top)], check=True, cwd=pathlib.Path(__file__).parents[2])
+
+  def pages(root):
+    found = {}
+    for page in sorted((root / "report" / "images").glob("val*.html")):
+      found[page.name] = sorted(set(re.findall(r'src="([^"]+)"', page.read_text())))
+    return found
+
+  mine, the_stages = pages(workdir), pages(context.workdir)
+  assert mine == the_stages and mine
+  assert any("saliency/grid_" in src for srcs in mine.values() for src in srcs)

@@ -10,6 +10,7 @@ import pytest
 import stages_test
 import tiny_run
 
+from tracin_jax import rundir
 from tracin_jax import stages
 from tracin_jax.stages import saliency as saliency_stage
 
@@ -33,6 +34,13 @@ def test_the_stage_writes_grids_tables_and_curves(staged):
       assert f["instance_masks"].shape[0] == f["instance_maps"].shape[0]
   assert any(p.startswith("saliency/grid_") for p in listed)
   assert any(p.startswith("saliency/tracin_") for p in listed)
+  # The manifest says which image and class each grid shows: readers look grids up there.
+  grids = rundir.saliency_grids(manifest)
+  assert sorted(f["path"] for f in grids.values()) == sorted(
+      p for p in listed if p.startswith("saliency/grid_"))
+  for (a_case, z, cname), figure in grids.items():
+    assert (a_case, z) in [(str(c), int(k)) for c, k in result.images]
+    assert figure["path"] == "saliency/" + rundir.saliency_file("grid", a_case, z, cname)
   for name in ("modality_shares.png", "context_curves.png", "randomisation.png",
                "instances.csv", "instances.json", "faithfulness.csv", "faithfulness.json",
                "context_curves.json", "randomisation.json"):

@@ -16,10 +16,13 @@ SEG_SUFFIX = "seg"
 BRATS_LABELS = (0, 1, 2, 4)
 CLASS_NAMES = ("background", "NCR/NET", "ED", "ET")
 TUMOUR_CLASSES = (1, 2, 3)  # the classes TracIn explains (background excluded)
+TUMOUR_CLASS_NAMES = tuple(CLASS_NAMES[c] for c in TUMOUR_CLASSES)  # NCR/NET, ED, ET
 NUM_CLASSES = 4
 
 # BraTS-style evaluation regions (after 4 -> 3).
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+# What Dice is reported on: the three classes, then the whole tumour and the tumour core.
+DICE_NAMES = TUMOUR_CLASS_NAMES + ("WT", "TC")
 
 # Volume geometry: 240 x 240 x 155 at 1 mm.
 VOLUME_SHAPE = (240, 240, 155)

@@ -2,8 +2,7 @@
 
     from tracin_jax import report
     path = report.build_report("runs/demo")                      # the index alone
-    path = report.build_report("runs/demo", train_set=train, val_set=val,
-                               influence=influence_outputs)       # with per-image pages
+    path = report.build_report("runs/demo", train_set=train, val_set=val)  # with image pages
 
 The index shows the run's data, stage timings, Dice, the checks against retraining and
 randomisation, the saliency tables and every figure a manifest lists with its caption; a page
@@ -27,7 +26,11 @@ from typing import Any, Sequence
 import jinja2
 import numpy as np
 
+from tracin_jax import explain
 from tracin_jax import outputs
+from tracin_jax import rundir
+from tracin_jax import runs
+from tracin_jax.data import constants
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.data.slices import spread_over_cases
 from tracin_jax.influence import layout
@@ -36,10 +39,10 @@ from tracin_jax.influence.figures import new_figure
 from tracin_jax.influence.figures import overlay
 from tracin_jax.influence.topk import top_k
 
-REPORT_DIR = "report"
-INDEX = "index.html"
-PAGES = "images"
-CHANNELS = ("T1", "T1Gd", "T2", "FLAIR")
+REPORT_DIR = rundir.REPORT
+INDEX = rundir.REPORT_INDEX
+PAGES = rundir.REPORT_PAGES
+CHANNELS = constants.MODALITY_NAMES
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(pathlib.Path(__file__).parent / "templates")),
     autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
@@ -57,17 +60,6 @@ def fmt(value: Any, digits: int = 3) -> str:
   if isinstance(value, (float, np.floating)):
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
   return str(value)
-
-
-def _manifests(workdir: pathlib.Path, names: Sequence[str]) -> list[dict[str, Any]]:
-  from tracin_jax.stages import base  # pylint: disable=g-import-not-at-top
-
-  found = []
-  for name in names:
-    record = base.read_manifest(workdir, name)
-    if record is not None:
-      found.append(record)
-  return found
 
 
 def _flat_settings(settings: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -127,10 +119,10 @@ def _validate(record: dict[str, Any] | None) -> dict[str, Any] | None:
 def _saliency(workdir: pathlib.Path, record: dict[str, Any] | None) -> dict[str, Any] | None:
   if not record:
     return None
-  out = workdir / "saliency"
-  faithfulness = json.loads((out / "faithfulness.json").read_text())
+  out = workdir / rundir.SALIENCY
+  faithfulness = json.loads((out / f"{rundir.FAITHFULNESS_NAME}.json").read_text())
   faith = faithfulness["summary"]
-  rows = json.loads((out / "instances.json").read_text())["instances"]
+  rows = json.loads((out / f"{rundir.INSTANCES_NAME}.json").read_text())["instances"]
   return {
       "faithfulness": [{"method": r["method"], "regions": r["regions"],
                         **{k: fmt(r[k]) for k in ("deletion_auc", "insertion_auc",
@@ -139,9 +131,7 @@ def _saliency(workdir: pathlib.Path, record: dict[str, Any] | None) -> dict[str,
       "instances": [dict(r, probability=fmt(r.get("probability"), 2)) for r in rows],
       "images": sorted({(r["case"], int(r["slice"])) for r in rows}
                        | {(r["case"], int(r["slice"])) for r in faithfulness["rows"]}),
-      "grids": [f["path"] for f in record.get("figures", [])
-                if pathlib.Path(f["path"]).name.startswith("grid_")],
-      "captions": {f["path"]: f["caption"] for f in record.get("figures", [])}}
+      "grids": rundir.saliency_grids(record)}
 
 
 # ----------------------------------------------------------------------------- images
@@ -234,14 +224,9 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
           entry[kind].append({"src": f"train/{thumb.name}", "case": tc, "slice": int(tz),
                               "class": influence.class_names[j], "score": fmt(score, 4),
                               "ge": int(col) in ge})
-      if saliency:
-        from tracin_jax.stages.saliency import tag  # pylint: disable=g-import-not-at-top
-
-        wanted = f"saliency/grid_{tag(case, z)}_{cname.replace('/', '-')}.png"
-        for path in saliency["grids"]:
-          if path == wanted:
-            entry["saliency"].append({"src": f"../../{path}",
-                                      "caption": saliency["captions"].get(path, "")})
+      grid = saliency["grids"].get((str(case), int(z), cname)) if saliency else None
+      if grid is not None:
+        entry["saliency"].append({"src": f"../../{grid['path']}", "caption": grid["caption"]})
     classes.append(entry)
   return {"name": name, "case": case, "slice": int(z), "index": a, "classes": classes,
           "modalities": f"{name}/modalities.png", "thumb": f"{PAGES}/{name}/thumb.png",
@@ -253,16 +238,14 @@ def _page_scores(workdir: pathlib.Path, influence, val_set: SliceSet,
                  chosen: Sequence[int], top: int) -> dict[str, Any]:
   """The pages' scores: queries of the run's gradient store where it has one (each image
   explained as a new one would be), else the influence stage's own rows."""
-  from tracin_jax import explain  # pylint: disable=g-import-not-at-top
-
-  if explain.has_store(workdir):
+  if chosen and explain.has_store(workdir):
     blocks, seconds = [], []
     for a in chosen:
       result = explain.explain_image(workdir, val_set.images[a], name=f"val{a}", k=top,
                                      labels=val_set.labels[a])
       blocks.append(result.blocks)
       seconds.append(result.seconds["query"])
-    spec = explain._run(workdir).store.meta["projection"]  # pylint: disable=protected-access
+    spec = result.method["projection"]
     kind = ("exact gradients" if spec is None
             else f"{spec['kind']} projection to d = {spec['dim']}")
     text = (f"Scores queried from the run's gradient store ({kind}), as a new image would "
@@ -283,20 +266,19 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
   Args:
     workdir: the run's directory; stages that did not run there are absent, not errors.
     train_set, val_set: the run's slices (for the per-image pages' images).
-    influence: the influence stage's result (`InfluenceOutputs`), for the per-image pages;
-      None: the index only.
+    influence: the influence stage's result (`runs.InfluenceResults`), for the per-image
+      pages; None: read from the workdir where the stage ran there and the slices are
+      given (else the index only).
     max_pages: validation images with a page (the saliency stage's first).
     top: proponents and opponents shown per region.
-    stage_names: the stages to look for, in order (default: every registered stage).
+    stage_names: the stages to look for, in order (default: `rundir.STAGES`).
 
   Returns:
     The index's path.
   """
-  from tracin_jax.stages import base  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
-  names = [n for n in (stage_names or base.list_stages()) if n != REPORT_DIR]
-  records = _manifests(workdir, names)
+  names = [n for n in (stage_names or rundir.STAGES) if n != REPORT_DIR]
+  records = rundir.read_manifests(workdir, names)
   by_name = {r["stage"]: r for r in records}
   report_dir = workdir / REPORT_DIR
   shutil.rmtree(report_dir / PAGES, ignore_errors=True)  # pages of an earlier report
@@ -308,6 +290,9 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
   common = {"synthetic": synthetic, "data": data, "workdir": str(workdir)}
 
   pages = []
+  if influence is None and train_set is not None and val_set is not None and (
+      rundir.INFLUENCE in by_name):
+    influence = runs.read_influence(workdir, train_set, val_set)
   if influence is not None and train_set is not None and val_set is not None:
     chosen = choose_pages(val_set.ids, influence.val_regions,
                           saliency["images"] if saliency else [], max_pages)

@@ -6,22 +6,34 @@
     context = stages.Context(workdir, train_set, val_set, data_name="synthetic cohort")
     result = stages.run_stage(stages.get_stage("influence"), context)
 
-Each stage is a class in its own module (`train`, `influence`, `interpret`, `saliency`, `validate`,
-`lds`, `report`),
-registered by name in the order the stages run; `base` holds the contract (`Stage`),
-the `Context` every stage receives, the per-stage `manifest.json` and the resume mechanism
-(`Parts`). The analysis itself lives in the library packages (`training`, `influence`,
-`interpret`); a stage only calls it, writes files and lists them.
+Each stage is a class in its own module (`train`, `influence`, `interpret`, `saliency`,
+`validate`, `lds`, `report`), registered by name; the order a run runs them is one tuple,
+`tracin_jax.rundir.STAGES`, and the modules are imported (so registered) in that order. A
+new stage is its module and its name in that tuple. `base` holds the contract (`Stage`), the
+`Context` every stage receives and the resume mechanism (`Parts`); the manifest each stage
+writes and the names of its files live below every stage, in `tracin_jax.rundir`, where the
+report and other readers find them. The analysis itself lives in the library packages
+(`training`, `influence`, `interpret`, `saliency`, `checks`); a stage only calls it, writes
+files and lists them.
 """
 
+import importlib
+
+from tracin_jax import rundir
 from tracin_jax.stages import base
-from tracin_jax.stages import train  # registration order is run order
-from tracin_jax.stages import influence  # pylint: disable=g-bad-import-order
-from tracin_jax.stages import interpret  # pylint: disable=g-bad-import-order
-from tracin_jax.stages import saliency  # pylint: disable=g-bad-import-order
-from tracin_jax.stages import validate  # pylint: disable=g-bad-import-order
-from tracin_jax.stages import lds  # pylint: disable=g-bad-import-order
-from tracin_jax.stages import report  # pylint: disable=g-bad-import-order
+
+for _name in rundir.STAGES:  # registration order is run order
+  importlib.import_module(f"{__name__}.{_name}")
+del _name
+
+# pylint: disable=g-bad-import-order,wrong-import-position
+from tracin_jax.stages import influence  # noqa: E402
+from tracin_jax.stages import interpret  # noqa: E402
+from tracin_jax.stages import lds  # noqa: E402
+from tracin_jax.stages import report  # noqa: E402
+from tracin_jax.stages import saliency  # noqa: E402
+from tracin_jax.stages import train  # noqa: E402
+from tracin_jax.stages import validate  # noqa: E402
 from tracin_jax.stages.base import MANIFEST
 from tracin_jax.stages.base import Context
 from tracin_jax.stages.base import Manifest

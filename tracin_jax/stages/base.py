@@ -44,12 +44,12 @@ import numpy as np
 
 from tracin_jax import errors
 from tracin_jax import outputs
+from tracin_jax import rundir
 from tracin_jax.data import slices as slices_lib
 from tracin_jax.data.slices import SliceSet
 
 logger = logging.getLogger("tracin_jax")
 
-MANIFEST = "manifest.json"
 _PACKAGES = ("tracin_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
@@ -59,35 +59,11 @@ class StageError(errors.UserError, RuntimeError):
 
 # ----------------------------------------------------------------------------- manifest
 
-
-@dataclasses.dataclass
-class Manifest:
-  """What a stage wrote and found; `run_stage` adds timings and versions and writes it.
-
-  Paths are relative to the workdir.
-  """
-
-  stage: str
-  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-  fingerprint: str = ""
-  files: list[dict[str, str]] = dataclasses.field(default_factory=list)
-  figures: list[dict[str, str]] = dataclasses.field(default_factory=list)
-  headline: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  def file(self, path: str | os.PathLike, description: str) -> None:
-    self.files.append({"path": str(path), "description": description})
-
-  def figure(self, path: str | os.PathLike, caption: str) -> None:
-    self.figures.append({"path": str(path), "caption": caption})
-
-  def paths(self) -> list[str]:
-    return [f["path"] for f in self.files + self.figures]
-
-  @classmethod
-  def from_record(cls, record: dict[str, Any]) -> "Manifest":
-    """The Manifest of a written `manifest.json` (its timings and versions left out)."""
-    return cls(record["stage"], record.get("settings", {}), record.get("fingerprint", ""),
-               record.get("files", []), record.get("figures", []), record.get("headline", {}))
+# The manifest and its reading live at the bottom (`tracin_jax.rundir`), where the report and
+# other readers find them without importing a stage.
+MANIFEST = rundir.MANIFEST
+Manifest = rundir.Manifest
+read_manifest = rundir.read_manifest
 
 
 def versions() -> dict[str, str]:
@@ -106,17 +82,6 @@ def versions() -> dict[str, str]:
 def machine() -> dict[str, Any]:
   return {"platform": platform.platform(), "processor": platform.machine(),
           "cpus": os.cpu_count()}
-
-
-def read_manifest(workdir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
-  """The manifest of `stage` in `workdir`, or None if it has not finished there."""
-  path = pathlib.Path(workdir) / stage / MANIFEST
-  if not path.exists():
-    return None
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError:
-    return None
 
 
 # ----------------------------------------------------------------------------- context
@@ -234,19 +199,25 @@ _STAGES: dict[str, type] = {}
 
 
 def register_stage(cls: type) -> type:
-  """Class decorator: registers a stage class under `cls.name`, in registration order."""
+  """Class decorator: registers a stage class under `cls.name`."""
   if cls.name in _STAGES:
     raise ValueError(f"stage {cls.name!r} is already registered to {_STAGES[cls.name]}.")
+  order = list(rundir.STAGES)
   for need in cls.needs:
-    if need not in _STAGES:
-      raise ValueError(f"stage {cls.name!r} needs {need!r}, which is not registered before it.")
+    runs_before = (need in _STAGES and (need not in order or cls.name not in order
+                                        or order.index(need) < order.index(cls.name)))
+    if not runs_before:
+      raise ValueError(f"stage {cls.name!r} needs {need!r}, which is not registered to run "
+                       "before it.")
   _STAGES[cls.name] = cls
   return cls
 
 
 def list_stages() -> tuple[str, ...]:
-  """Registered stage names, in the order they run."""
-  return tuple(_STAGES)
+  """Registered stage names, in the order they run: `rundir.STAGES`, then stages registered
+  by other code, in the order they were."""
+  return (tuple(n for n in rundir.STAGES if n in _STAGES)
+          + tuple(n for n in _STAGES if n not in rundir.STAGES))
 
 
 def get_stage(name: str, config: Any = None) -> Stage:
@@ -352,7 +323,7 @@ def write_manifest(context: Context, manifest: Manifest, seconds: float) -> None
       "files": manifest.files,
       "figures": manifest.figures,
   }
-  outputs.write_json(context.stage_dir(manifest.stage) / MANIFEST, record)
+  rundir.write_manifest(context.workdir, record)
 
 
 # ----------------------------------------------------------------------------- parts

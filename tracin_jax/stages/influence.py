@@ -32,6 +32,8 @@ import numpy as np
 from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax import progress as progress_lib
+from tracin_jax import rundir
+from tracin_jax import runs
 from tracin_jax.data import constants
 from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import core
@@ -46,12 +48,12 @@ from tracin_jax.stages import base
 from tracin_jax.training import train as train_lib
 from tracin_jax.types import Checkpoint
 
-CLASS_NAMES = tuple(constants.CLASS_NAMES[c] for c in constants.TUMOUR_CLASSES)
-TRAIN_FILE = "train_influence.npz"
-TEST_FILE = "test_influence.npz"
-PROPONENTS_FILE = "proponents.json"
-GLOBAL_FILE = "global_explainers.json"
-STORE_DIR = "store"
+CLASS_NAMES = constants.TUMOUR_CLASS_NAMES
+TRAIN_FILE = rundir.INFLUENCE_TRAIN_FILE
+TEST_FILE = rundir.INFLUENCE_TEST_FILE
+PROPONENTS_FILE = rundir.PROPONENTS_FILE
+GLOBAL_FILE = rundir.GLOBAL_FILE
+STORE_DIR = rundir.STORE_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,43 +101,8 @@ class InfluenceConfig:
   store_seed: int = setting(0, "Seed of the store's projection.")
 
 
-@dataclasses.dataclass
-class InfluenceOutputs:
-  """The influence stage's result, with the regions of the model it explains.
-
-  Attributes:
-    train_blocks: [K, n_train, K * n_train] train-influence (NaN for absent regions).
-    test_blocks: [K, n_val, K * n_train] validation-train influence.
-    presence_train, presence_test: [n, K] bool.
-    threshold: the region threshold used.
-    class_names: the K class names.
-    epochs, learning_rates: the TracIn checkpoints.
-    global_explainers: the entries of `global_explainers.json`.
-    apply_fn, params, state: the final model (`models.functional`).
-    train_regions, val_regions: [n, H, W, K] bool regions of the final model.
-    manifest: what the stage wrote, with its fingerprint (what later stages key their
-      work by; `run_stage` sets it).
-  """
-
-  train_blocks: np.ndarray
-  test_blocks: np.ndarray
-  presence_train: np.ndarray
-  presence_test: np.ndarray
-  threshold: float
-  class_names: tuple[str, ...]
-  epochs: list[int]
-  learning_rates: list[float]
-  global_explainers: list[dict[str, Any]]
-  apply_fn: Callable
-  params: Any
-  state: Any
-  train_regions: np.ndarray
-  val_regions: np.ndarray
-  manifest: base.Manifest
-
-  @property
-  def fingerprint(self) -> str:
-    return self.manifest.fingerprint
+# The stage's result is the library's reading of a run's influence (`runs.read_influence`).
+InfluenceOutputs = runs.InfluenceResults
 
 
 def checkpoint_hash(checkpoint: Checkpoint) -> str:
@@ -414,37 +381,10 @@ class InfluenceStage(base.StageBase):
       StageError: the outputs are missing, were computed on other data, or the final model
         changed since.
     """
-    out = context.workdir / self.name
-    missing = [n for n in (TRAIN_FILE, TEST_FILE, GLOBAL_FILE) if not (out / n).exists()]
-    if missing:
-      raise base.StageError(f"{out} lacks {', '.join(missing)}: run the influence stage "
-                            "again (--stages=...,influence,...).")
-    manifest_record = base.read_manifest(context.workdir, self.name) or {"stage": self.name}
-    with np.load(out / TEST_FILE) as f:
-      test_blocks = f["scores"]
-      presence_test, presence_train = f["presence_test"], f["presence_train"]
-      threshold = float(f["threshold"])
-      class_names = tuple(str(c) for c in f["class_names"])
-      epochs = [int(e) for e in f["epochs"]]
-      rates = [float(r) for r in f["learning_rates"]]
-      _check_ids(f, "test", context.val_set, "validation")
-      _check_ids(f, "train", context.train_set, "training")
-    with np.load(out / TRAIN_FILE) as f:
-      train_blocks = f["scores"]
-    explainers = json.loads((out / GLOBAL_FILE).read_text())["global_explainers"]
-    model, _ = train_lib.load_model(context.workdir)
-    apply_fn, params, state = models.functional(model)
-    train_regions, val_regions = (
-        segmentation.predict_regions(apply_fn, params, s.images, threshold, state=state)
-        for s in (context.train_set, context.val_set))
-    if (not np.array_equal(segmentation.region_presence(train_regions), presence_train) or
-        not np.array_equal(segmentation.region_presence(val_regions), presence_test)):
-      raise base.StageError("The final model's regions differ from the influence stage's: "
-                            "the model changed since; rerun the influence stage.")
-    manifest = base.Manifest.from_record(manifest_record)
-    return InfluenceOutputs(train_blocks, test_blocks, presence_train, presence_test,
-                            threshold, class_names, epochs, rates, explainers, apply_fn, params,
-                            state, train_regions, val_regions, manifest)
+    try:
+      return runs.read_influence(context.workdir, context.train_set, context.val_set)
+    except runs.RunMismatch as e:
+      raise base.StageError(str(e)) from None
 
 
 def _store_description(store: store_lib.GradientStore) -> str:
@@ -493,13 +433,6 @@ def _check_params_filter(prefixes: tuple[str, ...], params) -> str:
   kept = [x for x, m in zip(jax.tree.leaves(params), mask) if m]
   return (f"{', '.join(prefixes)} ({len(kept)} arrays, "
           f"{sum(int(np.size(x)) for x in kept)} parameters)")
-
-
-def _check_ids(f, prefix: str, slices, which: str) -> None:
-  ids = list(zip(f[f"{prefix}_case_ids"].tolist(), f[f"{prefix}_slice_indices"].tolist()))
-  if ids != [(str(c), int(z)) for c, z in slices.ids]:
-    raise base.StageError(f"The influence stage's {which} examples differ from the given "
-                          f"{which} set: it was run on other data; rerun the influence stage.")
 
 
 def _local_choices(regions: np.ndarray, num: int, cases: np.ndarray) -> list[int]:

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 
 from tracin_jax import outputs
+from tracin_jax import rundir
 from tracin_jax.influence import layout
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.interpret import features
@@ -32,9 +33,9 @@ from tracin_jax.interpret import figures
 from tracin_jax.settings import setting
 from tracin_jax.stages import base
 
-FI_FILE = "feature_importance.npz"
-IMPACT_FILE = "feature_impact.json"
-IMPACT_FIGURE = "feature_impact.png"
+FI_FILE = rundir.FEATURE_IMPORTANCE_FILE
+IMPACT_FILE = rundir.FEATURE_IMPACT_FILE
+IMPACT_FIGURE = rundir.FEATURE_IMPACT_FIGURE
 SELECTION = ("slope", "intercept", "r2", "curvature", "head", "middle", "tail", "fi_first",
              "u_shape", "negative_slope", "predictive")
 

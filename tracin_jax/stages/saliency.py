@@ -35,7 +35,6 @@ import csv
 import dataclasses
 import functools
 import io
-import re
 import time
 import warnings
 from typing import Any, Sequence
@@ -45,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracin_jax import outputs
+from tracin_jax import rundir
 from tracin_jax import saliency as sal
 from tracin_jax.data import constants
 from tracin_jax.data import slices as slices_lib
@@ -68,10 +68,10 @@ LABELS = {"vanilla_gradient": "Gradient", "guided_backprop": "Guided backprop",
 NO_CHANNELS = ("grad_cam", "grad_cam_plus_plus")  # maps at the layer, not per input channel
 PATH_METHODS = ("integrated_gradients", "guided_integrated_gradients")  # sum to F(x) - F(b)
 CLASSES = constants.TUMOUR_CLASSES  # (1, 2, 3)
-CLASS_NAMES = tuple(constants.CLASS_NAMES[c] for c in CLASSES)
+CLASS_NAMES = constants.TUMOUR_CLASS_NAMES
 CHANNELS = constants.MODALITY_NAMES
 BESIDE_TRACIN = ("smoothgrad", "integrated_gradients", "grad_cam_plus_plus")
-INSTANCES_FILE, CONTEXT_FILE = "instances", "context_curves.json"
+INSTANCES_FILE, CONTEXT_FILE = rundir.INSTANCES_NAME, rundir.CONTEXT_FILE
 # The settings each kind of saved work depends on (the rest only shape the figures).
 MAPS_SETTINGS = ("methods", "layer", "ig_steps", "guided_ig_steps", "smoothgrad_samples",
                  "seed")
@@ -80,7 +80,8 @@ INSTANCE_SETTINGS = ("instance_samples", "instance_noise_level", "instance_aggre
                      "min_instance_size", "layer", "seed")
 RANDOMISATION_SETTINGS = ("randomisation_methods", "layer", "ig_steps", "guided_ig_steps",
                           "smoothgrad_samples", "seed")
-FAITHFULNESS_FILE, RANDOMISATION_FILE = "faithfulness", "randomisation.json"
+FAITHFULNESS_FILE, RANDOMISATION_FILE = (rundir.FAITHFULNESS_NAME,
+                                         rundir.SALIENCY_RANDOMISATION_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +150,7 @@ class SaliencyOutputs:
   manifest: base.Manifest
 
 
-def tag(case_id: str, z: int) -> str:
-  """A file-name-safe name of a slice."""
-  return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', str(case_id))}_z{int(z)}"
-
-
-def _class_file(name: str) -> str:
-  return name.replace("/", "-")
+tag = rundir.slice_tag
 
 
 @functools.lru_cache(maxsize=4)
@@ -444,7 +439,7 @@ class SaliencyStage(base.StageBase):
       flows = {CLASS_NAMES[n]: {ln: v[n] for ln, v in layer_maps.items()}
                for n in range(len(CLASSES)) if present[n]}
       if flows:
-        path = out / f"information_flow_{name}.png"
+        path = out / rundir.saliency_file("information_flow", case, z)
         figures.plot_information_flow(image, flows, {CLASS_NAMES[n]: regions[n]
                                                      for n in range(len(CLASSES))}, path,
                                       title=f"Information flow: Grad-CAM at every block, "
@@ -457,7 +452,7 @@ class SaliencyStage(base.StageBase):
           continue
         grid = {LABELS[m]: (maps[k, n, ..., 0] if m in NO_CHANNELS else maps[k, n])
                 for k, m in enumerate(config.methods)}
-        path = out / f"grid_{name}_{_class_file(cname)}.png"
+        path = out / rundir.saliency_file("grid", case, z, cname)
         figures.plot_method_grid(
             image, grid, regions[n], CHANNELS, path, truth=truth[n],
             colour=class_colour[cname],
@@ -465,8 +460,10 @@ class SaliencyStage(base.StageBase):
             "\noutlined: the explained region (p > threshold); dashed white: ground truth")
         manifest.figure(self.rel(path.name), f"Saliency of the {cname} region of {case} slice "
                         f"{z}: rows the methods, columns the modalities, the region outlined "
-                        "and the ground truth dashed; one colour scale per method.")
-        path = out / f"tracin_{name}_{_class_file(cname)}.png"
+                        "and the ground truth dashed; one colour scale per method.",
+                        kind=rundir.SALIENCY_GRID, case=str(case), slice=int(z),
+                        **{"class": cname})
+        path = out / rundir.saliency_file("tracin", case, z, cname)
         self._beside_tracin(inputs, a, n, image, regions[n], maps, train, path,
                             title=f"{cname} region of {case} slice {z}: saliency and TracIn"
                             f"{context.suffix}", colour=class_colour[cname])
@@ -501,10 +498,10 @@ class SaliencyStage(base.StageBase):
     manifest.file(self.rel(RANDOMISATION_FILE), "cascading parameter randomisation per method: "
                   "Spearman (|map|) and SSIM with the trained map as layers are re-drawn")
     figures.plot_randomisation(
-        {LABELS[k]: v for k, v in rand["methods"].items()}, out / "randomisation.png",
+        {LABELS[k]: v for k, v in rand["methods"].items()}, out / rundir.SALIENCY_RANDOMISATION_FIGURE,
         title=f"Cascading randomisation of the model, {ids[0]} slice {ids[1]}"
         f"{context.suffix}")
-    manifest.figure(self.rel("randomisation.png"), "Model-parameter randomisation: each "
+    manifest.figure(self.rel(rundir.SALIENCY_RANDOMISATION_FIGURE), "Model-parameter randomisation: each "
                     "method's similarity to its trained map as layers are re-drawn from the "
                     "head down (a faithful method's maps change).")
 
@@ -585,19 +582,19 @@ class SaliencyStage(base.StageBase):
     manifest.file(self.rel(f"{INSTANCES_FILE}.csv"), "the same table, one row per lesion")
     figures.plot_modality_shares(
         [{"class": r["class"], "status": r["status"], "share": np.asarray(r["share"], float)}
-         for r in rows], CHANNELS, CLASS_NAMES, out / "modality_shares.png",
+         for r in rows], CHANNELS, CLASS_NAMES, out / rundir.MODALITY_SHARES_FIGURE,
         title=f"Which modality drove each lesion: instance SmoothGrad ({config.instance_aggregation})"
         f"{context.suffix}")
-    manifest.figure(self.rel("modality_shares.png"), "Each modality's share of instance "
+    manifest.figure(self.rel(rundir.MODALITY_SHARES_FIGURE), "Each modality's share of instance "
                     "saliency inside the lesion, true positives against false positives and "
                     "false negatives, per class.")
     outputs.write_json(out / CONTEXT_FILE, strict({"background": config.context_background,
                                                    "curves": curves}))
     manifest.file(self.rel(CONTEXT_FILE), "perilesional context: each instance's mean "
                   "probability and detection as the image is kept inside its k-th dilation")
-    figures.plot_context_curves(curves, CLASS_NAMES, out / "context_curves.png",
+    figures.plot_context_curves(curves, CLASS_NAMES, out / rundir.CONTEXT_FIGURE,
                                 title=f"Perilesional context{context.suffix}")
-    manifest.figure(self.rel("context_curves.png"), "How much surrounding tissue each lesion "
+    manifest.figure(self.rel(rundir.CONTEXT_FIGURE), "How much surrounding tissue each lesion "
                     "needs: its class probability with the image kept only inside the lesion "
                     "dilated k times.")
     summary = summarise_faithfulness(faith_rows)

@@ -31,8 +31,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from tracin_jax import errors
+from tracin_jax import rundir
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = rundir.CHECKPOINT_DIR
 # Metadata every checkpoint carries (see the module docstring).
 REQUIRED_METADATA = ("epoch", "step", "phase", "learning_rate")
 

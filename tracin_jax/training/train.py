@@ -28,6 +28,8 @@ from tracin_jax import batching
 from tracin_jax import errors
 from tracin_jax import models
 from tracin_jax import outputs
+from tracin_jax import rundir
+from tracin_jax.data import constants
 from tracin_jax.data import pipeline
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.progress import ProgressBar
@@ -41,9 +43,9 @@ from tracin_jax.types import Checkpoint
 
 logger = logging.getLogger("tracin_jax")
 
-CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "training_curves.png"
+CONFIG_FILE = rundir.TRAIN_CONFIG_FILE
+METRICS_FILE = rundir.METRICS_FILE
+CURVES_FILE = rundir.CURVES_FILE
 
 
 class RunMismatchError(errors.UserError, RuntimeError):
@@ -430,7 +432,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | os.PathLike,
   axes[0].plot(epochs, [h["loss"] for h in history], marker="o", ms=3)
   axes[0].set(xlabel="epoch", ylabel="training loss (1 - mean soft Dice)",
               title="Training loss" + title_suffix)
-  for name in ("NCR/NET", "ED", "ET", "WT", "TC"):
+  for name in constants.DICE_NAMES:
     vals = [h["val_dice"].get(name, np.nan) for h in history]
     axes[1].plot(epochs, vals, marker="o", ms=3, label=name)
   axes[1].set(xlabel="epoch", ylabel="hard Dice", ylim=(0, 1),
