@@ -60,6 +60,62 @@ def test_registry_order_and_needs():
     stages.get_stage("trian")
 
 
+def assert_same(ran, loaded, where: str) -> None:
+  """A stage's result as it ran equals the result its `load` read back: arrays exactly (NaN
+  equal to NaN; JSON gives lists for tuples, float64 for float32), model functions
+  callable on both sides, pytrees leaf by leaf, manifests as written."""
+  if isinstance(ran, stages.Manifest):
+    ran, loaded = (json.loads(json.dumps(stages.base.outputs.plain(dataclasses.asdict(m))))
+                   for m in (ran, loaded))
+  if dataclasses.is_dataclass(ran) and not isinstance(ran, type):
+    assert type(loaded) is type(ran), (where, type(loaded))
+    for field in dataclasses.fields(ran):
+      assert_same(getattr(ran, field.name), getattr(loaded, field.name),
+                  f"{where}.{field.name}")
+  elif callable(ran) and not hasattr(ran, "shape"):
+    assert callable(loaded), where
+  elif isinstance(ran, dict):
+    assert sorted(map(str, ran)) == sorted(map(str, loaded)), where
+    keyed = {str(k): v for k, v in loaded.items()}
+    for key, value in ran.items():
+      assert_same(value, keyed[str(key)], f"{where}[{key!r}]")
+  elif isinstance(ran, (list, tuple)):
+    assert isinstance(loaded, (list, tuple)) and len(ran) == len(loaded), where
+    for k, (x, y) in enumerate(zip(ran, loaded)):
+      assert_same(x, y, f"{where}[{k}]")
+  elif ran is None or isinstance(ran, (str, bool)):
+    assert ran == loaded, (where, ran, loaded)
+  elif isinstance(ran, (int, float, np.generic, np.ndarray)) or hasattr(ran, "shape"):
+    np.testing.assert_array_equal(np.asarray(ran), np.asarray(loaded), err_msg=where)
+  else:  # a pytree of arrays (a model's parameters or state)
+    import jax  # pylint: disable=g-import-not-at-top
+
+    x, y = jax.tree.leaves(ran), jax.tree.leaves(loaded)
+    assert len(x) == len(y), where
+    for k, (u, v) in enumerate(zip(x, y)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=f"{where} leaf {k}")
+
+
+@pytest.mark.slow  # every stage, end to end, on the tiny run
+@pytest.mark.parametrize("name", stages.list_stages())
+def test_a_stage_reads_back_the_result_it_wrote(staged, name):
+  """load(write(compute())) == compute(): what `run` returned, read back from its files."""
+  context, results = staged
+  loaded = stages.get_stage(name, CONFIGS[name]).load(context)
+  assert_same(results[name], loaded, name)
+
+
+def test_the_comparison_of_results_can_fail():
+  a = stages.Manifest("x", headline={"d": 0.5})
+  assert_same(a, stages.Manifest("x", headline={"d": 0.5}), "same")
+  for other in (stages.Manifest("x", headline={"d": 0.25}), stages.Manifest("y")):
+    with pytest.raises(AssertionError):
+      assert_same(a, other, "differs")
+  with pytest.raises(AssertionError):
+    assert_same({"a": np.array([1.0, np.nan])}, {"a": np.array([1.0, 2.0])}, "array")
+  assert_same({"a": (1, np.float32(0.1))}, {"a": [1, float(np.float32(0.1))]}, "json")
+
+
 @pytest.mark.slow  # every stage, end to end, on the tiny run
 def test_every_stage_writes_a_manifest_listing_what_it_wrote(staged):
   context, results = staged

@@ -7,18 +7,20 @@ A stage is a class registered by name (`register_stage`), with
   * `needs`: the stages whose results it reads;
   * `fingerprint(context) -> str`: a hash of everything its outputs depend on;
   * `run(context) -> result`: computes and writes its outputs, returning a typed result
-    whose `manifest` lists them;
-  * `load(context) -> result`: the same result, read back from a finished run's files;
+    whose `manifest` lists them. `StageBase.run` is `compute(context)`, the result, which
+    writes nothing of it, then `write(context, result)`, its files and figures and the
+    manifest listing them (the stage's `writes` declare each once, with its description);
+  * `load(context) -> result`: the same result, read back from a finished run's files
+    (the inverse of `write`);
   * optionally `check(context)`: raises `StageError` (or another user error) if the stage
     cannot run in this workdir, before anything there is touched.
 
 `run_stage` is the one way a stage is run: it reuses a finished stage whose fingerprint is
 unchanged, otherwise checks that it may run, removes the stale manifest, runs the stage and
-writes
-`<workdir>/<stage>/manifest.json` (settings, fingerprint, timings, versions, data, every
-file with its description and every figure with its caption, headline numbers). Later
-readers (a report, a notebook) read manifests and the files they list, never a stage's
-private names. A stage read back from the workdir for a later one (`Context.need`) must
+writes `<workdir>/<stage>/manifest.json` (settings, fingerprint, timings, versions, data, every
+file with its description and every figure with its caption, headline numbers; the type
+and the file names are `tracin_jax.rundir`'s). Later readers (the report, a notebook) read
+manifests and the files they list through `rundir`, never a stage. A stage read back from the workdir for a later one (`Context.need`) must
 have the fingerprint this run would give it: outputs of other settings, data or
 checkpoints are refused, naming what differs.
 
@@ -232,12 +234,36 @@ def get_stage(name: str, config: Any = None) -> Stage:
   return cls(cls.config_cls() if config is None else config)
 
 
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """One of a stage's files or figures, declared once with what the manifest says of it.
+
+  Attributes:
+    name: the file's name in the stage's directory; a `str.format` template for files per
+      image or class (`"maps_{tag}.npz"`).
+    text: its description (a file) or caption (a figure), a template of the same fields.
+    figure: whether the manifest lists it as a figure.
+    in_workdir: it lies in the workdir itself, not in the stage's directory.
+  """
+
+  name: str
+  text: str
+  figure: bool = False
+  in_workdir: bool = False
+
+  def path(self, **fields: Any) -> str:
+    return self.name.format(**fields)
+
+
 class StageBase:
-  """Shared plumbing of the stage classes: the config, its settings for the manifest."""
+  """Shared plumbing of the stage classes: the config, its settings for the manifest, and
+  `run` as the two halves a stage defines: `compute` (the result, written nowhere) and
+  `write` (the result's files and the manifest listing them; `load` is its inverse)."""
 
   name: ClassVar[str] = ""
   config_cls: ClassVar[type] = type(None)
   needs: ClassVar[tuple[str, ...]] = ()
+  writes: ClassVar[tuple[Output, ...]] = ()  # the files and figures it writes, declared once
 
   def __init__(self, config: Any = None):
     self.config = self.config_cls() if config is None else config
@@ -263,6 +289,33 @@ class StageBase:
   def rel(self, name: str) -> str:
     """The path of one of the stage's files as a manifest lists it (workdir-relative)."""
     return f"{self.name}/{name}"
+
+  def run(self, context: Context) -> Any:
+    """The stage's result, computed and then written; its `manifest` lists what was."""
+    result = self.compute(context)
+    result.manifest = self.write(context, result)
+    return result
+
+  def compute(self, context: Context) -> Any:
+    """The stage's result (with an empty manifest); writes no output."""
+    raise NotImplementedError(f"the {self.name} stage defines run, not compute and write.")
+
+  def write(self, context: Context, result: Any) -> Manifest:
+    """Writes the result's files and figures; returns the manifest listing them."""
+    raise NotImplementedError(f"the {self.name} stage defines run, not compute and write.")
+
+  def list_output(self, context: Context, manifest: Manifest, output: Output, *,
+                  about: dict[str, Any] | None = None, **fields: Any) -> pathlib.Path:
+    """Lists `output` (its templates filled with `fields`) in `manifest`, a figure with what
+    it shows (`about`: kind, case, slice, class); returns the path to write it to."""
+    name = output.path(**fields)
+    rel = name if output.in_workdir else self.rel(name)
+    text = output.text.format(**fields)
+    if output.figure:
+      manifest.figure(rel, text, **(about or {}))
+    else:
+      manifest.file(rel, text)
+    return context.workdir / rel if output.in_workdir else context.stage_dir(self.name) / name
 
 
 def _finished(context: Context, stage: Stage, key: str) -> bool:

@@ -65,6 +65,9 @@ class InterpretOutputs:
     selection: the statistics of `features.select_predictive`, each [K, C].
     impact: [C, K] feature impact (eq 9) on the validation set.
     predictive: class name -> indices of its predictive features.
+    tests: class name -> Mann-Whitney U test of the selected against the other features'
+      impact.
+    excluded: the score columns (global explainers) left out of the ranking.
     manifest: what the stage wrote.
   """
 
@@ -72,6 +75,8 @@ class InterpretOutputs:
   selection: dict[str, np.ndarray]
   impact: np.ndarray
   predictive: dict[str, list[int]]
+  tests: dict[str, dict[str, Any]]
+  excluded: list[int]
   manifest: base.Manifest
 
 
@@ -144,100 +149,128 @@ class InterpretStage(base.StageBase):
 
   name, config_cls, needs = "interpret", InterpretConfig, ("influence",)
 
-  def run(self, context: base.Context) -> InterpretOutputs:
+  writes = (
+      base.Output(FI_FILE, "fi [K, C, R] (eq 8, global explainers removed) and the selection "
+                  "statistics per class and feature"),
+      base.Output(IMPACT_FILE, "feature impact F[k, i] (eq 9) per feature and class, the "
+                  "predictive features, fit statistics and Mann-Whitney U tests"),
+      base.Output("ranked_scatter_{class_file}_f{feature}.png",
+                  "Ranked scatter of feature {feature} for {name} ({verdict}): FI along "
+                  "TracIn's ranking of the training regions, with the feature maps of a test "
+                  "image, its first proponent, a neutral region and its strongest opponent "
+                  "(the paper's Fig. 6).", figure=True),
+      base.Output(IMPACT_FIGURE, "Feature impact: the Dice lost per class when a feature of "
+                  "the last hidden layer is masked, selected predictive features against the "
+                  "others (the paper's Fig. 7).", figure=True),
+  )
+
+  def compute(self, context: base.Context) -> InterpretOutputs:
     config, log = self.config, context.log
     inputs = context.need("influence")
-    out = context.stage_dir(self.name)
-    train_set, val_set = context.train_set, context.val_set
-    test_blocks, class_names = inputs.test_blocks, inputs.class_names
-    apply_fn, params, state = inputs.apply_fn, inputs.params, inputs.state
-    train_regions, val_regions = inputs.train_regions, inputs.val_regions
     exclude = ([g["column"] for g in inputs.global_explainers]
                if config.exclude_global_explainers else [])
-
-    bs = config.batch_size
+    fi, exclude = self._importance(context, inputs, exclude)
+    selection = self._selection(context, fi)
     t0 = time.perf_counter()
-    log(f"interpret: last hidden layer over the regions of {len(train_set)} training and "
-        f"{len(val_set)} validation slices ...")
-    f_train = features.hidden_features(apply_fn, params, train_set.images, train_regions,
-                                       batch_size=bs)
-    f_test = features.hidden_features(apply_fn, params, val_set.images, val_regions,
-                                      batch_size=bs)
-    log(f"interpret: features in {time.perf_counter() - t0:.1f} s; FI along TracIn's "
-        "ranking (eq 8) ...")
-    scores = layout.from_class_blocks(test_blocks)  # [n_val, K, n_train, K]
+    log(f"interpret: feature impact (eq 9), each of the {fi.shape[1]} features masked in "
+        f"turn over {len(context.val_set)} validation slices ...")
+    impact = features.feature_impact(inputs.apply_fn, inputs.params, context.val_set.images,
+                                     context.val_set.labels,
+                                     batch_size=config.batch_size)  # [C, K]
+    log(f"interpret: feature impact in {time.perf_counter() - t0:.1f} s.")
+    names = inputs.class_names
+    predictive = {names[i]: np.flatnonzero(selection["predictive"][i]).tolist()
+                  for i in range(fi.shape[0])}
+    tests = {names[i]: _mann_whitney(impact[:, i], selection["predictive"][i])
+             for i in range(fi.shape[0])}
+    log(f"Predictive features (FI > {config.fi_threshold} first, U shape or negative slope): "
+        + "; ".join(f"{n} {len(v)}/{fi.shape[1]}" for n, v in predictive.items()) + ".")
+    return InterpretOutputs(fi, selection, impact, predictive, tests, list(exclude),
+                            self.manifest())
+
+  def _importance(self, context: base.Context, inputs, exclude: list[int]):
+    """(fi [K, C, R] along TracIn's ranking (eq 8), the columns left out of it)."""
+    train_set, val_set, bs = context.train_set, context.val_set, self.config.batch_size
+    t0 = time.perf_counter()
+    context.log(f"interpret: last hidden layer over the regions of {len(train_set)} training "
+                f"and {len(val_set)} validation slices ...")
+    f_train = features.hidden_features(inputs.apply_fn, inputs.params, train_set.images,
+                                       inputs.train_regions, batch_size=bs)
+    f_test = features.hidden_features(inputs.apply_fn, inputs.params, val_set.images,
+                                      inputs.val_regions, batch_size=bs)
+    context.log(f"interpret: features in {time.perf_counter() - t0:.1f} s; FI along "
+                "TracIn's ranking (eq 8) ...")
+    scores = layout.from_class_blocks(inputs.test_blocks)  # [n_val, K, n_train, K]
     fi = features.feature_importance(scores, f_train, f_test, exclude_columns=exclude)
     if exclude and fi.shape[2] < 3:
-      log(f"Removing the {len(exclude)} global explainers leaves {fi.shape[2]} ranked train "
-          "regions: too few to fit; they are kept.")
+      context.log(f"Removing the {len(exclude)} global explainers leaves {fi.shape[2]} ranked "
+                  "train regions: too few to fit; they are kept.")
       exclude = []
       fi = features.feature_importance(scores, f_train, f_test)
+    return fi, exclude
+
+  def _selection(self, context: base.Context, fi: np.ndarray) -> dict[str, np.ndarray]:
+    """The predictive-feature rule's statistics, each [K, C] (none selected on curves too
+    short to fit)."""
     k, c, r_len = fi.shape
     if r_len >= 3:
-      selection = features.select_predictive(fi, config.fi_threshold)
-    else:
-      log(f"Only {r_len} ranked train regions: the FI curves are too short to fit; every "
-          "feature is reported as not predictive.")
-      selection = {name: np.full((k, c), np.nan) for name in SELECTION[:8]}
-      selection.update({name: np.zeros((k, c), bool) for name in SELECTION[8:]})
-    t0 = time.perf_counter()
-    log(f"interpret: feature impact (eq 9), each of the {c} features masked in turn over "
-        f"{len(val_set)} validation slices ...")
-    impact = features.feature_impact(apply_fn, params, val_set.images, val_set.labels,
-                                     batch_size=bs)  # [C, K]
-    log(f"interpret: feature impact in {time.perf_counter() - t0:.1f} s.")
+      return features.select_predictive(fi, self.config.fi_threshold)
+    context.log(f"Only {r_len} ranked train regions: the FI curves are too short to fit; "
+                "every feature is reported as not predictive.")
+    selection = {name: np.full((k, c), np.nan) for name in SELECTION[:8]}
+    selection.update({name: np.zeros((k, c), bool) for name in SELECTION[8:]})
+    return selection
 
-    predictive = {class_names[i]: np.flatnonzero(selection["predictive"][i]).tolist()
-                  for i in range(k)}
-    tests = {class_names[i]: _mann_whitney(impact[:, i], selection["predictive"][i])
-             for i in range(k)}
+  def write(self, context: base.Context, result: InterpretOutputs) -> base.Manifest:
     manifest = self.manifest()
-    exemplars = [_exemplars(scores, i, exclude, apply_fn, params, state, val_set, val_regions,
-                            train_set, train_regions, class_names) for i in range(k)]
-    for i, name in enumerate(class_names):
+    fi_file, impact_file, scatter, impact_figure = self.writes
+    self._write_scatters(context, manifest, scatter, result)
+    inputs = context.need("influence")
+    names = inputs.class_names
+    figures.plot_feature_impact(
+        result.impact, result.selection["predictive"], result.tests, names,
+        self.list_output(context, manifest, impact_figure), title_suffix=context.suffix)
+    outputs.save_npz(self.list_output(context, manifest, fi_file), fi=result.fi,
+                     class_names=np.asarray(names), dataset=np.asarray(context.data_name),
+                     synthetic=np.asarray(context.synthetic), **result.selection)
+    outputs.write_json(self.list_output(context, manifest, impact_file), {
+        "dataset": context.data_name, "class_names": list(names),
+        "fi_threshold": self.config.fi_threshold, "num_features": result.fi.shape[1],
+        "num_ranks": result.fi.shape[2], "excluded_global_explainers": len(result.excluded),
+        "feature_impact": {names[i]: outputs.json_ready(result.impact[:, i])
+                           for i in range(len(names))},
+        "predictive_features": result.predictive,
+        "statistics": {names[i]: {s: outputs.json_ready(v[i])
+                                  for s, v in result.selection.items()}
+                       for i in range(len(names))},
+        "mann_whitney": result.tests})
+    manifest.headline.update({
+        "predictive_features": result.predictive,
+        "mann_whitney_p": {n: t["p_value"] for n, t in result.tests.items()}})
+    context.log(f"Wrote {context.workdir / self.name}: {FI_FILE}, {IMPACT_FILE} and "
+                f"{len(manifest.figures)} figures.")
+    return manifest
+
+  def _write_scatters(self, context: base.Context, manifest: base.Manifest,
+                      scatter: base.Output, result: InterpretOutputs) -> None:
+    """The ranked scatter figures (Fig. 6) of each class's chosen features."""
+    inputs = context.need("influence")
+    scores = layout.from_class_blocks(inputs.test_blocks)
+    selection = result.selection
+    for i, name in enumerate(inputs.class_names):
+      exemplars = _exemplars(scores, i, result.excluded, inputs.apply_fn, inputs.params,
+                             inputs.state, context.val_set, inputs.val_regions,
+                             context.train_set, inputs.train_regions, inputs.class_names)
       for feat in _scatter_choices(selection["fi_first"][i], selection["predictive"][i],
-                                   config.num_scatter_features):
-        path = out / f"ranked_scatter_{name.replace('/', '-')}_f{feat}.png"
+                                   self.config.num_scatter_features):
         st = {s: selection[s][i, feat] for s in ("fi_first", "slope", "r2")}
         verdict = "predictive" if selection["predictive"][i, feat] else "not predictive"
+        path = self.list_output(context, manifest, scatter, class_file=rundir.class_file(name),
+                                feature=feat, name=name, verdict=verdict)
         figures.plot_ranked_scatter(
-            fi[i, feat], [dict(p, fmap=p["hidden"][..., feat]) for p in exemplars[i]],
+            result.fi[i, feat], [dict(p, fmap=p["hidden"][..., feat]) for p in exemplars],
             name, feat, path, title_suffix=context.suffix,
             subtitle=", ".join(f"{s} {v:.3g}" for s, v in st.items()) + f": {verdict}")
-        manifest.figure(self.rel(path.name), f"Ranked scatter of feature {feat} for {name} "
-                        f"({verdict}): FI along TracIn's ranking of the training regions, "
-                        "with the feature maps of a test image, its first proponent, a "
-                        "neutral region and its strongest opponent (the paper's Fig. 6).")
-    figures.plot_feature_impact(impact, selection["predictive"], tests, class_names,
-                                out / IMPACT_FIGURE, title_suffix=context.suffix)
-    manifest.figure(self.rel(IMPACT_FIGURE), "Feature impact: the Dice lost per class when a "
-                    "feature of the last hidden layer is masked, selected predictive "
-                    "features against the others (the paper's Fig. 7).")
-
-    outputs.save_npz(out / FI_FILE, fi=fi, class_names=np.asarray(class_names),
-                     dataset=np.asarray(context.data_name),
-                     synthetic=np.asarray(context.synthetic), **selection)
-    manifest.file(self.rel(FI_FILE), "fi [K, C, R] (eq 8, global explainers removed) and the "
-                  "selection statistics per class and feature")
-    outputs.write_json(out / IMPACT_FILE, {
-        "dataset": context.data_name, "class_names": list(class_names),
-        "fi_threshold": config.fi_threshold, "num_features": c, "num_ranks": r_len,
-        "excluded_global_explainers": len(exclude),
-        "feature_impact": {class_names[i]: outputs.json_ready(impact[:, i])
-                           for i in range(k)},
-        "predictive_features": predictive,
-        "statistics": {class_names[i]: {s: outputs.json_ready(v[i])
-                                        for s, v in selection.items()}
-                       for i in range(k)},
-        "mann_whitney": tests})
-    manifest.file(self.rel(IMPACT_FILE), "feature impact F[k, i] (eq 9) per feature and class, the "
-                  "predictive features, fit statistics and Mann-Whitney U tests")
-    manifest.headline.update({"predictive_features": predictive,
-                              "mann_whitney_p": {n: t["p_value"] for n, t in tests.items()}})
-    log(f"Predictive features (FI > {config.fi_threshold} first, U shape or negative slope): "
-        + "; ".join(f"{n} {len(v)}/{c}" for n, v in predictive.items()) + ".")
-    log(f"Wrote {out}: {FI_FILE}, {IMPACT_FILE} and {len(manifest.figures)} figures.")
-    return InterpretOutputs(fi, selection, impact, predictive, manifest)
 
   def load(self, context: base.Context) -> InterpretOutputs:
     out = context.workdir / self.name
@@ -248,5 +281,9 @@ class InterpretStage(base.StageBase):
     saved = json.loads((out / IMPACT_FILE).read_text())
     impact = np.array([[np.nan if v is None else v for v in saved["feature_impact"][c]]
                        for c in saved["class_names"]]).T
+    inputs = context.need("influence")
+    excluded = ([g["column"] for g in inputs.global_explainers]
+                if saved["excluded_global_explainers"] else [])
     manifest = base.Manifest.from_record(base.read_manifest(context.workdir, self.name))
-    return InterpretOutputs(fi, selection, impact, saved["predictive_features"], manifest)
+    return InterpretOutputs(fi, selection, impact, saved["predictive_features"],
+                            saved["mann_whitney"], excluded, manifest)

@@ -53,19 +53,25 @@ class ReportStage(base.StageBase):
                             "settings": outputs.plain(self.config),
                             "data": context.data_fingerprint()})
 
-  def run(self, context: base.Context) -> ReportOutputs:
+  writes = (base.Output(report_lib.INDEX, "the run's report: settings, timings, Dice, checks, "
+                        "saliency tables and every figure with its caption; open it in a "
+                        "browser (no server needed)"),)
+
+  def compute(self, context: base.Context) -> ReportOutputs:
+    """Nothing to compute: the report is what the other stages wrote, rendered by `write`."""
+    return ReportOutputs(context.workdir / self.name / report_lib.INDEX, self.manifest())
+
+  def write(self, context: base.Context, result: ReportOutputs) -> base.Manifest:
     influence = (context.need("influence")
                  if base.read_manifest(context.workdir, "influence") else None)
+    manifest = self.manifest()
+    self.list_output(context, manifest, self.writes[0])
     index = report_lib.build_report(
         context.workdir, train_set=context.train_set, val_set=context.val_set,
         influence=influence, max_pages=self.config.pages, top=self.config.top)
-    manifest = self.manifest()
-    manifest.file(self.rel(report_lib.INDEX), "the run's report: settings, timings, Dice, "
-                  "checks, saliency tables and every figure with its caption; open it in a "
-                  "browser (no server needed)")
     context.log(f"Wrote {index} ({len(list((index.parent / 'images').glob('*.html')))} "
                 "image pages).")
-    return ReportOutputs(index, manifest)
+    return manifest
 
   def load(self, context: base.Context) -> ReportOutputs:
     manifest = base.Manifest.from_record(base.read_manifest(context.workdir, self.name))

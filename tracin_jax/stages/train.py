@@ -50,14 +50,40 @@ class TrainStage(base.StageBase):
     has = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
     train_lib.check_run(context.workdir, identity, has_checkpoints=has)
 
-  def run(self, context: base.Context) -> TrainOutputs:
+  writes = (
+      base.Output(train_lib.CONFIG_FILE, "the run's settings, its training and validation cases",
+                  in_workdir=True),
+      base.Output(train_lib.METRICS_FILE,
+                  "hard Dice per class (NCR/NET, ED, ET) and region (WT, TC) on train and "
+                  "validation, per patient then averaged; an empty prediction of an empty "
+                  "truth counts 1.0", in_workdir=True),
+      base.Output(CHECKPOINT_DIR,
+                  "Orbax checkpoints per epoch: model, optimiser, metadata (epoch, step, "
+                  "phase, learning_rate eta_t)", in_workdir=True),
+      base.Output(train_lib.CURVES_FILE,
+                  "Training loss and validation hard Dice per epoch; the dashed line marks "
+                  "the switch from Adam to plain SGD.", figure=True, in_workdir=True),
+  )
+
+  def compute(self, context: base.Context) -> TrainOutputs:
+    """Trains (the training library writes its checkpoints, metrics and curves as it goes,
+    so that an interrupted run resumes)."""
     result = train_lib.train(self.config, context.train_set, context.val_set,
                              context.workdir, progress=context.progress,
                              dataset=context.data_name)
     val = result.metrics.get("validation", {})
     context.log(f"Validation hard Dice ({context.data_name}): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
-    return TrainOutputs(result.metrics, result.history, self._manifest(result.metrics))
+    return TrainOutputs(result.metrics, result.history, self.manifest())
+
+  def write(self, context: base.Context, result: TrainOutputs) -> base.Manifest:
+    manifest = self.manifest()
+    for output in self.writes:
+      self.list_output(context, manifest, output)
+    manifest.headline["validation_dice"] = result.metrics.get("validation", {})
+    manifest.headline["train_dice"] = result.metrics.get("train", {})
+    manifest.headline["epochs"] = result.metrics.get("epochs")
+    return manifest
 
   def load(self, context: base.Context) -> TrainOutputs:
     """The finished run's metrics and history.
@@ -79,21 +105,3 @@ class TrainStage(base.StageBase):
     _, meta = train_lib.load_model(context.workdir)
     return TrainOutputs(metrics, list(meta.get("history", [])), base.Manifest.from_record(
         base.read_manifest(context.workdir, self.name)))
-
-  def _manifest(self, metrics: dict[str, Any]) -> base.Manifest:
-    m = self.manifest()
-    m.file(train_lib.CONFIG_FILE, "the run's settings, its training and validation cases")
-    m.file(train_lib.METRICS_FILE,
-           "hard Dice per class (NCR/NET, ED, ET) and region (WT, TC) on train and "
-           "validation, per patient then averaged; an empty prediction of an empty truth "
-           "counts 1.0")
-    m.file(CHECKPOINT_DIR,
-           "Orbax checkpoints per epoch: model, optimiser, metadata (epoch, step, phase, "
-           "learning_rate eta_t)")
-    m.figure(train_lib.CURVES_FILE,
-             "Training loss and validation hard Dice per epoch; the dashed line marks the "
-             "switch from Adam to plain SGD.")
-    m.headline["validation_dice"] = metrics.get("validation", {})
-    m.headline["train_dice"] = metrics.get("train", {})
-    m.headline["epochs"] = metrics.get("epochs")
-    return m
