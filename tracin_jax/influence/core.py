@@ -31,7 +31,7 @@ import numbers
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +39,11 @@ import numpy as np
 
 from tracin_jax import params as params_lib
 from tracin_jax import progress as progress_lib
+from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
 from tracin_jax.influence import projection as projection_lib
-from tracin_jax.types import Checkpoint, Checkpoints, LossFn, Params, PyTree, State
+from tracin_jax.types import Checkpoint, Checkpoints, LossFn, Params, State
 
 DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
 
@@ -110,185 +111,6 @@ class _Reporter:
         self._bar.close()
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _is_array(x) -> bool:
-  return isinstance(x, (np.ndarray, np.generic, jax.Array))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """The structure of one example: treedef, leaf paths, shapes (no example axis), dtypes."""
-
-  treedef: Any
-  paths: tuple[str, ...]
-  shapes: tuple[tuple[int, ...], ...]
-  dtypes: tuple[np.dtype, ...]
-
-  def example(self) -> PyTree:
-    """One example as `jax.ShapeDtypeStruct`s."""
-    return jax.tree.unflatten(
-        self.treedef, [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes, self.dtypes)])
-
-
-def _batch_spec(batch: PyTree, where: str) -> tuple[_Spec, int]:
-  """The example structure of a batch and its leading size; checks the leaves."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
-  if not flat:
-    raise ValueError(f"{where} holds no arrays.")
-  paths, shapes, dtypes, sizes = [], [], [], []
-  for path, leaf in flat:
-    name = jax.tree_util.keystr(path) or "<root>"
-    if not _is_array(leaf):
-      raise TypeError(f"{where}: leaf {name} is a {type(leaf).__name__}, not an array.")
-    if np.ndim(leaf) == 0:
-      raise ValueError(f"{where}: leaf {name} is a scalar; every leaf needs a leading "
-                       "example axis.")
-    paths.append(name)
-    shapes.append(tuple(leaf.shape[1:]))
-    dtypes.append(np.dtype(leaf.dtype))
-    sizes.append(leaf.shape[0])
-  if len(set(sizes)) > 1:
-    detail = ", ".join(f"{p}: {s}" for p, s in zip(paths, sizes))
-    raise ValueError(f"{where}: leaves disagree in leading (example) size: {detail}.")
-  return _Spec(treedef, tuple(paths), tuple(shapes), tuple(dtypes)), sizes[0]
-
-
-def _check_same_spec(spec: _Spec, ref: _Spec, where: str, ref_name: str) -> None:
-  """Raises naming the first difference between two example structures."""
-  if spec.treedef != ref.treedef:
-    raise ValueError(f"{where}: example structure differs from {ref_name}'s: "
-                     f"{spec.treedef} vs {ref.treedef}.")
-  for path, shape, dtype, rshape, rdtype in zip(
-      spec.paths, spec.shapes, spec.dtypes, ref.shapes, ref.dtypes):
-    if shape != rshape or dtype != rdtype:
-      raise ValueError(
-          f"{where}: leaf {path} is {dtype}{list(shape)} per example, {ref_name} has "
-          f"{rdtype}{list(rshape)}.")
-
-
-def _is_batch_list(data) -> bool:
-  """Whether `data` is a list of batches: every element a container (not an array) of
-  arrays, all of one structure."""
-  if not isinstance(data, list) or not data:
-    return False
-  structures = set()
-  for batch in data:
-    leaves = jax.tree.leaves(batch)
-    if _is_array(batch) or not leaves or not all(_is_array(x) for x in leaves):
-      return False
-    structures.add(jax.tree.structure(batch))
-  return len(structures) == 1
-
-
-class _Data:
-  """A data set given as arrays or as an iterable of batches, read block by block."""
-
-  def __init__(self, data, name: str):
-    self.name = name
-    self.is_sequence = isinstance(data, (list, tuple))
-    if data is None:
-      raise ValueError(f"{name} is None.")
-    if callable(data):
-      self._factory = data
-    elif _is_batch_list(data):
-      self._factory = lambda: iter(data)
-    else:
-      leaves = jax.tree.leaves(data)
-      if leaves and all(_is_array(x) for x in leaves):
-        self._factory = None
-        self._arrays = data
-        self.spec, self.n = _batch_spec(data, name)
-        return
-      if isinstance(data, (list, tuple, dict)) or not hasattr(data, "__iter__"):
-        raise TypeError(
-            f"{name} must be a pytree of arrays with a leading example axis, a callable "
-            "returning a fresh iterator of such batches, or a re-iterable of batches; got "
-            f"{type(data).__name__}. A list of batches: pass `lambda: iter(batches)`.")
-      if iter(data) is data:
-        raise TypeError(
-            f"{name} is a one-shot iterator, but the data are read more than once; pass a "
-            "callable that returns a fresh iterator, e.g. `lambda: make_batches()`.")
-      self._factory = lambda: iter(data)
-    # Iterable: one pass to count and check.
-    self.spec, self.n = None, 0
-    for batch in self._batches():
-      self.n += jax.tree.leaves(batch)[0].shape[0]
-    if self.n == 0:
-      raise ValueError(f"{name} yielded no examples.")
-
-  def _batches(self) -> Iterator[PyTree]:
-    """The batches of one pass over an iterable, checked against the first batch's spec."""
-    iterator = self._factory()
-    if iterator is None or not hasattr(iterator, "__next__"):
-      raise TypeError(f"{self.name}: the callable must return an iterator, got "
-                      f"{type(iterator).__name__}.")
-    for index, batch in enumerate(iterator):
-      where = f"{self.name} batch {index}"
-      spec, size = _batch_spec(batch, where)
-      if self.spec is None:
-        self.spec = spec
-      else:
-        _check_same_spec(spec, self.spec, where, f"{self.name} batch 0")
-      if size:
-        yield batch
-
-  def blocks(self, block_size: int, start: int, stop: int) -> Iterator[tuple[int, PyTree, int]]:
-    """Blocks start, ..., stop - 1 of `block_size` examples.
-
-    Yields:
-      (block index, block with leaves [m, ...], m): m = block_size except for the last
-      block of the data, which holds the m <= block_size examples left (never padding, so
-      no gradient is ever computed twice for one example of a block).
-    """
-    if self._factory is None:
-      for block in range(start, stop):
-        lo, hi = block * block_size, min((block + 1) * block_size, self.n)
-        yield block, jax.tree.map(lambda x: x[lo:hi], self._arrays), hi - lo
-      return
-    yield from self._stream_blocks(block_size, start, stop)
-
-  def n_blocks(self, block_size: int) -> int:
-    return -(-self.n // block_size)
-
-  def _stream_blocks(self, block_size: int, start: int, stop: int):
-    skip = start * block_size  # examples to pass over before the first block
-    buffered, count, seen, block = [], 0, 0, start
-    for batch in self._batches():
-      leaves = [np.asarray(x) for x in jax.tree.leaves(batch)]
-      size = leaves[0].shape[0]
-      seen += size
-      if skip >= size:
-        skip -= size
-        continue
-      if skip:
-        leaves, size, skip = [x[skip:] for x in leaves], size - skip, 0
-      buffered.append(leaves)
-      count += size
-      while count >= block_size and block < stop:
-        out, buffered, count = _take(buffered, block_size)
-        yield block, jax.tree.unflatten(self.spec.treedef, out), block_size
-        block += 1
-      if block == stop and stop < self.n_blocks(block_size):
-        return  # a partial pass: the rest is not needed
-    if seen != self.n:
-      raise ValueError(f"{self.name} yielded {seen} examples on this pass but {self.n} on "
-                       "the first; iterables must give the same examples every time.")
-    if count and block < stop:
-      out, _, _ = _take(buffered, count)
-      yield block, jax.tree.unflatten(self.spec.treedef, out), count
-
-
-def _take(buffered: list[list[np.ndarray]], size: int):
-  """The first `size` examples of buffered batches, and what remains (views, no copy, when
-  one batch holds them all)."""
-  joined = [xs[0] if len(xs) == 1 else np.concatenate(xs) for xs in zip(*buffered)]
-  rest = [x[size:] for x in joined]
-  count = rest[0].shape[0]
-  return [x[:size] for x in joined], ([rest] if count else []), count
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -309,7 +131,7 @@ def _checkpoints(checkpoints: Checkpoints) -> list[Checkpoint]:
     params, learning_rate = item[0], item[1]
     state = item[2] if len(item) == 3 else None
     is_real = isinstance(learning_rate, numbers.Real) or (
-        _is_array(learning_rate) and np.ndim(learning_rate) == 0
+        data_lib.is_array(learning_rate) and np.ndim(learning_rate) == 0
         and np.dtype(learning_rate.dtype).kind in "fiu")
     if not is_real or isinstance(learning_rate, (bool, np.bool_)):
       raise ValueError(f"checkpoint {t}: learning_rate must be a real number, got "
@@ -334,7 +156,7 @@ def _checkpoints(checkpoints: Checkpoints) -> list[Checkpoint]:
   return out
 
 
-def _num_outputs(loss_fn: LossFn, checkpoint: Checkpoint, data: _Data) -> int:
+def _num_outputs(loss_fn: LossFn, checkpoint: Checkpoint, data: data_lib.Data) -> int:
   try:
     return grads_lib.num_outputs(loss_fn, checkpoint.params, data.spec.example(),
                                  checkpoint.state)
@@ -417,7 +239,7 @@ def _check_arguments(loss_fn, checkpoints, memory_budget_bytes, params_filter=No
   return _restrict(loss_fn, checkpoints, params_filter)
 
 
-def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: _Data, projection=None):
+def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: data_lib.Data, projection=None):
   """K, the bytes of one example's K gradient rows (projected, if a projection is given),
   and their dtype."""
   k = _num_outputs(loss_fn, checkpoint, data)  # test examples share the structure, hence K
@@ -610,10 +432,10 @@ def influence(
   loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
                                          params_filter)
   _check_transform(normalize, projection)
-  train_data = _Data(train, "train")
-  test_data = None if test is None else _Data(test, "test")
+  train_data = data_lib.Data(train, "train")
+  test_data = None if test is None else data_lib.Data(test, "test")
   if test_data is not None:
-    _check_same_spec(test_data.spec, train_data.spec, "test", "train")
+    data_lib.check_same_spec(test_data.spec, train_data.spec, "test", "train")
   rows = train_data if test_data is None else test_data
   k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data,
                                                  projection)
@@ -627,7 +449,7 @@ def influence(
   nonfinite = _NonFinite()
   out = np.zeros((rows.n * k, train_data.n * k), dtype)
 
-  def producer(data: _Data, params: Params, state: State):
+  def producer(data: data_lib.Data, params: Params, state: State):
     def blocks(start: int, stop: int):
       for index, block, n_valid in data.blocks(plan.block_size, start, stop):
         g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
@@ -674,7 +496,7 @@ def self_influence(
   loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
                                          params_filter)
   _check_transform(normalize, projection)
-  data = _Data(train, "train")
+  data = data_lib.Data(train, "train")
   k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
   vectorize = grads_lib.check_vectorize(vectorize)
   fit = int(memory_budget_bytes) // bytes_per_example

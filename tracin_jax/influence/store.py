@@ -49,6 +49,7 @@ import numpy as np
 from tracin_jax import errors
 from tracin_jax import outputs
 from tracin_jax.influence import core
+from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
 from tracin_jax.influence import projection as projection_lib
@@ -292,7 +293,7 @@ class GradientStore:
     self.check_checkpoints(checkpoints)
     restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1,  # pylint: disable=protected-access
                                               self.meta["params_filter"])
-    test_data = core._Data(test, "test")  # pylint: disable=protected-access
+    test_data = data_lib.Data(test, "test")
     k = self.num_outputs
     block = int(batch_size or gram_lib.DEFAULT_BATCH_SIZE)
     vectorize = grads_lib.check_vectorize(vectorize)
@@ -445,7 +446,7 @@ def build_store(
   start = time.perf_counter()
   core._check_transform(normalize, projection)  # pylint: disable=protected-access
   restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1, params_filter)  # pylint: disable=protected-access
-  train_data = core._Data(train, "train")  # pylint: disable=protected-access
+  train_data = data_lib.Data(train, "train")
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   _, raw_bytes, _ = core._gradient_layout(restricted, ckpts[0], train_data)  # pylint: disable=protected-access
