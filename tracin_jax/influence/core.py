@@ -26,12 +26,10 @@ One-shot iterators and generators are refused.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +37,12 @@ import numpy as np
 
 from tracin_jax import params as params_lib
 from tracin_jax import progress as progress_lib
+from tracin_jax.influence import arguments
 from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
 from tracin_jax.influence import projection as projection_lib
-from tracin_jax.types import Checkpoint, Checkpoints, LossFn, Params, State
+from tracin_jax.types import Checkpoints, LossFn, Params, State
 
 DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
 
@@ -111,65 +110,6 @@ class _Reporter:
         self._bar.close()
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _checkpoints(checkpoints: Checkpoints) -> list[Checkpoint]:
-  """Checks (params, learning_rate[, state]) checkpoints; all params (and all states) share
-  the first one's structure."""
-  if checkpoints is None:
-    raise ValueError("checkpoints is None; give a sequence of (params, learning_rate) pairs.")
-  checkpoints = list(checkpoints)
-  if not checkpoints:
-    raise ValueError("checkpoints is empty; give at least one (params, learning_rate) pair.")
-  out, ref = [], None
-  for t, item in enumerate(checkpoints):
-    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-      raise ValueError(f"checkpoint {t} must be a (params, learning_rate) pair or a "
-                       f"tracin_jax.Checkpoint(params, learning_rate, state), got "
-                       f"{type(item).__name__}.")
-    params, learning_rate = item[0], item[1]
-    state = item[2] if len(item) == 3 else None
-    is_real = isinstance(learning_rate, numbers.Real) or (
-        data_lib.is_array(learning_rate) and np.ndim(learning_rate) == 0
-        and np.dtype(learning_rate.dtype).kind in "fiu")
-    if not is_real or isinstance(learning_rate, (bool, np.bool_)):
-      raise ValueError(f"checkpoint {t}: learning_rate must be a real number, got "
-                       f"{learning_rate!r}.")
-    value = float(learning_rate)
-    if not math.isfinite(value):
-      raise ValueError(f"checkpoint {t}: learning_rate must be finite, got {value}.")
-    spec = tuple(
-        (treedef, [(np.shape(x), np.dtype(jax.numpy.result_type(x))) for x in leaves])
-        for leaves, treedef in (jax.tree.flatten(params), jax.tree.flatten(state)))
-    if ref is None:
-      ref = spec
-      if not jax.tree.leaves(params):
-        raise ValueError("checkpoint 0: params holds no arrays.")
-    elif spec[0] != ref[0]:
-      raise ValueError(f"checkpoint {t}: params differ in structure, shape or dtype from "
-                       "checkpoint 0's.")
-    elif spec[1] != ref[1]:
-      raise ValueError(f"checkpoint {t}: state differs in structure, shape or dtype from "
-                       "checkpoint 0's (give every checkpoint its own state, or none).")
-    out.append(Checkpoint(params, value, state))
-  return out
-
-
-def _num_outputs(loss_fn: LossFn, checkpoint: Checkpoint, data: data_lib.Data) -> int:
-  try:
-    return grads_lib.num_outputs(loss_fn, checkpoint.params, data.spec.example(),
-                                 checkpoint.state)
-  except Exception as e:
-    if not (isinstance(e, ValueError) and "loss_fn" in str(e)):
-      hint = (" A tuple (or a list of differently structured batches) is one pytree: pass a "
-              "list of batches of one structure, or `lambda: iter(batches)`."
-              if data.is_sequence else "")
-      e.add_note(f"tracin_jax: while evaluating loss_fn on one {data.name} example of "
-                 f"structure {data.spec.treedef}.{hint}")
-    raise
-
-
 class _NonFinite:
   """Collects examples whose gradients are not finite and warns once per checkpoint."""
 
@@ -191,69 +131,6 @@ class _NonFinite:
       warnings.warn(
           f"tracin: checkpoint {checkpoint} has non-finite gradients for "
           f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning, stacklevel=3)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Restricted:
-  """A loss of the kept parameters only: the other parameters (and the model's state, if
-  any) arrive as the state argument, so they get no gradient. Hashable and equal for the
-  same loss, structure and selection: one compiled function serves every checkpoint."""
-
-  loss_fn: LossFn
-  treedef: Any
-  mask: tuple[bool, ...]
-  with_state: bool
-
-  def __call__(self, kept, example, frozen):
-    others, state = frozen
-    params = params_lib.merge(self.treedef, self.mask, kept, others)
-    if self.with_state:
-      return self.loss_fn(params, example, state)
-    return self.loss_fn(params, example)
-
-
-def _restrict(loss_fn, checkpoints: list[Checkpoint], params_filter):
-  """(loss of the kept parameters, checkpoints of the kept parameters)."""
-  params0 = checkpoints[0].params
-  mask = params_lib.selection(params0, params_filter)
-  restricted = _Restricted(loss_fn, jax.tree.structure(params0), mask,
-                           checkpoints[0].state is not None)
-  out = []
-  for ckpt in checkpoints:
-    kept, others = params_lib.split(ckpt.params, mask)
-    out.append(Checkpoint(kept, ckpt.learning_rate, (others, ckpt.state)))
-  return restricted, out
-
-
-def _check_arguments(loss_fn, checkpoints, memory_budget_bytes, params_filter=None):
-  """The cheap checks, before any data are read; returns the loss and checkpoints to
-  differentiate (restricted to the kept parameters when `params_filter` is given)."""
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  if int(memory_budget_bytes) != memory_budget_bytes or memory_budget_bytes <= 0:
-    raise ValueError(f"memory_budget_bytes must be a positive integer, got "
-                     f"{memory_budget_bytes!r}.")
-  checkpoints = _checkpoints(checkpoints)
-  if params_filter is None:
-    return loss_fn, checkpoints
-  return _restrict(loss_fn, checkpoints, params_filter)
-
-
-def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: data_lib.Data, projection=None):
-  """K, the bytes of one example's K gradient rows (projected, if a projection is given),
-  and their dtype."""
-  k = _num_outputs(loss_fn, checkpoint, data)  # test examples share the structure, hence K
-  dtype = grads_lib.gradient_dtype(checkpoint.params)
-  width = grads_lib.parameter_count(checkpoint.params) if projection is None else projection.dim
-  return k, k * width * dtype.itemsize, dtype
-
-
-def _check_transform(normalize, projection) -> None:
-  if not isinstance(normalize, (bool, np.bool_)):
-    raise TypeError(f"normalize must be True or False, got {normalize!r}.")
-  if projection is not None and not isinstance(projection, projection_lib.Projection):
-    raise TypeError("projection must be a tracin_jax.Projection or None, got "
-                    f"{type(projection).__name__}.")
 
 
 @jax.jit
@@ -429,16 +306,16 @@ def influence(
   Warns:
     RuntimeWarning: when some gradients are not finite (their scores are not either).
   """
-  loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
-                                         params_filter)
-  _check_transform(normalize, projection)
+  loss_fn, checkpoints = arguments.check_arguments(loss_fn, checkpoints, memory_budget_bytes,
+                                                   params_filter)
+  arguments.check_transform(normalize, projection)
   train_data = data_lib.Data(train, "train")
   test_data = None if test is None else data_lib.Data(test, "test")
   if test_data is not None:
     data_lib.check_same_spec(test_data.spec, train_data.spec, "test", "train")
   rows = train_data if test_data is None else test_data
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data,
-                                                 projection)
+  k, bytes_per_example, dtype = arguments.gradient_layout(loss_fn, checkpoints[0], train_data,
+                                                          projection)
   vectorize = grads_lib.check_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
@@ -493,11 +370,11 @@ def self_influence(
   Returns:
     numpy [n, K].
   """
-  loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
-                                         params_filter)
-  _check_transform(normalize, projection)
+  loss_fn, checkpoints = arguments.check_arguments(loss_fn, checkpoints, memory_budget_bytes,
+                                                   params_filter)
+  arguments.check_transform(normalize, projection)
   data = data_lib.Data(train, "train")
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
+  k, bytes_per_example, dtype = arguments.gradient_layout(loss_fn, checkpoints[0], data)
   vectorize = grads_lib.check_vectorize(vectorize)
   fit = int(memory_budget_bytes) // bytes_per_example
   if fit < 1:

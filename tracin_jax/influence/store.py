@@ -48,6 +48,7 @@ import numpy as np
 
 from tracin_jax import errors
 from tracin_jax import outputs
+from tracin_jax.influence import arguments
 from tracin_jax.influence import core
 from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
@@ -90,8 +91,8 @@ def _describe_filter(params_filter) -> Any:
 
 def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, params_filter,
                     block_size, example_ids, checkpoint_names, fingerprint) -> dict:
-  restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1, params_filter)  # pylint: disable=protected-access
-  k, _, dtype = core._gradient_layout(restricted, ckpts[0], train_data)  # pylint: disable=protected-access
+  restricted, ckpts = arguments.check_arguments(loss_fn, checkpoints, 1, params_filter)
+  k, _, dtype = arguments.gradient_layout(restricted, ckpts[0], train_data)
   p = grads_lib.parameter_count(ckpts[0].params)
   names = (list(checkpoint_names) if checkpoint_names is not None
            else [str(t) for t in range(len(ckpts))])
@@ -100,7 +101,7 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
   ids = (list(example_ids) if example_ids is not None else list(range(train_data.n)))
   if len(ids) != train_data.n:
     raise ValueError(f"example_ids has {len(ids)} ids for {train_data.n} training examples.")
-  full = core._checkpoints(checkpoints)  # pylint: disable=protected-access
+  full = arguments.check_checkpoints(checkpoints)
   return {
       "format_version": FORMAT_VERSION,
       "model_fingerprint": fingerprint,
@@ -247,7 +248,7 @@ class GradientStore:
 
   def check_checkpoints(self, checkpoints: Checkpoints) -> None:
     """Raises `StoreMismatch` unless `checkpoints` are the store's (weights and rates)."""
-    given = core._checkpoints(checkpoints)  # pylint: disable=protected-access
+    given = arguments.check_checkpoints(checkpoints)
     stored = self.meta["checkpoints"]
     problems = []
     if len(given) != len(stored):
@@ -291,8 +292,8 @@ class GradientStore:
     """
     self._check_complete()
     self.check_checkpoints(checkpoints)
-    restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1,  # pylint: disable=protected-access
-                                              self.meta["params_filter"])
+    restricted, ckpts = arguments.check_arguments(loss_fn, checkpoints, 1,
+                                                  self.meta["params_filter"])
     test_data = data_lib.Data(test, "test")
     k = self.num_outputs
     block = int(batch_size or gram_lib.DEFAULT_BATCH_SIZE)
@@ -444,12 +445,12 @@ def build_store(
     StoreMismatch: a store at `path` was built from something else (named).
   """
   start = time.perf_counter()
-  core._check_transform(normalize, projection)  # pylint: disable=protected-access
-  restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1, params_filter)  # pylint: disable=protected-access
+  arguments.check_transform(normalize, projection)
+  restricted, ckpts = arguments.check_arguments(loss_fn, checkpoints, 1, params_filter)
   train_data = data_lib.Data(train, "train")
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-  _, raw_bytes, _ = core._gradient_layout(restricted, ckpts[0], train_data)  # pylint: disable=protected-access
+  _, raw_bytes, _ = arguments.gradient_layout(restricted, ckpts[0], train_data)
   fit = int(memory_budget_bytes) // raw_bytes
   if fit < 1:
     raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
