@@ -110,29 +110,6 @@ class _Reporter:
         self._bar.close()
 
 
-class _NonFinite:
-  """Collects examples whose gradients are not finite and warns once per checkpoint."""
-
-  def __init__(self):
-    self._flags = []  # (data name, first example index, finite [B] on device, n valid)
-
-  def add(self, name: str, first: int, finite, n_valid: int) -> None:
-    self._flags.append((name, first, finite, n_valid))
-
-  def warn(self, checkpoint: int) -> None:
-    bad = {}
-    for name, first, finite, n_valid in self._flags:
-      idx = np.flatnonzero(~np.asarray(finite)[:n_valid]) + first
-      bad.setdefault(name, set()).update(idx.tolist())
-    self._flags = []
-    parts = [f"{len(v)} {name} examples (first {sorted(v)[:5]})"
-             for name, v in bad.items() if v]
-    if parts:
-      warnings.warn(
-          f"tracin: checkpoint {checkpoint} has non-finite gradients for "
-          f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning, stacklevel=3)
-
-
 @jax.jit
 def normalize_rows(rows):
   """Each gradient row divided by its Euclidean norm; a zero row stays zero.
@@ -323,7 +300,7 @@ def influence(
   if progress is True:
     summary = InfluencePlan.of(plan, len(checkpoints))
     sys.stderr.write(f"tracin plan: {summary}\n")
-  nonfinite = _NonFinite()
+  nonfinite = grads_lib.NonFinite()
   out = np.zeros((rows.n * k, train_data.n * k), dtype)
 
   def producer(data: data_lib.Data, params: Params, state: State):

@@ -492,7 +492,7 @@ def build_store(
   reused = len(mine) * len(ckpts) - len(todo)
   examples = sum(min(block_size, train_data.n - b * block_size) for _, b in todo)
   reporter = core._Reporter(progress, len(ckpts), examples)  # pylint: disable=protected-access
-  nonfinite = core._NonFinite()  # pylint: disable=protected-access
+  nonfinite = grads_lib.NonFinite()
   for t, ckpt in enumerate(ckpts):
     blocks = [b for tt, b in todo if tt == t]
     reporter.checkpoint(t)
