@@ -9,7 +9,6 @@ whole of eq 6 (regions, losses, NaN for empty regions).
 """
 
 from tracin_jax.influence.core import DEFAULT_MEMORY_BUDGET_BYTES
-from tracin_jax.influence.core import Progress
 from tracin_jax.influence.core import InfluencePlan
 from tracin_jax.influence.core import influence
 from tracin_jax.influence.core import plan_influence
@@ -22,6 +21,7 @@ from tracin_jax.influence.segmentation import predict_regions
 from tracin_jax.influence.segmentation import region_presence
 from tracin_jax.influence.segmentation import segmentation_influence
 from tracin_jax.influence.topk import top_k
+from tracin_jax.progress import Progress
 
 __all__ = [
     "Projection",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 import warnings
 from typing import Callable
 
@@ -47,67 +46,8 @@ from tracin_jax.types import Checkpoints, LossFn, Params, State
 DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
 
 
-@dataclasses.dataclass(frozen=True)
-class Progress:
-  """Where a computation stands; what a `progress` callback receives.
-
-  Attributes:
-    checkpoint: checkpoints finished or in progress (1-based).
-    num_checkpoints: checkpoints in all.
-    examples_done: example gradients computed so far (all checkpoints; an example whose
-      gradient is recomputed for another group of blocks counts again).
-    examples_total: example gradients the whole computation will compute.
-    elapsed_s: seconds since the start.
-    remaining_s: estimated seconds left (None before the first block).
-    vectorize: the path that computed the last block's gradients ("loop" or "vmap"; with
-      `vectorize="auto"`, the one measured fastest).
-  """
-
-  checkpoint: int
-  num_checkpoints: int
-  examples_done: int
-  examples_total: int
-  elapsed_s: float
-  remaining_s: float | None
-  vectorize: str | None = None
-
-
-class _Reporter:
-  """Counts example gradients and calls the progress callback or writes a text line."""
-
-  def __init__(self, progress, num_checkpoints: int, examples_total: int):
-    if progress is True:
-      self._callback, self._text = None, True
-    elif progress is False or progress is None:
-      self._callback, self._text = None, False
-    elif callable(progress):
-      self._callback, self._text = progress, False
-    else:
-      raise ValueError(f"progress must be a bool or a callable, got {progress!r}.")
-    self._num_checkpoints, self._total = num_checkpoints, examples_total
-    self._done, self._checkpoint = 0, 0
-    self._start = time.perf_counter()
-    self._bar = progress_lib.ProgressBar(examples_total, "tracin example gradients",
-                                      enabled=self._text)
-
-  def checkpoint(self, index: int) -> None:
-    self._checkpoint = index + 1
-
-  def examples(self, count: int, vectorize: str | None = None) -> None:
-    self._done += count
-    if not (self._callback or self._text):
-      return
-    elapsed = time.perf_counter() - self._start
-    remaining = elapsed / self._done * (self._total - self._done) if self._done else None
-    info = Progress(self._checkpoint, self._num_checkpoints, self._done, self._total,
-                    elapsed, remaining, vectorize)
-    if self._callback:
-      self._callback(info)
-    if self._text:
-      self._bar.update(count, checkpoint=f"{info.checkpoint}/{info.num_checkpoints}",
-                       vectorize=vectorize)
-      if self._done >= self._total:
-        self._bar.close()
+# Re-exported here, where `influence`'s callbacks have always found it.
+Progress = progress_lib.Progress
 
 
 @jax.jit
@@ -296,7 +236,7 @@ def influence(
   vectorize = grads_lib.check_vectorize(vectorize)
   plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
                               batch_size, symmetric=test_data is None)
-  reporter = _Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
+  reporter = progress_lib.Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
   if progress is True:
     summary = InfluencePlan.of(plan, len(checkpoints))
     sys.stderr.write(f"tracin plan: {summary}\n")
@@ -361,7 +301,7 @@ def self_influence(
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), data.n, fit)
   n_blocks = data.n_blocks(block_size)
-  reporter = _Reporter(progress, len(checkpoints), data.n * len(checkpoints))
+  reporter = progress_lib.Reporter(progress, len(checkpoints), data.n * len(checkpoints))
   out = np.zeros((data.n, k), dtype)
   for t, (params, learning_rate, state) in enumerate(checkpoints):
     reporter.checkpoint(t)

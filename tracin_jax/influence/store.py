@@ -48,6 +48,7 @@ import numpy as np
 
 from tracin_jax import errors
 from tracin_jax import outputs
+from tracin_jax import progress as progress_lib
 from tracin_jax.influence import arguments
 from tracin_jax.influence import core
 from tracin_jax.influence import data as data_lib
@@ -268,7 +269,8 @@ class GradientStore:
   def influence(self, loss_fn: LossFn, checkpoints: Checkpoints, test, *,
                 batch_size: int | None = None, vectorize: str = "auto",
                 mesh: jax.sharding.Mesh | None = None,
-                progress: bool | Callable[[core.Progress], None] = False) -> np.ndarray:
+                progress: bool | Callable[[progress_lib.Progress], None] = False
+                ) -> np.ndarray:
     """TracIn scores of new test examples against the stored training examples.
 
     Only the test examples' gradients are computed (with the store's layer selection,
@@ -298,7 +300,7 @@ class GradientStore:
     k = self.num_outputs
     block = int(batch_size or gram_lib.DEFAULT_BATCH_SIZE)
     vectorize = grads_lib.check_vectorize(vectorize)
-    reporter = core._Reporter(progress, len(ckpts), test_data.n * len(ckpts))  # pylint: disable=protected-access
+    reporter = progress_lib.Reporter(progress, len(ckpts), test_data.n * len(ckpts))
     projection, normalize = self.projection, self.meta["normalize"]
     out = np.zeros((test_data.n * k, self.num_examples * k), np.dtype(self.meta["dtype"]))
     for t, ckpt in enumerate(ckpts):
@@ -405,7 +407,7 @@ def build_store(
     mesh: jax.sharding.Mesh | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    progress: bool | Callable[[core.Progress], None] = False,
+    progress: bool | Callable[[progress_lib.Progress], None] = False,
 ) -> GradientStore:
   """Computes and writes the per-checkpoint gradient rows of a training set (or finishes an
   interrupted build).
@@ -491,7 +493,7 @@ def build_store(
           if not _block_path(root, t, b).is_file()]
   reused = len(mine) * len(ckpts) - len(todo)
   examples = sum(min(block_size, train_data.n - b * block_size) for _, b in todo)
-  reporter = core._Reporter(progress, len(ckpts), examples)  # pylint: disable=protected-access
+  reporter = progress_lib.Reporter(progress, len(ckpts), examples)
   nonfinite = grads_lib.NonFinite()
   for t, ckpt in enumerate(ckpts):
     blocks = [b for tt, b in todo if tt == t]
