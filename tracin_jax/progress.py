@@ -139,7 +139,8 @@ class Progress:
   """Where a computation stands; what a `progress` callback receives.
 
   Attributes:
-    checkpoint: checkpoints finished or in progress (1-based).
+    checkpoint: checkpoints finished or in progress (1-based): the position, among the
+      checkpoints the computation was given, of the one whose gradients are being computed.
     num_checkpoints: checkpoints in all.
     examples_done: example gradients computed so far (all checkpoints; an example whose
       gradient is recomputed for another group of blocks counts again).
@@ -148,6 +149,9 @@ class Progress:
     remaining_s: estimated seconds left (None before the first block).
     vectorize: the path that computed the last block's gradients ("loop" or "vmap"; with
       `vectorize="auto"`, the one measured fastest).
+    checkpoint_examples_done: example gradients computed so far at this checkpoint.
+    checkpoint_examples_total: example gradients this checkpoint will compute (None where
+      the computation did not say).
   """
 
   checkpoint: int
@@ -157,6 +161,8 @@ class Progress:
   elapsed_s: float
   remaining_s: float | None
   vectorize: str | None = None
+  checkpoint_examples_done: int | None = None
+  checkpoint_examples_total: int | None = None
 
 
 class Reporter:
@@ -188,22 +194,26 @@ class Reporter:
       raise ValueError(f"progress must be a bool or a callable, got {progress!r}.")
     self._num_checkpoints, self._total = num_checkpoints, examples_total
     self._done, self._checkpoint = 0, 0
+    self._checkpoint_done, self._checkpoint_total = 0, None
     self._start = time.perf_counter()
     self._bar = ProgressBar(examples_total, "tracin example gradients", enabled=self._text)
 
-  def checkpoint(self, index: int) -> None:
-    """Checkpoint `index` (0-based) starts."""
+  def checkpoint(self, index: int, examples: int | None = None) -> None:
+    """Checkpoint `index` (0-based) starts; it will compute `examples` example gradients."""
     self._checkpoint = index + 1
+    self._checkpoint_done, self._checkpoint_total = 0, examples
 
   def examples(self, count: int, vectorize: str | None = None) -> None:
     """`count` more example gradients are done, computed by the path `vectorize`."""
     self._done += count
+    self._checkpoint_done += count
     if not (self._callback or self._text):
       return
     elapsed = time.perf_counter() - self._start
     remaining = elapsed / self._done * (self._total - self._done) if self._done else None
     info = Progress(self._checkpoint, self._num_checkpoints, self._done, self._total,
-                    elapsed, remaining, vectorize)
+                    elapsed, remaining, vectorize, self._checkpoint_done,
+                    self._checkpoint_total)
     if self._callback:
       self._callback(info)
     if self._text:

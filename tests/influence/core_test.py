@@ -294,6 +294,21 @@ def test_progress_callback_and_text(capsys):
   assert err.endswith("\n")
 
 
+def test_progress_counts_each_checkpoints_examples():
+  seen = []
+  influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), batch_size=3,
+            progress=seen.append)
+  # Blocks of 3, 3 and 1 at each checkpoint; the count starts again at each.
+  assert [(p.checkpoint, p.checkpoint_examples_done) for p in seen] == [
+      (1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
+  assert {p.checkpoint_examples_total for p in seen} == {N_TRAIN}
+  seen.clear()
+  self_influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), batch_size=4,
+                 progress=seen.append)
+  assert [(p.checkpoint, p.checkpoint_examples_done, p.checkpoint_examples_total)
+          for p in seen] == [(1, 4, 7), (1, 7, 7), (2, 4, 7), (2, 7, 7)]
+
+
 def _masked_plain(loss, ckpts, train, test, keep):
   """The plain loop on the kept leaves only: sum_t eta_t g_keep(test) . g_keep(train)."""
   total = 0.0

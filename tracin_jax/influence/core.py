@@ -256,7 +256,7 @@ def influence(
     return blocks
 
   for t, (params, learning_rate, state) in enumerate(checkpoints):
-    reporter.checkpoint(t)
+    reporter.checkpoint(t, plan.gradient_examples())
     gram_lib.accumulate_gram(out, plan, k, producer(rows, params, state),
                              producer(train_data, params, state), learning_rate)
     nonfinite.warn(t)
@@ -304,7 +304,7 @@ def self_influence(
   reporter = progress_lib.Reporter(progress, len(checkpoints), data.n * len(checkpoints))
   out = np.zeros((data.n, k), dtype)
   for t, (params, learning_rate, state) in enumerate(checkpoints):
-    reporter.checkpoint(t)
+    reporter.checkpoint(t, data.n)
     pending = []
     for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
       if normalize or projection is not None:

@@ -304,7 +304,7 @@ class GradientStore:
     projection, normalize = self.projection, self.meta["normalize"]
     out = np.zeros((test_data.n * k, self.num_examples * k), np.dtype(self.meta["dtype"]))
     for t, ckpt in enumerate(ckpts):
-      reporter.checkpoint(t)
+      reporter.checkpoint(t, test_data.n)
       rows = []
       for _, batch, n_valid in test_data.blocks(block, 0, test_data.n_blocks(block)):
         g, _ = grads_lib.block_grads(restricted, k, ckpt.params, batch, vectorize, ckpt.state)
@@ -497,7 +497,7 @@ def build_store(
   nonfinite = grads_lib.NonFinite()
   for t, ckpt in enumerate(ckpts):
     blocks = [b for tt, b in todo if tt == t]
-    reporter.checkpoint(t)
+    reporter.checkpoint(t, sum(min(block_size, train_data.n - b * block_size) for b in blocks))
     (root / f"checkpoint-{t}").mkdir(exist_ok=True)
     for run_start, run_stop in _runs(blocks):
       for b, batch, n_valid in train_data.blocks(block_size, run_start, run_stop):
