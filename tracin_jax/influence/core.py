@@ -4,7 +4,8 @@
 
 `loss_fn(params, example) -> [K]` (a scalar counts as K = 1) is the only model-specific
 piece; `tracin_jax.influence.segmentation` builds the paper's region losses, and JAX users
-bring their own.
+bring their own. `influence_per_checkpoint` gives each checkpoint's term of the sum as it
+finishes, for callers that save or show them one by one.
 
 Data (`train`, `test`) are given as one of:
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,76 @@ def transform_rows(rows, normalize: bool = False, projection=None):
   if projection is not None:
     rows = projection(rows)
   return rows
+
+
+# ----------------------------------------------------------------------------- the computation
+
+
+class _Prepared:
+  """`influence`'s arguments checked, its data counted and its blocks planned: what each
+  checkpoint's share of the scores is formed from."""
+
+  def __init__(self, loss_fn, checkpoints, train, test, *, memory_budget_bytes, batch_size,
+               progress, vectorize, params_filter, normalize, projection):
+    self.loss_fn, self.checkpoints = arguments.check_arguments(
+        loss_fn, checkpoints, memory_budget_bytes, params_filter)
+    arguments.check_transform(normalize, projection)
+    self.normalize, self.projection = normalize, projection
+    self.train = data_lib.Data(train, "train")
+    test = None if test is None else data_lib.Data(test, "test")
+    if test is not None:
+      data_lib.check_same_spec(test.spec, self.train.spec, "test", "train")
+    self.rows = self.train if test is None else test
+    self.k, bytes_per_example, self.dtype = arguments.gradient_layout(
+        self.loss_fn, self.checkpoints[0], self.train, projection)
+    self.vectorize = grads_lib.check_vectorize(vectorize)
+    self.plan = gram_lib.plan_blocks(self.rows.n, self.train.n, bytes_per_example,
+                                     memory_budget_bytes, batch_size, symmetric=test is None)
+    num_checkpoints = len(self.checkpoints)
+    self.reporter = progress_lib.Reporter(progress, num_checkpoints,
+                                          self.plan.gradient_examples() * num_checkpoints)
+    if progress is True:
+      summary = InfluencePlan.of(self.plan, num_checkpoints)
+      sys.stderr.write(f"tracin plan: {summary}\n")
+    self.nonfinite = grads_lib.NonFinite()
+
+  def zeros(self) -> np.ndarray:
+    """[n_rows * K, n_train * K] zeros in the gradients' dtype."""
+    return np.zeros((self.rows.n * self.k, self.train.n * self.k), self.dtype)
+
+  def add(self, out: np.ndarray, t: int) -> None:
+    """out += checkpoint t's eta_t G_rows G_train^T; warns naming non-finite gradients."""
+    params, learning_rate, state = self.checkpoints[t]
+    self.reporter.checkpoint(t, self.plan.gradient_examples())
+    gram_lib.accumulate_gram(out, self.plan, self.k, self._producer(self.rows, params, state),
+                             self._producer(self.train, params, state), learning_rate)
+    self.nonfinite.warn(t, stacklevel=3)  # the line that called `influence` (or `next`)
+
+  def scores(self, out: np.ndarray) -> np.ndarray:
+    """`out` as [n_rows, K, n_train, K]."""
+    return out.reshape(self.rows.n, self.k, self.train.n, self.k)
+
+  def _producer(self, data: data_lib.Data, params: Params, state: State):
+    loss_fn, k, vectorize, block_size = self.loss_fn, self.k, self.vectorize, self.plan.block_size
+
+    def blocks(start: int, stop: int):
+      for index, block, n_valid in data.blocks(block_size, start, stop):
+        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
+        self.nonfinite.add(data.name, index * block_size, finite, n_valid)
+        self.reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
+                                                                    vectorize, state))
+        g = transform_rows(g, self.normalize, self.projection)
+        yield index, g
+        del g  # not alive while the next block is computed
+    return blocks
+
+
+def _each_checkpoint(prepared: _Prepared) -> Iterator[np.ndarray]:
+  for t in range(len(prepared.checkpoints)):
+    out = prepared.zeros()
+    prepared.add(out, t)
+    yield prepared.scores(out)
+    del out  # not alive while the next checkpoint's scores are formed
 
 
 # ----------------------------------------------------------------------------- public API
@@ -223,44 +294,60 @@ def influence(
   Warns:
     RuntimeWarning: when some gradients are not finite (their scores are not either).
   """
-  loss_fn, checkpoints = arguments.check_arguments(loss_fn, checkpoints, memory_budget_bytes,
-                                                   params_filter)
-  arguments.check_transform(normalize, projection)
-  train_data = data_lib.Data(train, "train")
-  test_data = None if test is None else data_lib.Data(test, "test")
-  if test_data is not None:
-    data_lib.check_same_spec(test_data.spec, train_data.spec, "test", "train")
-  rows = train_data if test_data is None else test_data
-  k, bytes_per_example, dtype = arguments.gradient_layout(loss_fn, checkpoints[0], train_data,
-                                                          projection)
-  vectorize = grads_lib.check_vectorize(vectorize)
-  plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
-                              batch_size, symmetric=test_data is None)
-  reporter = progress_lib.Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
-  if progress is True:
-    summary = InfluencePlan.of(plan, len(checkpoints))
-    sys.stderr.write(f"tracin plan: {summary}\n")
-  nonfinite = grads_lib.NonFinite()
-  out = np.zeros((rows.n * k, train_data.n * k), dtype)
+  prepared = _Prepared(loss_fn, checkpoints, train, test,
+                       memory_budget_bytes=memory_budget_bytes, batch_size=batch_size,
+                       progress=progress, vectorize=vectorize, params_filter=params_filter,
+                       normalize=normalize, projection=projection)
+  out = prepared.zeros()
+  for t in range(len(prepared.checkpoints)):
+    prepared.add(out, t)
+  return prepared.scores(out)
 
-  def producer(data: data_lib.Data, params: Params, state: State):
-    def blocks(start: int, stop: int):
-      for index, block, n_valid in data.blocks(plan.block_size, start, stop):
-        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
-        nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
-        reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
-                                                               vectorize, state))
-        g = transform_rows(g, normalize, projection)
-        yield index, g
-        del g  # not alive while the next block is computed
-    return blocks
 
-  for t, (params, learning_rate, state) in enumerate(checkpoints):
-    reporter.checkpoint(t, plan.gradient_examples())
-    gram_lib.accumulate_gram(out, plan, k, producer(rows, params, state),
-                             producer(train_data, params, state), learning_rate)
-    nonfinite.warn(t)
-  return out.reshape(rows.n, k, train_data.n, k)
+def influence_per_checkpoint(
+    loss_fn: LossFn,
+    checkpoints: Checkpoints,
+    train,
+    test=None,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    batch_size: int | None = None,
+    progress: bool | Callable[[Progress], None] = False,
+    vectorize: str = "auto",
+    params_filter: params_lib.ParamsFilter | None = None,
+    normalize: bool = False,
+    projection: projection_lib.Projection | None = None,
+) -> Iterator[np.ndarray]:
+  """Each checkpoint's term of `influence`, as it finishes.
+
+      for t, scores_t in enumerate(influence_per_checkpoint(loss_fn, checkpoints, train)):
+        np.save(f"part{t}.npy", scores_t)  # eta_t grad loss(theta_t; train) . grad loss(...)
+
+  The arguments are checked, the data counted and the blocks planned once, when this is
+  called (errors are raised here, not at the first `next`); each checkpoint's gradients are
+  computed when its term is asked for. One `progress` callback sees every checkpoint, its
+  `Progress.checkpoint` naming the one in progress.
+
+  Args: as `influence`.
+
+  Returns:
+    An iterator over the checkpoints, in order: checkpoint t's term
+    eta_t grad loss_j(theta_t; train b) . grad loss_i(theta_t; test a), numpy
+    [n_test, K, n_train, K] (or [n, K, n, K] for train-influence), a fresh array each time,
+    bit for bit what `influence(loss_fn, [checkpoints[t]], train, test, ...)` returns.
+    Their sum is `influence`'s scores up to the order of floating-point additions.
+
+  Raises:
+    ValueError / TypeError: as `influence`.
+
+  Warns:
+    RuntimeWarning: as `influence`, as each checkpoint finishes.
+  """
+  prepared = _Prepared(loss_fn, checkpoints, train, test,
+                       memory_budget_bytes=memory_budget_bytes, batch_size=batch_size,
+                       progress=progress, vectorize=vectorize, params_filter=params_filter,
+                       normalize=normalize, projection=projection)
+  return _each_checkpoint(prepared)
 
 
 def self_influence(
