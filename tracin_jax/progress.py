@@ -3,13 +3,18 @@
 In a terminal and in a notebook, a `tqdm.auto` bar with the rate and the time left (a widget
 in Jupyter and Colab); elsewhere (logs, CI, output piped to a file) one plain line at most
 every `log_interval` seconds and one at the end, so logs stay short.
+
+`Progress` says where a computation of example gradients (`influence`, `self_influence`, the
+gradient store) stands, and is what their `progress` callbacks receive; `Reporter` counts
+the gradients and calls such a callback, or draws a bar.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def _fmt_time(seconds: float) -> str:
@@ -127,3 +132,92 @@ class ProgressBar:
 
   def __exit__(self, *exc):
     self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a computation stands; what a `progress` callback receives.
+
+  Attributes:
+    checkpoint: checkpoints finished or in progress (1-based): the position, among the
+      checkpoints the computation was given, of the one whose gradients are being computed.
+    num_checkpoints: checkpoints in all.
+    examples_done: example gradients computed so far (all checkpoints; an example whose
+      gradient is recomputed for another group of blocks counts again).
+    examples_total: example gradients the whole computation will compute.
+    elapsed_s: seconds since the start.
+    remaining_s: estimated seconds left (None before the first block).
+    vectorize: the path that computed the last block's gradients ("loop" or "vmap"; with
+      `vectorize="auto"`, the one measured fastest).
+    checkpoint_examples_done: example gradients computed so far at this checkpoint.
+    checkpoint_examples_total: example gradients this checkpoint will compute (None where
+      the computation did not say).
+  """
+
+  checkpoint: int
+  num_checkpoints: int
+  examples_done: int
+  examples_total: int
+  elapsed_s: float
+  remaining_s: float | None
+  vectorize: str | None = None
+  checkpoint_examples_done: int | None = None
+  checkpoint_examples_total: int | None = None
+
+
+class Reporter:
+  """Counts example gradients and calls a progress callback or draws a progress bar.
+
+  A computation over checkpoints calls `checkpoint` as each checkpoint starts and
+  `examples` after each block of example gradients.
+
+  Args:
+    progress: True draws a `ProgressBar` ("tracin example gradients", on stderr) whose
+      postfix names the checkpoint and the path; a callable receives a `Progress` after
+      every block; False or None report nothing.
+    num_checkpoints: checkpoints in all.
+    examples_total: example gradients the whole computation will compute.
+
+  Raises:
+    ValueError: `progress` is neither a bool nor a callable.
+  """
+
+  def __init__(self, progress: bool | Callable[[Progress], None] | None,
+               num_checkpoints: int, examples_total: int):
+    if progress is True:
+      self._callback, self._text = None, True
+    elif progress is False or progress is None:
+      self._callback, self._text = None, False
+    elif callable(progress):
+      self._callback, self._text = progress, False
+    else:
+      raise ValueError(f"progress must be a bool or a callable, got {progress!r}.")
+    self._num_checkpoints, self._total = num_checkpoints, examples_total
+    self._done, self._checkpoint = 0, 0
+    self._checkpoint_done, self._checkpoint_total = 0, None
+    self._start = time.perf_counter()
+    self._bar = ProgressBar(examples_total, "tracin example gradients", enabled=self._text)
+
+  def checkpoint(self, index: int, examples: int | None = None) -> None:
+    """Checkpoint `index` (0-based) starts; it will compute `examples` example gradients."""
+    self._checkpoint = index + 1
+    self._checkpoint_done, self._checkpoint_total = 0, examples
+
+  def examples(self, count: int, vectorize: str | None = None) -> None:
+    """`count` more example gradients are done, computed by the path `vectorize`."""
+    self._done += count
+    self._checkpoint_done += count
+    if not (self._callback or self._text):
+      return
+    elapsed = time.perf_counter() - self._start
+    remaining = elapsed / self._done * (self._total - self._done) if self._done else None
+    info = Progress(self._checkpoint, self._num_checkpoints, self._done, self._total,
+                    elapsed, remaining, vectorize, self._checkpoint_done,
+                    self._checkpoint_total)
+    if self._callback:
+      self._callback(info)
+    if self._text:
+      self._bar.update(count, checkpoint=f"{info.checkpoint}/{info.num_checkpoints}",
+                       vectorize=vectorize)
+      if self._done >= self._total:
+        self._bar.close()

@@ -294,6 +294,67 @@ def test_progress_callback_and_text(capsys):
   assert err.endswith("\n")
 
 
+def test_progress_counts_each_checkpoints_examples():
+  seen = []
+  influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), batch_size=3,
+            progress=seen.append)
+  # Blocks of 3, 3 and 1 at each checkpoint; the count starts again at each.
+  assert [(p.checkpoint, p.checkpoint_examples_done) for p in seen] == [
+      (1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
+  assert {p.checkpoint_examples_total for p in seen} == {N_TRAIN}
+  seen.clear()
+  self_influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), batch_size=4,
+                 progress=seen.append)
+  assert [(p.checkpoint, p.checkpoint_examples_done, p.checkpoint_examples_total)
+          for p in seen] == [(1, 4, 7), (1, 7, 7), (2, 4, 7), (2, 7, 7)]
+
+
+@pytest.mark.parametrize("with_test,kwargs", [
+    (True, {}),
+    (False, {}),
+    (True, {"memory_budget_bytes": 4 * 3 * P_MLP * 4, "vectorize": "loop"}),  # held groups
+    (False, {"memory_budget_bytes": 4 * 3 * P_MLP * 4, "vectorize": "vmap"}),
+    (False, {"normalize": True, "params_filter": "w2"}),
+    (True, {"projection": core.projection_lib.Projection(16, "countsketch", seed=2)}),
+])
+def test_per_checkpoint_terms_are_influence_of_each_checkpoint_bit_for_bit(with_test, kwargs):
+  ckpts = mlp_checkpoints() + [(tm.mlp_params(2), 0.01)]
+  train = tm.mlp_data(10, N_TRAIN)
+  test = tm.mlp_data(11, N_TEST) if with_test else None
+  terms = list(core.influence_per_checkpoint(tm.mlp_loss, ckpts, train, test, batch_size=3,
+                                             **kwargs))
+  assert len(terms) == len(ckpts)
+  for term, ckpt in zip(terms, ckpts):
+    alone = influence(tm.mlp_loss, [ckpt], train, test, batch_size=3, **kwargs)
+    assert term.dtype == alone.dtype and term.shape == alone.shape
+    np.testing.assert_array_equal(term, alone)
+  assert not np.shares_memory(terms[0], terms[1])  # a fresh array each
+  total = None
+  for term in terms:  # as the influence stage sums its saved parts, in checkpoint order
+    total = term if total is None else total + term
+  np.testing.assert_allclose(
+      total, influence(tm.mlp_loss, ckpts, train, test, batch_size=3, **kwargs),
+      rtol=1e-6, atol=1e-6)
+
+
+def test_per_checkpoint_terms_are_checked_at_once_and_computed_when_asked_for():
+  with pytest.raises(ValueError, match="checkpoints is empty"):
+    core.influence_per_checkpoint(tm.mlp_loss, [], tm.mlp_data(10, N_TRAIN))  # no next()
+  seen = []
+  terms = core.influence_per_checkpoint(tm.mlp_loss, mlp_checkpoints(),
+                                        tm.mlp_data(10, N_TRAIN), batch_size=3,
+                                        progress=seen.append)
+  assert not seen
+  next(terms)
+  assert {p.checkpoint for p in seen} == {1}
+  assert seen[-1].checkpoint_examples_done == seen[-1].checkpoint_examples_total == N_TRAIN
+  next(terms)
+  assert seen[-1].checkpoint == seen[-1].num_checkpoints == 2
+  assert seen[-1].examples_done == seen[-1].examples_total == 2 * N_TRAIN
+  with pytest.raises(StopIteration):
+    next(terms)
+
+
 def _masked_plain(loss, ckpts, train, test, keep):
   """The plain loop on the kept leaves only: sum_t eta_t g_keep(test) . g_keep(train)."""
   total = 0.0

@@ -128,6 +128,27 @@ def test_interrupted_build_resumes_at_the_first_missing_block(x64, tmp_path):
   assert whole.last_build.blocks_built == 8
 
 
+def test_a_resumed_build_reports_each_checkpoints_own_remaining_examples(x64, tmp_path):
+  ckpts, train, _ = _mlp()
+  calls = []
+
+  def stop_after_three_blocks(info):
+    calls.append(info)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2,
+                          progress=stop_after_three_blocks)
+  seen = []
+  store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2,
+                        progress=seen.append)
+  # Checkpoint 0 kept its blocks 0-2 (6 examples): only its last block (1 example) is left.
+  assert [(p.checkpoint, p.checkpoint_examples_done, p.checkpoint_examples_total)
+          for p in seen] == [(1, 1, 1), (2, 2, 7), (2, 4, 7), (2, 6, 7), (2, 7, 7)]
+  assert seen[-1].examples_done == seen[-1].examples_total == 8
+
+
 def test_process_shares_together_make_the_whole_store(x64, tmp_path):
   ckpts, train, _ = _mlp()
   store_lib.build_store(tmp_path / "whole", tm.mlp_loss, ckpts, train, batch_size=2)

@@ -9,9 +9,9 @@ whole of eq 6 (regions, losses, NaN for empty regions).
 """
 
 from tracin_jax.influence.core import DEFAULT_MEMORY_BUDGET_BYTES
-from tracin_jax.influence.core import Progress
 from tracin_jax.influence.core import InfluencePlan
 from tracin_jax.influence.core import influence
+from tracin_jax.influence.core import influence_per_checkpoint
 from tracin_jax.influence.core import plan_influence
 from tracin_jax.influence.core import self_influence
 from tracin_jax.influence.grads import per_example_grads
@@ -22,6 +22,7 @@ from tracin_jax.influence.segmentation import predict_regions
 from tracin_jax.influence.segmentation import region_presence
 from tracin_jax.influence.segmentation import segmentation_influence
 from tracin_jax.influence.topk import top_k
+from tracin_jax.progress import Progress
 
 __all__ = [
     "Projection",
@@ -29,6 +30,7 @@ __all__ = [
     "Progress",
     "InfluencePlan",
     "influence",
+    "influence_per_checkpoint",
     "plan_influence",
     "make_region_losses",
     "mask_absent",

@@ -4,7 +4,8 @@
 
 `loss_fn(params, example) -> [K]` (a scalar counts as K = 1) is the only model-specific
 piece; `tracin_jax.influence.segmentation` builds the paper's region losses, and JAX users
-bring their own.
+bring their own. `influence_per_checkpoint` gives each checkpoint's term of the sum as it
+finishes, for callers that save or show them one by one.
 
 Data (`train`, `test`) are given as one of:
 
@@ -26,12 +27,9 @@ One-shot iterators and generators are refused.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import sys
-import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,399 +37,18 @@ import numpy as np
 
 from tracin_jax import params as params_lib
 from tracin_jax import progress as progress_lib
+from tracin_jax.influence import arguments
+from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
 from tracin_jax.influence import projection as projection_lib
-from tracin_jax.types import Checkpoint, Checkpoints, LossFn, Params, PyTree, State
+from tracin_jax.types import Checkpoints, LossFn, Params, State
 
 DEFAULT_MEMORY_BUDGET_BYTES = gram_lib.DEFAULT_MEMORY_BUDGET_BYTES
 
 
-@dataclasses.dataclass(frozen=True)
-class Progress:
-  """Where a computation stands; what a `progress` callback receives.
-
-  Attributes:
-    checkpoint: checkpoints finished or in progress (1-based).
-    num_checkpoints: checkpoints in all.
-    examples_done: example gradients computed so far (all checkpoints; an example whose
-      gradient is recomputed for another group of blocks counts again).
-    examples_total: example gradients the whole computation will compute.
-    elapsed_s: seconds since the start.
-    remaining_s: estimated seconds left (None before the first block).
-    vectorize: the path that computed the last block's gradients ("loop" or "vmap"; with
-      `vectorize="auto"`, the one measured fastest).
-  """
-
-  checkpoint: int
-  num_checkpoints: int
-  examples_done: int
-  examples_total: int
-  elapsed_s: float
-  remaining_s: float | None
-  vectorize: str | None = None
-
-
-class _Reporter:
-  """Counts example gradients and calls the progress callback or writes a text line."""
-
-  def __init__(self, progress, num_checkpoints: int, examples_total: int):
-    if progress is True:
-      self._callback, self._text = None, True
-    elif progress is False or progress is None:
-      self._callback, self._text = None, False
-    elif callable(progress):
-      self._callback, self._text = progress, False
-    else:
-      raise ValueError(f"progress must be a bool or a callable, got {progress!r}.")
-    self._num_checkpoints, self._total = num_checkpoints, examples_total
-    self._done, self._checkpoint = 0, 0
-    self._start = time.perf_counter()
-    self._bar = progress_lib.ProgressBar(examples_total, "tracin example gradients",
-                                      enabled=self._text)
-
-  def checkpoint(self, index: int) -> None:
-    self._checkpoint = index + 1
-
-  def examples(self, count: int, vectorize: str | None = None) -> None:
-    self._done += count
-    if not (self._callback or self._text):
-      return
-    elapsed = time.perf_counter() - self._start
-    remaining = elapsed / self._done * (self._total - self._done) if self._done else None
-    info = Progress(self._checkpoint, self._num_checkpoints, self._done, self._total,
-                    elapsed, remaining, vectorize)
-    if self._callback:
-      self._callback(info)
-    if self._text:
-      self._bar.update(count, checkpoint=f"{info.checkpoint}/{info.num_checkpoints}",
-                       vectorize=vectorize)
-      if self._done >= self._total:
-        self._bar.close()
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _is_array(x) -> bool:
-  return isinstance(x, (np.ndarray, np.generic, jax.Array))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """The structure of one example: treedef, leaf paths, shapes (no example axis), dtypes."""
-
-  treedef: Any
-  paths: tuple[str, ...]
-  shapes: tuple[tuple[int, ...], ...]
-  dtypes: tuple[np.dtype, ...]
-
-  def example(self) -> PyTree:
-    """One example as `jax.ShapeDtypeStruct`s."""
-    return jax.tree.unflatten(
-        self.treedef, [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes, self.dtypes)])
-
-
-def _batch_spec(batch: PyTree, where: str) -> tuple[_Spec, int]:
-  """The example structure of a batch and its leading size; checks the leaves."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
-  if not flat:
-    raise ValueError(f"{where} holds no arrays.")
-  paths, shapes, dtypes, sizes = [], [], [], []
-  for path, leaf in flat:
-    name = jax.tree_util.keystr(path) or "<root>"
-    if not _is_array(leaf):
-      raise TypeError(f"{where}: leaf {name} is a {type(leaf).__name__}, not an array.")
-    if np.ndim(leaf) == 0:
-      raise ValueError(f"{where}: leaf {name} is a scalar; every leaf needs a leading "
-                       "example axis.")
-    paths.append(name)
-    shapes.append(tuple(leaf.shape[1:]))
-    dtypes.append(np.dtype(leaf.dtype))
-    sizes.append(leaf.shape[0])
-  if len(set(sizes)) > 1:
-    detail = ", ".join(f"{p}: {s}" for p, s in zip(paths, sizes))
-    raise ValueError(f"{where}: leaves disagree in leading (example) size: {detail}.")
-  return _Spec(treedef, tuple(paths), tuple(shapes), tuple(dtypes)), sizes[0]
-
-
-def _check_same_spec(spec: _Spec, ref: _Spec, where: str, ref_name: str) -> None:
-  """Raises naming the first difference between two example structures."""
-  if spec.treedef != ref.treedef:
-    raise ValueError(f"{where}: example structure differs from {ref_name}'s: "
-                     f"{spec.treedef} vs {ref.treedef}.")
-  for path, shape, dtype, rshape, rdtype in zip(
-      spec.paths, spec.shapes, spec.dtypes, ref.shapes, ref.dtypes):
-    if shape != rshape or dtype != rdtype:
-      raise ValueError(
-          f"{where}: leaf {path} is {dtype}{list(shape)} per example, {ref_name} has "
-          f"{rdtype}{list(rshape)}.")
-
-
-def _is_batch_list(data) -> bool:
-  """Whether `data` is a list of batches: every element a container (not an array) of
-  arrays, all of one structure."""
-  if not isinstance(data, list) or not data:
-    return False
-  structures = set()
-  for batch in data:
-    leaves = jax.tree.leaves(batch)
-    if _is_array(batch) or not leaves or not all(_is_array(x) for x in leaves):
-      return False
-    structures.add(jax.tree.structure(batch))
-  return len(structures) == 1
-
-
-class _Data:
-  """A data set given as arrays or as an iterable of batches, read block by block."""
-
-  def __init__(self, data, name: str):
-    self.name = name
-    self.is_sequence = isinstance(data, (list, tuple))
-    if data is None:
-      raise ValueError(f"{name} is None.")
-    if callable(data):
-      self._factory = data
-    elif _is_batch_list(data):
-      self._factory = lambda: iter(data)
-    else:
-      leaves = jax.tree.leaves(data)
-      if leaves and all(_is_array(x) for x in leaves):
-        self._factory = None
-        self._arrays = data
-        self.spec, self.n = _batch_spec(data, name)
-        return
-      if isinstance(data, (list, tuple, dict)) or not hasattr(data, "__iter__"):
-        raise TypeError(
-            f"{name} must be a pytree of arrays with a leading example axis, a callable "
-            "returning a fresh iterator of such batches, or a re-iterable of batches; got "
-            f"{type(data).__name__}. A list of batches: pass `lambda: iter(batches)`.")
-      if iter(data) is data:
-        raise TypeError(
-            f"{name} is a one-shot iterator, but the data are read more than once; pass a "
-            "callable that returns a fresh iterator, e.g. `lambda: make_batches()`.")
-      self._factory = lambda: iter(data)
-    # Iterable: one pass to count and check.
-    self.spec, self.n = None, 0
-    for batch in self._batches():
-      self.n += jax.tree.leaves(batch)[0].shape[0]
-    if self.n == 0:
-      raise ValueError(f"{name} yielded no examples.")
-
-  def _batches(self) -> Iterator[PyTree]:
-    """The batches of one pass over an iterable, checked against the first batch's spec."""
-    iterator = self._factory()
-    if iterator is None or not hasattr(iterator, "__next__"):
-      raise TypeError(f"{self.name}: the callable must return an iterator, got "
-                      f"{type(iterator).__name__}.")
-    for index, batch in enumerate(iterator):
-      where = f"{self.name} batch {index}"
-      spec, size = _batch_spec(batch, where)
-      if self.spec is None:
-        self.spec = spec
-      else:
-        _check_same_spec(spec, self.spec, where, f"{self.name} batch 0")
-      if size:
-        yield batch
-
-  def blocks(self, block_size: int, start: int, stop: int) -> Iterator[tuple[int, PyTree, int]]:
-    """Blocks start, ..., stop - 1 of `block_size` examples.
-
-    Yields:
-      (block index, block with leaves [m, ...], m): m = block_size except for the last
-      block of the data, which holds the m <= block_size examples left (never padding, so
-      no gradient is ever computed twice for one example of a block).
-    """
-    if self._factory is None:
-      for block in range(start, stop):
-        lo, hi = block * block_size, min((block + 1) * block_size, self.n)
-        yield block, jax.tree.map(lambda x: x[lo:hi], self._arrays), hi - lo
-      return
-    yield from self._stream_blocks(block_size, start, stop)
-
-  def n_blocks(self, block_size: int) -> int:
-    return -(-self.n // block_size)
-
-  def _stream_blocks(self, block_size: int, start: int, stop: int):
-    skip = start * block_size  # examples to pass over before the first block
-    buffered, count, seen, block = [], 0, 0, start
-    for batch in self._batches():
-      leaves = [np.asarray(x) for x in jax.tree.leaves(batch)]
-      size = leaves[0].shape[0]
-      seen += size
-      if skip >= size:
-        skip -= size
-        continue
-      if skip:
-        leaves, size, skip = [x[skip:] for x in leaves], size - skip, 0
-      buffered.append(leaves)
-      count += size
-      while count >= block_size and block < stop:
-        out, buffered, count = _take(buffered, block_size)
-        yield block, jax.tree.unflatten(self.spec.treedef, out), block_size
-        block += 1
-      if block == stop and stop < self.n_blocks(block_size):
-        return  # a partial pass: the rest is not needed
-    if seen != self.n:
-      raise ValueError(f"{self.name} yielded {seen} examples on this pass but {self.n} on "
-                       "the first; iterables must give the same examples every time.")
-    if count and block < stop:
-      out, _, _ = _take(buffered, count)
-      yield block, jax.tree.unflatten(self.spec.treedef, out), count
-
-
-def _take(buffered: list[list[np.ndarray]], size: int):
-  """The first `size` examples of buffered batches, and what remains (views, no copy, when
-  one batch holds them all)."""
-  joined = [xs[0] if len(xs) == 1 else np.concatenate(xs) for xs in zip(*buffered)]
-  rest = [x[size:] for x in joined]
-  count = rest[0].shape[0]
-  return [x[:size] for x in joined], ([rest] if count else []), count
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _checkpoints(checkpoints: Checkpoints) -> list[Checkpoint]:
-  """Checks (params, learning_rate[, state]) checkpoints; all params (and all states) share
-  the first one's structure."""
-  if checkpoints is None:
-    raise ValueError("checkpoints is None; give a sequence of (params, learning_rate) pairs.")
-  checkpoints = list(checkpoints)
-  if not checkpoints:
-    raise ValueError("checkpoints is empty; give at least one (params, learning_rate) pair.")
-  out, ref = [], None
-  for t, item in enumerate(checkpoints):
-    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-      raise ValueError(f"checkpoint {t} must be a (params, learning_rate) pair or a "
-                       f"tracin_jax.Checkpoint(params, learning_rate, state), got "
-                       f"{type(item).__name__}.")
-    params, learning_rate = item[0], item[1]
-    state = item[2] if len(item) == 3 else None
-    is_real = isinstance(learning_rate, numbers.Real) or (
-        _is_array(learning_rate) and np.ndim(learning_rate) == 0
-        and np.dtype(learning_rate.dtype).kind in "fiu")
-    if not is_real or isinstance(learning_rate, (bool, np.bool_)):
-      raise ValueError(f"checkpoint {t}: learning_rate must be a real number, got "
-                       f"{learning_rate!r}.")
-    value = float(learning_rate)
-    if not math.isfinite(value):
-      raise ValueError(f"checkpoint {t}: learning_rate must be finite, got {value}.")
-    spec = tuple(
-        (treedef, [(np.shape(x), np.dtype(jax.numpy.result_type(x))) for x in leaves])
-        for leaves, treedef in (jax.tree.flatten(params), jax.tree.flatten(state)))
-    if ref is None:
-      ref = spec
-      if not jax.tree.leaves(params):
-        raise ValueError("checkpoint 0: params holds no arrays.")
-    elif spec[0] != ref[0]:
-      raise ValueError(f"checkpoint {t}: params differ in structure, shape or dtype from "
-                       "checkpoint 0's.")
-    elif spec[1] != ref[1]:
-      raise ValueError(f"checkpoint {t}: state differs in structure, shape or dtype from "
-                       "checkpoint 0's (give every checkpoint its own state, or none).")
-    out.append(Checkpoint(params, value, state))
-  return out
-
-
-def _num_outputs(loss_fn: LossFn, checkpoint: Checkpoint, data: _Data) -> int:
-  try:
-    return grads_lib.num_outputs(loss_fn, checkpoint.params, data.spec.example(),
-                                 checkpoint.state)
-  except Exception as e:
-    if not (isinstance(e, ValueError) and "loss_fn" in str(e)):
-      hint = (" A tuple (or a list of differently structured batches) is one pytree: pass a "
-              "list of batches of one structure, or `lambda: iter(batches)`."
-              if data.is_sequence else "")
-      e.add_note(f"tracin_jax: while evaluating loss_fn on one {data.name} example of "
-                 f"structure {data.spec.treedef}.{hint}")
-    raise
-
-
-class _NonFinite:
-  """Collects examples whose gradients are not finite and warns once per checkpoint."""
-
-  def __init__(self):
-    self._flags = []  # (data name, first example index, finite [B] on device, n valid)
-
-  def add(self, name: str, first: int, finite, n_valid: int) -> None:
-    self._flags.append((name, first, finite, n_valid))
-
-  def warn(self, checkpoint: int) -> None:
-    bad = {}
-    for name, first, finite, n_valid in self._flags:
-      idx = np.flatnonzero(~np.asarray(finite)[:n_valid]) + first
-      bad.setdefault(name, set()).update(idx.tolist())
-    self._flags = []
-    parts = [f"{len(v)} {name} examples (first {sorted(v)[:5]})"
-             for name, v in bad.items() if v]
-    if parts:
-      warnings.warn(
-          f"tracin: checkpoint {checkpoint} has non-finite gradients for "
-          f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning, stacklevel=3)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Restricted:
-  """A loss of the kept parameters only: the other parameters (and the model's state, if
-  any) arrive as the state argument, so they get no gradient. Hashable and equal for the
-  same loss, structure and selection: one compiled function serves every checkpoint."""
-
-  loss_fn: LossFn
-  treedef: Any
-  mask: tuple[bool, ...]
-  with_state: bool
-
-  def __call__(self, kept, example, frozen):
-    others, state = frozen
-    params = params_lib.merge(self.treedef, self.mask, kept, others)
-    if self.with_state:
-      return self.loss_fn(params, example, state)
-    return self.loss_fn(params, example)
-
-
-def _restrict(loss_fn, checkpoints: list[Checkpoint], params_filter):
-  """(loss of the kept parameters, checkpoints of the kept parameters)."""
-  params0 = checkpoints[0].params
-  mask = params_lib.selection(params0, params_filter)
-  restricted = _Restricted(loss_fn, jax.tree.structure(params0), mask,
-                           checkpoints[0].state is not None)
-  out = []
-  for ckpt in checkpoints:
-    kept, others = params_lib.split(ckpt.params, mask)
-    out.append(Checkpoint(kept, ckpt.learning_rate, (others, ckpt.state)))
-  return restricted, out
-
-
-def _check_arguments(loss_fn, checkpoints, memory_budget_bytes, params_filter=None):
-  """The cheap checks, before any data are read; returns the loss and checkpoints to
-  differentiate (restricted to the kept parameters when `params_filter` is given)."""
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  if int(memory_budget_bytes) != memory_budget_bytes or memory_budget_bytes <= 0:
-    raise ValueError(f"memory_budget_bytes must be a positive integer, got "
-                     f"{memory_budget_bytes!r}.")
-  checkpoints = _checkpoints(checkpoints)
-  if params_filter is None:
-    return loss_fn, checkpoints
-  return _restrict(loss_fn, checkpoints, params_filter)
-
-
-def _gradient_layout(loss_fn, checkpoint: Checkpoint, data: _Data, projection=None):
-  """K, the bytes of one example's K gradient rows (projected, if a projection is given),
-  and their dtype."""
-  k = _num_outputs(loss_fn, checkpoint, data)  # test examples share the structure, hence K
-  dtype = grads_lib.gradient_dtype(checkpoint.params)
-  width = grads_lib.parameter_count(checkpoint.params) if projection is None else projection.dim
-  return k, k * width * dtype.itemsize, dtype
-
-
-def _check_transform(normalize, projection) -> None:
-  if not isinstance(normalize, (bool, np.bool_)):
-    raise TypeError(f"normalize must be True or False, got {normalize!r}.")
-  if projection is not None and not isinstance(projection, projection_lib.Projection):
-    raise TypeError("projection must be a tracin_jax.Projection or None, got "
-                    f"{type(projection).__name__}.")
+# Re-exported here, where `influence`'s callbacks have always found it.
+Progress = progress_lib.Progress
 
 
 @jax.jit
@@ -456,6 +73,76 @@ def transform_rows(rows, normalize: bool = False, projection=None):
   if projection is not None:
     rows = projection(rows)
   return rows
+
+
+# ----------------------------------------------------------------------------- the computation
+
+
+class _Prepared:
+  """`influence`'s arguments checked, its data counted and its blocks planned: what each
+  checkpoint's share of the scores is formed from."""
+
+  def __init__(self, loss_fn, checkpoints, train, test, *, memory_budget_bytes, batch_size,
+               progress, vectorize, params_filter, normalize, projection):
+    self.loss_fn, self.checkpoints = arguments.check_arguments(
+        loss_fn, checkpoints, memory_budget_bytes, params_filter)
+    arguments.check_transform(normalize, projection)
+    self.normalize, self.projection = normalize, projection
+    self.train = data_lib.Data(train, "train")
+    test = None if test is None else data_lib.Data(test, "test")
+    if test is not None:
+      data_lib.check_same_spec(test.spec, self.train.spec, "test", "train")
+    self.rows = self.train if test is None else test
+    self.k, bytes_per_example, self.dtype = arguments.gradient_layout(
+        self.loss_fn, self.checkpoints[0], self.train, projection)
+    self.vectorize = grads_lib.check_vectorize(vectorize)
+    self.plan = gram_lib.plan_blocks(self.rows.n, self.train.n, bytes_per_example,
+                                     memory_budget_bytes, batch_size, symmetric=test is None)
+    num_checkpoints = len(self.checkpoints)
+    self.reporter = progress_lib.Reporter(progress, num_checkpoints,
+                                          self.plan.gradient_examples() * num_checkpoints)
+    if progress is True:
+      summary = InfluencePlan.of(self.plan, num_checkpoints)
+      sys.stderr.write(f"tracin plan: {summary}\n")
+    self.nonfinite = grads_lib.NonFinite()
+
+  def zeros(self) -> np.ndarray:
+    """[n_rows * K, n_train * K] zeros in the gradients' dtype."""
+    return np.zeros((self.rows.n * self.k, self.train.n * self.k), self.dtype)
+
+  def add(self, out: np.ndarray, t: int) -> None:
+    """out += checkpoint t's eta_t G_rows G_train^T; warns naming non-finite gradients."""
+    params, learning_rate, state = self.checkpoints[t]
+    self.reporter.checkpoint(t, self.plan.gradient_examples())
+    gram_lib.accumulate_gram(out, self.plan, self.k, self._producer(self.rows, params, state),
+                             self._producer(self.train, params, state), learning_rate)
+    self.nonfinite.warn(t, stacklevel=3)  # the line that called `influence` (or `next`)
+
+  def scores(self, out: np.ndarray) -> np.ndarray:
+    """`out` as [n_rows, K, n_train, K]."""
+    return out.reshape(self.rows.n, self.k, self.train.n, self.k)
+
+  def _producer(self, data: data_lib.Data, params: Params, state: State):
+    loss_fn, k, vectorize, block_size = self.loss_fn, self.k, self.vectorize, self.plan.block_size
+
+    def blocks(start: int, stop: int):
+      for index, block, n_valid in data.blocks(block_size, start, stop):
+        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
+        self.nonfinite.add(data.name, index * block_size, finite, n_valid)
+        self.reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
+                                                                    vectorize, state))
+        g = transform_rows(g, self.normalize, self.projection)
+        yield index, g
+        del g  # not alive while the next block is computed
+    return blocks
+
+
+def _each_checkpoint(prepared: _Prepared) -> Iterator[np.ndarray]:
+  for t in range(len(prepared.checkpoints)):
+    out = prepared.zeros()
+    prepared.add(out, t)
+    yield prepared.scores(out)
+    del out  # not alive while the next checkpoint's scores are formed
 
 
 # ----------------------------------------------------------------------------- public API
@@ -607,44 +294,60 @@ def influence(
   Warns:
     RuntimeWarning: when some gradients are not finite (their scores are not either).
   """
-  loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
-                                         params_filter)
-  _check_transform(normalize, projection)
-  train_data = _Data(train, "train")
-  test_data = None if test is None else _Data(test, "test")
-  if test_data is not None:
-    _check_same_spec(test_data.spec, train_data.spec, "test", "train")
-  rows = train_data if test_data is None else test_data
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], train_data,
-                                                 projection)
-  vectorize = grads_lib.check_vectorize(vectorize)
-  plan = gram_lib.plan_blocks(rows.n, train_data.n, bytes_per_example, memory_budget_bytes,
-                              batch_size, symmetric=test_data is None)
-  reporter = _Reporter(progress, len(checkpoints), plan.gradient_examples() * len(checkpoints))
-  if progress is True:
-    summary = InfluencePlan.of(plan, len(checkpoints))
-    sys.stderr.write(f"tracin plan: {summary}\n")
-  nonfinite = _NonFinite()
-  out = np.zeros((rows.n * k, train_data.n * k), dtype)
+  prepared = _Prepared(loss_fn, checkpoints, train, test,
+                       memory_budget_bytes=memory_budget_bytes, batch_size=batch_size,
+                       progress=progress, vectorize=vectorize, params_filter=params_filter,
+                       normalize=normalize, projection=projection)
+  out = prepared.zeros()
+  for t in range(len(prepared.checkpoints)):
+    prepared.add(out, t)
+  return prepared.scores(out)
 
-  def producer(data: _Data, params: Params, state: State):
-    def blocks(start: int, stop: int):
-      for index, block, n_valid in data.blocks(plan.block_size, start, stop):
-        g, finite = grads_lib.block_grads(loss_fn, k, params, block, vectorize, state)
-        nonfinite.add(data.name, index * plan.block_size, finite, n_valid)
-        reporter.examples(n_valid, grads_lib.resolve_vectorize(loss_fn, k, params, block,
-                                                               vectorize, state))
-        g = transform_rows(g, normalize, projection)
-        yield index, g
-        del g  # not alive while the next block is computed
-    return blocks
 
-  for t, (params, learning_rate, state) in enumerate(checkpoints):
-    reporter.checkpoint(t)
-    gram_lib.accumulate_gram(out, plan, k, producer(rows, params, state),
-                             producer(train_data, params, state), learning_rate)
-    nonfinite.warn(t)
-  return out.reshape(rows.n, k, train_data.n, k)
+def influence_per_checkpoint(
+    loss_fn: LossFn,
+    checkpoints: Checkpoints,
+    train,
+    test=None,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    batch_size: int | None = None,
+    progress: bool | Callable[[Progress], None] = False,
+    vectorize: str = "auto",
+    params_filter: params_lib.ParamsFilter | None = None,
+    normalize: bool = False,
+    projection: projection_lib.Projection | None = None,
+) -> Iterator[np.ndarray]:
+  """Each checkpoint's term of `influence`, as it finishes.
+
+      for t, scores_t in enumerate(influence_per_checkpoint(loss_fn, checkpoints, train)):
+        np.save(f"part{t}.npy", scores_t)  # eta_t grad loss(theta_t; train) . grad loss(...)
+
+  The arguments are checked, the data counted and the blocks planned once, when this is
+  called (errors are raised here, not at the first `next`); each checkpoint's gradients are
+  computed when its term is asked for. One `progress` callback sees every checkpoint, its
+  `Progress.checkpoint` naming the one in progress.
+
+  Args: as `influence`.
+
+  Returns:
+    An iterator over the checkpoints, in order: checkpoint t's term
+    eta_t grad loss_j(theta_t; train b) . grad loss_i(theta_t; test a), numpy
+    [n_test, K, n_train, K] (or [n, K, n, K] for train-influence), a fresh array each time,
+    bit for bit what `influence(loss_fn, [checkpoints[t]], train, test, ...)` returns.
+    Their sum is `influence`'s scores up to the order of floating-point additions.
+
+  Raises:
+    ValueError / TypeError: as `influence`.
+
+  Warns:
+    RuntimeWarning: as `influence`, as each checkpoint finishes.
+  """
+  prepared = _Prepared(loss_fn, checkpoints, train, test,
+                       memory_budget_bytes=memory_budget_bytes, batch_size=batch_size,
+                       progress=progress, vectorize=vectorize, params_filter=params_filter,
+                       normalize=normalize, projection=projection)
+  return _each_checkpoint(prepared)
 
 
 def self_influence(
@@ -671,11 +374,11 @@ def self_influence(
   Returns:
     numpy [n, K].
   """
-  loss_fn, checkpoints = _check_arguments(loss_fn, checkpoints, memory_budget_bytes,
-                                         params_filter)
-  _check_transform(normalize, projection)
-  data = _Data(train, "train")
-  k, bytes_per_example, dtype = _gradient_layout(loss_fn, checkpoints[0], data)
+  loss_fn, checkpoints = arguments.check_arguments(loss_fn, checkpoints, memory_budget_bytes,
+                                                   params_filter)
+  arguments.check_transform(normalize, projection)
+  data = data_lib.Data(train, "train")
+  k, bytes_per_example, dtype = arguments.gradient_layout(loss_fn, checkpoints[0], data)
   vectorize = grads_lib.check_vectorize(vectorize)
   fit = int(memory_budget_bytes) // bytes_per_example
   if fit < 1:
@@ -685,10 +388,10 @@ def self_influence(
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), data.n, fit)
   n_blocks = data.n_blocks(block_size)
-  reporter = _Reporter(progress, len(checkpoints), data.n * len(checkpoints))
+  reporter = progress_lib.Reporter(progress, len(checkpoints), data.n * len(checkpoints))
   out = np.zeros((data.n, k), dtype)
   for t, (params, learning_rate, state) in enumerate(checkpoints):
-    reporter.checkpoint(t)
+    reporter.checkpoint(t, data.n)
     pending = []
     for index, block, n_valid in data.blocks(block_size, 0, n_blocks):
       if normalize or projection is not None:

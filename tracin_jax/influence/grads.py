@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from typing import Callable, Iterator
 
 import jax
@@ -278,6 +279,53 @@ def _block_grads(loss_fn, k, params, batch, path: str, state):
     return _vmap_grads(loss_fn, k, params, batch, state)
   gs, fs = zip(*(_one_grads(loss_fn, k, params, ex, state) for ex in _examples(batch)))
   return jnp.concatenate(gs, axis=0), jnp.stack(fs)
+
+
+class NonFinite:
+  """Collects the examples whose gradients are not finite and warns once per checkpoint.
+
+  Usage: `add` the `finite` flags of every block `block_grads` computes for a checkpoint,
+  then `warn` once that checkpoint is done. The flags stay on the device until `warn`
+  reads them, so collecting them never waits for a block.
+  """
+
+  def __init__(self):
+    self._flags = []  # (data name, first example index, finite [B] on device, n valid)
+
+  def add(self, name: str, first: int, finite: Array, n_valid: int) -> None:
+    """Records a block's flags.
+
+    Args:
+      name: the data the block is from ("train", "test"), for the message.
+      first: the index of the block's first example in those data.
+      finite: [B] bool, as `block_grads` returns it.
+      n_valid: the block's real examples (the first `n_valid` flags count).
+    """
+    self._flags.append((name, first, finite, n_valid))
+
+  def warn(self, checkpoint: int, stacklevel: int = 2) -> None:
+    """Warns if any recorded example's gradients were not finite, and forgets the flags.
+
+    Args:
+      checkpoint: the checkpoint's index, for the message.
+      stacklevel: as `warnings.warn`'s, counted from the caller of this method (2: the
+        warning names the line that called the caller).
+
+    Warns:
+      RuntimeWarning: naming how many examples of each data set, and the first five.
+    """
+    bad = {}
+    for name, first, finite, n_valid in self._flags:
+      idx = np.flatnonzero(~np.asarray(finite)[:n_valid]) + first
+      bad.setdefault(name, set()).update(idx.tolist())
+    self._flags = []
+    parts = [f"{len(v)} {name} examples (first {sorted(v)[:5]})"
+             for name, v in bad.items() if v]
+    if parts:
+      warnings.warn(
+          f"tracin: checkpoint {checkpoint} has non-finite gradients for "
+          f"{' and '.join(parts)}; their scores are not finite.", RuntimeWarning,
+          stacklevel=stacklevel + 1)
 
 
 def block_squared_norms(loss_fn: LossFn, k: int, params: Params, batch: Batch,

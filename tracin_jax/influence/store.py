@@ -48,7 +48,10 @@ import numpy as np
 
 from tracin_jax import errors
 from tracin_jax import outputs
+from tracin_jax import progress as progress_lib
+from tracin_jax.influence import arguments
 from tracin_jax.influence import core
+from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
 from tracin_jax.influence import projection as projection_lib
@@ -89,8 +92,8 @@ def _describe_filter(params_filter) -> Any:
 
 def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, params_filter,
                     block_size, example_ids, checkpoint_names, fingerprint) -> dict:
-  restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1, params_filter)  # pylint: disable=protected-access
-  k, _, dtype = core._gradient_layout(restricted, ckpts[0], train_data)  # pylint: disable=protected-access
+  restricted, ckpts = arguments.check_arguments(loss_fn, checkpoints, 1, params_filter)
+  k, _, dtype = arguments.gradient_layout(restricted, ckpts[0], train_data)
   p = grads_lib.parameter_count(ckpts[0].params)
   names = (list(checkpoint_names) if checkpoint_names is not None
            else [str(t) for t in range(len(ckpts))])
@@ -99,7 +102,7 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
   ids = (list(example_ids) if example_ids is not None else list(range(train_data.n)))
   if len(ids) != train_data.n:
     raise ValueError(f"example_ids has {len(ids)} ids for {train_data.n} training examples.")
-  full = core._checkpoints(checkpoints)  # pylint: disable=protected-access
+  full = arguments.check_checkpoints(checkpoints)
   return {
       "format_version": FORMAT_VERSION,
       "model_fingerprint": fingerprint,
@@ -246,7 +249,7 @@ class GradientStore:
 
   def check_checkpoints(self, checkpoints: Checkpoints) -> None:
     """Raises `StoreMismatch` unless `checkpoints` are the store's (weights and rates)."""
-    given = core._checkpoints(checkpoints)  # pylint: disable=protected-access
+    given = arguments.check_checkpoints(checkpoints)
     stored = self.meta["checkpoints"]
     problems = []
     if len(given) != len(stored):
@@ -266,7 +269,8 @@ class GradientStore:
   def influence(self, loss_fn: LossFn, checkpoints: Checkpoints, test, *,
                 batch_size: int | None = None, vectorize: str = "auto",
                 mesh: jax.sharding.Mesh | None = None,
-                progress: bool | Callable[[core.Progress], None] = False) -> np.ndarray:
+                progress: bool | Callable[[progress_lib.Progress], None] = False
+                ) -> np.ndarray:
     """TracIn scores of new test examples against the stored training examples.
 
     Only the test examples' gradients are computed (with the store's layer selection,
@@ -290,17 +294,17 @@ class GradientStore:
     """
     self._check_complete()
     self.check_checkpoints(checkpoints)
-    restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1,  # pylint: disable=protected-access
-                                              self.meta["params_filter"])
-    test_data = core._Data(test, "test")  # pylint: disable=protected-access
+    restricted, ckpts = arguments.check_arguments(loss_fn, checkpoints, 1,
+                                                  self.meta["params_filter"])
+    test_data = data_lib.Data(test, "test")
     k = self.num_outputs
     block = int(batch_size or gram_lib.DEFAULT_BATCH_SIZE)
     vectorize = grads_lib.check_vectorize(vectorize)
-    reporter = core._Reporter(progress, len(ckpts), test_data.n * len(ckpts))  # pylint: disable=protected-access
+    reporter = progress_lib.Reporter(progress, len(ckpts), test_data.n * len(ckpts))
     projection, normalize = self.projection, self.meta["normalize"]
     out = np.zeros((test_data.n * k, self.num_examples * k), np.dtype(self.meta["dtype"]))
     for t, ckpt in enumerate(ckpts):
-      reporter.checkpoint(t)
+      reporter.checkpoint(t, test_data.n)
       rows = []
       for _, batch, n_valid in test_data.blocks(block, 0, test_data.n_blocks(block)):
         g, _ = grads_lib.block_grads(restricted, k, ckpt.params, batch, vectorize, ckpt.state)
@@ -403,7 +407,7 @@ def build_store(
     mesh: jax.sharding.Mesh | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    progress: bool | Callable[[core.Progress], None] = False,
+    progress: bool | Callable[[progress_lib.Progress], None] = False,
 ) -> GradientStore:
   """Computes and writes the per-checkpoint gradient rows of a training set (or finishes an
   interrupted build).
@@ -443,12 +447,12 @@ def build_store(
     StoreMismatch: a store at `path` was built from something else (named).
   """
   start = time.perf_counter()
-  core._check_transform(normalize, projection)  # pylint: disable=protected-access
-  restricted, ckpts = core._check_arguments(loss_fn, checkpoints, 1, params_filter)  # pylint: disable=protected-access
-  train_data = core._Data(train, "train")  # pylint: disable=protected-access
+  arguments.check_transform(normalize, projection)
+  restricted, ckpts = arguments.check_arguments(loss_fn, checkpoints, 1, params_filter)
+  train_data = data_lib.Data(train, "train")
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-  _, raw_bytes, _ = core._gradient_layout(restricted, ckpts[0], train_data)  # pylint: disable=protected-access
+  _, raw_bytes, _ = arguments.gradient_layout(restricted, ckpts[0], train_data)
   fit = int(memory_budget_bytes) // raw_bytes
   if fit < 1:
     raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
@@ -489,11 +493,11 @@ def build_store(
           if not _block_path(root, t, b).is_file()]
   reused = len(mine) * len(ckpts) - len(todo)
   examples = sum(min(block_size, train_data.n - b * block_size) for _, b in todo)
-  reporter = core._Reporter(progress, len(ckpts), examples)  # pylint: disable=protected-access
-  nonfinite = core._NonFinite()  # pylint: disable=protected-access
+  reporter = progress_lib.Reporter(progress, len(ckpts), examples)
+  nonfinite = grads_lib.NonFinite()
   for t, ckpt in enumerate(ckpts):
     blocks = [b for tt, b in todo if tt == t]
-    reporter.checkpoint(t)
+    reporter.checkpoint(t, sum(min(block_size, train_data.n - b * block_size) for b in blocks))
     (root / f"checkpoint-{t}").mkdir(exist_ok=True)
     for run_start, run_stop in _runs(blocks):
       for b, batch, n_valid in train_data.blocks(block_size, run_start, run_stop):

@@ -428,6 +428,10 @@ class Parts:
   def _path(self, name: str, suffix: str) -> pathlib.Path:
     return self.dir / f"{name}{suffix}"
 
+  def has(self, name: str) -> bool:
+    """Whether the part `name` is finished (saved), without reading it."""
+    return self._path(name, ".npy").exists() or self._path(name, ".json").exists()
+
   def load(self, name: str) -> np.ndarray | dict | None:
     """The part `name`, or None if it is not finished."""
     npy, js = self._path(name, ".npy"), self._path(name, ".json")

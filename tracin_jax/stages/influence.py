@@ -22,10 +22,11 @@ the checkpoints; every checkpoint's gradients use that checkpoint's own state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -115,13 +116,12 @@ def checkpoint_hash(checkpoint: Checkpoint) -> str:
 
 
 def _progress(show: bool, desc: str):
-  """A progress callback for `core.influence` that names the checkpoint (the stage calls it
-  once per checkpoint, so the library's own count would say 1/1 every time)."""
+  """A progress callback that draws one bar for the whole computation (the store's build)."""
   if not show:
     return False
   bar = None
 
-  def report(info: core.Progress) -> None:
+  def report(info: progress_lib.Progress) -> None:
     nonlocal bar
     if bar is None:
       bar = progress_lib.ProgressBar(info.examples_total, desc)
@@ -130,6 +130,70 @@ def _progress(show: bool, desc: str):
       bar.close()
 
   return report
+
+
+def _checkpoint_progress(show: bool, descs: list[str]):
+  """A progress callback for `core.influence_per_checkpoint` that draws one bar per
+  checkpoint: `descs[i]` names the computation's i-th checkpoint (`Progress.checkpoint` is
+  i + 1)."""
+  if not show:
+    return False
+  bar, current = None, None
+
+  def report(info: progress_lib.Progress) -> None:
+    nonlocal bar, current
+    if info.checkpoint != current:
+      if bar is not None:
+        bar.close()
+      current = info.checkpoint
+      bar = progress_lib.ProgressBar(info.checkpoint_examples_total, descs[current - 1])
+    bar.update(info.checkpoint_examples_done - bar.count, path=info.vectorize)
+    if info.checkpoint_examples_done >= info.checkpoint_examples_total:
+      bar.close()
+
+  return report
+
+
+def _checkpoint_label(t: int, epochs: list[int]) -> str:
+  return f"checkpoint of epoch {epochs[t]} ({t + 1}/{len(epochs)})"
+
+
+def _summed_parts(parts: base.Parts, epochs: list[int],
+                  terms: Callable[[list[int]], Iterator[np.ndarray]],
+                  check: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+  """The sum over checkpoints of their TracIn terms, each saved as a part as it finishes.
+
+  Args:
+    parts: where the terms are saved, one part `epoch<e>` per checkpoint.
+    epochs: the checkpoints' epochs, in order.
+    terms: `terms(todo)` gives the terms of the checkpoints `todo` (indices into `epochs`)
+      in order, each computed when it is asked for.
+    check: `check(term, epoch)` returns a freshly computed term if it may be saved, and
+      raises otherwise.
+
+  Returns:
+    part_0 + part_1 + ... in checkpoint order: saved parts are reused, the others
+    computed in one call of `terms`.
+
+  Raises:
+    StageError: from `check`, or when a part appeared or vanished on disk meanwhile.
+  """
+  names = [f"epoch{e}" for e in epochs]
+  todo = [t for t, name in enumerate(names) if not parts.has(name)]
+  fresh = zip(todo, terms(todo)) if todo else iter(())
+
+  def compute(t: int) -> np.ndarray:
+    s, term = next(fresh, (None, None))
+    if s != t:
+      raise base.StageError(f"influence: the saved parts in {parts.dir} changed while the "
+                            "stage ran (is another run of it writing there?); run it again.")
+    return check(term, epochs[t])
+
+  total = None
+  for t, name in enumerate(names):
+    part = parts.get(name, functools.partial(compute, t), label=_checkpoint_label(t, epochs))
+    total = part if total is None else total + part
+  return total
 
 
 def _examples(slices, regions: np.ndarray) -> dict[str, np.ndarray]:
@@ -211,27 +275,26 @@ class InfluenceStage(base.StageBase):
         + "; validation: "
         + ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence_val.sum(0))) + ".")
 
-    # One train-influence of train + validation per checkpoint: each example's gradients are
-    # computed once (when they fit in the budget) and serve both the train-train and the
-    # validation-train blocks; the validation-validation block is cheap and dropped.
+    # One train-influence of train + validation, each checkpoint's term saved as it finishes:
+    # each example's gradients are computed once per checkpoint (when they fit in the budget)
+    # and serve both the train-train and the validation-train blocks; the
+    # validation-validation block is cheap and dropped.
     loss_fn = segmentation.make_region_losses(apply_fn)
     train_ex, val_ex = _examples(train_set, train_regions), _examples(val_set, val_regions)
     both = {key: np.concatenate([train_ex[key], val_ex[key]]) for key in train_ex}
     parts = base.Parts(out / "parts", self._inputs(context), what="influence")
-    total = None
     present = np.concatenate([presence_train, presence_val])
-    for t, (epoch, ckpt) in enumerate(zip(epochs, checkpoints)):
-      part = parts.get(
-          f"epoch{epoch}",
-          lambda ckpt=ckpt, epoch=epoch: _finite_part(core.influence(
-              loss_fn, [ckpt], both, memory_budget_bytes=context.memory_budget_bytes,
-              batch_size=config.block_size,
-              progress=_progress(context.progress, f"TracIn gradients, checkpoint of epoch "
-                                 f"{epoch} ({t + 1}/{len(epochs)})"),
-              params_filter=config.params_filter, normalize=config.normalize),
-              present, presence_train, epoch),
-          label=f"checkpoint of epoch {epoch} ({t + 1}/{len(epochs)})")
-      total = part if total is None else total + part
+
+    def terms(todo: list[int]):
+      descs = [f"TracIn gradients, {_checkpoint_label(t, epochs)}" for t in todo]
+      return core.influence_per_checkpoint(
+          loss_fn, [checkpoints[t] for t in todo], both,
+          memory_budget_bytes=context.memory_budget_bytes, batch_size=config.block_size,
+          progress=_checkpoint_progress(context.progress, descs),
+          params_filter=config.params_filter, normalize=config.normalize)
+
+    total = _summed_parts(parts, epochs, terms, lambda term, epoch: _finite_part(
+        term, present, presence_train, epoch))
     n = len(train_set)
     train_scores = segmentation.mask_absent(total[:n, :, :n, :], presence_train,
                                             presence_train)
