@@ -105,9 +105,7 @@ def test_a_store_built_from_something_else_is_refused_by_name(x64, tmp_path):
     store_lib.open_store(tmp_path / "missing")
 
 
-def test_interrupted_build_resumes_at_the_first_missing_block(x64, tmp_path):
-  ckpts, train, test = _mlp()
-  whole = store_lib.build_store(tmp_path / "whole", tm.mlp_loss, ckpts, train, batch_size=2)
+def _build_interrupted_after_three_blocks(path, ckpts, train) -> None:
   calls = []
 
   def stop_after_three_blocks(info):
@@ -116,8 +114,14 @@ def test_interrupted_build_resumes_at_the_first_missing_block(x64, tmp_path):
       raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
-    store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2,
+    store_lib.build_store(path, tm.mlp_loss, ckpts, train, batch_size=2,
                           progress=stop_after_three_blocks)
+
+
+def test_interrupted_build_resumes_at_the_first_missing_block(x64, tmp_path):
+  ckpts, train, test = _mlp()
+  whole = store_lib.build_store(tmp_path / "whole", tm.mlp_loss, ckpts, train, batch_size=2)
+  _build_interrupted_after_three_blocks(tmp_path / "cut", ckpts, train)
   cut = store_lib.open_store(tmp_path / "cut")
   assert len(cut.missing_blocks()) == 8 - 3
   with pytest.raises(ValueError, match="incomplete"):
@@ -130,16 +134,7 @@ def test_interrupted_build_resumes_at_the_first_missing_block(x64, tmp_path):
 
 def test_a_resumed_build_reports_each_checkpoints_own_remaining_examples(x64, tmp_path):
   ckpts, train, _ = _mlp()
-  calls = []
-
-  def stop_after_three_blocks(info):
-    calls.append(info)
-    if len(calls) == 3:
-      raise KeyboardInterrupt
-
-  with pytest.raises(KeyboardInterrupt):
-    store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2,
-                          progress=stop_after_three_blocks)
+  _build_interrupted_after_three_blocks(tmp_path / "cut", ckpts, train)
   seen = []
   store_lib.build_store(tmp_path / "cut", tm.mlp_loss, ckpts, train, batch_size=2,
                         progress=seen.append)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,12 @@ class _Prepared:
   """`influence`'s arguments checked, its data counted and its blocks planned: what each
   checkpoint's share of the scores is formed from."""
 
-  def __init__(self, loss_fn, checkpoints, train, test, *, memory_budget_bytes, batch_size,
-               progress, vectorize, params_filter, normalize, projection):
+  def __init__(self, loss_fn, checkpoints, train, test, *,
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+               batch_size: int | None = None,
+               progress: bool | Callable[[Progress], None] = False, vectorize: str = "auto",
+               params_filter: params_lib.ParamsFilter | None = None, normalize: bool = False,
+               projection: projection_lib.Projection | None = None):
     self.loss_fn, self.checkpoints = arguments.check_arguments(
         loss_fn, checkpoints, memory_budget_bytes, params_filter)
     arguments.check_transform(normalize, projection)
@@ -304,20 +308,8 @@ def influence(
   return prepared.scores(out)
 
 
-def influence_per_checkpoint(
-    loss_fn: LossFn,
-    checkpoints: Checkpoints,
-    train,
-    test=None,
-    *,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-    batch_size: int | None = None,
-    progress: bool | Callable[[Progress], None] = False,
-    vectorize: str = "auto",
-    params_filter: params_lib.ParamsFilter | None = None,
-    normalize: bool = False,
-    projection: projection_lib.Projection | None = None,
-) -> Iterator[np.ndarray]:
+def influence_per_checkpoint(loss_fn: LossFn, checkpoints: Checkpoints, train, test=None,
+                             **options: Any) -> Iterator[np.ndarray]:
   """Each checkpoint's term of `influence`, as it finishes.
 
       for t, scores_t in enumerate(influence_per_checkpoint(loss_fn, checkpoints, train)):
@@ -328,7 +320,8 @@ def influence_per_checkpoint(
   computed when its term is asked for. One `progress` callback sees every checkpoint, its
   `Progress.checkpoint` naming the one in progress.
 
-  Args: as `influence`.
+  Args: as `influence` (`options`: its keyword arguments, `memory_budget_bytes` to
+  `projection`).
 
   Returns:
     An iterator over the checkpoints, in order: checkpoint t's term
@@ -343,11 +336,7 @@ def influence_per_checkpoint(
   Warns:
     RuntimeWarning: as `influence`, as each checkpoint finishes.
   """
-  prepared = _Prepared(loss_fn, checkpoints, train, test,
-                       memory_budget_bytes=memory_budget_bytes, batch_size=batch_size,
-                       progress=progress, vectorize=vectorize, params_filter=params_filter,
-                       normalize=normalize, projection=projection)
-  return _each_checkpoint(prepared)
+  return _each_checkpoint(_Prepared(loss_fn, checkpoints, train, test, **options))
 
 
 def self_influence(
