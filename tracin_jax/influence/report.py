@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import scipy.stats
 
+from tracin_jax.checks import stats as checks_stats
 from tracin_jax.influence import layout
 from tracin_jax.influence.topk import top_k
 
@@ -173,7 +173,7 @@ def ranking_agreement(full: np.ndarray, restricted: np.ndarray, presence_test: n
       f, r = full[i, a, columns], restricted[i, a, columns]
       if not (np.isfinite(f).all() and np.isfinite(r).all()):
         raise ValueError(f"non-finite scores for present regions (class {i}, example {a}).")
-      rho = scipy.stats.spearmanr(f, r).statistic
+      rho, _ = checks_stats.spearman(f, r)
       order_f, order_r = np.argsort(-f), np.argsort(-r)
       pro = len(set(order_f[:top]) & set(order_r[:top])) / top
       opp = len(set(order_f[-top:]) & set(order_r[-top:])) / top

@@ -50,6 +50,7 @@ import numpy as np
 
 from tracin_jax import lds as lds_lib
 from tracin_jax import outputs
+from tracin_jax.checks import stats
 from tracin_jax.influence import core
 from tracin_jax.influence import figures as influence_figures
 from tracin_jax.influence import layout
@@ -427,7 +428,7 @@ class LdsStage(base.StageBase):
                           seed=config.seed)
       per_output = score.pop("per_output")
       entry = {"description": VARIANTS[name], "seconds": seconds[name], "lds": score,
-               "lds_per_class": {names[i]: faithfulness.mean_ci(
+               "lds_per_class": {names[i]: stats.mean_ci(
                    per_output[[r for r, (_, c) in enumerate(regions) if c == i]])
                    for i in range(len(names))}}
       if name != BASELINE:

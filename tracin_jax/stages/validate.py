@@ -41,6 +41,7 @@ from flax import nnx
 from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax import params as params_lib
+from tracin_jax.checks import stats
 from tracin_jax.influence import core
 from tracin_jax.influence import layout
 from tracin_jax.influence import segmentation
@@ -312,25 +313,21 @@ def summarise_removals(jobs: list[RemovalJob], results: dict[str, dict[str, Any]
   classes = np.array([i for _, i in regions])
   predicted, actual, kinds = np.array(predicted), np.array(actual), np.array(kinds)
   summary = {
-      "dice_change": {name: faithfulness.mean_ci(effect[name]) for name in REMOVALS},
-      "hard_dice_change": {name: faithfulness.mean_ci(hard[name]) for name in REMOVALS},
+      "dice_change": {name: stats.mean_ci(effect[name]) for name in REMOVALS},
+      "hard_dice_change": {name: stats.mean_ci(hard[name]) for name in REMOVALS},
       "per_class": {
-          class_names[i]: {name: faithfulness.mean_ci(effect[name][classes == i])
+          class_names[i]: {name: stats.mean_ci(effect[name][classes == i])
                            for name in REMOVALS}
           for i in sorted(set(classes.tolist()))},
-      "proponents_minus_random": faithfulness.paired_test(effect["proponents"],
-                                                          effect["random"]),
-      "opponents_minus_random": faithfulness.paired_test(effect["opponents"],
-                                                         effect["random"]),
+      "proponents_minus_random": stats.paired_test(effect["proponents"], effect["random"]),
+      "opponents_minus_random": stats.paired_test(effect["opponents"], effect["random"]),
       "rank_correlation": {
-          "all": faithfulness.rank_correlation(predicted, actual),
-          **{name: faithfulness.rank_correlation(predicted[kinds == name],
-                                                 actual[kinds == name])
+          "all": stats.rank_correlation(predicted, actual),
+          **{name: stats.rank_correlation(predicted[kinds == name], actual[kinds == name])
              for name in REMOVALS}},
       "sign_agreement": {
-          "all": faithfulness.sign_agreement(predicted, actual),
-          **{name: faithfulness.sign_agreement(predicted[kinds == name],
-                                               actual[kinds == name])
+          "all": stats.sign_agreement(predicted, actual),
+          **{name: stats.sign_agreement(predicted[kinds == name], actual[kinds == name])
              for name in REMOVALS}},
   }
   arrays = {"effect": effect, "hard": hard, "predicted": predicted, "actual": actual,
