@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracin_jax import lds
+from tracin_jax.checks import lds
 
 N_TRAIN, N_TEST, DIM, STEPS, LR = 40, 12, 6, 3, 0.1
 

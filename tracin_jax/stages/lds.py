@@ -1,8 +1,8 @@
 """The `lds` stage: which TracIn is faithful for segmentation?
 
 Scores variants of TracIn, and two references, by the linear datamodeling score (LDS;
-Park et al. 2023, `tracin_jax.lds`) and by the removal test of the validate stage, and writes
-under `<workdir>/lds/`:
+Park et al. 2023, `tracin_jax.checks.lds`) and by the removal test of the validate stage, and
+writes under `<workdir>/lds/`:
   - `lds.json`: per variant its LDS (mean over the validation regions of Spearman's rho
     between the soft Dice it predicts for each random training subset and the soft Dice
     measured after retraining on it) with a bootstrap interval, its paired difference from
@@ -48,8 +48,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tracin_jax import lds as lds_lib
 from tracin_jax import outputs
+from tracin_jax.checks import lds as lds_lib
 from tracin_jax.checks import stats
 from tracin_jax.influence import core
 from tracin_jax.influence import figures as influence_figures
