@@ -24,7 +24,7 @@ from scipy import stats
 
 from tracin_jax.checks import stats as checks_stats
 from tracin_jax.influence import layout
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 
 
 def slice_scores(blocks: np.ndarray) -> np.ndarray:
@@ -140,7 +140,7 @@ def class_block_structure(blocks: np.ndarray, *, top: int = 10) -> dict[str, flo
   if within.size and between.size:
     u = stats.mannwhitneyu(within, between, alternative="two-sided").statistic
     auc = float(u / (within.size * between.size))
-  dist = report.proponent_class_distribution(blocks, k=top, exclude_self=True)
+  dist = rankings.proponent_class_distribution(blocks, k=top, exclude_self=True)
   w = float(within.mean()) if within.size else np.nan
   b = float(between.mean()) if between.size else np.nan
   return {"auc": auc, "within": w, "between": b, "contrast": w - b,

@@ -38,7 +38,7 @@ from tracin_jax.influence import core
 from tracin_jax.influence import figures
 from tracin_jax.influence import layout
 from tracin_jax.influence import projection as projection_lib
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 from tracin_jax.influence import segmentation
 from tracin_jax.influence import store as store_lib
 from tracin_jax.settings import setting
@@ -291,8 +291,8 @@ class InfluenceStage(base.StageBase):
     manifest.file(self.rel(TEST_FILE), "validation-train influence: scores [3, n_val, 3 n_train], "
                   "presence_test, presence_train, example ids")
 
-    globals_ = report.global_explainers(test_blocks, top=config.global_top,
-                                        min_fraction=config.global_fraction)
+    globals_ = rankings.global_explainers(test_blocks, top=config.global_top,
+                                          min_fraction=config.global_fraction)
     for g in globals_:
       g["case"], g["slice"] = train_set.ids[g["train_index"]]
       g["class"] = CLASS_NAMES[g["train_class"]]
@@ -303,7 +303,7 @@ class InfluenceStage(base.StageBase):
     manifest.file(self.rel(GLOBAL_FILE), f"train regions in the top {config.global_top} "
                   f"proponents or opponents of more than {config.global_fraction:.0%} of the "
                   "validation regions")
-    explanations = report.explain(
+    explanations = rankings.explain(
         test_blocks, val_set.ids, train_set.ids, CLASS_NAMES, k=config.top_k,
         global_columns=[g["column"] for g in globals_])
     outputs.write_json(out / PROPONENTS_FILE, {
@@ -321,8 +321,8 @@ class InfluenceStage(base.StageBase):
                     "the explained training region (rows), its TracIn score with every "
                     "training region of each class (column blocks); white bands are absent "
                     "regions (the paper's Fig. 4).")
-    dist = report.proponent_class_distribution(train_blocks, k=config.top_k,
-                                               exclude_self=True)
+    dist = rankings.proponent_class_distribution(train_blocks, k=config.top_k,
+                                                 exclude_self=True)
     figures.plot_class_distribution(dist, CLASS_NAMES, out / "proponent_classes.png",
                                     k=config.top_k, title_suffix=suffix)
     manifest.figure(self.rel("proponent_classes.png"), f"Classes of the top {config.top_k} "

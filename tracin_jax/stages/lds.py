@@ -54,7 +54,7 @@ from tracin_jax.checks import stats
 from tracin_jax.influence import core
 from tracin_jax.influence import figures as influence_figures
 from tracin_jax.influence import layout
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 from tracin_jax.influence import segmentation
 from tracin_jax.influence.topk import top_k
 from tracin_jax.interpret import faithfulness
@@ -156,7 +156,7 @@ def region_rows(slice_scores: np.ndarray, regions) -> np.ndarray:
 
 def global_explainer_stats(blocks: np.ndarray, train_regions: np.ndarray, *, top: int = 20,
                            min_fraction: float = 0.5) -> dict[str, Any]:
-  """A variant's global explainers (`report.global_explainers` on its own scores), how much
+  """A variant's global explainers (`rankings.global_explainers` on its own scores), how much
   of its top proponents they take, and their region sizes against the other regions'.
 
   Args:
@@ -172,7 +172,7 @@ def global_explainer_stats(blocks: np.ndarray, train_regions: np.ndarray, *, top
     "columns"}.
   """
   kn = blocks.shape[2]
-  found = report.global_explainers(blocks, top=top, min_fraction=min_fraction)
+  found = rankings.global_explainers(blocks, top=top, min_fraction=min_fraction)
   columns = np.array([g["column"] for g in found], int)
   rows = blocks.reshape(-1, kn)
   rows = rows[~np.all(np.isnan(rows), axis=1)]

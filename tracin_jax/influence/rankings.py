@@ -6,7 +6,9 @@ Pure numpy on score arrays, so a notebook can call it on any scores:
   - `explain`: top-k proponents and opponents of each test region, with global explainers
     marked;
   - `proponent_class_distribution`: the classes of the top-k proponents per test class
-    (the paper's Fig. 5).
+    (the paper's Fig. 5);
+  - `ranking_agreement`: how alike two score sets rank each test region's training regions
+    (a projection or a layer selection against the full gradients).
 Absent regions are NaN in the scores and never selected.
 """
 
