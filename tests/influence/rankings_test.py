@@ -69,3 +69,16 @@ def test_proponent_class_distribution_counts_classes():
   np.testing.assert_allclose(dist[2], [1, 0, 0])
   s[:, 2] = np.nan
   assert np.all(np.isnan(rankings.proponent_class_distribution(layout.to_class_blocks(s))[2]))
+
+
+def test_local_explanation_examples_most_classes_then_largest_one_per_case():
+  regions = np.zeros((5, 4, 4, 3), bool)
+  regions[0, :1, :1, 0] = True  # case a: one class, 1 pixel
+  regions[1, :2, :2, :2] = True  # case a: two classes, 8 pixels
+  regions[2, :3, :3, 0] = True  # case b: one class, 9 pixels
+  regions[3, :1, :1, :2] = True  # case b: two classes, 2 pixels
+  cases = np.array(["a", "a", "b", "b", "c"])  # example 4 has no region: never shown
+  assert rankings.local_explanation_examples(regions, 2, cases) == [1, 3]
+  # One per case while other cases remain, then the rest in order.
+  assert rankings.local_explanation_examples(regions, 4, cases) == [1, 3, 2, 0]
+  assert rankings.local_explanation_examples(regions, 9, cases) == [1, 3, 2, 0]

@@ -33,7 +33,6 @@ from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax import progress as progress_lib
 from tracin_jax.data import constants
-from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import core
 from tracin_jax.influence import figures
 from tracin_jax.influence import layout
@@ -340,7 +339,8 @@ class InfluenceStage(base.StageBase):
       manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions "
                       "per class, highest first, with the top-ranked slices and their regions.")
     panels = []
-    for a in _local_choices(val_regions, config.num_local_panels, val_set.case_ids):
+    for a in rankings.local_explanation_examples(val_regions, config.num_local_panels,
+                                                 val_set.case_ids):
       case, z = val_set.ids[a]
       path = out / f"local_{case}_{z}.png"
       figures.plot_local_explanation(a, test_blocks, val_set, val_regions, train_set,
@@ -500,12 +500,3 @@ def _check_ids(f, prefix: str, slices, which: str) -> None:
   if ids != [(str(c), int(z)) for c, z in slices.ids]:
     raise base.StageError(f"The influence stage's {which} examples differ from the given "
                           f"{which} set: it was run on other data; rerun the influence stage.")
-
-
-def _local_choices(regions: np.ndarray, num: int, cases: np.ndarray) -> list[int]:
-  """Validation examples with the most predicted classes, then the largest regions, one per
-  case while other cases remain (neighbouring slices of one case explain alike)."""
-  present = regions.any(axis=(1, 2)).sum(axis=1)
-  size = regions.sum(axis=(1, 2, 3))
-  order = [int(a) for a in np.lexsort((-size, -present)) if present[a] > 0]
-  return slices_lib.spread_over_cases(order, cases, num)

@@ -509,8 +509,7 @@ class LdsStage(base.StageBase):
                     "removal test: Dice change after removing each region's top-k proponents "
                     "or opponents, minus random removal.")
     # The influence stage's first local panel image, explained by TracIn and the best variant.
-    choose = influence_stage._local_choices  # pylint: disable=protected-access
-    panels = choose(inputs.val_regions, 1, val_set.case_ids)
+    panels = rankings.local_explanation_examples(inputs.val_regions, 1, val_set.case_ids)
     for name in dict.fromkeys([BASELINE, shown]):
       for a in panels:
         case, z = val_set.ids[a]
