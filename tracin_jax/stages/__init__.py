@@ -11,7 +11,7 @@ Each stage is a class in its own module (`train`, `influence`, `interpret`, `sal
 registered by name in the order the stages run; `base` holds the contract (`Stage`),
 the `Context` every stage receives, the per-stage `manifest.json` and the resume mechanism
 (`Parts`). The analysis itself lives in the library packages (`training`, `influence`,
-`interpret`); a stage only calls it, writes files and lists them.
+`interpret`, `checks`); a stage only calls it, writes files and lists them.
 """
 
 from tracin_jax.stages import base
