@@ -28,7 +28,7 @@ import pathlib
 from absl import app, flags
 import numpy as np
 
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("full", None, "Workdir whose influence stage used all parameters.")
@@ -63,8 +63,9 @@ def main(argv):
         raise ValueError(f"{workdir} explains other regions or examples than {FLAGS.full} "
                          f"({key} differs): not the same trained run.")
     kept = manifest["settings"].get("params_filter")
-    rows = np.asarray(report.ranking_agreement(full["scores"], other["scores"], full["presence_test"],
-                              full["presence_train"], FLAGS.top))
+    rows = np.asarray(rankings.ranking_agreement(full["scores"], other["scores"],
+                                                 full["presence_test"], full["presence_train"],
+                                                 FLAGS.top))
     for label, mask in [*((names[i], rows[:, 0] == i) for i in range(len(names))),
                         ("all", np.ones(len(rows), bool))]:
       r = rows[mask]

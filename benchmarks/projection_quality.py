@@ -11,7 +11,8 @@ gradient blocks, and the validation-train TracIn scores of every variant are sum
 checkpoints beside the exact ones. For every present validation region (test example a,
 class i), its scores over the present training regions (all classes) are compared with the
 exact scores: Spearman's rank correlation and the share of the exact top-10 proponents (and
-opponents) that the projected scores also put in their top 10 (`influence.report.ranking_agreement`).
+opponents) that the projected scores also put in their top 10
+(`influence.rankings.ranking_agreement`).
 Also timed: each projection's seconds per gradient row (median over blocks), against the
 gradient computation's.
 """
@@ -31,8 +32,8 @@ from experiments import run as run_app  # pylint: disable=g-import-not-at-top
 from tracin_jax import experiment  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import grads as grads_lib  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import layout  # pylint: disable=g-import-not-at-top
-from tracin_jax.influence import report  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import projection as projection_lib  # pylint: disable=g-import-not-at-top
+from tracin_jax.influence import rankings  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import segmentation  # pylint: disable=g-import-not-at-top
 from tracin_jax.stages import influence as influence_stage  # pylint: disable=g-import-not-at-top
 
@@ -102,8 +103,8 @@ def main(argv):
         "gradient's) | store MB per checkpoint |")
   print("|---|---|---|---|---|---|---|")
   for v in variants:
-    rows_ = np.asarray(report.ranking_agreement(exact, blocks(v), presence[1], presence[0],
-                                               FLAGS.top))
+    rows_ = np.asarray(rankings.ranking_agreement(exact, blocks(v), presence[1], presence[0],
+                                                 FLAGS.top))
     proj_s = float(np.median(seconds[v][1:] or seconds[v]))
     entry = {"kind": v.kind, "dim": v.dim, "rho_median": float(np.median(rows_[:, 1])),
              "rho_mean": float(np.mean(rows_[:, 1])), "rho_min": float(np.min(rows_[:, 1])),

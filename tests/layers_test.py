@@ -6,6 +6,8 @@ an import that would only run on some path is caught too.
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,26 @@ def test_the_run_directory_sits_at_the_bottom():
   atomic file writes of `outputs`."""
   ours = {name for _, name in imported(PACKAGE / "rundir.py") if within(name, "tracin_jax")}
   assert ours <= {"tracin_jax", "tracin_jax.outputs"}, ours
+
+
+_IMPORT_ALL_WITHOUT_THE_STAGES = """
+import importlib, importlib.abc, re, sys
+class NoStages(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if re.match(r"tracin_jax[.](stages|experiment)([.]|$)", name):
+      raise ImportError(f"{name} may not be imported from below the stages")
+sys.meta_path.insert(0, NoStages())
+for name in sys.argv[1:]:
+  importlib.import_module(name)
+"""
+
+
+@pytest.mark.slow  # a fresh process importing JAX, Flax and the whole library
+def test_every_library_module_imports_with_the_stages_unimportable():
+  """The same in a fresh process, at import time: each module below the stages imports
+  with `tracin_jax.stages` and `tracin_jax.experiment` made unimportable."""
+  names = [module_name(p) for p in LIBRARY if p.name != "__main__.py"]
+  run = subprocess.run([sys.executable, "-c", _IMPORT_ALL_WITHOUT_THE_STAGES, *names],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       cwd=PACKAGE.parent)
+  assert run.returncode == 0, run.stderr[-3000:]

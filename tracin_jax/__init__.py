@@ -6,7 +6,7 @@
 `loss_fn(params, example) -> [K]` is any model's per-example loss; the segmentation
 adapter `tracin_jax.make_region_losses(apply_fn)` gives the paper's K = 3 region Dice losses.
 Submodules: `data` (BraTS loader, synthetic cohort, pipelines), `models` (UNet variants),
-`training` (Adam-then-SGD with Orbax checkpoints), `influence` (TracIn core and reports),
+`training` (Adam-then-SGD with Orbax checkpoints), `influence` (TracIn core and rankings),
 `interpret` (global explanation and faithfulness checks), `stages` (the experiment's stages).
 """
 

@@ -28,7 +28,7 @@ from tracin_jax import rundir
 from tracin_jax.data import constants
 from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import layout
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 from tracin_jax.influence import segmentation
 from tracin_jax.influence import store as store_lib
 
@@ -45,7 +45,7 @@ class Explanation:
     regions: [H, W, K] bool, its predicted regions.
     blocks: [K, 1, K * n_train] scores (region i of the image, then train class j's block),
       NaN where a region is absent.
-    proponents: `influence.report.explain`'s entries (one per present region).
+    proponents: `influence.rankings.explain`'s entries (one per present region).
     train_ids: (case, slice) of every training slice.
     train_regions_present: [n_train, K] bool.
     global_columns: score columns of the run's global explainers (influence stage).
@@ -172,9 +172,9 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
   presence = segmentation.region_presence(regions)
   blocks = layout.to_class_blocks(segmentation.mask_absent(scores, presence,
                                                            run.presence_train))
-  proponents = report.explain(blocks, [(name, 0)], run.train_ids,
-                              constants.TUMOUR_CLASS_NAMES, k=k,
-                              global_columns=run.global_columns)
+  proponents = rankings.explain(blocks, [(name, 0)], run.train_ids,
+                                constants.TUMOUR_CLASS_NAMES, k=k,
+                                global_columns=run.global_columns)
   done = time.perf_counter()
   meta = run.store.meta
   method = {"renormalised": bool(meta["normalize"]), "projection": meta["projection"],

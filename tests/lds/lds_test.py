@@ -5,9 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
-from tracin_jax import lds
+from tracin_jax.checks import lds
 
 N_TRAIN, N_TEST, DIM, STEPS, LR = 40, 12, 6, 3, 0.1
 
@@ -81,18 +80,6 @@ def test_lds_of_a_sign_flipped_attribution_is_minus_one():
   measured = lds.measure_subsets(masks, train_and_measure, _Store(), log=lambda _: None).T
   assert lds.lds(lds.predicted_outputs(-exact, masks), measured,
                  num_bootstrap=0)["mean"] == pytest.approx(-1.0, abs=1e-4)
-
-
-def test_spearman_rows_matches_scipy_and_flags_constant_rows():
-  rng = np.random.default_rng(0)
-  a, b = rng.normal(size=(5, 30)), rng.normal(size=(5, 30))
-  a[1, :10] = a[1, 0]  # ties
-  b[3] = 1.0  # constant: undefined
-  a[4, 2] = np.nan
-  rho = lds.spearman_rows(a, b)
-  for r in range(3):
-    assert rho[r] == pytest.approx(stats.spearmanr(a[r], b[r]).statistic)
-  assert np.isnan(rho[3]) and np.isnan(rho[4])
 
 
 def test_predicted_outputs_sum_the_kept_scores_nan_as_zero():

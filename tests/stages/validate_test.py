@@ -4,7 +4,7 @@ the measured Dice values become effects, summaries and the rank correlation."""
 import numpy as np
 import pytest
 
-from tracin_jax.interpret import faithfulness
+from tracin_jax.checks import stats as checks_stats
 from tracin_jax.stages import validate
 
 
@@ -56,11 +56,11 @@ def test_summary_effects_are_differences_from_the_baseline_replay():
   m = np.flatnonzero((arrays["kinds"] == "proponents"))[1]
   assert arrays["predicted"][m] == pytest.approx(scores[i, a, list(job.removed)].sum())
   assert arrays["actual"][m] == pytest.approx(0.05)  # loss change = -Dice change
-  assert summary["sign_agreement"]["all"] == faithfulness.sign_agreement(
+  assert summary["sign_agreement"]["all"] == checks_stats.sign_agreement(
       arrays["predicted"], arrays["actual"])
   random = arrays["kinds"] == "random"
-  assert summary["sign_agreement"]["random"] == faithfulness.sign_agreement(
+  assert summary["sign_agreement"]["random"] == checks_stats.sign_agreement(
       arrays["predicted"][random], arrays["actual"][random])
-  assert summary["rank_correlation"]["all"] == faithfulness.rank_correlation(
+  assert summary["rank_correlation"]["all"] == checks_stats.rank_correlation(
       arrays["predicted"], arrays["actual"])
   assert "are in the expected order" in validate._verdict(summary)

@@ -4,13 +4,13 @@ Pure numpy on score arrays and measured results, so a notebook can call them on 
   - `slice_scores`: a test region's TracIn score for each training slice (all its regions);
   - `choose_regions`: test regions to check, the same number per class, seeded;
   - `removal_sets`: a test region's top-k proponent and top-k opponent slices;
-  - `mean_ci`, `paired_test`, `rank_correlation`, `sign_agreement`: the summaries of the
-    retraining check;
   - `class_block_structure`: how strongly a train-influence matrix separates the classes;
   - `ranking_similarity`: how alike two train-influence matrices rank each class's training
     regions. These are the two measures of the randomisation check (model-parameter
     randomisation): an explanation that survives randomising the network does not explain
     what the network learned.
+The retraining check's statistics (means with intervals, paired tests, rank correlation,
+sign agreement) are `tracin_jax.checks.stats`.
 
 Sign convention: scores are TracIn of losses (eq 6 with loss_j = 1 - D_j), so a proponent
 (positive score) is a training region whose updates lowered the test region's loss; removing
@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from tracin_jax.checks import stats as checks_stats
 from tracin_jax.influence import layout
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 
 
 def slice_scores(blocks: np.ndarray) -> np.ndarray:
@@ -90,58 +91,6 @@ def removal_sets(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   return order[:k], opponents
 
 
-def mean_ci(values, level: float = 0.95) -> dict[str, float | int | None]:
-  """Mean with a Student-t confidence interval.
-
-  Returns:
-    {"mean", "low", "high", "n"}; the bounds are None with fewer than 2 values.
-  """
-  x = np.asarray(values, np.float64)
-  x = x[np.isfinite(x)]
-  if x.size == 0:
-    return {"mean": None, "low": None, "high": None, "n": 0}
-  mean = float(x.mean())
-  if x.size < 2:
-    return {"mean": mean, "low": None, "high": None, "n": 1}
-  half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
-  return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(x.size)}
-
-
-def paired_test(a, b, level: float = 0.95) -> dict[str, float | int | None]:
-  """a - b per region: mean with confidence interval, and a two-sided Wilcoxon signed-rank
-  p-value (None when every difference is 0 or fewer than 2 pairs)."""
-  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  d = d[np.isfinite(d)]
-  out = mean_ci(d, level)
-  out["p_value"] = None
-  if d.size >= 2 and np.any(d != 0):
-    out["p_value"] = float(stats.wilcoxon(d).pvalue)
-  return out
-
-
-def rank_correlation(predicted, actual) -> dict[str, float | int | None]:
-  """Spearman's rho (with its two-sided p-value) of predicted against actual changes."""
-  p, a = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
-  ok = np.isfinite(p) & np.isfinite(a)
-  p, a = p[ok], a[ok]
-  if p.size < 3 or np.ptp(p) == 0 or np.ptp(a) == 0:
-    return {"rho": None, "p_value": None, "n": int(p.size)}
-  res = stats.spearmanr(p, a)
-  return {"rho": float(res.statistic), "p_value": float(res.pvalue), "n": int(p.size)}
-
-
-def sign_agreement(predicted, actual) -> dict[str, float | int | None]:
-  """The share of pairs whose predicted and actual changes have the same sign (pairs where
-  either is 0 or not finite are left out), with a two-sided binomial p-value against 1/2."""
-  p, a = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
-  ok = np.isfinite(p) & np.isfinite(a) & (p != 0) & (a != 0)
-  n = int(ok.sum())
-  if n == 0:
-    return {"share": None, "p_value": None, "n": 0}
-  agree = int(np.sum(np.sign(p[ok]) == np.sign(a[ok])))
-  return {"share": agree / n, "p_value": float(stats.binomtest(agree, n).pvalue), "n": n}
-
-
 def normalised_influence(blocks: np.ndarray) -> np.ndarray:
   """Train-influence scaled by self-influence: T(a,i; b,j) / sqrt(T(a,i; a,i) T(b,j; b,j)).
 
@@ -191,7 +140,7 @@ def class_block_structure(blocks: np.ndarray, *, top: int = 10) -> dict[str, flo
   if within.size and between.size:
     u = stats.mannwhitneyu(within, between, alternative="two-sided").statistic
     auc = float(u / (within.size * between.size))
-  dist = report.proponent_class_distribution(blocks, k=top, exclude_self=True)
+  dist = rankings.proponent_class_distribution(blocks, k=top, exclude_self=True)
   w = float(within.mean()) if within.size else np.nan
   b = float(between.mean()) if between.size else np.nan
   return {"auc": auc, "within": w, "between": b, "contrast": w - b,
@@ -229,7 +178,7 @@ def ranking_similarity(blocks_a: np.ndarray, blocks_b: np.ndarray, *,
       if ok.size <= top:
         continue
       if np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
-        rhos.append(stats.spearmanr(x[ok], y[ok]).statistic)
+        rhos.append(checks_stats.spearman(x[ok], y[ok])[0])
       top_x = set(ok[np.argsort(-x[ok], kind="stable")[:top]].tolist())
       top_y = set(ok[np.argsort(-y[ok], kind="stable")[:top]].tolist())
       overlap.append(len(top_x & top_y) / top)

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from tracin_jax import params as params_lib
+from tracin_jax.checks import stats as checks_stats
 from tracin_jax.saliency import core
 from tracin_jax.saliency import gradients
 from tracin_jax.saliency import targets as targets_lib
@@ -253,16 +253,11 @@ def relevance_rank_accuracy(saliency: Array, mask: Array, *, channel_reduce: str
 
 def spearman(a: Array, b: Array) -> np.ndarray:
   """Spearman rank correlation of two [N, ...] batches of maps, per example [N] (average
-  ranks for ties; NaN when a map is constant)."""
+  ranks for ties; NaN when a map is constant or has a NaN; +-inf rank as the extremes):
+  `checks.stats.spearman_rows` of the flattened maps."""
   a = np.asarray(a, np.float64).reshape(np.shape(a)[0], -1)
   b = np.asarray(b, np.float64).reshape(np.shape(b)[0], -1)
-  ra = scipy.stats.rankdata(a, axis=1)
-  rb = scipy.stats.rankdata(b, axis=1)
-  ra -= ra.mean(1, keepdims=True)
-  rb -= rb.mean(1, keepdims=True)
-  denominator = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(denominator > 0, (ra * rb).sum(1) / denominator, np.nan)
+  return checks_stats.spearman_rows(a, b, rank_infinite=True)
 
 
 def _gaussian_window(size: int, sigma: float) -> np.ndarray:

@@ -36,12 +36,11 @@ from tracin_jax import progress as progress_lib
 from tracin_jax import rundir
 from tracin_jax import runs
 from tracin_jax.data import constants
-from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import core
 from tracin_jax.influence import figures
 from tracin_jax.influence import layout
 from tracin_jax.influence import projection as projection_lib
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 from tracin_jax.influence import segmentation
 from tracin_jax.influence import store as store_lib
 from tracin_jax.settings import setting
@@ -321,8 +320,8 @@ class InfluenceStage(base.StageBase):
     manifest.file(self.rel(TEST_FILE), "validation-train influence: scores [3, n_val, 3 n_train], "
                   "presence_test, presence_train, example ids")
 
-    globals_ = report.global_explainers(test_blocks, top=config.global_top,
-                                        min_fraction=config.global_fraction)
+    globals_ = rankings.global_explainers(test_blocks, top=config.global_top,
+                                          min_fraction=config.global_fraction)
     for g in globals_:
       g["case"], g["slice"] = train_set.ids[g["train_index"]]
       g["class"] = CLASS_NAMES[g["train_class"]]
@@ -333,7 +332,7 @@ class InfluenceStage(base.StageBase):
     manifest.file(self.rel(GLOBAL_FILE), f"train regions in the top {config.global_top} "
                   f"proponents or opponents of more than {config.global_fraction:.0%} of the "
                   "validation regions")
-    explanations = report.explain(
+    explanations = rankings.explain(
         test_blocks, val_set.ids, train_set.ids, CLASS_NAMES, k=config.top_k,
         global_columns=[g["column"] for g in globals_])
     outputs.write_json(out / PROPONENTS_FILE, {
@@ -351,8 +350,8 @@ class InfluenceStage(base.StageBase):
                     "the explained training region (rows), its TracIn score with every "
                     "training region of each class (column blocks); white bands are absent "
                     "regions (the paper's Fig. 4).")
-    dist = report.proponent_class_distribution(train_blocks, k=config.top_k,
-                                               exclude_self=True)
+    dist = rankings.proponent_class_distribution(train_blocks, k=config.top_k,
+                                                 exclude_self=True)
     figures.plot_class_distribution(dist, CLASS_NAMES, out / "proponent_classes.png",
                                     k=config.top_k, title_suffix=suffix)
     manifest.figure(self.rel("proponent_classes.png"), f"Classes of the top {config.top_k} "
@@ -370,7 +369,8 @@ class InfluenceStage(base.StageBase):
       manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions "
                       "per class, highest first, with the top-ranked slices and their regions.")
     panels = []
-    for a in _local_choices(val_regions, config.num_local_panels, val_set.case_ids):
+    for a in rankings.local_explanation_examples(val_regions, config.num_local_panels,
+                                                 val_set.case_ids):
       case, z = val_set.ids[a]
       path = out / f"local_{case}_{z}.png"
       figures.plot_local_explanation(a, test_blocks, val_set, val_regions, train_set,
@@ -496,12 +496,3 @@ def _check_params_filter(prefixes: tuple[str, ...], params) -> str:
   kept = [x for x, m in zip(jax.tree.leaves(params), mask) if m]
   return (f"{', '.join(prefixes)} ({len(kept)} arrays, "
           f"{sum(int(np.size(x)) for x in kept)} parameters)")
-
-
-def _local_choices(regions: np.ndarray, num: int, cases: np.ndarray) -> list[int]:
-  """Validation examples with the most predicted classes, then the largest regions, one per
-  case while other cases remain (neighbouring slices of one case explain alike)."""
-  present = regions.any(axis=(1, 2)).sum(axis=1)
-  size = regions.sum(axis=(1, 2, 3))
-  order = [int(a) for a in np.lexsort((-size, -present)) if present[a] > 0]
-  return slices_lib.spread_over_cases(order, cases, num)

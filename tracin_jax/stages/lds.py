@@ -1,8 +1,8 @@
 """The `lds` stage: which TracIn is faithful for segmentation?
 
 Scores variants of TracIn, and two references, by the linear datamodeling score (LDS;
-Park et al. 2023, `tracin_jax.lds`) and by the removal test of the validate stage, and writes
-under `<workdir>/lds/`:
+Park et al. 2023, `tracin_jax.checks.lds`) and by the removal test of the validate stage
+(`tracin_jax.checks.removal`), and writes under `<workdir>/lds/`:
   - `lds.json`: per variant its LDS (mean over the validation regions of Spearman's rho
     between the soft Dice it predicts for each random training subset and the soft Dice
     measured after retraining on it) with a bootstrap interval, its paired difference from
@@ -48,12 +48,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tracin_jax import lds as lds_lib
 from tracin_jax import outputs
+from tracin_jax.checks import lds as lds_lib
+from tracin_jax.checks import removal
+from tracin_jax.checks import stats
 from tracin_jax.influence import core
 from tracin_jax.influence import figures as influence_figures
 from tracin_jax.influence import layout
-from tracin_jax.influence import report
+from tracin_jax.influence import rankings
 from tracin_jax.influence import segmentation
 from tracin_jax.influence.topk import top_k
 from tracin_jax.interpret import faithfulness
@@ -62,7 +64,6 @@ from tracin_jax.settings import SettingsError
 from tracin_jax.settings import setting
 from tracin_jax.stages import base
 from tracin_jax.stages import influence as influence_stage
-from tracin_jax.stages import validate
 from tracin_jax.training import retrain as retrain_lib
 from tracin_jax.training import train as train_lib
 
@@ -155,7 +156,7 @@ def region_rows(slice_scores: np.ndarray, regions) -> np.ndarray:
 
 def global_explainer_stats(blocks: np.ndarray, train_regions: np.ndarray, *, top: int = 20,
                            min_fraction: float = 0.5) -> dict[str, Any]:
-  """A variant's global explainers (`report.global_explainers` on its own scores), how much
+  """A variant's global explainers (`rankings.global_explainers` on its own scores), how much
   of its top proponents they take, and their region sizes against the other regions'.
 
   Args:
@@ -171,7 +172,7 @@ def global_explainer_stats(blocks: np.ndarray, train_regions: np.ndarray, *, top
     "columns"}.
   """
   kn = blocks.shape[2]
-  found = report.global_explainers(blocks, top=top, min_fraction=min_fraction)
+  found = rankings.global_explainers(blocks, top=top, min_fraction=min_fraction)
   columns = np.array([g["column"] for g in found], int)
   rows = blocks.reshape(-1, kn)
   rows = rows[~np.all(np.isnan(rows), axis=1)]
@@ -226,7 +227,7 @@ def _digest(removed) -> str:
   return hashlib.sha256(repr(tuple(int(b) for b in removed)).encode()).hexdigest()[:12]
 
 
-def _removal_part(job: validate.RemovalJob) -> str:
+def _removal_part(job: removal.RemovalJob) -> str:
   """Removal retrainings are named by what they remove: variants that remove the same set
   (and every variant's random sets) share one retraining."""
   return f"removed_{_digest(job.removed)}"
@@ -383,7 +384,7 @@ class LdsStage(base.StageBase):
     depends = _depends(context, inputs)
     retraining = base.Parts(out / "retraining", {**depends, "measured": regions},
                             what="lds retraining")
-    measure = validate.evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
+    measure = removal.evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
     retrainer = _Lazy(lambda: retrain_lib.Retrainer(context.workdir, train_set))
 
     def retrain_and_measure(removed: np.ndarray) -> np.ndarray:
@@ -427,7 +428,7 @@ class LdsStage(base.StageBase):
                           seed=config.seed)
       per_output = score.pop("per_output")
       entry = {"description": VARIANTS[name], "seconds": seconds[name], "lds": score,
-               "lds_per_class": {names[i]: faithfulness.mean_ci(
+               "lds_per_class": {names[i]: stats.mean_ci(
                    per_output[[r for r, (_, c) in enumerate(regions) if c == i]])
                    for i in range(len(names))}}
       if name != BASELINE:
@@ -450,23 +451,21 @@ class LdsStage(base.StageBase):
       for name in variants:
         if name in config.removal_skip:
           continue
-        jobs = validate.removal_jobs(chosen, slice_scores[name], n_train, k,
-                                     config.removal_random, config.seed)
-        todo = [job for job in jobs if retraining.load(_removal_part(job)) is None]
-        records = validate.run_retrainings(jobs, context, measure, inputs.params, retraining,
-                                           part_name=_removal_part,
-                                           retrainer=retrainer.get() if todo else None)
+        jobs = removal.removal_jobs(chosen, slice_scores[name], n_train, k,
+                                    config.removal_random, config.seed)
+        records = removal.run_retrainings(jobs, measure, inputs.params, retraining,
+                                          retrainer.get, part_name=_removal_part,
+                                          progress=context.progress, log=log)
         results = {job: {key: [rec[key][where[region]] for region in chosen]
                          for key in ("region_dice", "hard_dice")}
                    for job, rec in records.items()}
-        removal, _ = validate.summarise_removals(jobs, results, chosen, slice_scores[name],
-                                                 names)
+        test, _ = removal.summarise_removals(jobs, results, chosen, slice_scores[name], names)
         summary[name].setdefault("removal", {})[str(k)] = {
-            key: removal[key] for key in ("dice_change", "proponents_minus_random",
-                                          "opponents_minus_random")}
+            key: test[key] for key in ("dice_change", "proponents_minus_random",
+                                       "opponents_minus_random")}
         log(f"Removal test k = {k}, {name}: proponents - random "
-            f"{_fmt(removal['proponents_minus_random'])}, opponents - random "
-            f"{_fmt(removal['opponents_minus_random'])}.")
+            f"{_fmt(test['proponents_minus_random'])}, opponents - random "
+            f"{_fmt(test['opponents_minus_random'])}.")
     removal_seconds = time.perf_counter() - t0
 
     # 4. The recommendation, the table, the figures.
@@ -508,8 +507,7 @@ class LdsStage(base.StageBase):
                     "removal test: Dice change after removing each region's top-k proponents "
                     "or opponents, minus random removal.")
     # The influence stage's first local panel image, explained by TracIn and the best variant.
-    choose = influence_stage._local_choices  # pylint: disable=protected-access
-    panels = choose(inputs.val_regions, 1, val_set.case_ids)
+    panels = rankings.local_explanation_examples(inputs.val_regions, 1, val_set.case_ids)
     for name in dict.fromkeys([BASELINE, shown]):
       for a in panels:
         case, z = val_set.ids[a]

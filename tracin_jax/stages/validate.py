@@ -24,23 +24,24 @@ soft Dice of its class on the region's pixels (1 - the loss TracIn explains, eq 
 the ground truth, with the region held fixed; the hard Dice of that class on the whole slice
 is recorded beside it. Each retrained model is measured with its own parameters and state.
 Changes are against the replay with nothing removed, which is checked to reproduce the
-run's final parameters.
+run's final parameters. The removal test itself (its retrainings, the measure, the
+summaries) is `tracin_jax.checks.removal`; this stage runs it on the influence stage's
+scores and writes its files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from tracin_jax import models
 from tracin_jax import outputs
 from tracin_jax import params as params_lib
+from tracin_jax.checks import removal
 from tracin_jax.influence import core
 from tracin_jax.influence import layout
 from tracin_jax.influence import segmentation
@@ -50,7 +51,6 @@ from tracin_jax.saliency import layers as saliency_layers
 from tracin_jax.settings import SettingsError
 from tracin_jax.settings import setting
 from tracin_jax.stages import base
-from tracin_jax.training import losses
 from tracin_jax.training import retrain as retrain_lib
 from tracin_jax.training import train as train_lib
 from tracin_jax.types import Checkpoint
@@ -60,7 +60,6 @@ RETRAINING_FIGURE = "retraining.png"
 RANDOMISATION_FILE = "randomisation_check.json"
 RANDOMISATION_FIGURE = "randomisation_check.png"
 CASCADE_FIGURE = "randomisation_cascade.png"
-REMOVALS = ("proponents", "random", "opponents")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,230 +119,18 @@ def _check_settings(config: ValidateConfig, n_train: int, workdir) -> None:
         "or later (the switch is counted in steps, and removal changes the steps per epoch).")
 
 
-@dataclasses.dataclass(frozen=True)
-class RemovalJob:
-  """One retraining of the removal test: what it removes and which region it is for."""
-
-  name: str
-  removal: str  # "baseline" or one of REMOVALS
-  removed: tuple[int, ...]
-  region: int | None  # index into the chosen regions (proponents/opponents), else None
+def _jobs(regions, slice_scores, n_train: int, config: ValidateConfig
+          ) -> list[removal.RemovalJob]:
+  return removal.removal_jobs(regions, slice_scores, n_train, config.num_removed,
+                              config.num_random, config.seed)
 
 
-def removal_jobs(regions, slice_scores: np.ndarray, n_train: int, num_removed: int,
-                 num_random: int, seed: int) -> list[RemovalJob]:
-  """The retrainings of the removal test: the replay with nothing removed, `num_random`
-  random sets of `num_removed` slices (shared by all regions), and each region's top
-  `num_removed` proponent and opponent slices.
-
-  Args:
-    regions: [(test index a, class index i)] the checked regions.
-    slice_scores: [K, n_test, n_train] scores of each test region for each training slice
-      (`faithfulness.slice_scores`), from whichever attribution method is tested.
-    n_train: training slices.
-    num_removed: k, slices removed per retraining.
-    num_random: random sets.
-    seed: the random sets' seed.
-
-  Returns:
-    The jobs: "baseline", "random_<r>", then "proponents_<r>" and "opponents_<r>" per
-    region r.
-  """
-  jobs = [RemovalJob("baseline", "baseline", (), None)]
-  rng = np.random.default_rng(seed)
-  for r in range(num_random):
-    removed = np.sort(rng.choice(n_train, num_removed, replace=False))
-    jobs.append(RemovalJob(f"random_{r}", "random", tuple(int(b) for b in removed), None))
-  for r, (a, i) in enumerate(regions):
-    prop, opp = faithfulness.removal_sets(slice_scores[i, a], num_removed)
-    jobs.append(RemovalJob(f"proponents_{r}", "proponents", tuple(int(b) for b in prop), r))
-    jobs.append(RemovalJob(f"opponents_{r}", "opponents", tuple(int(b) for b in opp), r))
-  return jobs
-
-
-def _jobs(regions, slice_scores, n_train: int, config: ValidateConfig) -> list[RemovalJob]:
-  return removal_jobs(regions, slice_scores, n_train, config.num_removed, config.num_random,
-                      config.seed)
-
-
-def evaluator(apply_fn, val_set, val_regions: np.ndarray, regions):
-  """measure(model) -> (region soft Dice [R], slice hard Dice [R]) of the chosen regions
-  [(validation index a, class index i)], with the model's own parameters and state."""
-  slices = sorted({a for a, _ in regions})
-  row = {a: s for s, a in enumerate(slices)}
-  examples = {"image": val_set.images[slices],
-              "target": val_set.labels[slices].astype(np.int32),
-              "region": val_regions[slices]}
-  region_losses = jax.jit(jax.vmap(segmentation.make_region_losses(apply_fn),
-                                   in_axes=(None, 0, None)))
-
-  def measure(model: nnx.Module):
-    _, params, state = models.functional(model)
-    loss = np.asarray(region_losses(params, examples, state))  # [S, K]
-    pred = train_lib.predict_classes(model, examples["image"])
-    soft = [1.0 - float(loss[row[a], i]) for a, i in regions]
-    hard = [losses.hard_dice(pred[row[a]] == i + 1, examples["target"][row[a]] == i + 1)
-            for a, i in regions]
-    return soft, hard
-
-  return measure
-
-
-def _same_params(a, b) -> bool:
-  """Whether two parameter pytrees hold bit-identical arrays."""
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
-
-
-def _part_name(job: RemovalJob) -> str:
-  """A retraining's part name: its job and a hash of the removed set (so that another k,
-  or other sets, never reuse it by mistake)."""
-  digest = hashlib.sha256(repr(job.removed).encode()).hexdigest()[:8]
-  return job.name if job.removal == "baseline" else f"{job.name}_{digest}"
-
-
-def run_retrainings(jobs: list[RemovalJob], context: base.Context, measure, final_params,
-                    parts: base.Parts, *, from_epoch: int | None = None,
-                    part_name: Callable[[RemovalJob], str] | None = None,
-                    retrainer: retrain_lib.Retrainer | None = None
-                    ) -> dict[str, dict[str, Any]]:
-  """Runs (or reuses) every retraining of `jobs`, each saved in `parts` as it finishes.
-
-  Args:
-    jobs: the retrainings (`removal_jobs`).
-    context: the stage's context (workdir, training set, progress).
-    measure: `measure(model) -> (region soft Dice [R], hard Dice [R])` (`evaluator`).
-    final_params: the run's final parameters; the replay with nothing removed is compared
-      with them (`reproduces_run` in its record).
-    parts: where the results are saved.
-    from_epoch: the checkpoint retraining starts from (None: the last Adam epoch).
-    part_name: a job's part name (default: its name and a hash of its removed set; jobs of
-      the same part name share one retraining).
-    retrainer: the `Retrainer` to use (default: one made from the run, starting at
-      `from_epoch`, if any retraining is left to do).
-
-  Returns:
-    job name -> {"name", "removal", "region", "removed", "region_dice", "hard_dice"} (and
-    "reproduces_run" for the baseline).
-  """
-  part_name = part_name or _part_name
-  results = {job.name: parts.load(part_name(job)) for job in jobs}
-  results = {name: r for name, r in results.items() if r is not None}
-  todo, seen = [], set()
-  for job in jobs:
-    if job.name not in results and part_name(job) not in seen:
-      todo.append(job)
-      seen.add(part_name(job))
-  if results:
-    context.log(f"Retraining: {len(results)} of {len(jobs)} results reused from {parts.dir}.")
-  if todo:
-    retrainer = retrainer or retrain_lib.Retrainer(context.workdir, context.train_set,
-                                                   from_epoch=from_epoch)
-    context.log(f"Retraining epochs {retrainer.epochs[0]}-{retrainer.epochs[-1]} from the "
-                f"checkpoint of epoch {retrainer.from_epoch}, {len(todo)} times (the run made "
-                f"{retrainer.num_steps} steps; fewer without the removed slices); each result "
-                "is saved as it finishes.")
-  times = []
-  for t, job in enumerate(todo):
-    t0 = time.perf_counter()
-    model = retrainer(job.removed, progress=context.progress,
-                      desc=f"retrain {t + 1}/{len(todo)} ({job.name})")
-    soft, hard = measure(model)
-    record = {"name": job.name, "removal": job.removal, "region": job.region,
-              "removed": list(job.removed), "region_dice": soft, "hard_dice": hard}
-    if job.removal == "baseline":
-      record["reproduces_run"] = _same_params(models.functional(model)[1], final_params)
-    parts.save(part_name(job), record)
-    results[job.name] = record
-    times.append(time.perf_counter() - t0)
-    left = np.median(times) * (len(todo) - t - 1)
-    context.log(f"retraining {t + 1}/{len(todo)} ({job.name}) done in {times[-1]:.0f} s; "
-                f"about {left / 60:.0f} min left.")
-  for job in jobs:  # jobs that share a part with one run above
-    if job.name not in results:
-      results[job.name] = parts.load(part_name(job))
-  return results
-
-
-def summarise_removals(jobs: list[RemovalJob], results: dict[str, dict[str, Any]], regions,
-                       slice_scores: np.ndarray, class_names) -> tuple[dict, dict]:
-  """Per-region effects, their summaries, paired tests and the rank correlation.
-
-  Args:
-    jobs: the removal test's retrainings (`removal_jobs`).
-    results: job name -> record with "region_dice" [R] and "hard_dice" [R], R the checked
-      regions (`run_retrainings`).
-    regions: [(test index a, class index i)] the checked regions.
-    slice_scores: [K, n_test, n_train] the scores the removal sets came from.
-    class_names: the K class names.
-
-  Returns:
-    (summary, arrays): the JSON-ready summary (`dice_change` per removal with intervals,
-    `per_class`, `proponents_minus_random`, `opponents_minus_random` with Wilcoxon
-    p-values, `rank_correlation`, `sign_agreement`), and the per-region arrays behind it.
-  """
-  base = results["baseline"]
-  n = len(regions)
-  effect = {name: np.full(n, np.nan) for name in REMOVALS}
-  hard = {name: np.full(n, np.nan) for name in REMOVALS}
-  random_soft, random_hard = [], []
-  predicted, actual, kinds = [], [], []
-  for job in jobs:
-    if job.removal == "baseline":
-      continue
-    res = results[job.name]
-    d_soft = np.asarray(res["region_dice"]) - np.asarray(base["region_dice"])
-    d_hard = np.asarray(res["hard_dice"]) - np.asarray(base["hard_dice"])
-    targets = range(n) if job.region is None else [job.region]
-    for r in targets:
-      a, i = regions[r]
-      predicted.append(float(slice_scores[i, a, list(job.removed)].sum()))
-      actual.append(float(-d_soft[r]))  # the change of the region's loss
-      kinds.append(job.removal)
-    if job.region is None:
-      random_soft.append(d_soft)
-      random_hard.append(d_hard)
-    else:
-      effect[job.removal][job.region] = d_soft[job.region]
-      hard[job.removal][job.region] = d_hard[job.region]
-  if random_soft:
-    effect["random"] = np.mean(random_soft, axis=0)
-    hard["random"] = np.mean(random_hard, axis=0)
-  classes = np.array([i for _, i in regions])
-  predicted, actual, kinds = np.array(predicted), np.array(actual), np.array(kinds)
-  summary = {
-      "dice_change": {name: faithfulness.mean_ci(effect[name]) for name in REMOVALS},
-      "hard_dice_change": {name: faithfulness.mean_ci(hard[name]) for name in REMOVALS},
-      "per_class": {
-          class_names[i]: {name: faithfulness.mean_ci(effect[name][classes == i])
-                           for name in REMOVALS}
-          for i in sorted(set(classes.tolist()))},
-      "proponents_minus_random": faithfulness.paired_test(effect["proponents"],
-                                                          effect["random"]),
-      "opponents_minus_random": faithfulness.paired_test(effect["opponents"],
-                                                         effect["random"]),
-      "rank_correlation": {
-          "all": faithfulness.rank_correlation(predicted, actual),
-          **{name: faithfulness.rank_correlation(predicted[kinds == name],
-                                                 actual[kinds == name])
-             for name in REMOVALS}},
-      "sign_agreement": {
-          "all": faithfulness.sign_agreement(predicted, actual),
-          **{name: faithfulness.sign_agreement(predicted[kinds == name],
-                                               actual[kinds == name])
-             for name in REMOVALS}},
-  }
-  arrays = {"effect": effect, "hard": hard, "predicted": predicted, "actual": actual,
-            "kinds": kinds, "classes": classes}
-  return summary, arrays
-
-
-_summarise = summarise_removals
+_summarise = removal.summarise_removals
 
 
 def _verdict(summary: dict[str, Any]) -> str:
   """One honest sentence on the expected ordering (proponents < random < opponents)."""
-  d = {k: summary["dice_change"][k]["mean"] for k in REMOVALS}
+  d = {k: summary["dice_change"][k]["mean"] for k in removal.REMOVALS}
   if any(v is None for v in d.values()):
     return "not enough results to compare the removals"
   order_ok = d["proponents"] < d["random"] < d["opponents"]
@@ -486,11 +273,13 @@ class ValidateStage(base.StageBase):
     parts = base.Parts(out / "retraining",
                        {"influence": inputs.fingerprint, "from_epoch": config.from_epoch,
                         "regions": regions}, what="retraining")
-    measure = evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
+    measure = removal.evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
     t0 = time.perf_counter()
-    results = run_retrainings(jobs, context, measure, inputs.params, parts,
-                              from_epoch=config.from_epoch)
-    summary, arrays = summarise_removals(jobs, results, regions, scores, names)
+    results = removal.run_retrainings(
+        jobs, measure, inputs.params, parts,
+        lambda: retrain_lib.Retrainer(context.workdir, train_set, from_epoch=config.from_epoch),
+        progress=context.progress, log=log)
+    summary, arrays = removal.summarise_removals(jobs, results, regions, scores, names)
     reproduces = bool(results["baseline"].get("reproduces_run"))
     verdict = _verdict(summary)
     log(f"Retraining check: {verdict}.")
@@ -514,7 +303,7 @@ class ValidateStage(base.StageBase):
           "case": case, "slice": z, "class": names[i],
           "baseline_region_dice": results["baseline"]["region_dice"][r],
           "dice_change": {name: outputs.json_ready(arrays["effect"][name][r])
-                          for name in REMOVALS},
+                          for name in removal.REMOVALS},
           "proponents": [list(train_set.ids[b]) for b in _jobs_for(jobs, "proponents", r)],
           "opponents": [list(train_set.ids[b]) for b in _jobs_for(jobs, "opponents", r)]})
     outputs.write_json(out / RETRAINING_FILE, {

@@ -6,7 +6,10 @@ Pure numpy on score arrays, so a notebook can call it on any scores:
   - `explain`: top-k proponents and opponents of each test region, with global explainers
     marked;
   - `proponent_class_distribution`: the classes of the top-k proponents per test class
-    (the paper's Fig. 5).
+    (the paper's Fig. 5);
+  - `ranking_agreement`: how alike two score sets rank each test region's training regions
+    (a projection or a layer selection against the full gradients);
+  - `local_explanation_examples`: the examples whose local explanations are shown.
 Absent regions are NaN in the scores and never selected.
 """
 
@@ -15,8 +18,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import scipy.stats
 
+from tracin_jax.checks import stats as checks_stats
+from tracin_jax.data import slices as slices_lib
 from tracin_jax.influence import layout
 from tracin_jax.influence.topk import top_k
 
@@ -173,9 +177,28 @@ def ranking_agreement(full: np.ndarray, restricted: np.ndarray, presence_test: n
       f, r = full[i, a, columns], restricted[i, a, columns]
       if not (np.isfinite(f).all() and np.isfinite(r).all()):
         raise ValueError(f"non-finite scores for present regions (class {i}, example {a}).")
-      rho = scipy.stats.spearmanr(f, r).statistic
+      rho, _ = checks_stats.spearman(f, r)
       order_f, order_r = np.argsort(-f), np.argsort(-r)
       pro = len(set(order_f[:top]) & set(order_r[:top])) / top
       opp = len(set(order_f[-top:]) & set(order_r[-top:])) / top
       out.append((i, rho, pro, opp))
   return out
+
+
+def local_explanation_examples(regions: np.ndarray, num: int, cases: np.ndarray) -> list[int]:
+  """The examples whose local explanations are shown: those with the most predicted classes,
+  then the largest regions, one per case while other cases remain (neighbouring slices of
+  one case explain alike).
+
+  Args:
+    regions: [N, H, W, K] bool, the examples' regions.
+    num: how many examples at most.
+    cases: [N] the case of every example.
+
+  Returns:
+    Up to `num` example indices, best first; only examples with a region.
+  """
+  present = regions.any(axis=(1, 2)).sum(axis=1)
+  size = regions.sum(axis=(1, 2, 3))
+  order = [int(a) for a in np.lexsort((-size, -present)) if present[a] > 0]
+  return slices_lib.spread_over_cases(order, cases, num)

@@ -13,9 +13,8 @@ same ones and adding a method costs no retraining.
 Pure numpy, so a notebook can score any method on any measured subsets:
   - `sample_subsets`: the M seeded subsets, each keeping round(fraction n) examples;
   - `predicted_outputs`: the linear datamodel's prediction of each subset's outputs;
-  - `spearman_rows`: Spearman's rho of each row of two arrays (the per-output LDS);
-  - `lds`: the mean of the per-output rhos with a bootstrap interval (outputs and subsets
-    resampled);
+  - `lds`: the mean of the per-output rhos (`stats.spearman_rows`) with a bootstrap interval
+    (outputs and subsets resampled, `stats.bootstrap_interval`);
   - `lds_difference`: the paired difference of two methods' LDS on the same retrainings,
     with a bootstrap interval (does one method beat another clearly?);
   - `measure_subsets`: retrains and measures each subset once, saving each result as it
@@ -30,7 +29,8 @@ import time
 from typing import Any, Callable, Protocol
 
 import numpy as np
-from scipy import stats
+
+from tracin_jax.checks import stats
 
 logger = logging.getLogger("tracin_jax")
 
@@ -99,30 +99,6 @@ def predicted_outputs(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
   return scores @ masks.T.astype(np.float64)
 
 
-def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Spearman's rho between a[r] and b[r] for every row r (ties get average ranks).
-
-  Args:
-    a, b: [R, M] float.
-
-  Returns:
-    [R] float64; NaN for a row that is constant in a or b, or has a non-finite entry.
-  """
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape or a.ndim != 2:
-    raise ValueError(f"a and b must both be [R, M]; got {a.shape} and {b.shape}.")
-  ok = np.all(np.isfinite(a), axis=1) & np.all(np.isfinite(b), axis=1)
-  ra = stats.rankdata(np.where(np.isfinite(a), a, 0.0), axis=1)
-  rb = stats.rankdata(np.where(np.isfinite(b), b, 0.0), axis=1)
-  ra -= ra.mean(axis=1, keepdims=True)
-  rb -= rb.mean(axis=1, keepdims=True)
-  denominator = np.sqrt((ra ** 2).sum(axis=1) * (rb ** 2).sum(axis=1))
-  with np.errstate(invalid="ignore", divide="ignore"):
-    rho = (ra * rb).sum(axis=1) / denominator
-  rho[~ok | (denominator == 0)] = np.nan
-  return rho
-
-
 def lds(predicted: np.ndarray, measured: np.ndarray, *, level: float = 0.95,
         num_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
   """The linear datamodeling score: the mean over outputs of the per-output Spearman rho.
@@ -142,7 +118,7 @@ def lds(predicted: np.ndarray, measured: np.ndarray, *, level: float = 0.95,
     {"mean", "low", "high", "median", "n_outputs" (outputs with a defined rho),
      "n_subsets", "per_output" [R] (NaN where undefined)}.
   """
-  rho = spearman_rows(predicted, measured)
+  rho = stats.spearman_rows(predicted, measured)
   ok = np.isfinite(rho)
   out = {"mean": float(rho[ok].mean()) if ok.any() else None, "low": None, "high": None,
          "median": float(np.median(rho[ok])) if ok.any() else None,
@@ -150,29 +126,10 @@ def lds(predicted: np.ndarray, measured: np.ndarray, *, level: float = 0.95,
          "per_output": rho}
   if num_bootstrap and ok.sum() >= 2:
     p, y = np.asarray(predicted)[ok], np.asarray(measured)[ok]
-    out["low"], out["high"] = _bootstrap(
-        lambda rows, cols: spearman_rows(p[rows][:, cols], y[rows][:, cols]), y.shape,
-        level, num_bootstrap, seed)
+    out["low"], out["high"] = stats.bootstrap_interval(
+        lambda rows, cols: stats.spearman_rows(p[rows][:, cols], y[rows][:, cols]), y.shape,
+        level=level, num_bootstrap=num_bootstrap, seed=seed)
   return out
-
-
-def _bootstrap(statistic, shape: tuple[int, int], level: float, num_bootstrap: int,
-               seed: int) -> tuple[float | None, float | None]:
-  """Percentile interval of the mean over outputs of `statistic(rows, cols)` [R] on
-  resamples of the R outputs and the M subsets (`shape` = (R, M)); (None, None) when no
-  resample has a defined value."""
-  rng = np.random.default_rng(seed)
-  r, m = shape
-  means = []
-  for _ in range(num_bootstrap):
-    rows, cols = rng.integers(r, size=r), rng.integers(m, size=m)
-    sample = statistic(rows, cols)
-    if np.isfinite(sample).any():
-      means.append(np.nanmean(sample))
-  if not means:
-    return None, None
-  low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-  return float(low), float(high)
 
 
 def lds_difference(predicted_a: np.ndarray, predicted_b: np.ndarray, measured: np.ndarray,
@@ -192,17 +149,17 @@ def lds_difference(predicted_a: np.ndarray, predicted_b: np.ndarray, measured: n
     {"mean", "low", "high", "n_outputs"}: the mean over outputs where both rhos are defined
     of rho_a - rho_b, with its interval (None without resamples).
   """
-  rho_a = spearman_rows(predicted_a, measured)
-  rho_b = spearman_rows(predicted_b, measured)
+  rho_a = stats.spearman_rows(predicted_a, measured)
+  rho_b = stats.spearman_rows(predicted_b, measured)
   ok = np.isfinite(rho_a) & np.isfinite(rho_b)
   out = {"mean": float((rho_a - rho_b)[ok].mean()) if ok.any() else None, "low": None,
          "high": None, "n_outputs": int(ok.sum())}
   if num_bootstrap and ok.sum() >= 2:
     pa, pb, y = (np.asarray(x)[ok] for x in (predicted_a, predicted_b, measured))
-    out["low"], out["high"] = _bootstrap(
-        lambda rows, cols: (spearman_rows(pa[rows][:, cols], y[rows][:, cols])
-                            - spearman_rows(pb[rows][:, cols], y[rows][:, cols])),
-        y.shape, level, num_bootstrap, seed)
+    out["low"], out["high"] = stats.bootstrap_interval(
+        lambda rows, cols: (stats.spearman_rows(pa[rows][:, cols], y[rows][:, cols])
+                            - stats.spearman_rows(pb[rows][:, cols], y[rows][:, cols])),
+        y.shape, level=level, num_bootstrap=num_bootstrap, seed=seed)
   return out
 
 
