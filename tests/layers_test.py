@@ -76,13 +76,17 @@ def test_the_run_directory_sits_at_the_bottom():
   assert ours <= {"tracin_jax", "tracin_jax.outputs"}, ours
 
 
-_IMPORT_ALL_WITHOUT_THE_STAGES = """
+# The opening of a script run in a fresh process where the layers above the library cannot
+# be imported (an import of one raises ImportError).
+WITHOUT_THE_STAGES = """
 import importlib, importlib.abc, re, sys
 class NoStages(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
     if re.match(r"tracin_jax[.](stages|experiment)([.]|$)", name):
       raise ImportError(f"{name} may not be imported from below the stages")
 sys.meta_path.insert(0, NoStages())
+"""
+_IMPORT_ALL_WITHOUT_THE_STAGES = WITHOUT_THE_STAGES + """
 for name in sys.argv[1:]:
   importlib.import_module(name)
 """

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.parse
 
+import layers_test
 import numpy as np
 import pytest
 import stages_test
@@ -154,13 +155,7 @@ def test_every_image_loads_and_every_link_resolves_in_chromium(staged, tmp_path)
     driver.quit()
 
 
-_FROM_THE_RUN_DIRECTORY = """
-import importlib.abc, re, sys
-class NoStages(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if re.match(r"tracin_jax[.](stages|experiment)([.]|$)", name):
-      raise ImportError(f"{name} is not to be imported by the report")
-sys.meta_path.insert(0, NoStages())
+_FROM_THE_RUN_DIRECTORY = layers_test.WITHOUT_THE_STAGES + """
 sys.path.insert(0, sys.argv[2])
 import tiny_run
 from tracin_jax import report
