@@ -381,13 +381,12 @@ class InfluenceStage(base.StageBase):
                       f"{z}: per predicted class, its top {config.top_k} proponents and "
                       "opponents, global explainers marked.")
       panels.append(path)
+    store_headline = None
     if config.store:
       store = self._build_store(context, loss_fn, checkpoints, epochs, train_ex, train_set)
       manifest.file(self.rel(STORE_DIR), "gradient store of the training regions: "
                     f"{_store_description(store)}; query it with python -m experiments.explain")
-      manifest.headline["store"] = {"bytes": store.nbytes(),
-                                    "projection": store.meta["projection"],
-                                    "seconds": round(store.last_build.seconds, 1)}
+      manifest.headline["store"] = store_headline = _store_headline(store)
     manifest.headline.update({
         "checkpoint_epochs": list(epochs),
         "renormalised": bool(config.normalize),
@@ -400,7 +399,7 @@ class InfluenceStage(base.StageBase):
     return InfluenceOutputs(
         train_blocks, test_blocks, presence_train, presence_val, config.threshold,
         CLASS_NAMES, list(epochs), rates, globals_, final_apply, final.params, final.state,
-        train_regions, val_regions, manifest)
+        train_regions, val_regions, manifest, store=store_headline)
 
   def store_settings(self) -> dict[str, Any]:
     """The `build_store` settings of this configuration."""
@@ -448,6 +447,12 @@ class InfluenceStage(base.StageBase):
       return runs.read_influence(context.workdir, context.train_set, context.val_set)
     except runs.RunMismatch as e:
       raise base.StageError(str(e)) from None
+
+
+def _store_headline(store: store_lib.GradientStore) -> dict[str, Any]:
+  """What the manifest's headline says of a store just built: bytes, projection, seconds."""
+  return {"bytes": store.nbytes(), "projection": store.meta["projection"],
+          "seconds": round(store.last_build.seconds, 1)}
 
 
 def _store_description(store: store_lib.GradientStore) -> str:
