@@ -48,6 +48,9 @@ class InfluenceResults:
     train_regions, val_regions: [n, H, W, K] bool regions of the final model.
     manifest: what the stage wrote, with its fingerprint (what later stages key their
       work by; the stage layer sets it).
+    store: the gradient store's size and build, as its manifest's headline gives them
+      (`bytes` on disk, `projection` spec or None for exact gradients, `seconds` its build
+      took); None when the stage wrote no store.
   """
 
   train_blocks: np.ndarray
@@ -65,6 +68,7 @@ class InfluenceResults:
   train_regions: np.ndarray
   val_regions: np.ndarray
   manifest: rundir.Manifest
+  store: dict[str, Any] | None = None
 
   @property
   def fingerprint(self) -> str:
@@ -121,4 +125,5 @@ def read_influence(workdir: str | os.PathLike, train_set: SliceSet,
                       "the model changed since; rerun the influence stage.")
   return InfluenceResults(train_blocks, test_blocks, presence_train, presence_test,
                           threshold, class_names, epochs, rates, explainers, apply_fn, params,
-                          state, train_regions, val_regions, rundir.Manifest.from_record(record))
+                          state, train_regions, val_regions, rundir.Manifest.from_record(record),
+                          store=record.get("headline", {}).get("store"))

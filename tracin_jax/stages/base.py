@@ -20,9 +20,9 @@ unchanged, otherwise checks that it may run, removes the stale manifest, runs th
 writes `<workdir>/<stage>/manifest.json` (settings, fingerprint, timings, versions, data, every
 file with its description and every figure with its caption, headline numbers; the type
 and the file names are `tracin_jax.rundir`'s). Later readers (the report, a notebook) read
-manifests and the files they list through `rundir`, never a stage. A stage read back from the workdir for a later one (`Context.need`) must
-have the fingerprint this run would give it: outputs of other settings, data or
-checkpoints are refused, naming what differs.
+manifests and the files they list through `rundir`, never a stage. A stage read back from
+the workdir for a later one (`Context.need`) must have the fingerprint this run would give
+it: outputs of other settings, data or checkpoints are refused, naming what differs.
 
 Work that can be saved in parts (TracIn per checkpoint, one retraining) goes through
 `Parts`: a directory keyed by the fingerprint of the inputs, parts written atomically as

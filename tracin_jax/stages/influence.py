@@ -16,7 +16,9 @@ Reads the run's SGD checkpoints and writes under `<workdir>/influence/`:
   - `store/`: the gradient store of the training regions (`influence.store`; projected
     by default), which `tracin_jax.explain` queries for new images.
 Regions come from the final model (its own parameters and state) and are held fixed over
-the checkpoints; every checkpoint's gradients use that checkpoint's own state.
+the checkpoints; every checkpoint's gradients use that checkpoint's own state. `compute`
+gives the scores, the global explainers and the store (the parts and the store are its own
+checkpointing: an interrupted run resumes); `write` the files, figures and the manifest.
 """
 
 from __future__ import annotations
@@ -199,11 +201,46 @@ def _examples(slices, regions: np.ndarray) -> dict[str, np.ndarray]:
   return {"image": slices.images, "target": slices.labels.astype(np.int32), "region": regions}
 
 
+# What the stage writes, each declared once (the local panels' names are `rundir`'s).
+_TRAIN_SCORES = base.Output(
+    TRAIN_FILE, "train-influence: scores [3, n_train, 3 n_train] (test class i, then train "
+    "class j's block), presence [n_train, 3], example ids, checkpoint epochs and learning "
+    "rates")
+_TEST_SCORES = base.Output(
+    TEST_FILE, "validation-train influence: scores [3, n_val, 3 n_train], presence_test, "
+    "presence_train, example ids")
+_GLOBALS = base.Output(
+    GLOBAL_FILE, "train regions in the top {top} proponents or opponents of more than "
+    "{fraction:.0%} of the validation regions")
+_PROPONENTS = base.Output(
+    PROPONENTS_FILE, "per validation example and predicted class: the top {k} proponents and "
+    "opponents (case, slice, class, score, global_explainer)")
+_MATRICES = base.Output(
+    rundir.TRAIN_INFLUENCE_FIGURE, "Train-influence matrices: for each class of the explained "
+    "training region (rows), its TracIn score with every training region of each class "
+    "(column blocks); white bands are absent regions (the paper's Fig. 4).", figure=True)
+_CLASSES = base.Output(
+    rundir.PROPONENT_CLASSES_FIGURE, "Classes of the top {k} proponents of each training "
+    "region, per class (the paper's Fig. 5).", figure=True)
+_SELF = base.Output(
+    rundir.SELF_INFLUENCE_FIGURE, "Self-influence of the training regions per class, highest "
+    "first, with the top-ranked slices and their regions.", figure=True)
+_LOCAL = base.Output(
+    rundir.local_panel("{case}", "{z}"), "Local explanation of validation case {case}, slice "
+    "{z}: per predicted class, its top {k} proponents and opponents, global explainers "
+    "marked.", figure=True)
+_STORE = base.Output(
+    STORE_DIR, "gradient store of the training regions: {description}; query it with python "
+    "-m experiments.explain")
+
+
 @base.register_stage
 class InfluenceStage(base.StageBase):
   """TracIn of every validation and training region against every training region."""
 
   name, config_cls, needs = "influence", InfluenceConfig, ("train",)
+  writes = (_TRAIN_SCORES, _TEST_SCORES, _GLOBALS, _PROPONENTS, _MATRICES, _CLASSES, _SELF,
+            _LOCAL, _STORE)
 
   def __init__(self, config: InfluenceConfig | None = None):
     super().__init__(config)
@@ -250,38 +287,73 @@ class InfluenceStage(base.StageBase):
   def fingerprint(self, context: base.Context) -> str:
     return base.inputs_key({**self._inputs(context), "settings": outputs.plain(self.config)})
 
-  def run(self, context: base.Context) -> InfluenceOutputs:
-    config, log = self.config, context.log
-    out = context.stage_dir(self.name)
-    apply_fn, checkpoints, epochs, final, final_apply = self._checkpoints(context)
-    rates = [c.learning_rate for c in checkpoints]
-    log(f"TracIn checkpoints: epochs {epochs}, learning rates {[f'{r:g}' for r in rates]}.")
-    if config.params_filter is not None:
-      kept = _check_params_filter(config.params_filter, final.params)
-      log(f"TracIn gradients restricted to {kept}.")
-    if config.normalize:
-      log("Renormalised TracIn: each region's gradient is unit-normalised per checkpoint.")
-    train_set, val_set = context.train_set, context.val_set
+  def compute(self, context: base.Context) -> InfluenceOutputs:
+    """TracIn of every validation and training region against every training region, summed
+    over the checkpoints, its global explainers, and the training regions' gradient store.
 
+    Each checkpoint's term is saved as a part as it finishes and the store is built in
+    blocks, so an interrupted computation resumes; the result's files are `write`'s.
+    """
+    config = self.config
+    apply_fn, checkpoints, epochs, final, final_apply = self._checkpoints(context)
+    self._log_settings(context, checkpoints, epochs, final)
+    train_set, val_set = context.train_set, context.val_set
     # Regions of the explained model (the final checkpoint), held fixed over checkpoints.
     train_regions, val_regions = (
         segmentation.predict_regions(final_apply, final.params, s.images, config.threshold,
                                      state=final.state) for s in (train_set, val_set))
     presence_train = segmentation.region_presence(train_regions)
     presence_val = segmentation.region_presence(val_regions)
-    log(f"Regions (p > {config.threshold}) present in train: "
-        + ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence_train.sum(0)))
-        + "; validation: "
-        + ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence_val.sum(0))) + ".")
-
-    # One train-influence of train + validation, each checkpoint's term saved as it finishes:
-    # each example's gradients are computed once per checkpoint (when they fit in the budget)
-    # and serve both the train-train and the validation-train blocks; the
-    # validation-validation block is cheap and dropped.
+    context.log(f"Regions (p > {config.threshold}) present in train: "
+                + _class_counts(presence_train) + "; validation: "
+                + _class_counts(presence_val) + ".")
     loss_fn = segmentation.make_region_losses(apply_fn)
     train_ex, val_ex = _examples(train_set, train_regions), _examples(val_set, val_regions)
+    train_blocks, test_blocks = self._scores(context, loss_fn, checkpoints, epochs, train_ex,
+                                             val_ex, presence_train, presence_val)
+    store = None
+    if config.store:
+      store = _store_headline(
+          self._build_store(context, loss_fn, checkpoints, epochs, train_ex, train_set))
+    return InfluenceOutputs(
+        train_blocks, test_blocks, presence_train, presence_val, config.threshold,
+        CLASS_NAMES, list(epochs), [c.learning_rate for c in checkpoints],
+        _global_explainers(test_blocks, train_set, config), final_apply, final.params,
+        final.state, train_regions, val_regions, self.manifest(), store=store)
+
+  def _log_settings(self, context: base.Context, checkpoints, epochs: list[int],
+                    final: Checkpoint) -> None:
+    """Logs the checkpoints and the gradients' settings.
+
+    Raises:
+      StageError: `params_filter` selects no parameter of the final model.
+    """
+    config = self.config
+    rates = [c.learning_rate for c in checkpoints]
+    context.log(f"TracIn checkpoints: epochs {epochs}, learning rates "
+                f"{[f'{r:g}' for r in rates]}.")
+    if config.params_filter is not None:
+      kept = _check_params_filter(config.params_filter, final.params)
+      context.log(f"TracIn gradients restricted to {kept}.")
+    if config.normalize:
+      context.log("Renormalised TracIn: each region's gradient is unit-normalised per "
+                  "checkpoint.")
+
+  def _scores(self, context: base.Context, loss_fn, checkpoints, epochs: list[int],
+              train_ex, val_ex, presence_train: np.ndarray,
+              presence_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train_blocks [K, n_train, K * n_train], test_blocks [K, n_val, K * n_train]): TracIn
+    summed over the checkpoints, NaN for absent regions.
+
+    One train-influence of train + validation, each checkpoint's term saved as it finishes:
+    each example's gradients are computed once per checkpoint (when they fit in the budget)
+    and serve both the train-train and the validation-train blocks; the
+    validation-validation block is cheap and dropped.
+    """
+    config = self.config
     both = {key: np.concatenate([train_ex[key], val_ex[key]]) for key in train_ex}
-    parts = base.Parts(out / "parts", self._inputs(context), what="influence")
+    parts = base.Parts(context.stage_dir(self.name) / "parts", self._inputs(context),
+                       what="influence")
     present = np.concatenate([presence_train, presence_val])
 
     def terms(todo: list[int]):
@@ -294,113 +366,114 @@ class InfluenceStage(base.StageBase):
 
     total = _summed_parts(parts, epochs, terms, lambda term, epoch: _finite_part(
         term, present, presence_train, epoch))
-    n = len(train_set)
+    n = len(presence_train)
     train_scores = segmentation.mask_absent(total[:n, :, :n, :], presence_train,
                                             presence_train)
     test_scores = segmentation.mask_absent(total[n:, :, :n, :], presence_val, presence_train)
-    train_blocks = layout.to_class_blocks(train_scores)
-    test_blocks = layout.to_class_blocks(test_scores)
+    return layout.to_class_blocks(train_scores), layout.to_class_blocks(test_scores)
 
+  def write(self, context: base.Context, result: InfluenceOutputs) -> base.Manifest:
+    """The score files, the explainers, the figures and the manifest listing them (and the
+    store `compute` built); proponents and figures are drawn from the result's scores."""
     manifest = self.manifest()
+    self._write_scores(context, manifest, result)
+    self._write_explainers(context, manifest, result)
+    self._write_figures(context, manifest, result)
+    self._write_local_panels(context, manifest, result)
+    if result.store is not None:  # built by `compute`: listed here
+      store = store_lib.open_store(context.stage_dir(self.name) / _STORE.path())
+      self.list_output(context, manifest, _STORE, description=_store_description(store))
+      manifest.headline["store"] = result.store
+    manifest.headline.update({
+        "checkpoint_epochs": list(result.epochs),
+        "renormalised": bool(self.config.normalize),
+        # float32 rates, as written
+        "learning_rates": [float(f"{r:.7g}") for r in result.learning_rates],
+        "regions_train": dict(zip(CLASS_NAMES, result.presence_train.sum(0).tolist())),
+        "regions_validation": dict(zip(CLASS_NAMES, result.presence_test.sum(0).tolist())),
+        "global_explainers": len(result.global_explainers)})
+    context.log(f"Wrote {context.stage_dir(self.name)}: {TRAIN_FILE}, {TEST_FILE}, "
+                f"{PROPONENTS_FILE}, {GLOBAL_FILE} ({len(result.global_explainers)} global "
+                "explainers) and figures.")
+    return manifest
+
+  def _write_scores(self, context: base.Context, manifest: base.Manifest,
+                    result: InfluenceOutputs) -> None:
+    """The train-influence and validation-train influence files."""
+    train_set, val_set = context.train_set, context.val_set
     ids = dict(train_case_ids=np.asarray(train_set.case_ids, str),
                train_slice_indices=np.asarray(train_set.slice_indices, np.int32))
-    common = dict(epochs=np.asarray(epochs), learning_rates=np.asarray(rates),
-                  threshold=np.asarray(config.threshold), class_names=np.asarray(CLASS_NAMES),
+    common = dict(epochs=np.asarray(result.epochs),
+                  learning_rates=np.asarray(result.learning_rates),
+                  threshold=np.asarray(result.threshold),
+                  class_names=np.asarray(result.class_names),
                   dataset=np.asarray(context.data_name), synthetic=np.asarray(context.synthetic))
-    outputs.save_npz(out / TRAIN_FILE, scores=train_blocks, presence=presence_train, **ids,
+    outputs.save_npz(self.list_output(context, manifest, _TRAIN_SCORES),
+                     scores=result.train_blocks, presence=result.presence_train, **ids,
                      **common)
-    manifest.file(self.rel(TRAIN_FILE), "train-influence: scores [3, n_train, 3 n_train] (test "
-                  "class i, then train class j's block), presence [n_train, 3], example ids, "
-                  "checkpoint epochs and learning rates")
-    outputs.save_npz(out / TEST_FILE, scores=test_blocks, presence_test=presence_val,
-                     presence_train=presence_train,
+    outputs.save_npz(self.list_output(context, manifest, _TEST_SCORES),
+                     scores=result.test_blocks, presence_test=result.presence_test,
+                     presence_train=result.presence_train,
                      test_case_ids=np.asarray(val_set.case_ids, str),
                      test_slice_indices=np.asarray(val_set.slice_indices, np.int32),
                      **ids, **common)
-    manifest.file(self.rel(TEST_FILE), "validation-train influence: scores [3, n_val, 3 n_train], "
-                  "presence_test, presence_train, example ids")
 
-    globals_ = rankings.global_explainers(test_blocks, top=config.global_top,
-                                          min_fraction=config.global_fraction)
-    for g in globals_:
-      g["case"], g["slice"] = train_set.ids[g["train_index"]]
-      g["class"] = CLASS_NAMES[g["train_class"]]
-    outputs.write_json(out / GLOBAL_FILE, {
+  def _write_explainers(self, context: base.Context, manifest: base.Manifest,
+                        result: InfluenceOutputs) -> None:
+    """The global explainers and, per validation region, its proponents and opponents."""
+    config, globals_ = self.config, result.global_explainers
+    outputs.write_json(self.list_output(context, manifest, _GLOBALS, top=config.global_top,
+                                        fraction=config.global_fraction), {
         "dataset": context.data_name, "top": config.global_top,
-        "min_fraction": config.global_fraction, "num_test_regions": int(presence_val.sum()),
-        "global_explainers": globals_})
-    manifest.file(self.rel(GLOBAL_FILE), f"train regions in the top {config.global_top} "
-                  f"proponents or opponents of more than {config.global_fraction:.0%} of the "
-                  "validation regions")
+        "min_fraction": config.global_fraction,
+        "num_test_regions": int(result.presence_test.sum()), "global_explainers": globals_})
     explanations = rankings.explain(
-        test_blocks, val_set.ids, train_set.ids, CLASS_NAMES, k=config.top_k,
-        global_columns=[g["column"] for g in globals_])
-    outputs.write_json(out / PROPONENTS_FILE, {
-        "dataset": context.data_name, "k": config.top_k, "checkpoint_epochs": list(epochs),
-        "threshold": config.threshold, "explanations": explanations})
-    manifest.file(self.rel(PROPONENTS_FILE), f"per validation example and predicted class: the "
-                  f"top {config.top_k} proponents and opponents (case, slice, class, score, "
-                  "global_explainer)")
+        result.test_blocks, context.val_set.ids, context.train_set.ids, result.class_names,
+        k=config.top_k, global_columns=[g["column"] for g in globals_])
+    outputs.write_json(self.list_output(context, manifest, _PROPONENTS, k=config.top_k), {
+        "dataset": context.data_name, "k": config.top_k,
+        "checkpoint_epochs": list(result.epochs), "threshold": result.threshold,
+        "explanations": explanations})
 
-    suffix = context.suffix
-    figures.plot_influence_matrices(train_blocks, CLASS_NAMES, out / "train_influence.png",
-                                    title="Train-influence" + (
-                                        ", renormalised" if config.normalize else "") + suffix)
-    manifest.figure(self.rel("train_influence.png"), "Train-influence matrices: for each class of "
-                    "the explained training region (rows), its TracIn score with every "
-                    "training region of each class (column blocks); white bands are absent "
-                    "regions (the paper's Fig. 4).")
-    dist = rankings.proponent_class_distribution(train_blocks, k=config.top_k,
+  def _write_figures(self, context: base.Context, manifest: base.Manifest,
+                     result: InfluenceOutputs) -> None:
+    """Fig. 4 (train-influence), Fig. 5 (proponents' classes) and the self-influence."""
+    config, suffix, names = self.config, context.suffix, result.class_names
+    figures.plot_influence_matrices(
+        result.train_blocks, names, self.list_output(context, manifest, _MATRICES),
+        title="Train-influence" + (", renormalised" if config.normalize else "") + suffix)
+    dist = rankings.proponent_class_distribution(result.train_blocks, k=config.top_k,
                                                  exclude_self=True)
-    figures.plot_class_distribution(dist, CLASS_NAMES, out / "proponent_classes.png",
-                                    k=config.top_k, title_suffix=suffix)
-    manifest.figure(self.rel("proponent_classes.png"), f"Classes of the top {config.top_k} "
-                    "proponents of each training region, per class (the paper's Fig. 5).")
+    figures.plot_class_distribution(
+        dist, names, self.list_output(context, manifest, _CLASSES, k=config.top_k),
+        k=config.top_k, title_suffix=suffix)
     if config.normalize:
       # A unit gradient's score with itself is 1: every self-influence is the sum of the
       # learning rates, and a figure of them would rank nothing.
-      (out / "self_influence.png").unlink(missing_ok=True)
-      log("No self_influence.png: renormalised, every region's self-influence is the sum of "
-          "the learning rates.")
+      (context.stage_dir(self.name) / _SELF.path()).unlink(missing_ok=True)
+      context.log(f"No {_SELF.path()}: renormalised, every region's self-influence is the "
+                  "sum of the learning rates.")
     else:
-      self_inf = layout.self_scores(train_scores)
-      figures.plot_self_influence(self_inf, train_set, train_regions, CLASS_NAMES,
-                                  out / "self_influence.png", title_suffix=suffix)
-      manifest.figure(self.rel("self_influence.png"), "Self-influence of the training regions "
-                      "per class, highest first, with the top-ranked slices and their regions.")
-    panels = []
-    for a in rankings.local_explanation_examples(val_regions, config.num_local_panels,
+      self_inf = layout.self_scores(layout.from_class_blocks(result.train_blocks))
+      figures.plot_self_influence(self_inf, context.train_set, result.train_regions, names,
+                                  self.list_output(context, manifest, _SELF),
+                                  title_suffix=suffix)
+
+  def _write_local_panels(self, context: base.Context, manifest: base.Manifest,
+                          result: InfluenceOutputs) -> None:
+    """Local explanations of the validation examples that
+    `rankings.local_explanation_examples` picks."""
+    k, val_set = self.config.top_k, context.val_set
+    global_columns = [g["column"] for g in result.global_explainers]
+    for a in rankings.local_explanation_examples(result.val_regions,
+                                                 self.config.num_local_panels,
                                                  val_set.case_ids):
       case, z = val_set.ids[a]
-      path = out / f"local_{case}_{z}.png"
-      figures.plot_local_explanation(a, test_blocks, val_set, val_regions, train_set,
-                                     train_regions, CLASS_NAMES, path, k=config.top_k,
-                                     global_columns=[g["column"] for g in globals_],
-                                     title_suffix=suffix)
-      manifest.figure(self.rel(path.name), f"Local explanation of validation case {case}, slice "
-                      f"{z}: per predicted class, its top {config.top_k} proponents and "
-                      "opponents, global explainers marked.")
-      panels.append(path)
-    if config.store:
-      store = self._build_store(context, loss_fn, checkpoints, epochs, train_ex, train_set)
-      manifest.file(self.rel(STORE_DIR), "gradient store of the training regions: "
-                    f"{_store_description(store)}; query it with python -m experiments.explain")
-      manifest.headline["store"] = {"bytes": store.nbytes(),
-                                    "projection": store.meta["projection"],
-                                    "seconds": round(store.last_build.seconds, 1)}
-    manifest.headline.update({
-        "checkpoint_epochs": list(epochs),
-        "renormalised": bool(config.normalize),
-        "learning_rates": [float(f"{r:.7g}") for r in rates],  # float32 rates, as written
-        "regions_train": dict(zip(CLASS_NAMES, presence_train.sum(0).tolist())),
-        "regions_validation": dict(zip(CLASS_NAMES, presence_val.sum(0).tolist())),
-        "global_explainers": len(globals_)})
-    log(f"Wrote {out}: {TRAIN_FILE}, {TEST_FILE}, {PROPONENTS_FILE}, {GLOBAL_FILE} "
-        f"({len(globals_)} global explainers) and figures.")
-    return InfluenceOutputs(
-        train_blocks, test_blocks, presence_train, presence_val, config.threshold,
-        CLASS_NAMES, list(epochs), rates, globals_, final_apply, final.params, final.state,
-        train_regions, val_regions, manifest)
+      figures.plot_local_explanation(
+          a, result.test_blocks, val_set, result.val_regions, context.train_set,
+          result.train_regions, result.class_names,
+          self.list_output(context, manifest, _LOCAL, case=case, z=z, k=k), k=k,
+          global_columns=global_columns, title_suffix=context.suffix)
 
   def store_settings(self) -> dict[str, Any]:
     """The `build_store` settings of this configuration."""
@@ -448,6 +521,29 @@ class InfluenceStage(base.StageBase):
       return runs.read_influence(context.workdir, context.train_set, context.val_set)
     except runs.RunMismatch as e:
       raise base.StageError(str(e)) from None
+
+
+def _class_counts(presence: np.ndarray) -> str:
+  """The regions present per class of presence [n, K], as "NCR/NET 3, ED 5, ET 2"."""
+  return ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence.sum(0)))
+
+
+def _global_explainers(test_blocks: np.ndarray, train_set,
+                       config: InfluenceConfig) -> list[dict[str, Any]]:
+  """`rankings.global_explainers` of test_blocks [K, n_val, K * n_train], each with its
+  training slice's case, slice and class name."""
+  globals_ = rankings.global_explainers(test_blocks, top=config.global_top,
+                                      min_fraction=config.global_fraction)
+  for g in globals_:
+    g["case"], g["slice"] = train_set.ids[g["train_index"]]
+    g["class"] = CLASS_NAMES[g["train_class"]]
+  return globals_
+
+
+def _store_headline(store: store_lib.GradientStore) -> dict[str, Any]:
+  """What the manifest's headline says of a store just built: bytes, projection, seconds."""
+  return {"bytes": store.nbytes(), "projection": store.meta["projection"],
+          "seconds": round(store.last_build.seconds, 1)}
 
 
 def _store_description(store: store_lib.GradientStore) -> str:
