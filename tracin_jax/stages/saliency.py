@@ -26,7 +26,9 @@ and, over all chosen images:
     level;
   - `randomisation.png` / `randomisation.json`: cascading parameter randomisation of every
     method (first image), from the head down.
-Work is saved per image (`parts/`) and reused when the run is resumed.
+`compute` explains the images, saving each image's work in `parts/` (reused when the run is
+resumed), and returns every map, row and curve; `write` draws and writes them (recomputing
+only the information flow, which no file keeps); `load` reads them back from those files.
 """
 
 from __future__ import annotations
