@@ -112,3 +112,19 @@ def test_choose_images_wants_all_classes_a_false_positive_and_a_false_negative()
   assert saliency_stage.choose_images(ids, presence, counts, sizes, 1) == [1]
   none = np.zeros_like(presence)
   assert saliency_stage.choose_images(ids, none, counts, sizes, 2) == [4, 2]
+
+
+
+def test_the_per_image_outputs_are_named_as_the_run_directory_names_them():
+  """The stage's templates for files per image and class give `rundir.saliency_file`'s
+  names, awkward case ids and class names included (readers find the files by those)."""
+  per_image = {o.name.split("_{image}")[0]: o for o in saliency_stage.SaliencyStage.writes
+               if "{image}" in o.name}
+  assert sorted(per_image) == ["grid", "information_flow", "maps", "tracin"]
+  for case, z, cname in (("BraTS 1/2", 7, "NCR/NET"), ("v0", 0, "ED")):
+    fields = saliency_stage._image_fields(case, z, cname)  # pylint: disable=protected-access
+    for kind, output in per_image.items():
+      per_class = "{class_file}" in output.name
+      assert output.path(**fields) == rundir.saliency_file(
+          kind, case, z, cname if per_class else None,
+          ".npz" if kind == "maps" else ".png"), kind

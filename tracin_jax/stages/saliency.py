@@ -26,7 +26,9 @@ and, over all chosen images:
     level;
   - `randomisation.png` / `randomisation.json`: cascading parameter randomisation of every
     method (first image), from the head down.
-Work is saved per image (`parts/`) and reused when the run is resumed.
+`compute` explains the images, saving each image's work in `parts/` (reused when the run is
+resumed), and returns every map, row and curve; `write` draws and writes them (recomputing
+only the information flow, which no file keeps); `load` reads them back from those files.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import csv
 import dataclasses
 import functools
 import io
+import json
 import time
 import warnings
 from typing import Any, Sequence
@@ -134,19 +137,43 @@ class SaliencyConfig:
 
 
 @dataclasses.dataclass
+class ImageMaps:
+  """The maps of one explained image (the arrays of its `maps_<image>.npz`).
+
+  Attributes:
+    maps: [M, K, H, W, C] float32, per method and class (the Grad-CAM family broadcast over
+      the channels).
+    instance_maps: [n, H, W, C] float32 instance SmoothGrad, one per instance.
+    instance_masks: [n, H, W] bool, the instances.
+  """
+
+  maps: np.ndarray
+  instance_maps: np.ndarray
+  instance_masks: np.ndarray
+
+
+@dataclasses.dataclass
 class SaliencyOutputs:
   """The saliency stage's result.
 
   Attributes:
     images: the explained validation slices, as (case, slice).
+    maps: each explained image's maps, in the order of `images`.
     instances: one row per instance (the entries of `instances.json`).
+    curves: one perilesional context curve per instance (the entries of
+      `context_curves.json`).
     faithfulness: one row per method and class (the entries of `faithfulness.json`).
+    randomisation: the cascading randomisation check (`randomisation.json`: the image and,
+      per method, its layers, Spearman and SSIM), or None when no chosen image has a region.
     manifest: what the stage wrote.
   """
 
   images: list[tuple[str, int]]
+  maps: list[ImageMaps]
   instances: list[dict[str, Any]]
+  curves: list[dict[str, Any]]
   faithfulness: list[dict[str, Any]]
+  randomisation: dict[str, Any] | None
   manifest: base.Manifest
 
 
@@ -329,7 +356,13 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
   return buf.getvalue()
 
 
+def _or_nan(value: Any) -> Any:
+  """`strict`'s null for NaN read back as NaN (the tables' CSV writes it `nan`)."""
+  return float("nan") if value is None else value
+
+
 def _instance_csv(rows: list[dict[str, Any]], rings: int) -> str:
+  """The instance table, one line per lesion, from its rows (as `strict` gives them)."""
   flat, columns = [], ["case", "slice", "instance", "class", "status", "size", "probability",
                        "driver", "grad_cam_plus_plus_inside"]
   regions = ["inside"] + [f"ring{r}" for r in range(1, rings + 1)]
@@ -337,9 +370,9 @@ def _instance_csv(rows: list[dict[str, Any]], rings: int) -> str:
   columns += [f"{reg}_{m}_{ch}" for reg in regions for m in inst_lib.MEASURES
               for ch in CHANNELS]
   for r in rows:
-    d = {k: r[k] for k in columns if k in r}
-    d.update({f"share_{ch}": float(r["share"][k]) for k, ch in enumerate(CHANNELS)})
-    d.update({f"{reg}_{m}_{ch}": float(r["measures"][ch][reg][m]) for reg in regions
+    d = {k: _or_nan(r[k]) for k in columns if k in r}
+    d.update({f"share_{ch}": float(_or_nan(r["share"][k])) for k, ch in enumerate(CHANNELS)})
+    d.update({f"{reg}_{m}_{ch}": float(_or_nan(r["measures"][ch][reg][m])) for reg in regions
               for m in inst_lib.MEASURES for ch in CHANNELS})
     flat.append(d)
   return _csv(flat, columns)
@@ -358,6 +391,107 @@ def summarise_faithfulness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   out.sort(key=lambda r: r["deletion_auc"])
   return out
 
+def _findings(rows: list[dict[str, Any]],
+              faith_rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """(the headline numbers, the faithfulness summary) of the instance and faithfulness rows
+  (as `strict` gives them)."""
+  summary = summarise_faithfulness(faith_rows)
+  drivers = {}
+  for cname in CLASS_NAMES:
+    tp = [r for r in rows if r["class"] == cname and r["status"] == "TP"]
+    if tp:
+      share = np.nanmean([np.asarray(r["share"], float) for r in tp], 0)
+      drivers[cname] = inst_lib.driver(share, CHANNELS)
+  headline = {
+      "instances": {s: sum(r["status"] == s for r in rows) for s in ("TP", "FP", "FN")},
+      "modality_shares_of_true_positives": drivers,
+      "faithfulness_by_deletion_auc": [
+          {"method": r["method"], "deletion_auc": round(r["deletion_auc"], 4),
+           "insertion_auc": round(r["insertion_auc"], 4)} for r in summary]}
+  return headline, summary
+
+
+def _log_findings(context: base.Context, rows: list[dict[str, Any]],
+                  faith_rows: list[dict[str, Any]]) -> None:
+  headline, summary = _findings(rows, faith_rows)
+  drivers = headline["modality_shares_of_true_positives"]
+  context.log("Lesions: " + ", ".join(f"{s} {n}" for s, n in headline["instances"].items())
+              + "; modality shares of true positives: "
+              + "; ".join(f"{c}: {d}" for c, d in drivers.items()) + ".")
+  context.log("Faithfulness (deletion AUC, lower is better): " + ", ".join(
+      f"{r['method']} {r['deletion_auc']:.3f}" for r in summary) + ".")
+
+
+def _image_fields(case: str, z: int, class_name: str | None = None) -> dict[str, Any]:
+  """The template fields of one image's (and class's) outputs: `image` and `class_file` as
+  `rundir.saliency_file` puts them in file names, `case`, `z` and `cname` for the text."""
+  fields = {"image": tag(case, z), "case": case, "z": z}
+  if class_name is not None:
+    fields.update(cname=class_name, class_file=rundir.class_file(class_name))
+  return fields
+
+
+# What the stage writes, each declared once; the names per image and class are those of
+# `rundir.saliency_file` (filled by `_image_fields`).
+_FLOW = base.Output(
+    "information_flow_{image}.png", "Grad-CAM at every convolutional block of the UNet for "
+    "each class of {case} slice {z}, each layer scaled to its own maximum (information "
+    "flow).", figure=True)
+_GRID = base.Output(
+    "grid_{image}_{class_file}.png", "Saliency of the {cname} region of {case} slice {z}: "
+    "rows the methods, columns the modalities, the region outlined and the ground truth "
+    "dashed; one colour scale per method.", figure=True)
+_TRACIN = base.Output(
+    "tracin_{image}_{class_file}.png", "The {cname} region of {case} slice {z} explained "
+    "twice: its saliency maps (summed |map| over modalities) and its top {top} TracIn "
+    "proponents and opponents (global explainers marked GE).", figure=True)
+_MAPS = base.Output(
+    "maps_{image}.npz", "maps of {case} slice {z}: maps [M, K, H, W, C] (methods x "
+    "classes), instance_maps [n, H, W, C] and instance_masks")
+_INSTANCES_JSON = base.Output(
+    f"{INSTANCES_FILE}.json", "each lesion: class, TP/FP/FN, size, probability, the modality "
+    "that drove it, and instance SmoothGrad per modality (sum, mean, signed peak, |peak|) "
+    "inside it and in each ring")
+_INSTANCES_CSV = base.Output(f"{INSTANCES_FILE}.csv", "the same table, one row per lesion")
+_SHARES_FIGURE = base.Output(
+    rundir.MODALITY_SHARES_FIGURE, "Each modality's share of instance saliency inside the "
+    "lesion, true positives against false positives and false negatives, per class.",
+    figure=True)
+_CONTEXT_JSON = base.Output(
+    CONTEXT_FILE, "perilesional context: each instance's mean probability and detection as "
+    "the image is kept inside its k-th dilation")
+_CONTEXT_FIGURE = base.Output(
+    rundir.CONTEXT_FIGURE, "How much surrounding tissue each lesion needs: its class "
+    "probability with the image kept only inside the lesion dilated k times.", figure=True)
+_FAITHFULNESS_JSON = base.Output(
+    f"{FAITHFULNESS_FILE}.json", "deletion and insertion AUC (normalised by the clean "
+    "score), relative completeness error and relevance mass per method and class; the "
+    "summary ranks methods by deletion AUC")
+_FAITHFULNESS_CSV = base.Output(f"{FAITHFULNESS_FILE}.csv",
+                                "the same, one row per image, method and class")
+_RANDOMISATION_JSON = base.Output(
+    RANDOMISATION_FILE, "cascading parameter randomisation per method: Spearman (|map|) and "
+    "SSIM with the trained map as layers are re-drawn")
+_RANDOMISATION_FIGURE = base.Output(
+    rundir.SALIENCY_RANDOMISATION_FIGURE, "Model-parameter randomisation: each method's "
+    "similarity to its trained map as layers are re-drawn from the head down (a faithful "
+    "method's maps change).", figure=True)
+
+
+def _find_all_instances(ex: _Explainer, val: slices_lib.SliceSet,
+                        min_size: int) -> list[list[inst_lib.Instance]]:
+  """Every validation image's lesions under the model (TP, FP and FN against the truth)."""
+  probs = predict(ex.m.apply_fn, ex.m.params, val.images)
+  pred = probs.argmax(-1)
+  return [inst_lib.find_instances(pred[a], val.labels[a], CLASSES, probabilities=probs[a],
+                                  min_size=min_size)
+          for a in range(len(val))]
+
+
+def _read_maps(path) -> ImageMaps:
+  with np.load(path) as f:
+    return ImageMaps(f["maps"], f["instance_maps"], f["instance_masks"])
+
 
 @base.register_stage
 class SaliencyStage(base.StageBase):
@@ -365,147 +499,60 @@ class SaliencyStage(base.StageBase):
 
   name, config_cls, needs = "saliency", SaliencyConfig, ("influence",)
 
-  def run(self, context: base.Context) -> SaliencyOutputs:
-    config, log = self.config, context.log
-    inputs = context.need("influence")
-    out = context.stage_dir(self.name)
-    val, train = context.val_set, context.train_set
-    model, _ = train_lib.load_model(context.workdir)
-    ex = _Explainer(model, config, context.memory_budget_bytes)
-    f, p = ex.m.apply_fn, ex.m.params
+  writes = (_FLOW, _GRID, _TRACIN, _MAPS, _INSTANCES_JSON, _INSTANCES_CSV, _SHARES_FIGURE,
+            _CONTEXT_JSON, _CONTEXT_FIGURE, _FAITHFULNESS_JSON, _FAITHFULNESS_CSV,
+            _RANDOMISATION_JSON, _RANDOMISATION_FIGURE)
 
-    probs = predict(f, p, val.images)
-    pred = probs.argmax(-1)
-    found_all = [inst_lib.find_instances(pred[a], val.labels[a], CLASSES,
-                                         probabilities=probs[a],
-                                         min_size=config.min_instance_size)
-                 for a in range(len(val))]
+  # ---------------------------------------------------------------------------- compute
+
+  def compute(self, context: base.Context) -> SaliencyOutputs:
+    """Explains the chosen images one by one (each image's work saved in `parts/` as it
+    finishes), then checks the methods by cascading randomisation on the first image with a
+    region to explain."""
+    inputs = context.need("influence")
+    ex = self._explainer(context)
+    found_all = _find_all_instances(ex, context.val_set, self.config.min_instance_size)
+    chosen = self._choose(context, inputs, found_all)
+    parts = {kind: self._parts(context, inputs, kind, fields) for kind, fields in (
+        ("maps", MAPS_SETTINGS), ("faithfulness", MAPS_SETTINGS + CURVE_SETTINGS),
+        ("instances", INSTANCE_SETTINGS), ("randomisation", RANDOMISATION_SETTINGS))}
+    ids = [context.val_set.ids[a] for a in chosen]
+    maps, rows, curves, faith = [], [], [], []
+    for step, a in enumerate(chosen):
+      t0 = time.perf_counter()
+      image_maps, image_rows, image_curves, image_faith = self._explain_image(
+          context, ex, inputs, parts, a, found_all[a])
+      maps.append(image_maps)
+      rows += image_rows
+      curves += image_curves
+      faith += image_faith
+      context.log(f"saliency: image {step + 1}/{len(chosen)} ({ids[step][0]} "
+                  f"z{ids[step][1]}) done in {time.perf_counter() - t0:.0f} s.")
+    rows, faith = strict(rows), strict(faith)
+    _log_findings(context, rows, faith)
+    randomisation = self._randomisation_check(context, ex, inputs, parts["randomisation"],
+                                              chosen)
+    return SaliencyOutputs(ids, maps, rows, strict(curves), faith, randomisation,
+                           self.manifest())
+
+  def _explainer(self, context: base.Context) -> _Explainer:
+    """The methods on the run's final model."""
+    model, _ = train_lib.load_model(context.workdir)
+    return _Explainer(model, self.config, context.memory_budget_bytes)
+
+  def _choose(self, context: base.Context, inputs, found_all) -> list[int]:
+    """The validation images to explain: those named, else `choose_images`'s."""
+    config, val = self.config, context.val_set
     chosen = _resolve_images(config, val.ids)
     if chosen is None:
       counts = [{s: sum(i.status == s for i in found) for s in ("FP", "FN")}
                 for found in found_all]
       chosen = choose_images(val.ids, inputs.presence_test, counts,
                              inputs.val_regions.sum(axis=(1, 2, 3)), config.num_images)
-    ids = [val.ids[a] for a in chosen]
-    log(f"Saliency for {len(chosen)} validation slices: "
-        + ", ".join(f"{c} z{z}" for c, z in ids) + f"; methods {', '.join(config.methods)}.")
-
-    maps_parts = self._parts(context, inputs, "maps", MAPS_SETTINGS)
-    faith_parts = self._parts(context, inputs, "faithfulness", MAPS_SETTINGS + CURVE_SETTINGS)
-    inst_parts = self._parts(context, inputs, "instances", INSTANCE_SETTINGS)
-    rand_parts = self._parts(context, inputs, "randomisation", RANDOMISATION_SETTINGS)
-    manifest = self.manifest()
-    all_rows, all_curves, faith_rows = [], [], []
-    class_colour = {n: REGION_COLOURS[i] for i, n in enumerate(CLASS_NAMES)}
-    for step, a in enumerate(chosen):
-      t0 = time.perf_counter()
-      name = tag(*val.ids[a])
-      case, z = val.ids[a]
-      image, truth_labels = val.images[a], val.labels[a]
-      regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, H, W]
-      present = regions.any(axis=(1, 2))
-      x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
-      target = sal.masked_class_sums(CLASSES, regions)
-      maps = maps_parts.get(f"{name}_maps", lambda: ex.maps(x, target),
-                       label=f"{case} z{z}: {len(config.methods)} methods x "
-                       f"{len(CLASSES)} classes")
-      truth = np.stack([truth_labels == c for c in CLASSES])
-      faith = faith_parts.get(f"{name}_faithfulness", lambda: {"rows": strict(
-          _faithfulness(ex, x, target, maps, truth, present, config, config.seed))},
-                        label=f"{case} z{z}: faithfulness")["rows"]
-      for r in faith:
-        r.update(case=case, slice=int(z))
-      faith_rows += faith
-
-      found = found_all[a]
-      inst_maps = inst_parts.get(f"{name}_instances", lambda: self._instance_maps(
-          ex, image, found), label=f"{case} z{z}: {len(found)} instances")
-      cams = self._instance_cams(ex, image, found)
-      rows = _table_rows(found, inst_maps, cams, (case, z), config,
-                         lambda i: i.probability)
-      all_rows += rows
-      background = 0.0 if config.context_background == "zero" else "min"
-      for inst in found:
-        cv = inst_lib.context_curve(f, p, image, inst, max_dilations=config.context_dilations,
-                                    background=background,
-                                    min_size=config.min_instance_size)
-        all_curves.append({"case": case, "slice": int(z), "instance": inst.index,
-                           "class": constants.CLASS_NAMES[inst.class_index],
-                           "status": inst.status, "label": inst.describe(
-                               constants.CLASS_NAMES), **cv})
-
-      # Figures of this image.
-      layer_maps = ex.flow(x, target)
-      flows = {CLASS_NAMES[n]: {ln: v[n] for ln, v in layer_maps.items()}
-               for n in range(len(CLASSES)) if present[n]}
-      if flows:
-        path = out / rundir.saliency_file("information_flow", case, z)
-        figures.plot_information_flow(image, flows, {CLASS_NAMES[n]: regions[n]
-                                                     for n in range(len(CLASSES))}, path,
-                                      title=f"Information flow: Grad-CAM at every block, "
-                                      f"{case} slice {z}{context.suffix}")
-        manifest.figure(self.rel(path.name), f"Grad-CAM at every convolutional block of the "
-                        f"UNet for each class of {case} slice {z}, each layer scaled to its "
-                        "own maximum (information flow).")
-      for n, cname in enumerate(CLASS_NAMES):
-        if not present[n]:
-          continue
-        grid = {LABELS[m]: (maps[k, n, ..., 0] if m in NO_CHANNELS else maps[k, n])
-                for k, m in enumerate(config.methods)}
-        path = out / rundir.saliency_file("grid", case, z, cname)
-        figures.plot_method_grid(
-            image, grid, regions[n], CHANNELS, path, truth=truth[n],
-            colour=class_colour[cname],
-            title=f"{cname} region of {case} slice {z}: saliency per modality{context.suffix}"
-            "\noutlined: the explained region (p > threshold); dashed white: ground truth")
-        manifest.figure(self.rel(path.name), f"Saliency of the {cname} region of {case} slice "
-                        f"{z}: rows the methods, columns the modalities, the region outlined "
-                        "and the ground truth dashed; one colour scale per method.",
-                        kind=rundir.SALIENCY_GRID, case=str(case), slice=int(z),
-                        **{"class": cname})
-        path = out / rundir.saliency_file("tracin", case, z, cname)
-        self._beside_tracin(inputs, a, n, image, regions[n], maps, train, path,
-                            title=f"{cname} region of {case} slice {z}: saliency and TracIn"
-                            f"{context.suffix}", colour=class_colour[cname])
-        manifest.figure(self.rel(path.name), f"The {cname} region of {case} slice {z} "
-                        "explained twice: its saliency maps (summed |map| over modalities) "
-                        f"and its top {config.tracin_top} TracIn proponents and opponents "
-                        "(global explainers marked GE).")
-      outputs.save_npz(out / f"maps_{name}.npz", maps=maps, methods=np.asarray(config.methods),
-                       classes=np.asarray(CLASS_NAMES), instance_maps=inst_maps,
-                       instance_masks=np.asarray([i.mask for i in found], bool).reshape(
-                           (len(found),) + image.shape[:-1]),
-                       synthetic=np.asarray(context.synthetic))
-      manifest.file(self.rel(f"maps_{name}.npz"), f"maps of {case} slice {z}: maps [M, K, H, W, "
-                    "C] (methods x classes), instance_maps [n, H, W, C] and instance_masks")
-      log(f"saliency: image {step + 1}/{len(chosen)} ({case} z{z}) done in "
-          f"{time.perf_counter() - t0:.0f} s.")
-
-    self._write_tables(context, out, manifest, all_rows, all_curves, faith_rows)
-    with_region = [a for a in chosen if inputs.val_regions[a].any()]
-    if with_region:
-      first = with_region[0]
-      rand = rand_parts.get(tag(*val.ids[first]), lambda: self._randomisation(
-          ex, val.images[first], np.moveaxis(inputs.val_regions[first], -1, 0)),
-                            label="cascading randomisation")
-      self._write_randomisation(context, out, manifest, rand, val.ids[first])
-    else:
-      log("No chosen image has a region to explain: no randomisation check.")
-    return SaliencyOutputs(ids, strict(all_rows), strict(faith_rows), manifest)
-
-  def _write_randomisation(self, context, out, manifest, rand, ids) -> None:
-    outputs.write_json(out / RANDOMISATION_FILE, strict({"image": list(ids), **rand}))
-    manifest.file(self.rel(RANDOMISATION_FILE), "cascading parameter randomisation per method: "
-                  "Spearman (|map|) and SSIM with the trained map as layers are re-drawn")
-    figures.plot_randomisation(
-        {LABELS[k]: v for k, v in rand["methods"].items()}, out / rundir.SALIENCY_RANDOMISATION_FIGURE,
-        title=f"Cascading randomisation of the model, {ids[0]} slice {ids[1]}"
-        f"{context.suffix}")
-    manifest.figure(self.rel(rundir.SALIENCY_RANDOMISATION_FIGURE), "Model-parameter randomisation: each "
-                    "method's similarity to its trained map as layers are re-drawn from the "
-                    "head down (a faithful method's maps change).")
-
-  # ---------------------------------------------------------------------------- pieces
+    context.log(f"Saliency for {len(chosen)} validation slices: "
+                + ", ".join(f"{val.ids[a][0]} z{val.ids[a][1]}" for a in chosen)
+                + f"; methods {', '.join(config.methods)}.")
+    return chosen
 
   def _parts(self, context, inputs, kind: str, fields: Sequence[str]) -> base.Parts:
     """Saved work of one kind, keyed by the explained model and the settings it uses."""
@@ -513,6 +560,35 @@ class SaliencyStage(base.StageBase):
                       {"influence": inputs.fingerprint,
                        **{f: outputs.plain(getattr(self.config, f)) for f in fields}},
                       what=f"saliency {kind}")
+
+  def _explain_image(self, context: base.Context, ex: _Explainer, inputs,
+                     parts: dict[str, base.Parts], a: int, found: list[inst_lib.Instance]):
+    """Validation image `a`: (its maps, its instances' rows, their context curves, its
+    faithfulness rows), the maps, the faithfulness and the instance maps through `parts`."""
+    config, val = self.config, context.val_set
+    case, z = val.ids[a]
+    name, image = tag(case, z), val.images[a]
+    regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, H, W]
+    present = regions.any(axis=(1, 2))
+    x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
+    target = sal.masked_class_sums(CLASSES, regions)
+    maps = parts["maps"].get(f"{name}_maps", lambda: ex.maps(x, target),
+                             label=f"{case} z{z}: {len(config.methods)} methods x "
+                             f"{len(CLASSES)} classes")
+    truth = np.stack([val.labels[a] == c for c in CLASSES])
+    faith = parts["faithfulness"].get(f"{name}_faithfulness", lambda: {"rows": strict(
+        _faithfulness(ex, x, target, maps, truth, present, config, config.seed))},
+                                      label=f"{case} z{z}: faithfulness")["rows"]
+    for r in faith:
+      r.update(case=case, slice=int(z))
+    inst_maps = parts["instances"].get(f"{name}_instances", lambda: self._instance_maps(
+        ex, image, found), label=f"{case} z{z}: {len(found)} instances")
+    rows = _table_rows(found, inst_maps, self._instance_cams(ex, image, found), (case, z),
+                       config, lambda i: i.probability)
+    curves = [self._context_curve(ex, image, inst, (case, z)) for inst in found]
+    masks = np.asarray([i.mask for i in found], bool).reshape(
+        (len(found),) + image.shape[:-1])
+    return ImageMaps(maps, inst_maps, masks), rows, curves, faith
 
   def _instance_maps(self, ex: _Explainer, image, found) -> np.ndarray:
     c = self.config
@@ -527,6 +603,125 @@ class SaliencyStage(base.StageBase):
     return [np.asarray(inst_lib.instance_grad_cam_plus_plus(
         ex.m.apply_fn, ex.m.params, image, [inst], layer=ex.layer).upsampled[0])
             for inst in found]
+
+  def _context_curve(self, ex: _Explainer, image, inst: inst_lib.Instance,
+                     ids: tuple[str, int]) -> dict[str, Any]:
+    """One instance's perilesional context curve, as `context_curves.json` lists it."""
+    config, (case, z) = self.config, ids
+    background = 0.0 if config.context_background == "zero" else "min"
+    cv = inst_lib.context_curve(ex.m.apply_fn, ex.m.params, image, inst,
+                                max_dilations=config.context_dilations, background=background,
+                                min_size=config.min_instance_size)
+    return {"case": case, "slice": int(z), "instance": inst.index,
+            "class": constants.CLASS_NAMES[inst.class_index], "status": inst.status,
+            "label": inst.describe(constants.CLASS_NAMES), **cv}
+
+  def _randomisation_check(self, context: base.Context, ex: _Explainer, inputs,
+                           parts: base.Parts, chosen: list[int]) -> dict[str, Any] | None:
+    """The cascading randomisation of the first chosen image with a region, as
+    `randomisation.json` holds it; None when no chosen image has one."""
+    val = context.val_set
+    with_region = [a for a in chosen if inputs.val_regions[a].any()]
+    if not with_region:
+      context.log("No chosen image has a region to explain: no randomisation check.")
+      return None
+    first = with_region[0]
+    rand = parts.get(tag(*val.ids[first]), lambda: self._randomisation(
+        ex, val.images[first], np.moveaxis(inputs.val_regions[first], -1, 0)),
+                     label="cascading randomisation")
+    return strict({"image": list(val.ids[first]), **rand})
+
+  def _randomisation(self, ex: _Explainer, image, regions) -> dict[str, Any]:
+    x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
+    target = sal.masked_class_sums(CLASSES, regions)
+    present = regions.any(axis=(1, 2))
+    order = ex.m.param_groups_in_call_order(x)
+    methods = {}
+    for name in self.config.randomisation_methods:
+      res = sal.parameter_randomisation(lambda prm, name=name: ex.method(name, x, target, prm),
+                                        ex.m.params, self.config.seed, layer_order=order,
+                                        channel_reduce="abs_sum")
+      with warnings.catch_warnings():  # a constant map has no rank correlation: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        methods[name] = {"layers": list(res.layers),
+                         "spearman": np.nanmean(res.spearman_abs[:, present], 1).tolist(),
+                         "ssim": np.nanmean(res.ssim[:, present], 1).tolist()}
+    return {"methods": methods}
+
+  # ---------------------------------------------------------------------------- write
+
+  def write(self, context: base.Context, result: SaliencyOutputs) -> base.Manifest:
+    """Each image's figures and maps, the tables with their figures, the randomisation
+    check, and the headline numbers."""
+    manifest = self.manifest()
+    ex = self._explainer(context)  # the information flow is drawn, not kept
+    inputs = context.need("influence")
+    for ids, maps in zip(result.images, result.maps):
+      self._write_image(context, manifest, ex, inputs, ids, maps)
+    self._write_instances(context, manifest, result.instances)
+    self._write_context(context, manifest, result.curves)
+    self._write_faithfulness(context, manifest, result.faithfulness)
+    manifest.headline.update(_findings(result.instances, result.faithfulness)[0])
+    if result.randomisation is not None:
+      self._write_randomisation(context, manifest, result.randomisation)
+    return manifest
+
+  def _write_image(self, context: base.Context, manifest: base.Manifest, ex: _Explainer,
+                   inputs, ids: tuple[str, int], maps: ImageMaps) -> None:
+    """One image's figures (its information flow; per class present, its grid and its
+    saliency beside TracIn) and its maps."""
+    (case, z), val = ids, context.val_set
+    a = val.ids.index((case, z))
+    regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, H, W]
+    present = regions.any(axis=(1, 2))
+    self._write_flow(context, manifest, ex, val.images[a], regions, ids)
+    truth = np.stack([val.labels[a] == c for c in CLASSES])
+    for n in range(len(CLASSES)):
+      if present[n]:
+        self._write_class(context, manifest, inputs, a, n, regions[n], maps.maps, truth[n])
+    outputs.save_npz(self.list_output(context, manifest, _MAPS, **_image_fields(case, z)),
+                     maps=maps.maps, methods=np.asarray(self.config.methods),
+                     classes=np.asarray(CLASS_NAMES), instance_maps=maps.instance_maps,
+                     instance_masks=maps.instance_masks,
+                     synthetic=np.asarray(context.synthetic))
+
+  def _write_flow(self, context: base.Context, manifest: base.Manifest, ex: _Explainer,
+                  image: np.ndarray, regions: np.ndarray, ids: tuple[str, int]) -> None:
+    """Grad-CAM at every convolutional block for each class present (drawn, not kept)."""
+    present = regions.any(axis=(1, 2))
+    if not present.any():
+      return
+    case, z = ids
+    x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
+    layer_maps = ex.flow(x, sal.masked_class_sums(CLASSES, regions))
+    flows = {CLASS_NAMES[n]: {ln: v[n] for ln, v in layer_maps.items()}
+             for n in range(len(CLASSES)) if present[n]}
+    figures.plot_information_flow(
+        image, flows, {CLASS_NAMES[n]: regions[n] for n in range(len(CLASSES))},
+        self.list_output(context, manifest, _FLOW, **_image_fields(case, z)),
+        title=f"Information flow: Grad-CAM at every block, {case} slice {z}{context.suffix}")
+
+  def _write_class(self, context: base.Context, manifest: base.Manifest, inputs, a: int,
+                   n: int, region: np.ndarray, maps: np.ndarray, truth: np.ndarray) -> None:
+    """The grid of image `a`'s region of class `n` and its saliency beside TracIn."""
+    config, val = self.config, context.val_set
+    (case, z), image = val.ids[a], val.images[a]
+    cname, colour = CLASS_NAMES[n], REGION_COLOURS[n]
+    fields = _image_fields(case, z, cname)
+    grid = {LABELS[m]: (maps[k, n, ..., 0] if m in NO_CHANNELS else maps[k, n])
+            for k, m in enumerate(config.methods)}
+    about = {"kind": rundir.SALIENCY_GRID, "case": str(case), "slice": int(z), "class": cname}
+    figures.plot_method_grid(
+        image, grid, region, CHANNELS,
+        self.list_output(context, manifest, _GRID, about=about, **fields), truth=truth,
+        colour=colour,
+        title=f"{cname} region of {case} slice {z}: saliency per modality{context.suffix}"
+        "\noutlined: the explained region (p > threshold); dashed white: ground truth")
+    self._beside_tracin(inputs, a, n, image, region, maps, context.train_set,
+                        self.list_output(context, manifest, _TRACIN, top=config.tracin_top,
+                                         **fields),
+                        title=f"{cname} region of {case} slice {z}: saliency and TracIn"
+                        f"{context.suffix}", colour=colour)
 
   def _beside_tracin(self, inputs, a, n, image, region, maps, train, path, *, title, colour):
     config = self.config
@@ -551,89 +746,68 @@ class SaliencyStage(base.StageBase):
     figures.plot_tracin_beside_saliency(image, region, shown, neighbours, path, title=title,
                                         colour=colour)
 
-  def _randomisation(self, ex: _Explainer, image, regions) -> dict[str, Any]:
-    x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
-    target = sal.masked_class_sums(CLASSES, regions)
-    present = regions.any(axis=(1, 2))
-    order = ex.m.param_groups_in_call_order(x)
-    methods = {}
-    for name in self.config.randomisation_methods:
-      res = sal.parameter_randomisation(lambda prm, name=name: ex.method(name, x, target, prm),
-                                        ex.m.params, self.config.seed, layer_order=order,
-                                        channel_reduce="abs_sum")
-      with warnings.catch_warnings():  # a constant map has no rank correlation: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        methods[name] = {"layers": list(res.layers),
-                         "spearman": np.nanmean(res.spearman_abs[:, present], 1).tolist(),
-                         "ssim": np.nanmean(res.ssim[:, present], 1).tolist()}
-    return {"methods": methods}
-
-  def _write_tables(self, context, out, manifest, rows, curves, faith_rows) -> None:
+  def _write_instances(self, context: base.Context, manifest: base.Manifest,
+                       rows: list[dict[str, Any]]) -> None:
+    """The instance table (JSON and CSV) and the modality shares of its lesions."""
     config = self.config
-    outputs.write_json(out / f"{INSTANCES_FILE}.json", {
+    outputs.write_json(self.list_output(context, manifest, _INSTANCES_JSON), {
         "dataset": context.data_name, "synthetic": context.synthetic,
         "channels": list(CHANNELS), "rings": config.rings,
         "aggregation": config.instance_aggregation, "samples": config.instance_samples,
         "noise_level": config.instance_noise_level, "instances": strict(rows)})
-    outputs.write_text(out / f"{INSTANCES_FILE}.csv", _instance_csv(rows, config.rings))
-    manifest.file(self.rel(f"{INSTANCES_FILE}.json"), "each lesion: class, TP/FP/FN, size, "
-                  "probability, the modality that drove it, and instance SmoothGrad per "
-                  "modality (sum, mean, signed peak, |peak|) inside it and in each ring")
-    manifest.file(self.rel(f"{INSTANCES_FILE}.csv"), "the same table, one row per lesion")
+    outputs.write_text(self.list_output(context, manifest, _INSTANCES_CSV),
+                       _instance_csv(rows, config.rings))
     figures.plot_modality_shares(
         [{"class": r["class"], "status": r["status"], "share": np.asarray(r["share"], float)}
-         for r in rows], CHANNELS, CLASS_NAMES, out / rundir.MODALITY_SHARES_FIGURE,
-        title=f"Which modality drove each lesion: instance SmoothGrad ({config.instance_aggregation})"
-        f"{context.suffix}")
-    manifest.figure(self.rel(rundir.MODALITY_SHARES_FIGURE), "Each modality's share of instance "
-                    "saliency inside the lesion, true positives against false positives and "
-                    "false negatives, per class.")
-    outputs.write_json(out / CONTEXT_FILE, strict({"background": config.context_background,
-                                                   "curves": curves}))
-    manifest.file(self.rel(CONTEXT_FILE), "perilesional context: each instance's mean "
-                  "probability and detection as the image is kept inside its k-th dilation")
-    figures.plot_context_curves(curves, CLASS_NAMES, out / rundir.CONTEXT_FIGURE,
+         for r in rows], CHANNELS, CLASS_NAMES,
+        self.list_output(context, manifest, _SHARES_FIGURE),
+        title="Which modality drove each lesion: instance SmoothGrad "
+        f"({config.instance_aggregation}){context.suffix}")
+
+  def _write_context(self, context: base.Context, manifest: base.Manifest,
+                     curves: list[dict[str, Any]]) -> None:
+    """The perilesional context curves and their figure."""
+    outputs.write_json(self.list_output(context, manifest, _CONTEXT_JSON), strict(
+        {"background": self.config.context_background, "curves": curves}))
+    figures.plot_context_curves(curves, CLASS_NAMES,
+                                self.list_output(context, manifest, _CONTEXT_FIGURE),
                                 title=f"Perilesional context{context.suffix}")
-    manifest.figure(self.rel(rundir.CONTEXT_FIGURE), "How much surrounding tissue each lesion "
-                    "needs: its class probability with the image kept only inside the lesion "
-                    "dilated k times.")
-    summary = summarise_faithfulness(faith_rows)
-    outputs.write_json(out / f"{FAITHFULNESS_FILE}.json", {
+
+  def _write_faithfulness(self, context: base.Context, manifest: base.Manifest,
+                          rows: list[dict[str, Any]]) -> None:
+    """The faithfulness table with its summary (JSON) and its rows (CSV)."""
+    config = self.config
+    outputs.write_json(self.list_output(context, manifest, _FAITHFULNESS_JSON), {
         "patch": config.deletion_patch, "steps": config.deletion_steps, "baseline": "min",
-        "summary": strict(summary), "rows": strict(faith_rows)})
-    outputs.write_text(out / f"{FAITHFULNESS_FILE}.csv", _csv(
-        faith_rows, ["case", "slice", "method", "class", "deletion_auc", "insertion_auc",
-                     "completeness_error", "relevance_mass"]))
-    manifest.file(self.rel(f"{FAITHFULNESS_FILE}.json"), "deletion and insertion AUC "
-                  "(normalised by the clean score), relative completeness error and relevance "
-                  "mass per method and class; the summary ranks methods by deletion AUC")
-    manifest.file(self.rel(f"{FAITHFULNESS_FILE}.csv"), "the same, one row per image, method "
-                  "and class")
-    drivers = {}
-    for cname in CLASS_NAMES:
-      tp = [r for r in rows if r["class"] == cname and r["status"] == "TP"]
-      if tp:
-        share = np.nanmean([r["share"] for r in tp], 0)
-        drivers[cname] = inst_lib.driver(share, CHANNELS)
-    manifest.headline.update({
-        "instances": {s: sum(r["status"] == s for r in rows) for s in ("TP", "FP", "FN")},
-        "modality_shares_of_true_positives": drivers,
-        "faithfulness_by_deletion_auc": [
-            {"method": r["method"], "deletion_auc": round(r["deletion_auc"], 4),
-             "insertion_auc": round(r["insertion_auc"], 4)} for r in summary]})
-    context.log("Lesions: " + ", ".join(f"{s} {n}" for s, n in
-                                        manifest.headline["instances"].items())
-                + "; modality shares of true positives: "
-                + "; ".join(f"{c}: {d}" for c, d in drivers.items()) + ".")
-    context.log("Faithfulness (deletion AUC, lower is better): " + ", ".join(
-        f"{r['method']} {r['deletion_auc']:.3f}" for r in summary) + ".")
+        "summary": strict(summarise_faithfulness(rows)), "rows": strict(rows)})
+    outputs.write_text(self.list_output(context, manifest, _FAITHFULNESS_CSV), _csv(
+        rows, ["case", "slice", "method", "class", "deletion_auc", "insertion_auc",
+               "completeness_error", "relevance_mass"]))
+
+  def _write_randomisation(self, context: base.Context, manifest: base.Manifest,
+                           randomisation: dict[str, Any]) -> None:
+    """The cascading randomisation check and its figure."""
+    outputs.write_json(self.list_output(context, manifest, _RANDOMISATION_JSON), randomisation)
+    case, z = randomisation["image"]
+    figures.plot_randomisation(
+        {LABELS[k]: v for k, v in randomisation["methods"].items()},
+        self.list_output(context, manifest, _RANDOMISATION_FIGURE),
+        title=f"Cascading randomisation of the model, {case} slice {z}{context.suffix}")
+
+  # ---------------------------------------------------------------------------- load
 
   def load(self, context: base.Context) -> SaliencyOutputs:
-    import json  # pylint: disable=g-import-not-at-top
-
+    """The result read back from the written files: the images in the order their maps
+    are listed in the manifest."""
     out = context.workdir / self.name
-    rows = json.loads((out / f"{INSTANCES_FILE}.json").read_text())["instances"]
-    faith = json.loads((out / f"{FAITHFULNESS_FILE}.json").read_text())["rows"]
     manifest = base.Manifest.from_record(base.read_manifest(context.workdir, self.name))
-    images = sorted({(r["case"], r["slice"]) for r in faith})
-    return SaliencyOutputs(images, rows, faith, manifest)
+    named = {self.rel(_MAPS.path(**_image_fields(c, z))): (c, z) for c, z in context.val_set.ids}
+    images = [named[p] for p in manifest.paths() if p in named]
+    maps = [_read_maps(context.workdir / self.rel(_MAPS.path(**_image_fields(c, z))))
+            for c, z in images]
+    rows = json.loads((out / _INSTANCES_JSON.name).read_text())["instances"]
+    curves = json.loads((out / _CONTEXT_JSON.name).read_text())["curves"]
+    faith = json.loads((out / _FAITHFULNESS_JSON.name).read_text())["rows"]
+    randomisation = (json.loads((out / RANDOMISATION_FILE).read_text())
+                     if self.rel(RANDOMISATION_FILE) in manifest.paths() else None)
+    return SaliencyOutputs(images, maps, rows, curves, faith, randomisation, manifest)
