@@ -32,6 +32,7 @@ scores and writes its files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any, Callable
@@ -349,21 +350,20 @@ class _Randomisation:
     return {"auc": st["auc"], "same_class_top": st["same_class_top"],
             "median_rho": sim["median_rho"], "top_overlap": sim["top_overlap"]}
 
+  def partly_random(self, groups: tuple[str, ...], t: int) -> np.ndarray:
+    """TracIn at checkpoint t with its parameter `groups` those of random network t."""
+    ckpt = self.trained_checkpoint(t)
+    mixed = params_lib.replace_groups(ckpt.params, self.random_network(t).params, groups)
+    return self.tracin(ckpt._replace(params=mixed))
+
   def cascade(self, order: tuple[str, ...], randomised: np.ndarray) -> dict[str, Any]:
     """The checkpoints' parameter groups `order[:step]` replaced by the random networks',
     one more at each step (all of them: `randomised`, the check itself)."""
-    def compute(step: int):
-      def one(t: int) -> np.ndarray:
-        ckpt = self.trained_checkpoint(t)
-        mixed = params_lib.replace_groups(ckpt.params, self.random_network(t).params,
-                                          order[:step])
-        return self.tracin(ckpt._replace(params=mixed))
-      return one
-
     steps = []
     for step in range(1, len(order)):  # all groups randomised is the check itself
       blocks = self.summed(f"cascade{step}_", f"cascade {step}/{len(order)} "
-                           f"({order[step - 1]})", compute(step))
+                           f"({order[step - 1]})",
+                           functools.partial(self.partly_random, order[:step]))
       steps.append({"randomised": list(order[:step]), **self.summary(blocks)})
     steps.append({"randomised": list(order), **self.summary(randomised)})
     return {"order": list(order), "steps": steps}
