@@ -587,9 +587,8 @@ class LdsStage(base.StageBase):
   def _record(self, context: base.Context, regions, chosen, found: dict[str, Any]
               ) -> dict[str, Any]:
     """`lds.json`'s contents: the settings and regions, then what was `found`."""
-    config, names, n_train = self.config, context.need("influence").class_names, len(
-        context.train_set)
-    val_set = context.val_set
+    config, val_set, n_train = self.config, context.val_set, len(context.train_set)
+    names = context.need("influence").class_names
     return {
         "dataset": context.data_name, "num_subsets": config.num_subsets,
         "fraction": config.fraction, "subset_size": lds_lib.subset_size(n_train,
