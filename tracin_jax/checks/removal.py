@@ -9,7 +9,7 @@ compared with the replay with nothing removed:
   - `evaluator`: the measure of a retrained model, the soft Dice of each region and the
     hard Dice of its class (the LDS measures its retrainings with it too);
   - `run_retrainings`: runs or reuses every retraining, each result saved in a store as it
-    finishes;
+    finishes (`saved_retrainings` reads the saved ones back without running any);
   - `summarise_removals`: the per-region effects, their means with intervals, the paired
     tests against random removal, and the rank correlation and sign agreement of the scores
     of the removed sets with the loss changes they caused (`checks.stats`).
@@ -171,8 +171,7 @@ def run_retrainings(jobs: Sequence[RemovalJob], measure: Measure, final_params,
     job name -> {"name", "removal", "region", "removed", "region_dice", "hard_dice"} (and
     "reproduces_run" for the baseline).
   """
-  results = {job.name: store.load(part_name(job)) for job in jobs}
-  results = {name: r for name, r in results.items() if r is not None}
+  results = saved_retrainings(jobs, store, part_name=part_name)
   todo, seen = [], set()
   for job in jobs:
     if job.name not in results and part_name(job) not in seen:
@@ -206,6 +205,15 @@ def run_retrainings(jobs: Sequence[RemovalJob], measure: Measure, final_params,
     if job.name not in results:
       results[job.name] = store.load(part_name(job))
   return results
+
+
+def saved_retrainings(jobs: Sequence[RemovalJob], store: RetrainingStore, *,
+                      part_name: Callable[[RemovalJob], str] = default_part_name
+                      ) -> dict[str, dict[str, Any]]:
+  """The finished retrainings of `jobs` in `store`, read without running any: job name ->
+  record as `run_retrainings` saved it (jobs without a saved result are left out)."""
+  results = {job.name: store.load(part_name(job)) for job in jobs}
+  return {name: r for name, r in results.items() if r is not None}
 
 
 def summarise_removals(jobs: Sequence[RemovalJob], results: dict[str, dict[str, Any]], regions,

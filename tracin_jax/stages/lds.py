@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tracin_jax import outputs
+from tracin_jax import rundir
 from tracin_jax.checks import lds as lds_lib
 from tracin_jax.checks import removal
 from tracin_jax.checks import stats
@@ -67,9 +68,9 @@ from tracin_jax.stages import influence as influence_stage
 from tracin_jax.training import retrain as retrain_lib
 from tracin_jax.training import train as train_lib
 
-LDS_FILE = "lds.json"
-TABLE_FILE = "lds_table.md"
-FIGURE = "lds.png"
+LDS_FILE = rundir.LDS_FILE
+TABLE_FILE = rundir.LDS_TABLE_FILE
+FIGURE = rundir.LDS_FIGURE
 BASELINE = "tracin"
 FLOOR = "random"
 VARIANTS = {
@@ -263,8 +264,10 @@ class _Lazy:
 class _Scores:
   """Every variant's validation-train scores, each part saved with the time it took."""
 
-  def __init__(self, context: base.Context, inputs, config: LdsConfig, parts: base.Parts):
+  def __init__(self, context: base.Context, inputs, config: LdsConfig, parts: base.Parts, *,
+               log: Callable[[str], None] | None = None):
     self.context, self.inputs, self.config, self.parts = context, inputs, config, parts
+    self.log = context.log if log is None else log
     self.loss_fn = segmentation.make_region_losses(inputs.apply_fn)
     self.train = {"image": context.train_set.images,
                   "target": context.train_set.labels.astype(np.int32),
@@ -277,14 +280,14 @@ class _Scores:
   def _timed(self, name: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     value, meta = self.parts.load(name), self.parts.load(f"{name}_time")
     if value is not None and meta is not None:
-      self.context.log(f"lds: scores {name} reused.")
+      self.log(f"lds: scores {name} reused.")
       return value, float(meta["seconds"])
     t0 = time.perf_counter()
     value = np.asarray(compute())
     seconds = time.perf_counter() - t0
     self.parts.save(name, value)
     self.parts.save(f"{name}_time", {"seconds": seconds})
-    self.context.log(f"lds: scores {name} done in {seconds:.0f} s.")
+    self.log(f"lds: scores {name} done in {seconds:.0f} s.")
     return value, seconds
 
   def checkpoint(self, epoch: int):
@@ -351,11 +354,189 @@ class _Scores:
     raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}.")
 
 
+class _Retraining:
+  """The lds stage's retrainings: the store of their results, the measure of every LDS
+  region, and the retrainer, loaded on first use (the random subsets and the removal tests
+  share all three)."""
+
+  def __init__(self, context: base.Context, inputs, depends: dict[str, Any], regions):
+    self.parts = base.Parts(context.stage_dir(rundir.LDS) / "retraining",
+                            {**depends, "measured": regions}, what="lds retraining")
+    self.measure = removal.evaluator(inputs.apply_fn, context.val_set, inputs.val_regions,
+                                     regions)
+    self.retrainer = _Lazy(lambda: retrain_lib.Retrainer(context.workdir, context.train_set))
+    self.progress = context.progress
+
+  def retrain_and_measure(self, removed: np.ndarray) -> np.ndarray:
+    model = self.retrainer.get()(removed, progress=self.progress, desc="lds retraining")
+    return np.array(self.measure(model))  # [2, R]: soft Dice, hard Dice
+
+
+@dataclasses.dataclass
+class _Scored:
+  """Every variant's scores, by variant name.
+
+  Attributes:
+    blocks: [K, n_val, K * n_train] validation-train scores, NaN where absent.
+    slice_scores: [K, n_val, n_train] each validation region's score for each training slice.
+    predicted: [R, M] each LDS region's prediction for each subset (the sum of the kept
+      slices' scores).
+    seconds: the time the scores took.
+  """
+
+  blocks: dict[str, np.ndarray]
+  slice_scores: dict[str, np.ndarray]
+  predicted: dict[str, np.ndarray]
+  seconds: dict[str, float]
+
+
+def _scores_source(context: base.Context, inputs, config: LdsConfig, depends: dict[str, Any],
+                   **kwargs) -> _Scores:
+  parts = base.Parts(context.stage_dir(rundir.LDS) / "scores", depends, what="lds scores")
+  return _Scores(context, inputs, config, parts, **kwargs)
+
+
+def _measure_subsets(context: base.Context, config: LdsConfig, regions, masks: np.ndarray,
+                     retraining: _Retraining) -> tuple[np.ndarray, float]:
+  """Retrains on each random subset (or reuses it): ([R, M] soft Dice, seconds)."""
+  n_train = len(context.train_set)
+  context.log(f"LDS: {len(regions)} validation regions measured after retraining the SGD "
+              f"phase on {config.num_subsets} random subsets of "
+              f"{lds_lib.subset_size(n_train, config.fraction)} of the {n_train} training "
+              "slices.")
+  t0 = time.perf_counter()
+  measured = lds_lib.measure_subsets(masks, retraining.retrain_and_measure, retraining.parts,
+                                     log=context.log)
+  return measured[:, 0, :].T, time.perf_counter() - t0
+
+
+def _score_variants(source: _Scores, variants: list[str], regions, masks: np.ndarray
+                    ) -> _Scored:
+  scored = _Scored({}, {}, {}, {})
+  for name in variants:
+    scores, scored.seconds[name] = source.variant(name)
+    scored.blocks[name] = layout.to_class_blocks(scores)
+    scored.slice_scores[name] = faithfulness.slice_scores(scored.blocks[name])
+    scored.predicted[name] = lds_lib.predicted_outputs(
+        region_rows(scored.slice_scores[name], regions), masks)
+  return scored
+
+
+def _compare_with_influence(context: base.Context, inputs, blocks: dict[str, np.ndarray]
+                            ) -> dict[str, Any]:
+  """A check on both computations: the variant the influence stage computed, recomputed
+  here (`lds.json`'s entries of it)."""
+  stage_variant = influence_stage_variant(context.configs.get("influence"))
+  deviation, same = None, None
+  if stage_variant in blocks:
+    deviation = relative_deviation(blocks[stage_variant], inputs.test_blocks)
+    same = deviation <= 1e-4
+    context.log(f"LDS: the {stage_variant} variant's scores "
+                f"{'agree' if same else 'DISAGREE'} with the influence stage's (largest "
+                f"difference {deviation:.1e} of the largest |score|; float32 sums in another "
+                "order).")
+  else:
+    context.log("LDS: the influence stage's scores are not compared with a variant (it used "
+                + ("a layer selection" if stage_variant is None else
+                   f"the {stage_variant} variant, not scored here") + ").")
+  return {"influence_stage_variant": stage_variant, "equals_influence_stage": same,
+          "deviation_from_influence_stage": deviation}
+
+
+def _lds_entry(context: base.Context, inputs, config: LdsConfig, name: str, regions,
+               scored: _Scored, soft: np.ndarray) -> dict[str, Any]:
+  """A variant's entry of `lds.json` but its removal test: LDS, per class, difference from
+  TracIn, global explainers, seconds."""
+  names = inputs.class_names
+  score = lds_lib.lds(scored.predicted[name], soft, num_bootstrap=config.num_bootstrap,
+                      seed=config.seed)
+  per_output = score.pop("per_output")
+  entry = {"description": VARIANTS[name], "seconds": scored.seconds[name], "lds": score,
+           "lds_per_class": {names[i]: stats.mean_ci(
+               per_output[[r for r, (_, c) in enumerate(regions) if c == i]])
+               for i in range(len(names))}}
+  if name != BASELINE:
+    entry["minus_tracin"] = lds_lib.lds_difference(
+        scored.predicted[name], scored.predicted[BASELINE], soft,
+        num_bootstrap=config.num_bootstrap, seed=config.seed)
+  influence_config = context.configs.get("influence") or influence_stage.InfluenceConfig()
+  entry["global_explainers"] = global_explainer_stats(
+      scored.blocks[name], inputs.train_regions, top=influence_config.global_top,
+      min_fraction=influence_config.global_fraction)
+  context.log(f"LDS {name}: {_interval(score)} ({scored.seconds[name]:.0f} s of scores).")
+  return entry
+
+
+def _removal_test(context: base.Context, inputs, config: LdsConfig, k: int, name: str,
+                  chosen, regions, slice_scores: np.ndarray, retraining: _Retraining
+                  ) -> dict[str, Any]:
+  """The validate stage's removal test of one variant at one k, on the `chosen` regions
+  (each measured among every LDS region: `regions`)."""
+  jobs = removal.removal_jobs(chosen, slice_scores, len(context.train_set), k,
+                              config.removal_random, config.seed)
+  records = removal.run_retrainings(jobs, retraining.measure, inputs.params, retraining.parts,
+                                    retraining.retrainer.get, part_name=_removal_part,
+                                    progress=context.progress, log=context.log)
+  where = {region: r for r, region in enumerate(regions)}
+  results = {job: {key: [rec[key][where[region]] for region in chosen]
+                   for key in ("region_dice", "hard_dice")}
+             for job, rec in records.items()}
+  test, _ = removal.summarise_removals(jobs, results, chosen, slice_scores, inputs.class_names)
+  context.log(f"Removal test k = {k}, {name}: proponents - random "
+              f"{_fmt(test['proponents_minus_random'])}, opponents - random "
+              f"{_fmt(test['opponents_minus_random'])}.")
+  return {key: test[key] for key in ("dice_change", "proponents_minus_random",
+                                     "opponents_minus_random")}
+
+
+def _removal_tests(context: base.Context, inputs, config: LdsConfig, variants: list[str],
+                   regions, scored: _Scored, retraining: _Retraining
+                   ) -> tuple[list[tuple[int, int]], dict[str, dict[str, Any]], float]:
+  """Each variant's removal test at each k: (the chosen regions, variant -> k -> test,
+  seconds)."""
+  chosen = faithfulness.choose_regions(inputs.presence_test,
+                                       config.removal_regions_per_class, config.seed)
+  tests: dict[str, dict[str, Any]] = {}
+  t0 = time.perf_counter()
+  for k in config.removal_k:
+    for name in variants:
+      if name not in config.removal_skip:
+        tests.setdefault(name, {})[str(k)] = _removal_test(
+            context, inputs, config, k, name, chosen, regions, scored.slice_scores[name],
+            retraining)
+  return chosen, tests, time.perf_counter() - t0
+
+
+def _shown(record: dict[str, Any]) -> str:
+  """The variant explained beside TracIn: the recommended one, else the best other by LDS."""
+  recommended = record["recommended"]
+  ranked = sorted((v for v in record["variants"] if v not in (BASELINE, FLOOR)),
+                  key=lambda v: -record["variants"][v]["lds"]["mean"])
+  return recommended if recommended != BASELINE else (ranked[0] if ranked else BASELINE)
+
+
 @base.register_stage
 class LdsStage(base.StageBase):
   """Linear datamodeling score and removal test of TracIn variants."""
 
   name, config_cls, needs = "lds", LdsConfig, ("influence",)
+
+  writes = (
+      base.Output(LDS_FILE, "per variant: LDS with bootstrap interval, paired difference "
+                  "from TracIn, removal test at each k, global explainers and their region "
+                  "sizes, run time"),
+      base.Output(TABLE_FILE, "the variants' table in Markdown"),
+      base.Output(FIGURE, "LDS of each attribution method on {num_subsets} random "
+                  "{fraction:.0%} subsets of the training slices (mean over {num_regions} "
+                  "validation regions, 95% bootstrap interval), and the removal test: Dice "
+                  "change after removing each region's top-k proponents or opponents, minus "
+                  "random removal.", figure=True),
+      # `rundir.local_panel`'s name, its fields left to fill.
+      base.Output(rundir.local_panel("{case}", "{z}", "{variant}"),
+                  "Local explanation of validation case {case}, slice {z} by the {variant} "
+                  "variant: per predicted class its top 10 proponents and opponents, global "
+                  "explainers of that variant marked.", figure=True),
+  )
 
   def check(self, context: base.Context) -> None:
     n_train = len(context.train_set)
@@ -368,115 +549,47 @@ class LdsStage(base.StageBase):
       raise SettingsError(f"--lds_variants: {', '.join(missing)} need(s) an argument that "
                           "this version of tracin_jax.influence lacks.")
 
-  def run(self, context: base.Context) -> LdsOutputs:
-    config, log, inputs = self.config, context.log, context.need("influence")
-    train_set, val_set, names = context.train_set, context.val_set, inputs.class_names
-    out = context.stage_dir(self.name)
-    manifest = self.manifest()
-    n_train = len(train_set)
+  def compute(self, context: base.Context) -> LdsOutputs:
+    """Retrains on random subsets, scores every variant by the LDS, runs their removal
+    tests (retrainings and scores each resumable) and recommends a variant."""
+    config, inputs = self.config, context.need("influence")
     variants = [BASELINE] + [v for v in config.variants if v != BASELINE]
-
     # 1. Retrain on M random subsets; measure every present validation region.
     regions = lds_regions(inputs.presence_test)
-    masks = lds_lib.sample_subsets(n_train, config.num_subsets, config.fraction, config.seed)
+    masks = lds_lib.sample_subsets(len(context.train_set), config.num_subsets,
+                                   config.fraction, config.seed)
     # Retrainings and scores depend on the run and the regions, not on the influence stage's
     # other settings: they are keyed by those alone, so a new influence setting keeps them.
     depends = _depends(context, inputs)
-    retraining = base.Parts(out / "retraining", {**depends, "measured": regions},
-                            what="lds retraining")
-    measure = removal.evaluator(inputs.apply_fn, val_set, inputs.val_regions, regions)
-    retrainer = _Lazy(lambda: retrain_lib.Retrainer(context.workdir, train_set))
-
-    def retrain_and_measure(removed: np.ndarray) -> np.ndarray:
-      model = retrainer.get()(removed, progress=context.progress, desc="lds retraining")
-      return np.array(measure(model))  # [2, R]: soft Dice, hard Dice
-
-    log(f"LDS: {len(regions)} validation regions measured after retraining the SGD phase on "
-        f"{config.num_subsets} random subsets of {lds_lib.subset_size(n_train, config.fraction)}"
-        f" of the {n_train} training slices.")
-    t0 = time.perf_counter()
-    measured = lds_lib.measure_subsets(masks, retrain_and_measure, retraining, log=log)
-    soft = measured[:, 0, :].T  # [R, M]
-    retrain_seconds = time.perf_counter() - t0
-
+    retraining = _Retraining(context, inputs, depends, regions)
+    soft, retrain_seconds = _measure_subsets(context, config, regions, masks, retraining)
     # 2. Each variant's scores, its LDS and its paired difference from TracIn.
-    scores_parts = base.Parts(out / "scores", depends, what="lds scores")
-    source = _Scores(context, inputs, config, scores_parts)
-    blocks, seconds, predicted, slice_scores = {}, {}, {}, {}
-    for name in variants:
-      scores, seconds[name] = source.variant(name)
-      blocks[name] = layout.to_class_blocks(scores)
-      slice_scores[name] = faithfulness.slice_scores(blocks[name])
-      predicted[name] = lds_lib.predicted_outputs(region_rows(slice_scores[name], regions),
-                                                  masks)
-    # A check on both computations: the variant the influence stage computed, recomputed here.
-    stage_variant = influence_stage_variant(context.configs.get("influence"))
-    deviation, same = None, None
-    if stage_variant in blocks:
-      deviation = relative_deviation(blocks[stage_variant], inputs.test_blocks)
-      same = deviation <= 1e-4
-      log(f"LDS: the {stage_variant} variant's scores {'agree' if same else 'DISAGREE'} with "
-          f"the influence stage's (largest difference {deviation:.1e} of the largest |score|; "
-          "float32 sums in another order).")
-    else:
-      log("LDS: the influence stage's scores are not compared with a variant (it used "
-          + ("a layer selection" if stage_variant is None else f"the {stage_variant} variant, "
-             "not scored here") + ").")
-    summary: dict[str, Any] = {}
-    for name in variants:
-      score = lds_lib.lds(predicted[name], soft, num_bootstrap=config.num_bootstrap,
-                          seed=config.seed)
-      per_output = score.pop("per_output")
-      entry = {"description": VARIANTS[name], "seconds": seconds[name], "lds": score,
-               "lds_per_class": {names[i]: stats.mean_ci(
-                   per_output[[r for r, (_, c) in enumerate(regions) if c == i]])
-                   for i in range(len(names))}}
-      if name != BASELINE:
-        entry["minus_tracin"] = lds_lib.lds_difference(
-            predicted[name], predicted[BASELINE], soft, num_bootstrap=config.num_bootstrap,
-            seed=config.seed)
-      influence_config = context.configs.get("influence") or influence_stage.InfluenceConfig()
-      entry["global_explainers"] = global_explainer_stats(
-          blocks[name], inputs.train_regions, top=influence_config.global_top,
-          min_fraction=influence_config.global_fraction)
-      summary[name] = entry
-      log(f"LDS {name}: {_interval(score)} ({seconds[name]:.0f} s of scores).")
-
+    scored = _score_variants(_scores_source(context, inputs, config, depends), variants,
+                             regions, masks)
+    comparison = _compare_with_influence(context, inputs, scored.blocks)
+    summary = {name: _lds_entry(context, inputs, config, name, regions, scored, soft)
+               for name in variants}
     # 3. The removal test of each variant (the validate stage's, on fewer regions).
-    chosen = faithfulness.choose_regions(inputs.presence_test,
-                                         config.removal_regions_per_class, config.seed)
-    where = {region: r for r, region in enumerate(regions)}
-    t0 = time.perf_counter()
-    for k in config.removal_k:
-      for name in variants:
-        if name in config.removal_skip:
-          continue
-        jobs = removal.removal_jobs(chosen, slice_scores[name], n_train, k,
-                                    config.removal_random, config.seed)
-        records = removal.run_retrainings(jobs, measure, inputs.params, retraining,
-                                          retrainer.get, part_name=_removal_part,
-                                          progress=context.progress, log=log)
-        results = {job: {key: [rec[key][where[region]] for region in chosen]
-                         for key in ("region_dice", "hard_dice")}
-                   for job, rec in records.items()}
-        test, _ = removal.summarise_removals(jobs, results, chosen, slice_scores[name], names)
-        summary[name].setdefault("removal", {})[str(k)] = {
-            key: test[key] for key in ("dice_change", "proponents_minus_random",
-                                       "opponents_minus_random")}
-        log(f"Removal test k = {k}, {name}: proponents - random "
-            f"{_fmt(test['proponents_minus_random'])}, opponents - random "
-            f"{_fmt(test['opponents_minus_random'])}.")
-    removal_seconds = time.perf_counter() - t0
-
-    # 4. The recommendation, the table, the figures.
+    chosen, tests, removal_seconds = _removal_tests(context, inputs, config, variants,
+                                                    regions, scored, retraining)
+    for name, by_k in tests.items():
+      summary[name]["removal"] = by_k
+    # 4. The recommendation.
     recommended = recommend(summary)
-    ranked = sorted((v for v in variants if v not in (BASELINE, FLOOR)),
-                    key=lambda v: -summary[v]["lds"]["mean"])
-    shown = recommended if recommended != BASELINE else (ranked[0] if ranked else BASELINE)
-    log(f"LDS: recommended variant {recommended}" + (
+    context.log(f"LDS: recommended variant {recommended}" + (
         " (no variant beats the paper's TracIn clearly)" if recommended == BASELINE else "")
         + ".")
-    record = {
+    record = self._record(context, regions, chosen, {
+        "retraining_seconds": retrain_seconds, "removal_seconds": removal_seconds,
+        **comparison, "recommended": recommended, "variants": summary})
+    return LdsOutputs(record, recommended, self.manifest())
+
+  def _record(self, context: base.Context, regions, chosen, found: dict[str, Any]
+              ) -> dict[str, Any]:
+    """`lds.json`'s contents: the settings and regions, then what was `found`."""
+    config, val_set, n_train = self.config, context.val_set, len(context.train_set)
+    names = context.need("influence").class_names
+    return {
         "dataset": context.data_name, "num_subsets": config.num_subsets,
         "fraction": config.fraction, "subset_size": lds_lib.subset_size(n_train,
                                                                         config.fraction),
@@ -489,41 +602,43 @@ class LdsStage(base.StageBase):
                    "interval: percentile bootstrap over regions and subsets",
         "removal_regions": [[val_set.ids[a][0], int(val_set.ids[a][1]), names[i]]
                             for a, i in chosen],
-        "retraining_seconds": retrain_seconds, "removal_seconds": removal_seconds,
-        "influence_stage_variant": stage_variant,
-        "equals_influence_stage": same,
-        "deviation_from_influence_stage": deviation,
-        "recommended": recommended, "variants": summary}
-    outputs.write_json(out / LDS_FILE, record)
-    manifest.file(self.rel(LDS_FILE), "per variant: LDS with bootstrap interval, paired "
-                  "difference from TracIn, removal test at each k, global explainers and "
-                  "their region sizes, run time")
-    outputs.write_text(out / TABLE_FILE, table(record))
-    manifest.file(self.rel(TABLE_FILE), "the variants' table in Markdown")
-    plot_lds(record, out / FIGURE, title_suffix=context.suffix)
-    manifest.figure(self.rel(FIGURE), f"LDS of each attribution method on {config.num_subsets} "
-                    f"random {config.fraction:.0%} subsets of the training slices (mean over "
-                    f"{len(regions)} validation regions, 95% bootstrap interval), and the "
-                    "removal test: Dice change after removing each region's top-k proponents "
-                    "or opponents, minus random removal.")
-    # The influence stage's first local panel image, explained by TracIn and the best variant.
+        **found}
+
+  def write(self, context: base.Context, result: LdsOutputs) -> base.Manifest:
+    manifest = self.manifest()
+    record, config = result.summary, self.config
+    file, table_file, figure, panel = self.writes
+    outputs.write_json(self.list_output(context, manifest, file), record)
+    outputs.write_text(self.list_output(context, manifest, table_file), table(record))
+    plot_lds(record, self.list_output(context, manifest, figure,
+                                      num_subsets=config.num_subsets, fraction=config.fraction,
+                                      num_regions=record["num_regions"]),
+             title_suffix=context.suffix)
+    self._write_panels(context, manifest, panel, record)
+    manifest.headline.update({
+        "lds": {v: entry["lds"]["mean"] for v, entry in record["variants"].items()},
+        "recommended": result.recommended, "num_subsets": config.num_subsets,
+        "num_regions": record["num_regions"]})
+    return manifest
+
+  def _write_panels(self, context: base.Context, manifest: base.Manifest, panel: base.Output,
+                    record: dict[str, Any]) -> None:
+    """The influence stage's first local panel image, explained by TracIn and by the best
+    variant (their scores read back from the saved parts)."""
+    inputs, val_set = context.need("influence"), context.val_set
+    source = _scores_source(context, inputs, self.config, _depends(context, inputs),
+                            log=lambda _: None)
     panels = rankings.local_explanation_examples(inputs.val_regions, 1, val_set.case_ids)
-    for name in dict.fromkeys([BASELINE, shown]):
+    for name in dict.fromkeys([BASELINE, _shown(record)]):
+      blocks = layout.to_class_blocks(source.variant(name)[0])
       for a in panels:
         case, z = val_set.ids[a]
-        path = out / f"local_{name}_{case}_{z}.png"
         influence_figures.plot_local_explanation(
-            a, blocks[name], val_set, inputs.val_regions, train_set, inputs.train_regions,
-            names, path, k=10, global_columns=summary[name]["global_explainers"]["columns"],
+            a, blocks, val_set, inputs.val_regions, context.train_set, inputs.train_regions,
+            inputs.class_names, self.list_output(context, manifest, panel, variant=name,
+                                                 case=case, z=z),
+            k=10, global_columns=record["variants"][name]["global_explainers"]["columns"],
             title_suffix=f" — {name}{context.suffix}")
-        manifest.figure(self.rel(path.name), f"Local explanation of validation case {case}, "
-                        f"slice {z} by the {name} variant: per predicted class its top 10 "
-                        "proponents and opponents, global explainers of that variant marked.")
-    manifest.headline.update({
-        "lds": {v: summary[v]["lds"]["mean"] for v in variants},
-        "recommended": recommended, "num_subsets": config.num_subsets,
-        "num_regions": len(regions)})
-    return LdsOutputs(record, recommended, manifest)
 
   def load(self, context: base.Context) -> LdsOutputs:
     record = json.loads((context.workdir / self.name / LDS_FILE).read_text())
