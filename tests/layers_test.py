@@ -101,3 +101,15 @@ def test_every_library_module_imports_with_the_stages_unimportable():
                        capture_output=True, text=True, timeout=300, check=False,
                        cwd=PACKAGE.parent)
   assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_no_function_of_the_stage_layer_is_longer_than_60_lines():
+  """A stage reads as named steps (compute, then write), not as one long run."""
+  long = []
+  for path in sorted((PACKAGE / "stages").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > 60:
+          long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+  assert not long, long
