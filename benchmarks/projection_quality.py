@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 from absl import app

@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

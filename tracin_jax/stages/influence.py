@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import shutil
 from typing import Any, Callable, Iterator
 
