@@ -1,8 +1,30 @@
-"""BraTS 2019 loader: NIfTI volumes to a `SliceSet` of preprocessed axial slices.
+"""BraTS loader: NIfTI volumes of any BraTS layout since 2019 to a `SliceSet` of
+preprocessed axial slices.
 
-Layout (real BraTS 2019 and the synthetic cohort alike)::
+Layouts (`tracin_jax.data.layouts`), recognised from the root (`detect_layout`); in each,
+a case folder's files are matched by their modality suffix, case-insensitively, and `.nii`
+is read wherever `.nii.gz` is:
 
-  <root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz   (or .nii)
+- brats2019 (real BraTS 2019 and the synthetic cohort alike):
+  `<root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`. The cases are those of
+  `PreprocessConfig.groups`; labels {0, 1, 2, 4}, 4 the enhancing tumour (ET).
+- brats2020: `<root>/BraTS20_Training_NNN/BraTS20_Training_NNN_{t1,...,seg}.nii` (and
+  `BraTS20_Validation_NNN`, without seg); labels {0, 1, 2, 4}. A seg file named otherwise
+  (the release's case 355: `W39_1998.09.19_Segm.nii`) is read when it is the folder's only
+  other NIfTI file, with a note naming it.
+- brats2021: `<root>/BraTS2021_NNNNN/BraTS2021_NNNNN_{t1,t1ce,t2,flair,seg}.nii.gz` (the
+  root may be the release's `RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021`); labels
+  {0, 1, 2, 4}.
+- brats2023 (glioma), hyphen-separated:
+  `<root>/BraTS-GLI-NNNNN-NNN/BraTS-GLI-NNNNN-NNN-{t1n,t1c,t2w,t2f,seg}.nii.gz`, where t1n
+  is T1, t1c T1Gd, t2w T2 and t2f FLAIR; labels {0, 1, 2, 3}, 3 the enhancing tumour.
+- files: one case given file by file (`case_from_files`), labels {0, 1, 2, 4} unless its
+  `layout=` says otherwise. `case_files(case_dir)` reads one case folder of any layout,
+  recognised from its files' names.
+
+Outside brats2019 every folder of the root is a case and `groups` does not apply. Every
+layout's labels become the class indices {0, 1, 2, 3} (`layouts.to_classes`);
+`layouts.to_layout_labels` maps predictions back to the layout's convention.
 
 Per case (the paper's preprocessing, section 3.1), in this order:
 
@@ -15,7 +37,17 @@ Per case (the paper's preprocessing, section 3.1), in this order:
    voxels map to -1 and 1, values are clipped to [-1, 1] and the background is exactly -1.
 5. Centre crop in-plane to `crop_size`, then optionally resize to `image_size` (area
    average for images, nearest neighbour for labels).
-6. Labels 4 -> 3 (`constants.remap_labels`).
+6. Labels to class indices: 4 -> 3 (`constants.remap_labels`), or as the layout says.
+
+`load_case` can instead keep every axial slice or given ones (`slices=`), and load a case
+without a seg file (`require_labels=False`): its labels are -1, no ground truth.
+
+The preprocessing record: every loaded slice carries a `PreprocessRecord`
+(`SliceSet.record`) that says where it came from: the source volume's shape, the in-plane
+box of it that the image covers (`crop_box`, after the centre crop), the T1 file's affine
+and path, and the layout. An image [H, W] is that box of slice `slice_indices` resized to
+H x W (area average for images, nearest for labels), so a map on a slice can be put back
+on the patient's scan and a prediction written in the layout's labels.
 
 Checks (each a `BratsDataError` naming the case and file, which `skip_bad` skips): an
 unreadable directory or file (permission denied, said so), a header whose shape claims more
@@ -28,9 +60,9 @@ and repeated when it is read).
 Array axes: nibabel's (x, y, z); a slice is `volume[:, :, z]`, so an image is [x, y] and
 its first axis (H) is the left-right axis of BraTS' LPS storage.
 
-`load_cached` stores the result as an `.npz` keyed by the source files (path, size,
-mtime) and the config, so a second run reads no NIfTI; the entry carries its SHA-256 and a
-damaged one is rebuilt.
+`load_cached` stores the result (records included) as an `.npz` keyed by the source files
+(path, size, mtime), their layout and the config, so a second run reads no NIfTI; the
+entry carries its SHA-256 and a damaged one is rebuilt.
 """
 
 from __future__ import annotations
@@ -49,8 +81,10 @@ from typing import Iterable, Literal, Sequence
 import nibabel
 import numpy as np
 
-from tracin_jax import errors
 from tracin_jax.data import constants
+from tracin_jax.data import layouts
+from tracin_jax.data.layouts import BratsDataError  # the loader's error, kept with the layouts
+from tracin_jax.data.slices import PreprocessRecord
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.progress import ProgressBar
 from tracin_jax.settings import setting
@@ -58,19 +92,15 @@ from tracin_jax.settings import setting
 _log = logging.getLogger(__name__)
 
 # Accepted file extensions, in order of preference when both exist.
-NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+NIFTI_EXTENSIONS = layouts.NIFTI_EXTENSIONS
 # Robust min-max percentiles inside the brain.
 PERCENTILES = (0.5, 99.5)
 # Bump when the preprocessing changes in a way the config does not capture.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Largest volume read (bytes of voxel data, from the header); BraTS' are 36 MB in float32.
 MAX_VOLUME_BYTES = 1 << 30
 # Largest float32 magnitude: images are normalised in float32.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class BratsDataError(errors.UserError, ValueError):
-  """A BraTS directory, case or file that cannot be used; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +150,13 @@ class CaseFiles:
 
   Attributes:
     case_id: the case directory's name (the BraTS patient id).
-    group: "HGG" or "LGG".
+    group: "HGG" or "LGG" for the brats2019 layout, "" otherwise.
     directory: the case directory.
     files: kind ("t1", "t1ce", "t2", "flair", "seg") -> path, for the files found.
+    readable: whether the directory could be read.
+    layout: the name of the case's layout (`layouts.LAYOUTS`), which gives its labels.
+    notes: warnings about its files (a seg file named irregularly), repeated on load.
+    problems: kind -> the error message its use raises (e.g. two files of that kind).
   """
 
   case_id: str
@@ -130,59 +164,126 @@ class CaseFiles:
   directory: pathlib.Path
   files: dict[str, pathlib.Path]
   readable: bool = True
+  layout: str = layouts.BRATS2019.name
+  notes: tuple[str, ...] = ()
+  problems: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def has_seg(self) -> bool:
+    """Whether the case has a segmentation file (perhaps one that cannot be used)."""
+    return constants.SEG_SUFFIX in self.files or constants.SEG_SUFFIX in self.problems
 
   def path(self, kind: str) -> pathlib.Path:
     """The path of one kind of file; raises BratsDataError, naming it, if it is missing."""
     if not self.readable:
       raise BratsDataError(f"case {self.case_id}: cannot read its directory {self.directory} "
                            "(permission denied).")
+    if kind in self.problems:
+      raise BratsDataError(self.problems[kind])
     if kind not in self.files:
-      expected = self.directory / f"{self.case_id}_{kind}{NIFTI_EXTENSIONS[0]}"
-      raise BratsDataError(
-          f"case {self.case_id}: missing {kind} file {expected} (or .nii) in {self.directory}")
+      name = layouts.get_layout(self.layout).file_name(self.case_id, kind)
+      raise BratsDataError(f"case {self.case_id}: missing {kind} file {self.directory / name} "
+                           f"(or .nii) in {self.directory}")
     return self.files[kind]
 
 
 def _file_kinds() -> tuple[str, ...]:
-  return constants.MODALITIES + (constants.SEG_SUFFIX,)
+  return layouts.KINDS
 
 
-def case_files(case_dir: str | os.PathLike, group: str = "") -> CaseFiles:
-  """The files of the case in `case_dir` (named `<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]`
-  after the directory); missing files are reported when the case is loaded."""
+def case_files(case_dir: str | os.PathLike, group: str = "",
+               layout: str | None = None) -> CaseFiles:
+  """The files of the case in `case_dir`, matched by their modality suffixes.
+
+  Missing files are reported when the case is loaded.
+
+  Args:
+    case_dir: the case folder, of any layout.
+    group: its group ("HGG", "LGG"); default: the parent folder's name if it is one and the
+      layout is brats2019, else "".
+    layout: the name of its layout; default: recognised from the files' names
+      (`layouts.detect_case_layout`).
+
+  Raises:
+    BratsDataError: case_dir is not a directory.
+  """
   case_dir = pathlib.Path(case_dir)
-  case_id = case_dir.name
-  files = {}
+  if not case_dir.is_dir():
+    raise BratsDataError(f"case directory {case_dir} does not exist or is not a directory.")
+  layout = layouts.detect_case_layout(case_dir) if layout is None else layout
+  if not group and layout == layouts.BRATS2019.name and case_dir.parent.name in constants.GROUPS:
+    group = case_dir.parent.name
   readable = os.access(case_dir, os.R_OK | os.X_OK)
-  for kind in _file_kinds() if readable else ():
-    for ext in NIFTI_EXTENSIONS:
-      candidate = case_dir / f"{case_id}_{kind}{ext}"
-      if candidate.is_file():
-        files[kind] = candidate
-        break
-  return CaseFiles(case_id, group, case_dir, files, readable)
+  found = layouts.find_case_files(case_dir, layout) if readable else layouts.FoundFiles(
+      {}, (), {})
+  return CaseFiles(case_dir.name, group, case_dir, found.files, readable, layout, found.notes,
+                   found.problems)
+
+
+def case_from_files(
+    t1: str | os.PathLike, t1ce: str | os.PathLike, t2: str | os.PathLike,
+    flair: str | os.PathLike, seg: str | os.PathLike | None = None,
+    case_id: str | None = None, *, layout: str = layouts.FILES.name) -> CaseFiles:
+  """A case given as its files, e.g. one patient's scans to explain.
+
+  Args:
+    t1, t1ce, t2, flair: the modalities' NIfTI files (T1, T1Gd, T2, FLAIR).
+    seg: the segmentation, if there is one (without it, load with `require_labels=False`).
+    case_id: the case's id; default: the T1 file's name less its extension and a T1 suffix
+      ("BraTS2021_00000_t1.nii.gz" -> "BraTS2021_00000").
+    layout: the layout whose label convention seg follows; default "files" ({0, 1, 2, 4},
+      as BraTS 2019 to 2021); "brats2023" for {0, 1, 2, 3}.
+
+  Raises:
+    BratsDataError: a file that does not exist.
+    ValueError: an unknown layout.
+  """
+  layouts.get_layout(layout)
+  given = dict(zip(_file_kinds(), (t1, t1ce, t2, flair, seg)))
+  files = {}
+  for kind, path in given.items():
+    if path is None:
+      continue
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise BratsDataError(f"{kind} file {path} does not exist or is not a file.")
+    files[kind] = path
+  t1_path = files[constants.MODALITIES[0]]
+  case_id = layouts.case_id_from_file(t1_path.name) if case_id is None else case_id
+  return CaseFiles(case_id, "", t1_path.parent, files, True, layout)
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+  """The name of the layout of a BraTS root (see `layouts.detect_layout`)."""
+  return layouts.detect_layout(root)
 
 
 def list_cases(
     root: str | os.PathLike, groups: Sequence[str] = ("HGG",)) -> list[CaseFiles]:
-  """Lists the cases under `<root>/<group>/` for each group, sorted by group then id.
+  """Lists the cases of a BraTS root of any layout, sorted (by group, then) by id.
 
-  Missing files are not an error here (they are reported when the case is loaded, so that
-  `skip_bad` can skip the case); a missing or empty directory is.
+  The layout is recognised from the root (`detect_layout`): for brats2019 the cases are
+  `<root>/<group>/<case>/` for each group; for the others every folder in the root is a
+  case and `groups` does not apply. Missing files are not an error here (they are reported
+  when the case is loaded, so that `skip_bad` can skip the case); a missing or empty
+  directory is.
 
   Args:
-    root: the BraTS root holding HGG/ and LGG/.
-    groups: the groups to list.
+    root: the BraTS root (for brats2019 the folder holding HGG/ and LGG/).
+    groups: the groups to list (brats2019 only).
 
   Returns:
     One `CaseFiles` per case directory.
 
   Raises:
-    BratsDataError: the root or a group directory is missing, or no case is found.
+    BratsDataError: the root or a group directory is missing, the root matches no layout,
+      or no case is found.
   """
   root = pathlib.Path(root)
-  if not root.is_dir():
-    raise BratsDataError(f"BraTS data directory {root} does not exist or is not a directory.")
+  layout = layouts.get_layout(layouts.detect_layout(root))
+  if not layout.grouped:
+    return [case_files(case_dir, "", layout.name) for case_dir in sorted(root.iterdir())
+            if case_dir.is_dir() and not case_dir.name.startswith(".")]
   cases = []
   for group in groups:
     group_dir = root / group
@@ -192,7 +293,7 @@ def list_cases(
     for case_dir in sorted(group_dir.iterdir()):
       if not case_dir.is_dir() or case_dir.name.startswith("."):
         continue
-      cases.append(case_files(case_dir, group))
+      cases.append(case_files(case_dir, group, layout.name))
   if not cases:
     raise BratsDataError(
         f"No BraTS cases found under {root} in {', '.join(f'{g}/' for g in groups)} "
@@ -279,16 +380,15 @@ def _check_finite(case: CaseFiles, kind: str, data: np.ndarray) -> None:
         f"beyond float32's range ({_FLOAT32_MAX:.3g}); rescale the volume.")
 
 
-def _check_labels(case: CaseFiles, seg: np.ndarray) -> None:
-  """Checks that seg holds only the BraTS labels {0, 1, 2, 4}."""
-  bad = seg.min() < 0 or seg.max() > 4 or (seg == 3).any()
-  if not bad and np.issubdtype(seg.dtype, np.floating):
-    bad = not np.array_equal(seg, np.round(seg))
-  if bad:
+def _check_labels(case: CaseFiles, seg: np.ndarray, layout: layouts.Layout) -> None:
+  """Checks that seg holds only the labels of the case's layout ({0, 1, 2, 4}; 2023:
+  {0, 1, 2, 3})."""
+  if not layouts.labels_in_layout(seg, layout):
     present = np.unique(seg).tolist()
     raise BratsDataError(
         f"case {case.case_id}: seg file {case.path(constants.SEG_SUFFIX)} has labels "
-        f"{present[:20]}; expected a subset of {list(constants.BRATS_LABELS)}.")
+        f"{present[:20]}; expected a subset of {list(layout.labels)} (the {layout.name} "
+        "labels).")
 
 
 def _centre_of_mass_z(mask: np.ndarray) -> float:
@@ -296,9 +396,10 @@ def _centre_of_mass_z(mask: np.ndarray) -> float:
   return float(np.dot(np.arange(len(weights)), weights) / weights.sum())
 
 
-def _slice_range(case: CaseFiles, brain: np.ndarray, seg: np.ndarray,
-                 config: PreprocessConfig) -> range:
-  """The `num_slices` consecutive axial indices around the chosen centre, inside the volume."""
+def _slice_range(case: CaseFiles, brain: np.ndarray, seg: np.ndarray | None,
+                 config: PreprocessConfig, found: list[str]) -> range:
+  """The `num_slices` consecutive axial indices around the chosen centre, inside the volume;
+  a fallback to the brain's centre is noted in `found`."""
   depth = brain.shape[2]
   if depth < config.num_slices:
     raise BratsDataError(
@@ -306,17 +407,59 @@ def _slice_range(case: CaseFiles, brain: np.ndarray, seg: np.ndarray,
         f"num_slices={config.num_slices}.")
   centre = _centre_of_mass_z(brain)
   if config.slice_center == "tumour":
-    tumour = seg > 0
-    if tumour.any():
+    tumour = None if seg is None else seg > 0
+    if tumour is not None and tumour.any():
       centre = _centre_of_mass_z(tumour)
     else:
-      _log.warning("case %s has no tumour label; slices centred on the brain.", case.case_id)
+      why = "no seg file" if seg is None else "no tumour label"
+      found.append(f"case {case.case_id} has {why}; slices centred on the brain.")
   start = int(round(centre - (config.num_slices - 1) / 2))
   start = min(max(start, 0), depth - config.num_slices)
   return range(start, start + config.num_slices)
 
 
-def _normalise(volume: np.ndarray, brain: np.ndarray, zs: range) -> np.ndarray:
+def _as_slices(slices) -> None | str | list[int]:
+  """`load_case`'s `slices` as None, "all" or a list of ints; anything else is refused."""
+  if slices is None or (isinstance(slices, str) and slices == "all"):
+    return slices
+  try:
+    values = None if isinstance(slices, str) else list(slices)
+  except TypeError:
+    values = None
+  if values is None:
+    raise ValueError(f"slices must be None, 'all' or axial indices, got {slices!r}.")
+  for z in values:
+    if isinstance(z, (bool, np.bool_)) or not isinstance(z, (int, np.integer)):
+      raise ValueError(f"slices: {z!r} is not an axial index (an int).")
+  return [int(z) for z in values]
+
+
+def _slice_indices(case: CaseFiles, brain: np.ndarray, seg: np.ndarray | None,
+                   config: PreprocessConfig, slices, found: list[str]) -> np.ndarray:
+  """The axial indices to keep: as `load_case`'s `slices` says, each inside the volume."""
+  depth = brain.shape[2]
+  if slices is None:
+    return np.asarray(_slice_range(case, brain, seg, config, found), np.int64)
+  if isinstance(slices, str):
+    return np.arange(depth)
+  zs = np.asarray(slices, np.int64)
+  if not len(zs):
+    raise BratsDataError(f"case {case.case_id}: no axial slice asked for (slices is empty).")
+  for z in zs:
+    if not 0 <= z < depth:
+      raise BratsDataError(f"case {case.case_id}: slice index {z} is outside its volume's "
+                           f"{depth} axial slices (0..{depth - 1}; files in {case.directory}).")
+  return zs
+
+
+def _take_z(array: np.ndarray, zs: np.ndarray) -> np.ndarray:
+  """array[:, :, zs]; a view when zs are consecutive and increasing."""
+  if len(zs) and np.array_equal(zs, np.arange(zs[0], zs[0] + len(zs))):
+    return array[:, :, zs[0]:zs[0] + len(zs)]
+  return array[:, :, zs]
+
+
+def _normalise(volume: np.ndarray, brain: np.ndarray, zs: np.ndarray) -> np.ndarray:
   """Robust min-max of one modality to [-1, 1] on slices zs, from the whole brain's stats.
 
   Args:
@@ -331,23 +474,24 @@ def _normalise(volume: np.ndarray, brain: np.ndarray, zs: range) -> np.ndarray:
   lo, hi = np.percentile(volume[brain], PERCENTILES)
   scale = 2.0 / (hi - lo) if hi > lo else 0.0
   # In float64: values near float32's limits would overflow (hi - lo) in float32.
-  out = (volume[:, :, zs.start:zs.stop].astype(np.float64) - lo) * scale
+  out = (_take_z(volume, zs).astype(np.float64) - lo) * scale
   out = np.clip(out - 1.0, -1.0, 1.0).astype(np.float32)
-  out[~brain[:, :, zs.start:zs.stop]] = -1.0
+  out[~_take_z(brain, zs)] = -1.0
   return out
 
 
-def _centre_crop(case: CaseFiles, array: np.ndarray, crop_size: int | None) -> np.ndarray:
-  """Crops axes 0 and 1 of array to crop_size around their centre."""
+def _crop_box(case: CaseFiles, shape: tuple[int, ...],
+              crop_size: int | None) -> tuple[int, int, int, int]:
+  """(x0, y0, x1, y1): the in-plane centre crop of side crop_size (None: the full plane)."""
+  x, y = shape[:2]
   if crop_size is None:
-    return array
-  x, y = array.shape[:2]
+    return 0, 0, x, y
   if x < crop_size or y < crop_size:
     raise BratsDataError(
         f"case {case.case_id}: in-plane size {x}x{y} is smaller than crop_size={crop_size} "
         f"(files in {case.directory}).")
   x0, y0 = (x - crop_size) // 2, (y - crop_size) // 2
-  return array[x0:x0 + crop_size, y0:y0 + crop_size]
+  return x0, y0, x0 + crop_size, y0 + crop_size
 
 
 def _area_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -373,28 +517,41 @@ def _resize(images: np.ndarray, labels: np.ndarray, size: int):
 
 
 def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
-              notes: list[str] | None = None) -> SliceSet:
+              notes: list[str] | None = None, slices=None,
+              require_labels: bool = True) -> SliceSet:
   """Reads and preprocesses one case.
 
   Args:
-    case: the case's files, from `list_cases`.
+    case: the case's files, from `list_cases`, `case_files` or `case_from_files`.
     config: preprocessing settings.
     notes: where warnings about the case go (an all-zero modality, an affine that differs
-      from the T1's), one line each; default: logged.
+      from the T1's, a seg file named irregularly, slices centred on the brain for want of
+      a tumour), one line each; default: logged.
+    slices: the axial slices kept: None, `config.num_slices` consecutive slices around the
+      centre `config.slice_center` chooses; "all", every one; or a sequence of axial
+      indices, in that order. Normalisation uses the whole brain whichever are kept.
+    require_labels: a case without a seg file is an error (training); if False, such a case
+      loads with labels -1 (no ground truth).
 
   Returns:
-    A SliceSet of `config.num_slices` slices: images [n, H, W, 4] float32 in [-1, 1]
-    (background -1), labels [n, H, W] int32 in {0, 1, 2, 3}, with H = W = image_size or
-    crop_size (or the volume's in-plane size when both are None).
+    A SliceSet of the kept slices: images [n, H, W, 4] float32 in [-1, 1] (background -1),
+    labels [n, H, W] int32 in {0, 1, 2, 3} (or -1), with H = W = image_size or crop_size
+    (or the volume's in-plane size when both are None), and its `PreprocessRecord`.
 
   Raises:
-    BratsDataError: a missing, unreadable or inconsistent file, naming the case and file.
+    BratsDataError: a missing, unreadable or inconsistent file, naming the case and file;
+      a slice index outside the volume, naming it and the volume's depth.
+    ValueError: `slices` is not None, "all" or a sequence of ints.
   """
-  read = [_read_volume(case, kind) for kind in _file_kinds()]
-  volumes, seg = [v for v, _ in read[:-1]], read[-1][0]
+  slices = _as_slices(slices)
+  layout = layouts.get_layout(case.layout)
+  kinds = _file_kinds() if require_labels or case.has_seg else constants.MODALITIES
+  read = [_read_volume(case, kind) for kind in kinds]
+  volumes = [v for v, _ in read[:len(constants.MODALITIES)]]
+  seg = read[-1][0] if len(kinds) > len(constants.MODALITIES) else None
   shape, affine = volumes[0].shape, read[0][1]
-  found = []
-  for kind, (data, data_affine) in zip(_file_kinds(), read):
+  found = list(case.notes)
+  for kind, (data, data_affine) in zip(kinds, read):
     if data.shape != shape:
       raise BratsDataError(
           f"case {case.case_id}: {kind} file {case.path(kind)} has shape {data.shape}, but "
@@ -407,12 +564,8 @@ def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
     if kind != constants.SEG_SUFFIX and not np.any(data):
       found.append(f"case {case.case_id}: its {kind} file {case.path(kind)} is zero "
                    "everywhere; that channel is -1 in every slice.")
-  _check_labels(case, seg)
-  for note in found:
-    if notes is None:
-      _log.warning(note)
-    else:
-      notes.append(note)
+  if seg is not None:
+    _check_labels(case, seg, layout)
 
   # NIfTI arrays come Fortran-ordered; building the mask from them keeps that order, so
   # the elementwise work below runs over contiguous memory.
@@ -422,23 +575,34 @@ def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
   if not brain.any():
     raise BratsDataError(
         f"case {case.case_id}: every modality is zero everywhere (files in {case.directory}).")
-  zs = _slice_range(case, brain, seg, config)
+  zs = _slice_indices(case, brain, seg, config, slices, found)
+  for note in found:
+    if notes is None:
+      _log.warning(note)
+    else:
+      notes.append(note)
+  box = _crop_box(case, shape, config.crop_size)
 
   images = np.stack([_normalise(v, brain, zs) for v in volumes], axis=-1)  # [X, Y, n, 4]
-  labels = constants.remap_labels(seg[:, :, zs.start:zs.stop])  # [X, Y, n]
-  images = _centre_crop(case, images, config.crop_size)
-  labels = _centre_crop(case, labels, config.crop_size)
+  if seg is None:
+    labels = np.full(shape[:2] + (len(zs),), -1, np.int32)  # no ground truth
+  else:
+    labels = layouts.to_classes(_take_z(seg, zs), layout)  # [X, Y, n]
+  images, labels = images[box[0]:box[2], box[1]:box[3]], labels[box[0]:box[2], box[1]:box[3]]
   if config.image_size is not None:
     images, labels = _resize(images, labels, config.image_size)
   if not np.isfinite(images).all():
     raise BratsDataError(f"case {case.case_id}: its normalised images are not finite "
                          f"(files in {case.directory}).")
-  n = config.num_slices
+  n = len(zs)
   return SliceSet(
       images=np.ascontiguousarray(images.transpose(2, 0, 1, 3), dtype=np.float32),
       labels=np.ascontiguousarray(labels.transpose(2, 0, 1), dtype=np.int32),
       case_ids=np.asarray([case.case_id] * n, dtype=str),
-      slice_indices=np.asarray(zs, dtype=np.int32))
+      slice_indices=np.asarray(zs, dtype=np.int32),
+      record=PreprocessRecord.of_case(
+          n, volume_shape=shape, crop_box=box, affine=affine, layout=layout.name,
+          source=case.path(constants.MODALITIES[0]).absolute()))
 
 
 def load_cases(
@@ -449,10 +613,10 @@ def load_cases(
     progress: bool = True,
     num_workers: int | None = None,
 ) -> tuple[SliceSet, list[tuple[str, str]]]:
-  """Loads every case of `config.groups` under root, in `list_cases` order.
+  """Loads every case under root (of `config.groups` for brats2019), in `list_cases` order.
 
   Args:
-    root: the BraTS root holding HGG/ and LGG/.
+    root: the BraTS root, of any layout (`detect_layout`).
     config: preprocessing settings.
     skip_bad: skip (and log) a case that raises BratsDataError instead of raising.
     progress: write a one-line progress counter to stderr.
@@ -549,7 +713,8 @@ def split_cases(
 
 def cache_key(cases: Sequence[CaseFiles], root: str | os.PathLike,
               config: PreprocessConfig, skip_bad: bool = False) -> str:
-  """A hash of the source files (absolute root, relative path, size, mtime) and config."""
+  """A hash of the source files (absolute root, relative path, size, mtime), their layout
+  and the config."""
   root = pathlib.Path(root)
   files = []
   for case in cases:
@@ -559,10 +724,11 @@ def cache_key(cases: Sequence[CaseFiles], root: str | os.PathLike,
         stat = path.stat()  # follows symbolic links: the size and mtime of the data
         files.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
       else:
-        files.append([f"{case.group}/{case.case_id}/<missing {kind}>", -1, -1])
+        files.append([f"{case.directory.relative_to(root)}/<missing {kind}>", -1, -1])
   record = {
       "version": CACHE_VERSION,
       "root": str(root.resolve()),
+      "layouts": sorted({case.layout for case in cases}),
       "files": files,
       "config": dataclasses.asdict(config),
       "skip_bad": skip_bad,
