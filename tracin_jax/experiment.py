@@ -40,7 +40,8 @@ class DataConfig:
   """
 
   data_dir: str | None = setting(
-      None, "BraTS 2019 root (with HGG/ and LGG/); unset: the embedded synthetic cohort.")
+      None, "BraTS root of any layout since 2019 (2019: holding HGG/ and LGG/; 2020, 2021, "
+      "2023: holding the case folders); unset: the embedded synthetic cohort.")
   synthetic_cases: int = setting(40, "Cases in the synthetic cohort.", minimum=2)
   synthetic_seed: int = setting(0, "Seed of the synthetic cohort.", minimum=0)
   cache_dir: str | None = setting(
@@ -183,8 +184,8 @@ def check_config(config: ExperimentConfig) -> None:
   data, train = config.data, config.train
   if data.data_dir is not None and not pathlib.Path(data.data_dir).is_dir():
     what = "is not a directory" if pathlib.Path(data.data_dir).exists() else "does not exist"
-    raise settings.SettingsError(f"--data_dir={data.data_dir}: {what} (the BraTS root, "
-                                 "holding HGG/ and LGG/).")
+    raise settings.SettingsError(f"--data_dir={data.data_dir}: {what} (the BraTS root: "
+                                 "HGG/ and LGG/ for 2019, the case folders for 2020 on).")
   multiple = 2 ** train.model.depth
   pre = data.preprocess
   for flag, size in (("--image_size", pre.image_size),
