@@ -109,7 +109,12 @@ def test_detect_layout_names_each_and_refuses_a_folder_of_none(tmp_path):
   for layout in CASE_IDS:
     assert layout in message and layouts.get_layout(layout).example in message
   assert "patient_7/, readme.txt, scans/" in message
-  # The release's folder one level up: the hint names the folder inside.
+  with pytest.raises(brats.BratsDataError, match="; it is empty"):
+    brats.detect_layout(other / "scans")
+  # A 2019 group folder given as the root, and a release's folder one level down: hints.
+  write_case(tmp_path / "flat", "brats2019", 1)
+  with pytest.raises(brats.BratsDataError, match="BraTS 2019 case folders belong in HGG/"):
+    brats.detect_layout(tmp_path / "flat" / "HGG")
   wrapper = tmp_path / "download"
   write_case(wrapper / "BraTS2021_Training_Data", "brats2021", 1)
   with pytest.raises(brats.BratsDataError, match="looks like a brats2021 root"):

@@ -215,8 +215,9 @@ def _no_layout_message(root: pathlib.Path, entries: list[pathlib.Path]) -> str:
     inner = _layout_of_entries(_entries(folders[0]))
     if inner is not None:
       hint = f"; its folder {folders[0]} looks like a {inner} root"
+  holds = f"it holds {shown}" if shown else "it is empty"
   return (f"BraTS data directory {root} has no HGG/ directory and no case folder of a known "
-          f"layout ({known}); it holds {shown or 'nothing'}{hint}.")
+          f"layout ({known}); {holds}{hint}.")
 
 
 def detect_case_layout(case_dir: str | os.PathLike) -> str:
