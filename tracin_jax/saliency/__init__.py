@@ -42,7 +42,7 @@ probing), `cam` (Grad-CAM, Grad-CAM++, guided Grad-CAM, information flow), `fait
 (deletion/insertion, completeness, relevance mass/rank, parameter randomisation, SSIM),
 `instances` (lesions as connected components, their targets, instance SmoothGrad and
 Grad-CAM++, quantitative saliency per modality, perilesional context), `figures` (grids),
-`core` (chunking, baselines, resizing, display normalisation).
+`methods` (every method by name), `core` (chunking, baselines, resizing, display normalisation).
 """
 
 from tracin_jax.saliency.cam import GradCamResult
@@ -87,6 +87,8 @@ from tracin_jax.saliency.instances import quantify
 from tracin_jax.saliency.layers import Layers
 from tracin_jax.saliency.layers import NnxModel
 from tracin_jax.saliency.layers import split_layer
+from tracin_jax.saliency.methods import METHODS
+from tracin_jax.saliency.methods import method_map
 from tracin_jax.saliency.targets import REGIONS
 from tracin_jax.saliency.targets import ClassScore
 from tracin_jax.saliency.targets import ClassSoftmaxSum
@@ -103,6 +105,7 @@ from tracin_jax.saliency.targets import predicted_region
 from tracin_jax.saliency.targets import region_mask
 
 __all__ = [
+    "METHODS",
     "REGIONS",
     "ClassScore",
     "ClassSoftmaxSum",
@@ -142,6 +145,7 @@ __all__ = [
     "make_baseline",
     "masked_class_sum",
     "masked_class_sums",
+    "method_map",
     "param_groups",
     "parameter_randomisation",
     "perturbation_curve",

@@ -43,7 +43,6 @@ import warnings
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tracin_jax import outputs
@@ -60,15 +59,8 @@ from tracin_jax.settings import setting
 from tracin_jax.stages import base
 from tracin_jax.training import train as train_lib
 
-METHODS = ("vanilla_gradient", "guided_backprop", "integrated_gradients",
-           "guided_integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam",
-           "grad_cam_plus_plus")
-LABELS = {"vanilla_gradient": "Gradient", "guided_backprop": "Guided backprop",
-          "integrated_gradients": "Integrated gradients",
-          "guided_integrated_gradients": "Guided IG", "smoothgrad": "SmoothGrad",
-          "grad_cam": "Grad-CAM", "guided_grad_cam": "Guided Grad-CAM",
-          "grad_cam_plus_plus": "Grad-CAM++", "random": "random (chance)"}
-NO_CHANNELS = ("grad_cam", "grad_cam_plus_plus")  # maps at the layer, not per input channel
+METHODS, LABELS, NO_CHANNELS = (sal.methods.METHODS, sal.methods.LABELS,
+                                sal.methods.NO_CHANNELS)
 PATH_METHODS = ("integrated_gradients", "guided_integrated_gradients")  # sum to F(x) - F(b)
 CLASSES = constants.TUMOUR_CLASSES  # (1, 2, 3)
 CLASS_NAMES = constants.TUMOUR_CLASS_NAMES
@@ -247,25 +239,12 @@ class _Explainer:
 
   def method(self, name: str, x, target, params=None):
     """[N, H, W, C] map of one method (the Grad-CAM family broadcast over C)."""
-    f, p, c = self.m.apply_fn, self.m.params if params is None else params, self.config
-    if name == "vanilla_gradient":
-      return sal.vanilla_gradient(f, p, x, target)
-    if name == "guided_backprop":
-      return sal.guided_backprop(f, p, x, target)
-    if name == "integrated_gradients":
-      return sal.integrated_gradients(f, p, x, target, steps=c.ig_steps, baseline="min",
-                                      memory_budget_bytes=self.budget).attributions
-    if name == "guided_integrated_gradients":
-      return sal.guided_integrated_gradients(f, p, x, target, steps=c.guided_ig_steps,
-                                             baseline="min").attributions
-    if name == "smoothgrad":
-      return sal.smoothgrad(f, p, x, target, key=c.seed, num_samples=c.smoothgrad_samples,
-                            memory_budget_bytes=self.budget)
-    if name == "guided_grad_cam":
-      return sal.guided_grad_cam(f, p, x, target, layer=self.layer)
-    cam_fn = sal.grad_cam if name == "grad_cam" else sal.grad_cam_plus_plus
-    cam = cam_fn(f, p, x, target, layer=self.layer).upsampled
-    return jnp.broadcast_to(cam[..., None], x.shape)
+    c = self.config
+    return sal.method_map(name, self.m.apply_fn, self.m.params if params is None else params,
+                          x, target, layer=self.layer, ig_steps=c.ig_steps,
+                          guided_ig_steps=c.guided_ig_steps,
+                          smoothgrad_samples=c.smoothgrad_samples, seed=c.seed,
+                          memory_budget_bytes=self.budget)
 
   def maps(self, x, target) -> np.ndarray:
     """[M, N, H, W, C] for the configured methods."""
