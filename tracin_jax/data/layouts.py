@@ -384,3 +384,11 @@ def to_layout_labels(classes: np.ndarray, layout: str | Layout) -> np.ndarray:
     raise ValueError(f"classes {np.unique(values[bad]).tolist()[:20]} are outside "
                      f"{list(range(constants.NUM_CLASSES))}.")
   return table[values]
+
+
+def label_description(layout: str | Layout) -> str:
+  """The layout's labels in words, e.g. "labels 1 NCR/NET, 2 ED, 4 ET (BraTS 2019)"."""
+  layout = get_layout(layout)
+  names = {index: constants.CLASS_NAMES[index] for index in range(1, constants.NUM_CLASSES)}
+  pairs = sorted((label, names[index]) for label, index in layout.label_map.items() if index)
+  return f"labels {', '.join(f'{v} {n}' for v, n in pairs)} ({layout.name})"
