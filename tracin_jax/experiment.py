@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from tracin_jax import rundir
 from tracin_jax import settings
+from tracin_jax import data as data_lib
 from tracin_jax import stages as stages_lib
 from tracin_jax.data import brats
 from tracin_jax.data.slices import SliceSet
@@ -25,10 +26,7 @@ from tracin_jax.settings import setting
 logger = logging.getLogger("tracin_jax")
 
 
-def default_cache_dir() -> pathlib.Path:
-  """`$TRACIN_JAX_CACHE`, else `~/.cache/tracin_jax`."""
-  env = os.environ.get("TRACIN_JAX_CACHE")
-  return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "tracin_jax"
+default_cache_dir = data_lib.default_cache_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +102,7 @@ def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, S
 
   cache_dir = pathlib.Path(config.cache_dir) if config.cache_dir else default_cache_dir()
   if config.synthetic:
-    root = cache_dir / f"synthetic_{config.synthetic_cases}cases_seed{config.synthetic_seed}"
+    root = data_lib.synthetic_root(cache_dir, config.synthetic_cases, config.synthetic_seed)
     logger.info(f"Synthetic cohort: {config.synthetic_cases} cases (seed "
                 f"{config.synthetic_seed}) in {root}")
     root = synthetic.ensure_cohort(

@@ -314,3 +314,25 @@ def test_the_record_survives_the_cache_and_the_layout_is_in_the_key(tmp_path, mo
   cases = brats.list_cases(root)
   other = [dataclasses.replace(c, layout="brats2021") for c in cases]
   assert brats.cache_key(cases, root, CONFIG) != brats.cache_key(other, root, CONFIG)
+
+
+@pytest.mark.parametrize("layout", ["brats2020", "brats2023"])
+def test_the_synthetic_cohort_written_in_a_later_layout_loads_to_the_same_slices(
+    tmp_path, reference, layout):
+  """`write_in_layout` renames a 2019-layout cohort's cases and files and relabels 2023's ET
+  (4 -> 3): loaded, the same images, labels and slices as the cohort it came from."""
+  from tracin_jax.data.synthetic import cohort  # pylint: disable=g-import-not-at-top
+
+  source = write_cohort(tmp_path / "brats2019", "brats2019")
+  dirs = cohort.write_in_layout(source, tmp_path / layout, layout)
+  assert [d.name for d in dirs] == [cohort.LAYOUT_CASE_NAMES[layout].format(n=n)
+                                    for n in (1, 2)]
+  assert brats.detect_layout(tmp_path / layout) == layout
+  seg = next(p for p in dirs[0].iterdir() if "seg" in p.name)
+  assert set(np.unique(np.asarray(nibabel.load(seg).dataobj))) == (
+      {0, 1, 2, 3} if layout == "brats2023" else {0, 1, 2, 4})
+  loaded, _ = brats.load_cases(tmp_path / layout, CONFIG, progress=False)
+  for name in ("images", "labels", "slice_indices"):
+    np.testing.assert_array_equal(getattr(loaded, name), getattr(reference, name))
+  with pytest.raises(ValueError, match="layout must be one of"):
+    cohort.write_in_layout(source, tmp_path / "x", "brats2019")

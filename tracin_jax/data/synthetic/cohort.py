@@ -448,3 +448,59 @@ def ensure_cohort(out_dir: str | os.PathLike, num_cases: int, seed: int = 0,
   """
   generate_cohort(out_dir, num_cases, seed, **kwargs)
   return pathlib.Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cohort in the layouts of later BraTS releases.
+# ---------------------------------------------------------------------------------------------
+
+# Case folder names of case index i (0-based) in each layout the cohort can be written in.
+LAYOUT_CASE_NAMES = {
+    "brats2020": "BraTS20_Training_{n:03d}",
+    "brats2021": "BraTS2021_{n:05d}",
+    "brats2023": "BraTS-GLI-{n:05d}-000",
+}
+
+
+def write_in_layout(cohort_root: str | os.PathLike, out_dir: str | os.PathLike,
+                    layout: str) -> list[pathlib.Path]:
+  """Writes a cohort (the BraTS 2019 layout, from `generate_cohort`) again in the layout of
+  a later release: case folders renamed (`LAYOUT_CASE_NAMES`), files named as the release
+  names them, and the 2023 segmentation relabelled (enhancing tumour 4 -> 3). The images
+  are hard links to the cohort's files where the file system allows, else copies.
+
+  Args:
+    cohort_root: the cohort's root (holding HGG/ and, maybe, LGG/).
+    out_dir: the new root (made; its case folders must not exist yet).
+    layout: "brats2020", "brats2021" or "brats2023".
+
+  Returns:
+    The new case folders, in the cohort's order (HGG first, then LGG).
+  """
+  from tracin_jax.data import layouts  # pylint: disable=g-import-not-at-top
+
+  if layout not in LAYOUT_CASE_NAMES:
+    raise ValueError(f"layout must be one of {', '.join(LAYOUT_CASE_NAMES)}, got {layout!r}.")
+  spec = layouts.get_layout(layout)
+  root, out = pathlib.Path(cohort_root), pathlib.Path(out_dir)
+  sources = [d for group in constants.GROUPS if (root / group).is_dir()
+             for d in sorted((root / group).iterdir()) if d.is_dir()]
+  out.mkdir(parents=True, exist_ok=True)
+  written = []
+  for n, source in enumerate(sources, start=1):
+    case_id = LAYOUT_CASE_NAMES[layout].format(n=n)
+    case_dir = out / case_id
+    case_dir.mkdir()
+    for kind, path in case_files(source).items():
+      target = case_dir / spec.file_name(case_id, kind)
+      if kind == constants.SEG_SUFFIX and layout == "brats2023":
+        seg = np.asarray(nib.load(path).dataobj)
+        _write_nifti_gz(target, layouts.to_layout_labels(constants.remap_labels(seg),
+                                                         layout).astype(np.uint8))
+        continue
+      try:
+        os.link(path, target)
+      except OSError:
+        shutil.copyfile(path, target)
+    written.append(case_dir)
+  return written
