@@ -42,7 +42,7 @@ def test_the_stage_writes_a_complete_store(influenced):
 def test_explaining_an_image_equals_influence_with_the_store_projection(influenced, tmp_path):
   context, inf = influenced
   store = store_lib.open_store(context.workdir / "influence" / "store")
-  run = explain._run(context.workdir)  # pylint: disable=protected-access
+  run = explain.load_run(context.workdir)
   a = int(np.argmax(inf.presence_test.sum(1)))
   result = explain.explain_image(context.workdir, tiny_run.VAL.images[a], name="val", k=3)
   train_ex = influence_stage._examples(tiny_run.TRAIN, inf.train_regions)  # pylint: disable=protected-access
@@ -70,7 +70,7 @@ def test_explaining_an_image_equals_influence_with_the_store_projection(influenc
 
 def test_an_exact_store_gives_the_stage_scores(influenced, tmp_path):
   context, inf = influenced
-  run = explain._run(context.workdir)  # pylint: disable=protected-access
+  run = explain.load_run(context.workdir)
   train_ex = influence_stage._examples(tiny_run.TRAIN, inf.train_regions)  # pylint: disable=protected-access
   val_ex = influence_stage._examples(tiny_run.VAL, inf.val_regions)  # pylint: disable=protected-access
   exact = store_lib.build_store(tmp_path / "exact", run.loss_fn, run.checkpoints, train_ex)

@@ -114,7 +114,14 @@ def has_store(workdir: str | os.PathLike) -> bool:
     return False
 
 
-def _run(workdir: pathlib.Path) -> _Run:
+def load_run(workdir: str | os.PathLike) -> _Run:
+  """A finished run's store, TracIn checkpoints and final model, loaded once per workdir
+  (and again when its store changes).
+
+  Raises:
+    FileNotFoundError: the run has no store.
+  """
+  workdir = pathlib.Path(workdir)
   store_file = workdir / STORE_PATH / store_lib.STORE_FILE
   if not store_file.is_file():
     raise FileNotFoundError(
@@ -150,7 +157,7 @@ def explain_image(workdir: str | os.PathLike, image: np.ndarray, *, name: str = 
   """
   start = time.perf_counter()
   workdir = pathlib.Path(workdir)
-  run = _run(workdir)
+  run = load_run(workdir)
   loaded = time.perf_counter()
   image = np.asarray(image, np.float32)
   expected = tuple(run.store.meta["example_shapes"]["['image']"])
@@ -225,4 +232,4 @@ def write_explanation(explanation: Explanation, out_dir: str | os.PathLike,
   return written
 
 
-__all__ = ["Explanation", "explain_image", "has_store", "write_explanation"]
+__all__ = ["Explanation", "explain_image", "has_store", "load_run", "write_explanation"]

@@ -29,9 +29,9 @@ from tracin_jax import outputs
 MANIFEST = "manifest.json"
 
 # The stages, by the name of their directory, in the order a run runs them.
-TRAIN, INFLUENCE, INTERPRET, SALIENCY, VALIDATE, LDS, REPORT = (
-    "train", "influence", "interpret", "saliency", "validate", "lds", "report")
-STAGES = (TRAIN, INFLUENCE, INTERPRET, SALIENCY, VALIDATE, LDS, REPORT)
+TRAIN, INFLUENCE, INTERPRET, SALIENCY, EXPORT, VALIDATE, LDS, REPORT = (
+    "train", "influence", "interpret", "saliency", "export", "validate", "lds", "report")
+STAGES = (TRAIN, INFLUENCE, INTERPRET, SALIENCY, EXPORT, VALIDATE, LDS, REPORT)
 
 # In the workdir itself: what training writes.
 CHECKPOINT_DIR = "checkpoints"
@@ -64,6 +64,11 @@ SALIENCY_RANDOMISATION_FIGURE = "randomisation.png"
 MODALITY_SHARES_FIGURE = "modality_shares.png"
 SALIENCY_GRID = "saliency_grid"  # the `kind` of a grid's figure entry in the manifest
 
+# <workdir>/export/<case>/ (the NIfTI files' names are `tracin_jax.patient`'s)
+EXPORT_GRID_FILE = "grid.npz"
+EXPORT_CHECK_FIGURE = "{tag}/check.png"
+EXPORT_CHECK = "export_check"  # the `kind` of a case's check figure in the manifest
+
 # <workdir>/validate/
 RETRAINING_FILE = "retraining.json"
 RETRAINING_FIGURE = "retraining.png"
@@ -81,9 +86,14 @@ REPORT_INDEX = "index.html"
 REPORT_PAGES = "images"
 
 
+def safe_name(name: str) -> str:
+  """A file-name-safe form of a case's name (runs of other characters become "-")."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).lstrip(".") or "-"
+
+
 def slice_tag(case_id: str, z: int) -> str:
   """A file-name-safe name of a slice: `<case>_z<slice>`."""
-  return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', str(case_id))}_z{int(z)}"
+  return f"{safe_name(case_id)}_z{int(z)}"
 
 
 def class_file(name: str) -> str:

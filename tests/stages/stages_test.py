@@ -11,6 +11,7 @@ import tiny_run
 
 from tracin_jax import stages
 from tracin_jax.influence import layout
+from tracin_jax.stages.export import ExportConfig
 from tracin_jax.stages.influence import InfluenceConfig
 from tracin_jax.stages.interpret import InterpretConfig
 from tracin_jax.stages.lds import LdsConfig
@@ -27,6 +28,7 @@ CONFIGS = {
                                "grad_cam_plus_plus"), ig_steps=4, smoothgrad_samples=2,
         instance_samples=2, rings=2, context_dilations=3, deletion_patch=2, deletion_steps=4,
         randomisation_methods=("vanilla_gradient", "grad_cam_plus_plus")),
+    "export": ExportConfig(cases=2, methods=("smoothgrad", "grad_cam_plus_plus")),
     "validate": ValidateConfig(regions_per_class=1, num_removed=2, num_random=1,
                                randomisation_examples=6),
     "lds": LdsConfig(num_subsets=2, variants=("tracin", "random"), removal_k=(),
@@ -50,8 +52,8 @@ def staged(full_run):
 
 
 def test_registry_order_and_needs():
-  assert stages.list_stages() == ("train", "influence", "interpret", "saliency", "validate",
-                                  "lds", "report")
+  assert stages.list_stages() == ("train", "influence", "interpret", "saliency", "export",
+                                  "validate", "lds", "report")
   for name in stages.list_stages():
     stage = stages.get_stage(name)
     assert isinstance(stage, stages.Stage)
@@ -191,7 +193,7 @@ def test_rerun_reuses_finished_stages_and_parts(staged, caplog):
   with caplog.at_level(logging.INFO, logger="tracin_jax"):
     for name in stages.list_stages():
       stages.run_stage(stages.get_stage(name, CONFIGS[name]), again)
-  assert caplog.text.count("reusing it") == 7
+  assert caplog.text.count("reusing it") == len(stages.list_stages())
   np.testing.assert_array_equal(again.results["influence"].test_blocks,
                                 results["influence"].test_blocks)
 
@@ -243,3 +245,42 @@ def test_a_finished_run_is_not_explained_on_other_data(staged):
                          configs=CONFIGS, progress=False)
   with pytest.raises(stages.StageError, match="differs from this one in data.*slices"):
     stages.run_stage(stages.get_stage("influence", CONFIGS["influence"]), fewer)
+
+
+@pytest.mark.slow  # every stage, end to end, on the tiny run
+def test_the_export_stage_puts_the_maps_back_on_each_cases_scan(staged):
+  """The tiny run's slices lie at crop box (2, 1)-(18, 17) of a 20 x 18 x 2 scan: the
+  volumes are on that grid, with its affine, the run's prediction in BraTS labels inside
+  the box and nothing outside it; the influence lies inside the predicted regions."""
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  from tracin_jax import patient  # pylint: disable=g-import-not-at-top
+  from tracin_jax.influence import segmentation  # pylint: disable=g-import-not-at-top
+
+  context, results = staged
+  export, influence = results["export"], results["influence"]
+  assert [c.case_id for c in export.cases] == list(dict.fromkeys(
+      [c for c, _ in results["saliency"].images] + tiny_run.VAL.cases))[:2]
+  for one in export.cases:
+    folder = context.workdir / "export" / one.case_id
+    names = {p.name for p in folder.iterdir()}
+    assert {"prediction.nii.gz", "grid.npz", "check.png"} <= names
+    assert {patient.saliency_file(m, c) for m in ("smoothgrad", "grad_cam_plus_plus")
+            for c in patient.CLASS_NAMES} <= names
+    written = nibabel.load(folder / "prediction.nii.gz")
+    np.testing.assert_array_equal(written.affine, np.diag([1.0, 1.0, 2.0, 1.0]))
+    labels = np.asarray(written.dataobj)
+    assert labels.shape == (20, 18, 2) and set(np.unique(labels)) <= {0, 1, 2, 4}
+    rows = [a for a, c in enumerate(tiny_run.VAL.case_ids) if c == one.case_id]
+    _, predicted = segmentation.predict_regions_and_labels(
+        influence.apply_fn, influence.params, tiny_run.VAL.images[rows],
+        influence.threshold, state=influence.state)
+    for a, z in zip(range(len(rows)), tiny_run.VAL.slice_indices[rows]):
+      inside = labels[2:18, 1:17, z]
+      np.testing.assert_array_equal(inside, np.where(predicted[a] == 3, 4, predicted[a]))
+    outside = labels.copy()
+    outside[2:18, 1:17] = 0
+    assert not outside.any()
+    et = np.asarray(nibabel.load(folder / patient.influence_file("ET")).dataobj)
+    assert et.min() >= 0 and et.max() <= 1 + 1e-6
+    assert not et[labels != 4].any()  # the ET support lies inside the predicted ET

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from tracin_jax.data.slices import PreprocessRecord
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.training import optim
 from tracin_jax.training import train as train_lib
@@ -27,7 +28,12 @@ def slices(n, seed, prefix):
     for k in range(4):
       images[i, ..., k] += 0.3 * k * (labels[i] == (k % 3) + 1)
   cases = np.array([f"{prefix}{i // 2}" for i in range(n)])
-  return SliceSet(images, labels, cases, np.arange(n, dtype=np.int32) % 2)
+  # Where each slice lies on its (never written) scan, 20 x 18 x 2 voxels of 1 x 1 x 2 mm:
+  # what the export stage puts maps back with.
+  record = PreprocessRecord.concatenate([PreprocessRecord.of_case(
+      2, volume_shape=(20, 18, 2), crop_box=(2, 1, 18, 17), affine=np.diag([1.0, 1.0, 2.0, 1.0]),
+      layout="brats2019", source=f"/nonexistent/{c}/{c}_t1.nii.gz") for c in cases[::2]])
+  return SliceSet(images, labels, cases, np.arange(n, dtype=np.int32) % 2, record)
 
 
 TRAIN, VAL = slices(12, 0, "t"), slices(4, 1, "v")

@@ -1,19 +1,19 @@
 """The experiment's stages: orchestration over the library, one contract for all.
 
     from tracin_jax import stages
-    stages.list_stages()  # ('train', 'influence', 'interpret', 'saliency', 'validate',
-                          #  'lds', 'report')
+    stages.list_stages()  # ('train', 'influence', 'interpret', 'saliency', 'export',
+                          #  'validate', 'lds', 'report')
     context = stages.Context(workdir, train_set, val_set, data_name="synthetic cohort")
     result = stages.run_stage(stages.get_stage("influence"), context)
 
 Each stage is a class in its own module (`train`, `influence`, `interpret`, `saliency`,
-`validate`, `lds`, `report`), registered by name; the order a run runs them is one tuple,
+`export`, `validate`, `lds`, `report`), registered by name; the order a run runs them is one tuple,
 `tracin_jax.rundir.STAGES`, and the modules are imported (so registered) in that order. A
 new stage is its module and its name in that tuple. `base` holds the contract (`Stage`), the
 `Context` every stage receives and the resume mechanism (`Parts`); the manifest each stage
 writes and the names of its files live below every stage, in `tracin_jax.rundir`, where the
 report and other readers find them. The analysis itself lives in the library packages
-(`training`, `influence`, `interpret`, `saliency`, `checks`); a stage only calls it, writes
+(`training`, `influence`, `interpret`, `saliency`, `checks`, `patient`); a stage only calls it, writes
 files and lists them.
 """
 
@@ -27,6 +27,7 @@ for _name in rundir.STAGES:  # registration order is run order
 del _name
 
 # pylint: disable=g-bad-import-order,wrong-import-position
+from tracin_jax.stages import export  # noqa: E402
 from tracin_jax.stages import influence  # noqa: E402
 from tracin_jax.stages import interpret  # noqa: E402
 from tracin_jax.stages import lds  # noqa: E402
@@ -54,6 +55,7 @@ __all__ = [
     "Stage",
     "StageError",
     "base",
+    "export",
     "get_stage",
     "influence",
     "interpret",
