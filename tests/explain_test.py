@@ -89,3 +89,57 @@ def test_bad_images_and_missing_stores_are_named(influenced, tmp_path):
     explain.explain_image(context.workdir, tiny_run.VAL.images[0][:-1])
   with pytest.raises(FileNotFoundError, match="no gradient store"):
     explain.explain_image(tmp_path, tiny_run.VAL.images[0])
+
+
+def _unlabelled_case(root, rng):
+  """A BraTS 2021-layout case of 20 x 18 x 5 voxels, no segmentation: each axial slice's
+  centre 16 x 16 (the crop) holds a tiny-run validation image's intensities."""
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  case_id = "BraTS2021_00099"
+  case_dir = root / case_id
+  case_dir.mkdir(parents=True)
+  affine = np.diag([1.0, 1.0, 2.0, 1.0])
+  volumes = np.zeros((4, 20, 18, 5), np.float32)
+  for z in range(5):
+    volumes[:, 2:18, 1:17, z] = np.moveaxis(tiny_run.VAL.images[z % 4], -1, 0) + 2.0
+  volumes += rng.uniform(0.0, 0.01, size=volumes.shape).astype(np.float32)
+  for k, kind in enumerate(("t1", "t1ce", "t2", "flair")):
+    nibabel.Nifti1Image(volumes[k], affine).to_filename(case_dir / f"{case_id}_{kind}.nii.gz")
+  return case_dir
+
+
+@pytest.mark.slow  # the tiny run's store
+def test_an_unlabelled_scan_is_explained_and_written_back_on_its_grid(influenced, tmp_path):
+  """A case folder without a segmentation: every axial slice predicted and explained
+  against the store, Grad-CAM on the slice with the most tumour, the volumes written under
+  the run with the input's affine and shape, nothing written beside the input."""
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  from tracin_jax import patient  # pylint: disable=g-import-not-at-top
+  from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
+
+  context, _ = influenced
+  case_dir = _unlabelled_case(tmp_path / "scans", np.random.default_rng(0))
+  before = sorted(p.name for p in case_dir.iterdir())
+  result = patient.explain_case(
+      context.workdir, case_dir, brats.PreprocessConfig(crop_size=16), tiny_run.TRAIN,
+      slices="all", k=2, saliency_methods=("grad_cam",), out_dir=tmp_path / "out")
+  assert sorted(p.name for p in case_dir.iterdir()) == before
+  assert (result.slices.labels == -1).all() and len(result.slices) == 5
+  source = nibabel.load(case_dir / "BraTS2021_00099_t1.nii.gz")
+  written = {p.name: nibabel.load(p) for p in result.paths if p.name.endswith(".nii.gz")}
+  assert "prediction.nii.gz" in written and "saliency_grad_cam_ET.nii.gz" in written
+  for image in written.values():
+    np.testing.assert_array_equal(image.affine, source.affine)
+    assert image.shape == source.shape
+  labels = np.asarray(written["prediction.nii.gz"].dataobj)
+  for z in range(5):  # the prediction, ET written as BraTS 2021's label 4
+    np.testing.assert_array_equal(labels[2:18, 1:17, z],
+                                  np.where(result.predicted[z] == 3, 4, result.predicted[z]))
+  assert not labels[:2].any() and not labels[:, 17:].any()
+  present = [a for a in range(5) if result.regions[a].any()]
+  assert [len(e) > 0 for e in result.explanations] == [a in present for a in range(5)]
+  assert len(result.saliency_slices) == (1 if present else 0)
+  record = json.loads((tmp_path / "out" / "explanation.json").read_text())
+  assert record["ground_truth"] is False and record["layout"] == "brats2021"

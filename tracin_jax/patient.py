@@ -246,13 +246,13 @@ class CaseExplanation:
     return [pathlib.Path(f["path"]) for f in self.files]
 
 
-def _saliency_maps(run, images: np.ndarray, regions: np.ndarray, methods: Sequence[str],
+def _saliency_maps(workdir: pathlib.Path, images: np.ndarray, regions: np.ndarray, methods: Sequence[str],
                    layer: str) -> dict[str, np.ndarray]:
   """method -> [n, H, W, K, C] maps of each slice's predicted regions (zeros where absent)."""
   from tracin_jax import saliency as sal  # pylint: disable=g-import-not-at-top
   from tracin_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  model, _ = train_lib.load_model(run.workdir)
+  model, _ = train_lib.load_model(workdir)
   m = sal.NnxModel(model)
   out = {name: np.zeros(regions.shape + images.shape[-1:], np.float32) for name in methods}
   classes = constants.TUMOUR_CLASSES
@@ -328,7 +328,7 @@ def explain_case(workdir: str | pathlib.Path, case, preprocess, train_set: Slice
   if mapped:
     say(f"{case.case_id}: {', '.join(saliency_methods)} on axial slices "
         f"{', '.join(str(int(loaded.slice_indices[a])) for a in mapped)}")
-    found = _saliency_maps(run, loaded.images[mapped], regions[mapped], saliency_methods,
+    found = _saliency_maps(workdir, loaded.images[mapped], regions[mapped], saliency_methods,
                            saliency_layer)
     for name, m in found.items():
       maps[name] = np.zeros(regions.shape + loaded.images.shape[-1:], np.float32)
