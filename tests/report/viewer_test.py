@@ -1,20 +1,26 @@
-"""The report's volume viewer: its data blocks, the pages that carry them, and NiiVue drawing
-them in a real browser."""
+"""The report's volume viewer: its data blocks, the report pages that carry them, and NiiVue
+drawing them in a real browser."""
 
 import base64
 import gzip
 import io
 import json
+import shutil
 import time
+import types
 
 import nibabel as nib
 import numpy as np
 import pytest
 import report_pages
 
+from tracin_jax import report
+from tracin_jax import rundir
+from tracin_jax.data.slices import SliceSet
 from tracin_jax.report import viewer
 
 HOSTILE = '</script><script>alert(1)</script><!--"\'&'
+CLASSES = ("NCR/NET", "ED", "ET")
 
 
 def _nifti(entry: dict) -> nib.Nifti1Image:
@@ -133,6 +139,109 @@ def test_a_case_of_ten_slices_of_96_pixels_stays_small():
                                  overlays={f"map {k}": heat for k in range(3)})
   block = viewer.viewer_block(volumes, title="ten slices")
   assert block["bytes"] < 700_000, block["bytes"]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _run(tmp_path, case: str):
+  """A run directory with a saliency stage's maps of one image, and what the report's image
+  pages need: slices (case `case` at z 10, 12 and 14; case "b" at z 3), regions and scores."""
+  side, n_train, k = 16, 4, len(CLASSES)
+  rng = np.random.default_rng(2)
+  ids = [(case, 14), (case, 10), ("b", 3), (case, 12)]  # out of order on purpose
+  images = rng.uniform(-1, 1, (len(ids), side, side, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, (len(ids), side, side)).astype(np.int32)
+  val = SliceSet(images, labels, np.array([c for c, _ in ids]), np.array([z for _, z in ids]))
+  train = SliceSet(images[:n_train], labels[:n_train], np.array(["t"] * n_train),
+                   np.arange(n_train))
+  regions = np.zeros((len(ids), side, side, k), bool)
+  regions[:, 4:9, 5:10, 1] = True
+  regions[:, 6:8, 6:8, 2] = True
+  regions[2] = False
+  regions[2, 1:3, 1:3, 0] = True
+  influence = types.SimpleNamespace(
+      val_regions=regions, train_regions=regions[:n_train], class_names=CLASSES,
+      presence_test=regions.any((1, 2)), global_explainers=[], threshold=0.5,
+      test_blocks=rng.normal(size=(k, len(ids), k * n_train)))
+  out = tmp_path / rundir.SALIENCY
+  out.mkdir(parents=True)
+  (out / rundir.MANIFEST).write_text(json.dumps({"stage": "saliency", "figures": []}))
+  (out / f"{rundir.FAITHFULNESS_NAME}.json").write_text(json.dumps(
+      {"summary": [], "rows": [{"case": case, "slice": 12}]}))
+  (out / f"{rundir.INSTANCES_NAME}.json").write_text(json.dumps({"instances": []}))
+  maps = np.zeros((2, k, side, side, 4), np.float32)
+  maps[0, 1, 5, 6] = -2.0  # methods x classes: |map| summed over the modalities
+  maps[1, 0, 1, 1] = 1.0  # NCR/NET: no region predicted there, so no heat map
+  np.savez(out / rundir.saliency_file("maps", case, 12, suffix=".npz"), maps=maps,
+           methods=np.array(["smoothgrad", "grad_cam"]), classes=np.array(CLASSES))
+  return train, val, influence
+
+
+def _pages(workdir) -> dict[str, str]:
+  return {p.name: p.read_text() for p in sorted((workdir / "report" / "images").glob("*.html"))}
+
+
+def test_each_report_page_gets_a_viewer_of_its_case_and_the_scripts_are_copied_once(
+    tmp_path, monkeypatch):
+  train, val, influence = _run(tmp_path, HOSTILE)
+  copies = []
+  copy = viewer.copy_static
+  monkeypatch.setattr(viewer, "copy_static", lambda folder: copies.append(folder) or copy(folder))
+  report.build_report(tmp_path, train_set=train, val_set=val, influence=influence,
+                      max_pages=2, top=2)
+  assert copies == [tmp_path / "report"]
+  pages = _pages(tmp_path)
+  assert sorted(pages) == ["val0002.html", "val0003.html"]  # the saliency stage's first
+  assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("niivue.umd.js")] == [
+      "report/static/niivue.umd.js"]
+  for text in pages.values():
+    found = report_pages.scripts(text)
+    assert [s["attrs"].get("src") for s in found] == [None, "../static/niivue.umd.js",
+                                                     "../static/viewer.js"]
+    assert HOSTILE not in text
+  (data,) = report_pages.viewer_data(pages["val0003.html"])
+  names = [v["name"] for v in data["volumes"]]
+  assert names == ["T1", "T1Gd", "T2", "FLAIR", "prediction", "ground truth",
+                   "smoothgrad: ED", "grad cam: ED", "smoothgrad: ET", "grad cam: ET"]
+  assert data["title"].startswith(HOSTILE) and data["sliceNames"] == [
+      f"{HOSTILE} slice {z}" for z in (10, 12, 14)]
+  volumes = {v["name"]: _nifti(v) for v in data["volumes"]}
+  order = [1, 3, 0]  # the case's slices in slice order
+  np.testing.assert_allclose(volumes["FLAIR"].get_fdata(),
+                             np.moveaxis(val.images[order, ..., 3], 0, -1), atol=1 / 255 + 1e-6)
+  np.testing.assert_array_equal(volumes["ground truth"].get_fdata(),
+                                np.moveaxis(val.labels[order], 0, -1))
+  prediction = volumes["prediction"].get_fdata()
+  assert prediction.shape == (16, 16, 3) and prediction[4, 5, 1] == 2 and prediction[6, 6, 1] == 3
+  np.testing.assert_allclose(volumes["FLAIR"].affine, viewer.grid_affine((1, 1, 2), (0, 0, 10)))
+  heat = volumes["smoothgrad: ED"].get_fdata()
+  assert heat[5, 6, 1] == pytest.approx(8.0) and heat.sum() == pytest.approx(8.0)  # slice 12
+  assert data["focus"][2] == 1.0 and data["focus"][:2] == pytest.approx([6.0, 7.0])
+  (other,) = report_pages.viewer_data(pages["val0002.html"])
+  assert other["volumes"][0]["shape"] == [16, 16, 1]
+  assert not [v for v in other["volumes"] if v["kind"] == "overlay"]
+
+
+def test_the_pages_viewers_can_be_given_or_left_out(tmp_path):
+  train, val, influence = _run(tmp_path, "a")
+  affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+  affine[1, 3] = 239.0
+  mine = [viewer.ViewerVolume("FLAIR", np.ones((20, 24, 8)), affine, "image"),
+          viewer.ViewerVolume("seg", np.zeros((20, 24, 8), np.uint8), affine, "labels")]
+  report.build_report(tmp_path, train_set=train, val_set=val, influence=influence,
+                      max_pages=2, top=2, viewer_volumes={("b", 3): mine})
+  pages = _pages(tmp_path)
+  (given,) = report_pages.viewer_data(pages["val0002.html"])
+  assert [v["name"] for v in given["volumes"]] == ["FLAIR", "seg"]
+  np.testing.assert_allclose(_nifti(given["volumes"][0]).affine, affine)
+  (default,) = report_pages.viewer_data(pages["val0003.html"])  # not in the mapping
+  assert default["volumes"][0]["shape"] == [16, 16, 3]
+  shutil.rmtree(tmp_path / "report")
+  report.build_report(tmp_path, train_set=train, val_set=val, influence=influence,
+                      max_pages=2, top=2, viewer_volumes=lambda case, z: [])
+  assert not any(report_pages.viewer_data(t) for t in _pages(tmp_path).values())
+  assert not (tmp_path / "report" / "static").exists()
 
 
 # ----------------------------------------------------------------------------- the browser
