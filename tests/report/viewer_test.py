@@ -109,7 +109,7 @@ def test_a_hostile_name_cannot_close_the_data_block(tmp_path):
   assert "<!--" not in text and "&lt;/script&gt;&lt;script&gt;alert(1)" in text  # heading
 
 
-def test_volumes_that_the_viewer_cannot_show_are_refused():
+def test_volumes_that_the_viewer_cannot_show_are_refused_and_masks_are_labels():
   eye, flat = np.eye(4), np.zeros((4, 4, 2))
   with pytest.raises(ValueError, match="kind"):
     viewer.ViewerVolume("x", flat, eye, "mesh")
@@ -117,6 +117,9 @@ def test_volumes_that_the_viewer_cannot_show_are_refused():
     viewer.ViewerVolume("x", np.zeros((4, 4)), eye, "image")
   with pytest.raises(ValueError, match="affine"):
     viewer.ViewerVolume("x", flat, np.eye(3), "image")
+  mask = viewer.viewer_block([viewer.ViewerVolume("x", flat, eye, "image"),
+                              viewer.ViewerVolume("y", flat > -1, eye, "labels")], title="t")
+  assert _nifti(json.loads(str(mask["data"]))["volumes"][1]).get_fdata().min() == 1
   with pytest.raises(ValueError, match="whole numbers"):
     viewer.viewer_block([viewer.ViewerVolume("x", flat, eye, "image"),
                          viewer.ViewerVolume("y", flat + 0.5, eye, "labels")], title="t")

@@ -161,7 +161,7 @@ def _display_range(volume: ViewerVolume, data_range: tuple[float, float]) -> tup
 
 def _quantised(volume: ViewerVolume) -> tuple[np.ndarray, float, float, tuple[float, float]]:
   """The volume as uint8 with the slope and intercept that restore it, and its range."""
-  data = volume.data
+  data = volume.data.astype(np.uint8) if volume.data.dtype == bool else volume.data
   if volume.kind == "labels":
     if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
       raise ValueError(f"ViewerVolume {volume.name!r}: labels must be whole numbers.")
