@@ -220,7 +220,7 @@ def test_each_report_page_gets_a_viewer_of_its_case_and_the_scripts_are_copied_o
   np.testing.assert_allclose(volumes["FLAIR"].affine, viewer.grid_affine((1, 1, 2), (0, 0, 10)))
   heat = volumes["smoothgrad: ED"].get_fdata()
   assert heat[5, 6, 1] == pytest.approx(8.0) and heat.sum() == pytest.approx(8.0)  # slice 12
-  assert data["focus"][2] == 1.0 and data["focus"][:2] == pytest.approx([6.0, 7.0])
+  assert data["focusMM"] == pytest.approx([6.0, 7.0, 12.0])  # slice 12, in mm
   (other,) = report_pages.viewer_data(pages["val0002.html"])
   assert other["volumes"][0]["shape"] == [16, 16, 1]
   assert not [v for v in other["volumes"] if v["kind"] == "overlay"]
@@ -297,7 +297,12 @@ _CLICK = "document.querySelector(arguments[0]).click();"
 
 @pytest.mark.slow  # a real browser
 def test_niivue_draws_the_volumes_and_follows_the_controls_in_chromium(tmp_path):
-  page = viewer.write_viewer_page(tmp_path / "viewer.html", _tiny_slices(), title="Tiny case",
+  volumes = _tiny_slices()
+  flipped = np.diag([-1.0, -1.0, -2.0, 1.0])  # stored in another order than NiiVue's RAS
+  flipped[:3, 3] = [31.0, 31.0, 40.0]
+  for v in volumes:
+    v.affine = flipped
+  page = viewer.write_viewer_page(tmp_path / "viewer.html", volumes, title="Tiny case",
                                   focus=[11, 19, 2])
   driver = report_pages.browser(*report_pages.WEBGL2)  # or a skip: selenium is installed after
   from selenium.webdriver.common import action_chains  # pylint: disable=g-import-not-at-top

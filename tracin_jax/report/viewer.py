@@ -202,6 +202,9 @@ def _entry(volume: ViewerVolume) -> dict[str, Any]:
           "opacity": float(DEFAULT_OPACITY[volume.kind] if volume.opacity is None
                            else volume.opacity),
           "shape": [int(s) for s in volume.data.shape], **about,
+          # world (mm) to the file's voxels, for the readout and the slice control (NiiVue's
+          # own voxels are those of the volume turned to RAS order)
+          "affine": volume.affine.tolist(), "inverse": np.linalg.inv(volume.affine).tolist(),
           "nifti": base64.b64encode(packed).decode("ascii")}
 
 
@@ -229,7 +232,8 @@ def viewer_block(volumes: Sequence[ViewerVolume], *, title: str, element_id: str
       (`copy_static` puts them there).
     focus: the voxel of the first image the viewer opens at (default: the centre).
     slice_names: a name per slice (third axis) of the first image, shown beside the slice
-      number (e.g. the slice's index in its scan).
+      number (e.g. the slice's index in its scan). The readout and the slice control count
+      the voxels of the background shown along its third axis, as its file stores them.
     orientation: whether the views are labelled with the patient's directions (from the
       affines: off where they are not the patient's).
 
@@ -248,7 +252,8 @@ def viewer_block(volumes: Sequence[ViewerVolume], *, title: str, element_id: str
   data = {"title": str(title),
           "volumes": [_entry(v) for v in volumes],
           "labels": [{"index": c, "name": n, "rgb": list(rgb)} for c, n, rgb in LABELS],
-          "focus": None if focus is None else [float(f) for f in focus],
+          "focusMM": None if focus is None else (first.affine @ [*map(float, focus), 1.0])[:3]
+          .tolist(),
           "sliceNames": None if slice_names is None else [str(s) for s in slice_names],
           "orientation": bool(orientation)}
   text = script_json(data)

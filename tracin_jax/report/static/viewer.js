@@ -75,6 +75,14 @@
         String(Number(value.toFixed(3)));
   }
 
+  /** transform (4 x 4, rows) applied to the point p (3). */
+  function apply(transform, p) {
+    return [0, 1, 2].map(function (r) {
+      const row = transform[r];
+      return row[0] * p[0] + row[1] * p[1] + row[2] * p[2] + row[3];
+    });
+  }
+
   async function loadVolume(spec, k, labels) {
     const image = await niivue.NVImage.loadFromBase64({
       base64: spec.nifti, name: 'volume' + k + '.nii.gz', colormap: spec.colormap || 'gray',
@@ -132,10 +140,11 @@
       opacity: null,
       view: 0,
     };
+    // The volumes' own opacities until the opacity control is moved; then its value for all.
     const firstShown = kinds.labels.concat(kinds.overlay).find(function (k) {
       return specs[k].visible;
     });
-    state.opacity = firstShown === undefined ? 0.6 : specs[firstShown].opacity;
+    const initialOpacity = firstShown === undefined ? 0.6 : specs[firstShown].opacity;
 
     function wanted() {
       const shown = [images[kinds.image[state.background]]];
@@ -164,27 +173,45 @@
           nv.removeVolume(image);
         }
       });
-      shown.slice(1).forEach(function (image) { image.opacity = state.opacity; });
+      shown.forEach(function (image, k) {
+        image.opacity = k === 0 || state.opacity === null ? byImage.get(image).opacity :
+            state.opacity;
+      });
       nv.updateGLVolume();
       nv.drawScene();
       nv.createOnLocationChange();
     }
 
-    const depth = specs[kinds.image[0]].shape[2];
-    const sliceInput = element('input', {type: 'range', min: '0', max: String(depth - 1),
-                                         step: '1', value: '0'});
+    const sliceInput = element('input', {type: 'range', min: '0', step: '1', value: '0'});
     const sliceText = element('span', {className: 'viewer-slice'});
 
-    function currentSlice() {
-      return Math.round(nv.frac2vox(nv.scene.crosshairPos)[2]);
+    /** The crosshair in the voxels of the background shown, as its file stores them. */
+    function crosshairVoxel() {
+      const mm = nv.frac2mm(nv.scene.crosshairPos, 0, true);
+      return apply(byImage.get(nv.back).inverse, mm).map(Math.round);
+    }
+
+    /** Moves the crosshair to slice z (third axis) of the background shown. */
+    function moveToSlice(z) {
+      const spec = byImage.get(nv.back);
+      const voxel = crosshairVoxel();
+      voxel[2] = Math.min(Math.max(z, 0), spec.shape[2] - 1);
+      nv.scene.crosshairPos = nv.mm2frac(apply(spec.affine, voxel), 0, true);
+      nv.drawScene();
+      nv.createOnLocationChange();
     }
 
     function showLocation(location) {
-      const z = Math.round(location.vox[2]);
+      const spec = byImage.get(nv.back);
+      const voxel = apply(spec.inverse, location.mm).map(Math.round);
+      const z = voxel[2];
+      const depth = spec.shape[2];
+      sliceInput.max = String(depth - 1);
       sliceInput.value = String(z);
-      const name = data.sliceNames ? ' (' + data.sliceNames[z] + ')' : '';
+      const sliceNames = spec === specs[kinds.image[0]] ? data.sliceNames : null;
+      const name = sliceNames && sliceNames[z] !== undefined ? ' (' + sliceNames[z] + ')' : '';
       sliceText.textContent = 'slice ' + (z + 1) + ' of ' + depth + name;
-      const parts = ['voxel ' + location.vox.map(Math.round).join(', ')];
+      const parts = ['voxel ' + voxel.join(', ')];
       location.values.forEach(function (entry, k) {
         const spec = byImage.get(nv.volumes[k]);
         if (!spec) {
@@ -213,7 +240,7 @@
         inputs.heat.value = String(state.heat + 1);
       }
       if (inputs.opacity) {
-        inputs.opacity.value = String(state.opacity);
+        inputs.opacity.value = String(state.opacity === null ? initialOpacity : state.opacity);
       }
       inputs.view.value = String(state.view);
     }
@@ -227,7 +254,8 @@
     }
 
     const api = {
-      nv: nv, state: state, ready: false, slice: currentSlice,
+      nv: nv, state: state, ready: false,
+      slice: function () { return crosshairVoxel()[2]; },
       setBackground: change(function (k) { state.background = k; }),
       setLabels: change(function (j, on) { state.labels[j] = on; }),
       setHeat: change(function (k) { state.heat = k; }),
@@ -237,7 +265,7 @@
         nv.setSliceType(VIEWS[k][1]);
         sync();
       },
-      setSlice: function (z) { nv.moveCrosshairInVox(0, 0, z - currentSlice()); },
+      setSlice: moveToSlice,
     };
 
     inputs.background.className = 'viewer-background';
@@ -282,8 +310,8 @@
 
     nv.onLocationChange = showLocation;
     compose();
-    if (data.focus) {
-      nv.scene.crosshairPos = nv.vox2frac(data.focus);
+    if (data.focusMM) {
+      nv.scene.crosshairPos = nv.mm2frac(data.focusMM, 0, true);
     }
     nv.drawScene();
     nv.createOnLocationChange();
