@@ -99,7 +99,7 @@ def test_the_report_lists_every_stage_and_its_pages(staged):
   # The saliency stage's maps of a page's image are heat maps of its viewer.
   heats = [v["name"] for t in texts for v in report_pages.viewer_data(t)[0]["volumes"]
            if v["kind"] == "overlay"]
-  assert any(name.endswith("smoothgrad") for name in heats), heats
+  assert any(name.startswith("smoothgrad: ") for name in heats), heats
   assert sorted(p.name for p in (context.workdir / "report" / "static").iterdir()) == [
       "NIIVUE-LICENSE", "niivue.umd.js", "viewer.js"]
   manifest = stages.read_manifest(context.workdir, "report")

@@ -303,7 +303,7 @@ def test_niivue_draws_the_volumes_and_follows_the_controls_in_chromium(tmp_path)
   for v in volumes:
     v.affine = flipped
   page = viewer.write_viewer_page(tmp_path / "viewer.html", volumes, title="Tiny case",
-                                  focus=[11, 19, 2])
+                                  focus=[11, 19, 2], slice_names=[f"z {k}" for k in range(6)])
   driver = report_pages.browser(*report_pages.WEBGL2)  # or a skip: selenium is installed after
   from selenium.webdriver.common import action_chains  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.common.actions import wheel_input  # pylint: disable=g-import-not-at-top
@@ -329,7 +329,7 @@ def test_niivue_draws_the_volumes_and_follows_the_controls_in_chromium(tmp_path)
     assert _dominant(grey, 0) == _dominant(grey, 1) == 0
     _changed(driver, grey, _CLICK, ".viewer-labels")
     # NiiVue's own slice scrolling, then the slice control.
-    assert _text(driver, ".viewer-slice").startswith("slice 3 of 6")
+    assert _text(driver, ".viewer-slice") == "slice 3 of 6 (z 2)"  # T2 shares the grid of T1
     canvas = driver.find_element("css selector", "#viewer canvas")
     action_chains.ActionChains(driver).scroll_from_origin(
         wheel_input.ScrollOrigin.from_element(canvas), 0, 120).perform()

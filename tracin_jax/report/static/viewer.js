@@ -208,8 +208,8 @@
       const depth = spec.shape[2];
       sliceInput.max = String(depth - 1);
       sliceInput.value = String(z);
-      const sliceNames = spec === specs[kinds.image[0]] ? data.sliceNames : null;
-      const name = sliceNames && sliceNames[z] !== undefined ? ' (' + sliceNames[z] + ')' : '';
+      const sliceNames = data.sliceNames;  // the first image's: for the backgrounds of its depth
+      const name = sliceNames && sliceNames.length === depth ? ' (' + sliceNames[z] + ')' : '';
       sliceText.textContent = 'slice ' + (z + 1) + ' of ' + depth + name;
       const parts = ['voxel ' + voxel.join(', ')];
       location.values.forEach(function (entry, k) {
