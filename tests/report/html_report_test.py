@@ -6,11 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.parse
 
 import layers_test
 import numpy as np
 import pytest
+import report_pages
 import stages_test
 import tiny_run
 
@@ -22,32 +24,13 @@ staged = stages_test.staged  # every stage once on the tiny run (reused when fin
 HOSTILE = '<img src=x onerror="alert(1)">&"case'
 
 
-def _browser():
-  """A headless Chromium WebDriver, or a skip naming what is missing."""
-  webdriver = pytest.importorskip(
-      "selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-  driver_path = shutil.which("chromedriver")
-  binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(b)), None)
-  if not driver_path or not binary:
-    pytest.skip("no headless Chromium found (Debian: apt-get install chromium "
-                "chromium-driver)")
-  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
-
-  options = webdriver.ChromeOptions()
-  options.binary_location = binary
-  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--window-size=1366,900", "--allow-file-access-from-files"):
-    options.add_argument(arg)
-  return webdriver.Chrome(service=Service(driver_path), options=options)
-
-
 _IMAGES = """
 document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; });
 return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete,
                                              i.naturalWidth]);
 """
 _LINKS = "return Array.from(document.querySelectorAll('a[href]')).map(a => a.href);"
+_VIEWERS = "return Array.from(document.querySelectorAll('.viewer'), s => s.dataset.state);"
 
 
 def _check_page(driver, url: str) -> list[str]:
@@ -62,6 +45,13 @@ def _check_page(driver, url: str) -> list[str]:
   assert images, url
   broken = [src for src, done, width in images if not done or width == 0]
   assert not broken, f"{url}: images that did not load: {broken}"
+  states = []
+  for _ in range(300):  # the viewers load their volumes asynchronously
+    states = driver.execute_script(_VIEWERS)
+    if "loading" not in states:
+      break
+    time.sleep(0.1)
+  assert all(s == "ready" for s in states), f"{url}: viewers {states}"
   links = driver.execute_script(_LINKS)
   for link in links:
     parsed = urllib.parse.urlparse(link)
@@ -105,6 +95,13 @@ def test_the_report_lists_every_stage_and_its_pages(staged):
   for text in texts:
     assert "Scores queried from the run&#39;s gradient store (countsketch projection" in text
     assert "are also among the top" in text
+    assert len(report_pages.viewer_data(text)) == 1 and 'src="../static/viewer.js"' in text
+  # The saliency stage's maps of a page's image are heat maps of its viewer.
+  heats = [v["name"] for t in texts for v in report_pages.viewer_data(t)[0]["volumes"]
+           if v["kind"] == "overlay"]
+  assert any(name.startswith("smoothgrad: ") for name in heats), heats
+  assert sorted(p.name for p in (context.workdir / "report" / "static").iterdir()) == [
+      "NIIVUE-LICENSE", "niivue.umd.js", "viewer.js"]
   manifest = stages.read_manifest(context.workdir, "report")
   assert manifest["files"][0]["path"] == "report/index.html"
 
@@ -139,7 +136,7 @@ def test_case_names_are_escaped_on_the_pages(staged, tmp_path):
 @pytest.mark.slow  # a real browser
 def test_every_image_loads_and_every_link_resolves_in_chromium(staged, tmp_path):
   context, _ = staged
-  driver = _browser()
+  driver = report_pages.browser(*report_pages.WEBGL2)
   try:
     index = (context.workdir / "report" / "index.html").resolve()
     links = _check_page(driver, index.as_uri())

@@ -8,9 +8,12 @@ The index shows the run's data, stage timings, Dice, the checks against retraini
 randomisation, the saliency tables and every figure a manifest lists with its caption; a page
 per explained validation image shows it in four modalities with its predicted regions and, per
 class, its top TracIn proponents and opponents as thumbnails (global explainers marked) beside
-its saliency grids. Pages open offline from the file system: styles are inline, images are
-files beside them (figures are linked where their stage wrote them). Templates are Jinja2 with
-autoescaping, so case names and every other string from the data are escaped.
+its saliency grids, and an interactive viewer of the whole case (`viewer`: NiiVue, bundled;
+its volumes embedded in the page). Pages open offline from the file system: styles are inline,
+images are files beside them (figures are linked where their stage wrote them), the viewer's
+scripts are in `report/static/`, once. Templates are Jinja2 with autoescaping, so case names
+and every other string from the data are escaped (and reach the viewer's scripts as JSON
+data only).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import os
 import pathlib
 import shutil
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 import numpy as np
@@ -38,6 +41,14 @@ from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.figures import new_figure
 from tracin_jax.influence.figures import overlay
 from tracin_jax.influence.topk import top_k
+from tracin_jax.report import viewer
+
+# What `build_report` takes for the pages' viewers: by (case, slice), the volumes of a page's
+# viewer (or a `viewer.Viewer`, which also says where it opens); None or a missing key: the
+# default (the case's slices); an empty sequence: no viewer on that page.
+PageVolumes = Sequence[viewer.ViewerVolume] | viewer.Viewer | None
+ViewerVolumes = (Mapping[tuple[str, int], PageVolumes]
+                 | Callable[[str, int], PageVolumes])
 
 REPORT_DIR = rundir.REPORT
 INDEX = rundir.REPORT_INDEX
@@ -234,6 +245,75 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
           "saliency": any(c["saliency"] for c in classes)}
 
 
+def _saliency_overlays(workdir: pathlib.Path, case: str, z: int, classes: Sequence[str],
+                       present: Sequence[bool]) -> dict[str, np.ndarray]:
+  """The saliency stage's maps of one image, if it wrote them: name -> [H, W] the summed
+  |map| over the modalities, per method and predicted class."""
+  path = workdir / rundir.SALIENCY / rundir.saliency_file("maps", case, z, suffix=".npz")
+  if not path.exists():
+    return {}
+  with np.load(path) as f:
+    maps, methods, names = f["maps"], [str(m) for m in f["methods"]], list(map(str, f["classes"]))
+  shown = {c for c, p in zip(classes, present) if p}
+  return {f"{method.replace('_', ' ')}: {cname}": np.abs(maps[m, k]).sum(-1)
+          for k, cname in enumerate(names) if cname in shown
+          for m, method in enumerate(methods)}
+
+
+def case_viewer(workdir: str | os.PathLike, a: int, influence, val_set: SliceSet
+                ) -> viewer.Viewer:
+  """The default viewer of validation image a's page: every slice of its case in val_set,
+  in slice order, as volumes (the four modalities, the predicted regions, the truth and the
+  saliency stage's maps of the image where it wrote them), opening at the image's slice, at
+  the centre of its predicted regions.
+
+  Predicted regions may overlap (each is its class's p > threshold): a pixel takes the last
+  class whose region holds it (ET over ED over NCR/NET)."""
+  case, z = val_set.ids[a]
+  order = sorted((i for i, (c, _) in enumerate(val_set.ids) if c == case),
+                 key=lambda i: val_set.ids[i][1])
+  here = order.index(a)
+  regions = np.asarray(influence.val_regions)[order]  # [N, H, W, K]
+  predicted = np.zeros(regions.shape[:3], np.uint8)
+  for j in range(regions.shape[-1]):
+    predicted[regions[..., j]] = j + 1
+  present = [bool(regions[here, ..., j].any()) for j in range(regions.shape[-1])]
+  heats = {}
+  for name, heat in _saliency_overlays(pathlib.Path(workdir), case, z,
+                                       list(influence.class_names), present).items():
+    heats[name] = np.zeros(regions.shape[:3], np.float32)
+    heats[name][here] = heat
+  slices = [val_set.ids[i][1] for i in order]
+  volumes = viewer.slice_volumes(val_set.images[order], predicted=predicted,
+                                 truth=val_set.labels[order], overlays=heats,
+                                 slice_indices=slices)
+  found = np.argwhere(regions[here].any(-1))
+  centre = found.mean(0) if len(found) else (np.array(regions.shape[1:3]) - 1) / 2
+  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]), float(here)],
+                       slice_names=[f"{case} slice {s}" for s in slices], orientation=False)
+
+
+def _page_viewer(workdir: pathlib.Path, a: int, influence, val_set: SliceSet,
+                 given: ViewerVolumes | None) -> dict[str, Any] | None:
+  """The viewer block of validation image a's page (None: no viewer)."""
+  case, z = val_set.ids[a]
+  chosen = None
+  if callable(given):
+    chosen = given(case, z)
+  elif given is not None:
+    chosen = given.get((case, z))
+  if chosen is None:
+    chosen = case_viewer(workdir, a, influence, val_set)
+  if not isinstance(chosen, viewer.Viewer):
+    chosen = viewer.Viewer(list(chosen))
+  if not chosen.volumes:
+    return None
+  return viewer.viewer_block(chosen.volumes, title=f"{case} slice {z}: the case in 3D",
+                             static=f"../{viewer.STATIC_DIR}", focus=chosen.focus,
+                             slice_names=chosen.slice_names,
+                             orientation=chosen.orientation)
+
+
 def _page_scores(workdir: pathlib.Path, influence, val_set: SliceSet,
                  chosen: Sequence[int], top: int) -> dict[str, Any]:
   """The pages' scores: queries of the run's gradient store where it has one (each image
@@ -260,7 +340,8 @@ def _page_scores(workdir: pathlib.Path, influence, val_set: SliceSet,
 def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = None,
                  val_set: SliceSet | None = None, influence: Any = None,
                  max_pages: int = 6, top: int = 5,
-                 stage_names: Sequence[str] | None = None) -> pathlib.Path:
+                 stage_names: Sequence[str] | None = None,
+                 viewer_volumes: ViewerVolumes | None = None) -> pathlib.Path:
   """Writes `<workdir>/report/index.html` (and a page per explained image).
 
   Args:
@@ -272,6 +353,10 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
     max_pages: validation images with a page (the saliency stage's first).
     top: proponents and opponents shown per region.
     stage_names: the stages to look for, in order (default: `rundir.STAGES`).
+    viewer_volumes: the pages' viewers, by (case, slice): a mapping, or a function of case
+      and slice, to a page's volumes (`viewer.ViewerVolume`, any grid and affine, e.g.
+      patient-space volumes read from NIfTI files) or a `viewer.Viewer`. None, or None for
+      a page: the case's preprocessed slices (`case_viewer`); an empty sequence: no viewer.
 
   Returns:
     The index's path.
@@ -301,8 +386,14 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
     pages = [_page(report_dir, a, influence, train_set, val_set, saliency, top, made, blocks)
              for a, blocks in zip(chosen, source["blocks"])]
     template = _ENV.get_template("image.html")
-    for k, p in enumerate(pages):
+    copied = False
+    for k, (p, a) in enumerate(zip(pages, chosen)):
+      block = _page_viewer(workdir, a, influence, val_set, viewer_volumes)
+      if block and not copied:
+        viewer.copy_static(report_dir)  # once, for every page
+        copied = True
       html = template.render(
+          viewer=block,
           title=f"{p['case']} slice {p['slice']}", threshold=fmt(influence.threshold, 2),
           prev=f"{pages[k - 1]['name']}.html" if k else None,
           next=f"{pages[k + 1]['name']}.html" if k + 1 < len(pages) else None,
