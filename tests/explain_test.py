@@ -143,3 +143,5 @@ def test_an_unlabelled_scan_is_explained_and_written_back_on_its_grid(influenced
   assert len(result.saliency_slices) == (1 if present else 0)
   record = json.loads((tmp_path / "out" / "explanation.json").read_text())
   assert record["ground_truth"] is False and record["layout"] == "brats2021"
+  page = (tmp_path / "out" / "viewer.html").read_text()
+  assert "prediction" in page and (tmp_path / "out" / "static" / "niivue.umd.js").exists()

@@ -24,7 +24,10 @@ chosen saliency methods map the slices with the largest predicted tumour, and
     (summed |map| over the four modalities; the Grad-CAM family as it is), on the mapped
     slices, 0 elsewhere;
   - `explanation.json`: the top proponents and opponents of every region of every slice,
-    the files and what each holds.
+    the files and what each holds;
+  - `grid.npz`: where the slices lie on the scan (their preprocessing record);
+  - `viewer.html`: the scan and every output above in an interactive viewer (NiiVue,
+    offline; `case_viewer`).
 
 The run's validation cases get the same files from the `export` stage.
 """
@@ -47,6 +50,8 @@ from tracin_jax.data.slices import SliceSet
 
 PREDICTION_FILE = "prediction.nii.gz"
 EXPLANATION_FILE = "explanation.json"
+GRID_FILE = rundir.EXPORT_GRID_FILE
+VIEWER_FILE = "viewer.html"
 CLASS_NAMES = constants.TUMOUR_CLASS_NAMES
 # The saliency methods mapped by default: one of the Grad-CAM family and one gradient
 # method, cheap enough for every slice of a volume on a CPU.
@@ -334,8 +339,8 @@ def explain_case(workdir: str | pathlib.Path, case, preprocess, train_set: Slice
       maps[name] = np.zeros(regions.shape + loaded.images.shape[-1:], np.float32)
       maps[name][mapped] = m
   t3 = time.perf_counter()
-  out_dir = pathlib.Path(out_dir) if out_dir else workdir / "explain" / rundir.slice_tag(
-      case.case_id, 0)[:-3]
+  out_dir = (pathlib.Path(out_dir) if out_dir else
+             workdir / "explain" / rundir.safe_name(case.case_id))
   files = write_case_outputs(loaded, out_dir, predicted=predicted, influence=support,
                              saliency=maps)
   outputs.write_json(out_dir / EXPLANATION_FILE, {
@@ -348,6 +353,20 @@ def explain_case(workdir: str | pathlib.Path, case, preprocess, train_set: Slice
                 for f in files]})
   files.append({"path": str(out_dir / EXPLANATION_FILE),
                 "description": "top proponents and opponents of every predicted region"})
+  grid = patient_space.SliceGrid.of(loaded)
+  explained = [a for a in range(len(loaded)) if regions[a].any()] or list(range(len(loaded)))
+  outputs.save_npz(out_dir / GRID_FILE, **grid_arrays(grid, np.asarray(explained)))
+  files.append({"path": str(out_dir / GRID_FILE),
+                "description": "the slices' preprocessing record (where they lie on the scan)"})
+  shown = case_viewer(out_dir, grid, explained, margin=0 if slices == "all" else 8)
+  if shown is not None:
+    from tracin_jax.report import viewer  # pylint: disable=g-import-not-at-top
+
+    viewer.write_viewer_page(out_dir / VIEWER_FILE, shown.volumes,
+                             title=f"{case.case_id}: the explanation on the scan",
+                             focus=shown.focus, slice_names=shown.slice_names)
+    files.append({"path": str(out_dir / VIEWER_FILE), "description": "the scan and every "
+                  "output in an interactive viewer (open in a browser, no server needed)"})
   t4 = time.perf_counter()
   seconds = {"load": t1 - t0, "explain": t2 - t1, "saliency": t3 - t2, "write": t4 - t3,
              "total": t4 - t0}
@@ -369,3 +388,94 @@ def _chosen_slices(loaded: SliceSet, regions: np.ndarray,
     raise ValueError(f"saliency slices {missing} are not among the explained slices "
                      f"{int(loaded.slice_indices[0])}..{int(loaded.slice_indices[-1])}.")
   return sorted(where[int(z)] for z in chosen)
+
+
+def read_grid(path: str | pathlib.Path) -> tuple[patient_space.SliceGrid, np.ndarray]:
+  """A case's `grid.npz` (the export stage's, `explain_case`'s): (its slice grid, the
+  indices into it of the explained slices)."""
+  from tracin_jax.data.slices import PreprocessRecord  # pylint: disable=g-import-not-at-top
+
+  with np.load(path, allow_pickle=False) as f:
+    grid = patient_space.SliceGrid(PreprocessRecord.from_arrays(f), f["slice_indices"],
+                                   tuple(int(d) for d in f["shape"]))
+    return grid, np.asarray(f["explained"])
+
+
+def grid_arrays(grid: patient_space.SliceGrid, explained: np.ndarray) -> dict[str, np.ndarray]:
+  """What `read_grid` reads back, as arrays for an .npz."""
+  return {"slice_indices": grid.slice_indices, "shape": np.asarray(grid.shape),
+          "explained": np.asarray(explained), **grid.record.arrays()}
+
+
+def _crop(volume: np.ndarray, box, step: int, zs: tuple[int, int]) -> np.ndarray:
+  x0, y0, x1, y1 = box
+  return np.ascontiguousarray(volume[x0:x1:step, y0:y1:step, zs[0]:zs[1]])
+
+
+def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
+                explained: Sequence[int], *, z: int | None = None, margin: int = 8):
+  """A viewer (`tracin_jax.report.viewer.Viewer`) of a case's NIfTI outputs read back from
+  `out_dir`, on the patient's scan: its four modalities (read from the case's folder), the
+  prediction, the ground truth where the folder has one (hidden), the influence support and
+  every saliency map, inside the crop box and the explained slices (with `margin` slices
+  either side), at the model's in-plane resolution (every step-th voxel), with the scan's
+  own affine; None where the scan cannot be read.
+
+  Args:
+    out_dir: the case's outputs (`write_case_outputs`).
+    grid: the slice grid the outputs were written from (its record names the scan).
+    explained: indices into the grid of the explained slices.
+    z: the axial slice the viewer opens at (default the explained slice with the most
+      predicted tumour).
+    margin: slices shown beyond the explained ones.
+  """
+  import nibabel  # pylint: disable=g-import-not-at-top
+  from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
+  from tracin_jax.report import viewer  # pylint: disable=g-import-not-at-top
+
+  out_dir = pathlib.Path(out_dir)
+  record, layout = grid.record, str(grid.record.layout[0])
+  try:
+    case = brats.case_files(pathlib.Path(str(record.source[0])).parent)
+    scans = {kind: nibabel.load(case.path(kind)) for kind in constants.MODALITIES}
+  except (brats.BratsDataError, OSError, nibabel.filebasedimages.ImageFileError):
+    return None
+  box = [int(v) for v in record.crop_box[0]]
+  step = max(1, round((box[2] - box[0]) / grid.shape[0]))
+  shown = [int(grid.slice_indices[a]) for a in explained]
+  depth = int(record.volume_shape[0][2])
+  zs = (max(0, min(shown) - margin), min(depth, max(shown) + margin + 1))
+  affine = np.asarray(record.affine[0]) @ np.array(
+      [[step, 0, 0, box[0]], [0, step, 0, box[1]], [0, 0, 1, zs[0]], [0, 0, 0, 1.0]])
+
+  def read(path):
+    return _crop(np.asarray(nibabel.load(path).dataobj), box, step, zs)
+
+  volumes = [viewer.ViewerVolume(name, _crop(np.asarray(scans[kind].dataobj, np.float32),
+                                             box, step, zs), affine, "image",
+                                 visible=kind == "flair")
+             for kind, name in zip(constants.MODALITIES, constants.MODALITY_NAMES)]
+  volumes.insert(0, volumes.pop(3))  # FLAIR first: the background the viewer opens with
+  predicted = layouts.to_classes(read(out_dir / PREDICTION_FILE), layout)
+  volumes.append(viewer.ViewerVolume("prediction", predicted, affine, "labels"))
+  if case.has_seg:
+    truth = layouts.to_classes(read(case.path(constants.SEG_SUFFIX)), layout)
+    volumes.append(viewer.ViewerVolume("ground truth", truth, affine, "labels",
+                                       visible=False))
+  overlays = [(influence_file(c), f"TracIn support: {c}") for c in CLASS_NAMES]
+  overlays += sorted((p.name, p.name[len("saliency_"):-len(".nii.gz")].replace("_", " "))
+                     for p in out_dir.glob("saliency_*.nii.gz"))
+  for name, title in overlays:
+    if (out_dir / name).exists():
+      data = read(out_dir / name)
+      if data.any():
+        volumes.append(viewer.ViewerVolume(title, data, affine, "overlay",
+                                           visible=not any(v.kind == "overlay"
+                                                           for v in volumes)))
+  sizes = {s: int((predicted[..., s - zs[0]] > 0).sum()) for s in shown}
+  here = max(shown, key=lambda s: sizes[s]) if z is None else int(z)
+  found = np.argwhere(predicted[..., here - zs[0]] > 0)
+  centre = found.mean(0) if len(found) else (np.array(predicted.shape[:2]) - 1) / 2
+  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]),
+                                       float(here - zs[0])],
+                       slice_names=[f"axial slice {s}" for s in range(*zs)])

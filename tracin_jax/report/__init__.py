@@ -293,6 +293,21 @@ def case_viewer(workdir: str | os.PathLike, a: int, influence, val_set: SliceSet
                        slice_names=[f"{case} slice {s}" for s in slices], orientation=False)
 
 
+def export_viewer(workdir: str | os.PathLike, case: str, z: int) -> viewer.Viewer | None:
+  """The viewer of a case the export stage wrote: its NIfTI outputs read back, on the
+  patient's scan (`tracin_jax.patient.case_viewer`), opening at slice z; None where the
+  stage did not export the case or its scan cannot be read."""
+  from tracin_jax import patient  # pylint: disable=g-import-not-at-top
+
+  folder = pathlib.Path(workdir) / rundir.EXPORT / rundir.safe_name(case)
+  if not (folder / rundir.EXPORT_GRID_FILE).exists():
+    return None
+  grid, explained = patient.read_grid(folder / rundir.EXPORT_GRID_FILE)
+  if int(z) not in [int(grid.slice_indices[a]) for a in explained]:
+    return None
+  return patient.case_viewer(folder, grid, explained, z=z)
+
+
 def _page_viewer(workdir: pathlib.Path, a: int, influence, val_set: SliceSet,
                  given: ViewerVolumes | None) -> dict[str, Any] | None:
   """The viewer block of validation image a's page (None: no viewer)."""
@@ -302,6 +317,8 @@ def _page_viewer(workdir: pathlib.Path, a: int, influence, val_set: SliceSet,
     chosen = given(case, z)
   elif given is not None:
     chosen = given.get((case, z))
+  if chosen is None:
+    chosen = export_viewer(workdir, case, z)
   if chosen is None:
     chosen = case_viewer(workdir, a, influence, val_set)
   if not isinstance(chosen, viewer.Viewer):

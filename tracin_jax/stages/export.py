@@ -30,7 +30,6 @@ from tracin_jax import patient
 from tracin_jax import rundir
 from tracin_jax.data import constants
 from tracin_jax.data import patient_space
-from tracin_jax.data.slices import PreprocessRecord
 from tracin_jax.data.slices import SliceSet
 from tracin_jax.influence import rankings
 from tracin_jax.influence import segmentation
@@ -225,26 +224,18 @@ def _largest_slice(one: CaseExport) -> int:
 
 
 def _save_grid(path: pathlib.Path, one: CaseExport) -> None:
-  record = one.grid.record
-  arrays = {"case_id": np.asarray(one.case_id), "slice_indices": one.grid.slice_indices,
-            "shape": np.asarray(one.grid.shape), "predicted": one.predicted,
-            "explained": one.explained, "influence": one.influence,
-            "methods": np.asarray(list(one.saliency), dtype=str),
-            **{f"saliency_{m}": v for m, v in one.saliency.items()},
-            **{f"record_{f.name}": getattr(record, f.name)
-               for f in dataclasses.fields(record)}}
-  outputs.save_npz(path, **arrays)
+  outputs.save_npz(path, case_id=np.asarray(one.case_id), predicted=one.predicted,
+                   influence=one.influence, methods=np.asarray(list(one.saliency), dtype=str),
+                   **{f"saliency_{m}": v for m, v in one.saliency.items()},
+                   **patient.grid_arrays(one.grid, one.explained))
 
 
 def _read_grid(path: pathlib.Path) -> CaseExport:
+  grid, explained = patient.read_grid(path)
   with np.load(path, allow_pickle=False) as f:
-    record = PreprocessRecord(**{fl.name: f[f"record_{fl.name}"]
-                                 for fl in dataclasses.fields(PreprocessRecord)})
-    grid = patient_space.SliceGrid(record, f["slice_indices"],
-                                   tuple(int(d) for d in f["shape"]))
     saliency = {str(m): f[f"saliency_{m}"] for m in f["methods"]}
-    return CaseExport(str(f["case_id"]), grid, f["predicted"], f["explained"],
-                      f["influence"], saliency)
+    return CaseExport(str(f["case_id"]), grid, f["predicted"], explained, f["influence"],
+                      saliency)
 
 
 __all__ = ["CaseExport", "ExportConfig", "ExportOutputs", "ExportStage"]
