@@ -6,7 +6,7 @@ import pathlib
 import pytest
 from absl import flags
 
-from experiments import config_flags
+from tracin_jax.cli import config_flags
 from tracin_jax import experiment
 from tracin_jax import settings
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import config_flags
+from tracin_jax.cli import config_flags
 from tracin_jax import experiment
 from tracin_jax import settings
 

@@ -1,0 +1,146 @@
+"""Flags derived from a config dataclass: one flag per setting, written nowhere else.
+
+Each leaf field of the (nested) config becomes a flag named by its `setting(..., flag=)`
+metadata (default: the field's name), with the field's default and help text, and its
+allowed values appended to the help. `define_flags(ExperimentConfig)` returns a holder whose
+`value()` builds the config from the parsed flags.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Callable
+
+from absl import flags
+
+from tracin_jax import settings
+from tracin_jax import stages as stages_lib
+
+# absl's DEFINE function of each kind of setting.
+_DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "str": flags.DEFINE_string}
+
+
+def _kind(leaf: settings.Leaf) -> tuple[str, Any]:
+  """('bool' | 'int' | 'float' | 'str' | 'list', element type)."""
+  tp = leaf.base_type
+  if typing.get_origin(tp) is typing.Literal:
+    return "str", str
+  if typing.get_origin(tp) is tuple:
+    return "list", typing.get_args(tp)[0]
+  for name, t in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+    if tp is t:
+      return name, t
+  raise TypeError(f"setting {'.'.join(leaf.path)}: no flag for type {tp}.")
+
+
+def _help(leaf: settings.Leaf) -> str:
+  allowed = settings.describe(leaf)
+  return leaf.help + (f" Allowed: {allowed}." if allowed else "")
+
+
+class ConfigFlags:
+  """The flags of one config class; `value()` is the config they describe."""
+
+  def __init__(self, config_cls: type, converters: dict[tuple[str, ...], tuple[str, Callable]],
+               flag_values: flags.FlagValues):
+    self._cls = config_cls
+    self._converters = converters
+    self._flag_values = flag_values
+
+  def value(self) -> Any:
+    values = {}
+    for path, (name, convert) in self._converters.items():
+      values[path] = convert(self._flag_values[name].value)
+    settings.check_values(self._cls, values)
+    return settings.build(self._cls, values)
+
+
+def define_flags(config_cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> ConfigFlags:
+  """Defines one flag per setting of `config_cls`.
+
+  Raises:
+    ValueError: two settings claim the same flag name.
+  """
+  converters = {}
+  seen: dict[str, tuple[str, ...]] = {}
+  for leaf in settings.leaves(config_cls):
+    name = leaf.flag
+    if name in seen:
+      raise ValueError(f"settings {'.'.join(seen[name])} and {'.'.join(leaf.path)} both "
+                       f"claim the flag --{name}.")
+    seen[name] = leaf.path
+    kind, elem = _kind(leaf)
+    default = leaf.field.default
+    text = _help(leaf)
+    if kind == "list":
+      flags.DEFINE_list(name, None if default is None else [str(x) for x in default], text,
+                        flag_values=flag_values)
+      convert = _list_converter(name, elem, leaf.optional)
+    else:
+      _DEFINE[kind](name, default, text, flag_values=flag_values)
+      convert = lambda v: v  # noqa: E731
+    converters[leaf.path] = (name, convert)
+  return ConfigFlags(config_cls, converters, flag_values)
+
+
+def from_flagfile(config_cls: type, path: str, *args: str) -> tuple[Any, list[str]]:
+  """The config (and the stages) a flagfile describes, for a notebook.
+
+  Args:
+    config_cls: the config class whose flags the file sets (`ExperimentConfig`).
+    path: the flagfile, e.g. "experiments/configs/demo.flags".
+    *args: further flags, e.g. "--workdir=runs/other".
+
+  Returns:
+    (config, stages): the stages the file's `--stages` names.
+  """
+  fv = flags.FlagValues()
+  stages, _ = define_app_flags(fv)
+  holder = define_flags(config_cls, fv)
+  fv(["from_flagfile", f"--flagfile={path}", *args])
+  return holder.value(), list(stages.value)
+
+
+def define_app_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """The flags of a run that are not settings: `--stages` and `--progress`."""
+  stages = flags.DEFINE_list(
+      "stages", ["train"], f"Stages to run, of {', '.join(stages_lib.list_stages())} (run in "
+      "that order).", flag_values=flag_values)
+  progress = flags.DEFINE_bool("progress", True, "Show progress bars.",
+                               flag_values=flag_values)
+  return stages, progress
+
+
+def _list_converter(name: str, elem: type, optional: bool) -> Callable:
+  def convert(value):
+    if not value:
+      return None if optional else ()
+    try:
+      return tuple(elem(v) for v in value)
+    except ValueError:
+      kind = {int: "an integer", float: "a number"}.get(elem, elem.__name__)
+      raise settings.SettingsError(
+          f"--{name}={','.join(value)}: every item must be {kind}.") from None
+  return convert
+
+
+_GROUPS = {"data": "data", "train": "train stage", "influence": "influence stage",
+           "interpret": "interpret stage", "saliency": "saliency stage",
+           "validate": "validate stage", "lds": "lds stage", "report": "report"}
+
+
+def help_text(config_cls: type) -> str:
+  """Every setting of `config_cls` with its default and one sentence, grouped by stage."""
+  groups: dict[str, list[str]] = {}
+  for leaf in settings.leaves(config_cls):
+    group = _GROUPS.get(leaf.path[0], "run") if len(leaf.path) > 1 else "run"
+    default = leaf.field.default
+    if isinstance(default, tuple):
+      default = ",".join(map(str, default))
+    shown = "unset" if default is None else default
+    groups.setdefault(group, []).append(f"  --{leaf.flag} (default: {shown})\n"
+                                        f"      {_help(leaf)}")
+  order = ["run"] + list(_GROUPS.values())
+  return "\n\n".join(f"{name}:\n" + "\n".join(groups[name]) for name in order
+                     if name in groups)
