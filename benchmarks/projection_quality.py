@@ -1,9 +1,9 @@
 """How projected gradients rank training regions against exact TracIn, and what each
 projection costs, on a finished run.
 
-    python -m experiments.run --flagfile=experiments/configs/demo.flags   # once
+    python -m experiments.run --flagfile=demo   # once
     PYTHONPATH=. python benchmarks/projection_quality.py \\
-        --flagfile=experiments/configs/demo.flags --out=runs/demo/projection_quality.json
+        --flagfile=demo --out=runs/demo/projection_quality.json
 
 For every checkpoint TracIn sums over, the per-example region gradients of the training and
 validation slices are computed once; each projection (kind x d) is applied to the same

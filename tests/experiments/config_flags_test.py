@@ -2,6 +2,7 @@
 
 import dataclasses
 import pathlib
+import tomllib
 
 import pytest
 from absl import flags
@@ -10,6 +11,7 @@ from tracin_jax.cli import config_flags
 from tracin_jax import experiment
 from tracin_jax import settings
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The flag names of the command line before flags were derived from the configs; the
 # flagfiles and the README use them.
 OLD_FLAGS = """workdir data_dir synthetic_cases synthetic_seed cache_dir groups num_slices
@@ -81,10 +83,45 @@ def test_a_misspelled_flag_is_an_error_naming_it():
 
 
 def test_a_flagfile_gives_the_config_and_stages_a_notebook_can_use():
-  demo = pathlib.Path(__file__).resolve().parents[2] / "experiments/configs/demo.flags"
-  config, names = config_flags.from_flagfile(experiment.ExperimentConfig, str(demo),
+  config, names = config_flags.from_flagfile(experiment.ExperimentConfig, "demo",
                                              "--workdir=elsewhere")
   assert names == ["train", "influence", "interpret", "saliency"]
   assert config.saliency.instance_samples == 4  # the demo's cheaper instance SmoothGrad
   assert config.workdir == "elsewhere" and config.data.preprocess.image_size == 96
   assert config.train.model.base_width == 8 and config.train.sgd_epochs == 4
+
+
+def test_the_packaged_flagfiles_are_named_by_name_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  demo = str(config_flags.CONFIGS / "demo.flags")
+  for value in ("demo", "demo.flags", "experiments/configs/demo.flags"):  # and its former path
+    assert config_flags.resolve_flagfile(value) == demo
+  assert config_flags.resolve_flagfiles(["prog", "--flagfile", "smoke", "-flagfile=demo",
+                                         "--", "--flagfile=nosuch"]) == [
+      "prog", "--flagfile", str(config_flags.CONFIGS / "smoke.flags"), f"-flagfile={demo}",
+      "--", "--flagfile=nosuch"]
+  config, _ = config_flags.from_flagfile(experiment.ExperimentConfig, "smoke")
+  assert config.workdir == "runs/smoke"  # relative to the current directory, as written
+  # A file that exists is read as it is, even under a packaged flagfile's name.
+  (tmp_path / "demo.flags").write_text("--workdir=mine\n")
+  assert config_flags.from_flagfile(experiment.ExperimentConfig, "demo.flags")[0].workdir == \
+      "mine"
+
+
+def test_the_packaged_flagfiles_are_the_ones_listed_and_ship_with_the_package():
+  assert sorted(config_flags.FLAGFILES) == sorted(
+      p.stem for p in config_flags.CONFIGS.glob("*.flags"))
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert "configs/*.flags" in pyproject["tool"]["setuptools"]["package-data"]["tracin_jax"]
+  assert not (ROOT / "experiments" / "configs").exists()  # one copy of each
+
+
+@pytest.mark.parametrize("value, what", [("nosuch.flags", "no such file"),
+                                         ("demoo", "no such file"),
+                                         ("elsewhere/demo.flags", "no such file"),
+                                         (".", "is a directory, not a file")])
+def test_a_misspelt_flagfile_is_one_line_listing_the_packaged_ones(value, what):
+  with pytest.raises(settings.SettingsError) as e:
+    config_flags.resolve_flagfile(value)
+  assert str(e.value) == (f"--flagfile={value}: {what} (packaged flagfiles: demo, smoke, "
+                          "brats19_paper)")

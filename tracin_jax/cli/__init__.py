@@ -1,7 +1,7 @@
 """The command line, `tracin-jax run|explain [flags]`: an absl app over the library.
 
-    tracin-jax run --flagfile=experiments/configs/demo.flags
-    tracin-jax explain --flagfile=experiments/configs/demo.flags --image=<case>:<slice>
+    tracin-jax run --flagfile=demo
+    tracin-jax explain --flagfile=demo --image=<case>:<slice>
 
 `config_flags` derives one flag per setting of the configs; `run` runs the stages
 (`tracin_jax.experiment.run`); `explain` explains new images against a finished run's

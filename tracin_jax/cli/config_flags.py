@@ -4,17 +4,27 @@ Each leaf field of the (nested) config becomes a flag named by its `setting(...,
 metadata (default: the field's name), with the field's default and help text, and its
 allowed values appended to the help. `define_flags(ExperimentConfig)` returns a holder whose
 `value()` builds the config from the parsed flags.
+
+The flagfiles ship with the package (`tracin_jax/configs/`): `--flagfile=demo` (or
+`demo.flags`) names the packaged one from any directory (`resolve_flagfiles`), while a path
+that exists is read as it is.
 """
 
 from __future__ import annotations
 
+import os
+import pathlib
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import flags
 
 from tracin_jax import settings
 from tracin_jax import stages as stages_lib
+
+# The packaged flagfiles, in the order the help lists them; each is `CONFIGS/<name>.flags`.
+FLAGFILES = ("demo", "smoke", "brats19_paper")
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # absl's DEFINE function of each kind of setting.
 _DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,
@@ -89,7 +99,7 @@ def from_flagfile(config_cls: type, path: str, *args: str) -> tuple[Any, list[st
 
   Args:
     config_cls: the config class whose flags the file sets (`ExperimentConfig`).
-    path: the flagfile, e.g. "experiments/configs/demo.flags".
+    path: the flagfile, e.g. "demo" (a packaged one) or "runs/mine.flags".
     *args: further flags, e.g. "--workdir=runs/other".
 
   Returns:
@@ -98,7 +108,7 @@ def from_flagfile(config_cls: type, path: str, *args: str) -> tuple[Any, list[st
   fv = flags.FlagValues()
   stages, _ = define_app_flags(fv)
   holder = define_flags(config_cls, fv)
-  fv(["from_flagfile", f"--flagfile={path}", *args])
+  fv(resolve_flagfiles(["from_flagfile", f"--flagfile={path}", *args]))
   return holder.value(), list(stages.value)
 
 
@@ -110,6 +120,60 @@ def define_app_flags(flag_values: flags.FlagValues = flags.FLAGS):
   progress = flags.DEFINE_bool("progress", True, "Show progress bars.",
                                flag_values=flag_values)
   return stages, progress
+
+
+def flagfile_help() -> str:
+  """The help of `--flagfile`."""
+  return ("Read flags from FILE (one --name=value per line), or from a packaged flagfile "
+          f"by name: {', '.join(FLAGFILES)} (e.g. --flagfile=demo); later flags override "
+          "it. Relative paths in it, such as the demo's --workdir=runs/demo, are relative "
+          "to the current directory.")
+
+
+def resolve_flagfile(value: str, flag: str = "--flagfile") -> str:
+  """The file `--flagfile=value` reads: `value` where it is a file; else the packaged
+  flagfile a bare name names (`demo` or `demo.flags`; also the flagfiles' former path in
+  the repository, `experiments/configs/demo.flags`).
+
+  Raises:
+    SettingsError: neither; the message lists the packaged flagfiles.
+  """
+  path = pathlib.Path(value).expanduser()
+  if path.is_file():
+    if not os.access(path, os.R_OK):
+      raise settings.SettingsError(f"{flag}={value}: not readable (permission denied)")
+    return value
+  name = path.name[:-len(".flags")] if path.name.endswith(".flags") else path.name
+  bare = path.parent == pathlib.Path(".")
+  if name in FLAGFILES and (bare or path.parent.parts[-2:] == ("experiments", "configs")):
+    return str(CONFIGS / f"{name}.flags")
+  what = "is a directory, not a file" if path.is_dir() else "no such file"
+  raise settings.SettingsError(f"{flag}={value}: {what} (packaged flagfiles: "
+                               f"{', '.join(FLAGFILES)})")
+
+
+def resolve_flagfiles(argv: Sequence[str]) -> list[str]:
+  """`argv` (argv[0] the program) with the file of every `--flagfile` resolved
+  (`resolve_flagfile`), as absl reads them: `--flagfile=F`, `--flagfile F`, one dash or
+  two, up to a `--`.
+
+  Raises:
+    SettingsError: a flagfile that is neither a file nor a packaged one.
+  """
+  out, rest = list(argv[:1]), list(argv[1:])
+  while rest:
+    arg = rest.pop(0)
+    if arg == "--":
+      out += [arg, *rest]
+      break
+    if arg in ("--flagfile", "-flagfile") and rest:
+      out += [arg, resolve_flagfile(rest.pop(0), arg)]
+    elif arg.startswith(("--flagfile=", "-flagfile=")):
+      flag, value = arg.split("=", 1)
+      out.append(f"{flag}={resolve_flagfile(value, flag)}")
+    else:
+      out.append(arg)
+  return out
 
 
 def _list_converter(name: str, elem: type, optional: bool) -> Callable:

@@ -1,8 +1,8 @@
 """Explain images against a finished run's gradient store (no training gradient recomputed).
 
-    tracin-jax explain --flagfile=experiments/configs/demo.flags \\
+    tracin-jax explain --flagfile=demo \\
         --image=<case>:<slice>[,<case>:<slice>...]
-    tracin-jax explain --flagfile=experiments/configs/demo.flags \\
+    tracin-jax explain --flagfile=demo \\
         --nifti_case=/data/BraTS/HGG/<case> --slice=<axial index>
 
 Give the flags of the run (its flagfile, or --workdir and the data flags): the run's

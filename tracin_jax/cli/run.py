@@ -4,13 +4,17 @@ Intentionally kept short: flags are derived from the configs' fields (each setti
 default, help text and range are written once, in `tracin_jax`), then the library runs the
 stages (`tracin_jax.experiment.run`). Examples:
 
-  tracin-jax run --flagfile=experiments/configs/demo.flags
-  tracin-jax run --flagfile=experiments/configs/brats19_paper.flags \
+  tracin-jax run --flagfile=demo
+  tracin-jax run --flagfile=brats19_paper \
       --data_dir=/data/MICCAI_BraTS_2019_Data_Training --workdir=runs/brats19
 
-`python -m experiments.run` (from the repository's root) is the same command. A bad flag,
-file or run ends in one line on stderr, `error: <what and where>`, and exit status 1;
-`TRACIN_JAX_DEBUG=1` shows the traceback instead.
+A flagfile is a file or a packaged one by name (demo, smoke, brats19_paper; they are in
+tracin_jax/configs/); the run's relative paths, such as the demo's workdir runs/demo, are
+relative to the current directory. `python -m experiments.run` (from the repository's root)
+is the same command.
+
+A bad flag, file or run ends in one line on stderr, `error: <what and where>`, and exit
+status 1; `TRACIN_JAX_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -137,12 +141,15 @@ def execute(run_flags: RunFlags, argv: Sequence[str]) -> int:
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str] | None:
-  """`flag_values(argv)`: the arguments the flags leave; None after writing the error."""
+  """`flag_values(argv)`, packaged flagfiles named by name (`config_flags.resolve_flagfiles`):
+  the arguments the flags leave; None after writing the error's one line."""
   try:
-    return flag_values(list(argv))
-  except flags.Error as e:
+    return flag_values(config_flags.resolve_flagfiles(argv))
+  except settings.SettingsError as e:
     sys.stderr.write(f"error: {e}\n")
-    return None
+  except flags.Error as e:
+    sys.stderr.write(f"error: {str(e).removeprefix('ERROR:: ')}\n")
+  return None
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -197,8 +204,7 @@ def usage() -> str:
   """`--help`: how to run, the run's own flags, then every setting grouped by stage."""
   run_flags = [
       "  --flagfile=FILE",
-      "      Read flags from FILE (one --name=value per line), e.g. "
-      "experiments/configs/demo.flags; later flags override it.",
+      f"      {config_flags.flagfile_help()}",
       "  --stages (default: train)",
       f"      Stages to run, of {', '.join(stages_lib.list_stages())} (run in that order; "
       "the report is written at the end of every run).",
