@@ -10,6 +10,7 @@ from absl import flags
 from tracin_jax.cli import config_flags
 from tracin_jax import experiment
 from tracin_jax import settings
+from tracin_jax import stages as stages_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The flag names of the command line before flags were derived from the configs; the
@@ -125,3 +126,24 @@ def test_a_misspelt_flagfile_is_one_line_listing_the_packaged_ones(value, what):
     config_flags.resolve_flagfile(value)
   assert str(e.value) == (f"--flagfile={value}: {what} (packaged flagfiles: demo, smoke, "
                           "brats19_paper)")
+
+
+def test_stages_all_is_every_stage_in_run_order():
+  every = list(stages_lib.list_stages())
+  assert config_flags.stage_names(["all"]) == every
+  assert config_flags.stage_names(["lds", "all"]) == every
+  assert config_flags.stage_names(["lds", "train"]) == ["train", "lds"]
+  with pytest.raises(settings.SettingsError, match="unknown foo; choose from train, .*, or all"):
+    config_flags.stage_names(["train", "foo"])
+
+
+def test_without_stages_a_run_is_the_demos_chain_and_the_paper_flagfile_runs_it_too():
+  fv = flags.FlagValues()
+  stages, _ = config_flags.define_app_flags(fv)
+  fv(["prog"])
+  demo = config_flags.from_flagfile(experiment.ExperimentConfig, "demo")[1]
+  assert stages.value == demo == list(config_flags.DEFAULT_STAGES)
+  # Every stage but the checks by retraining (and the report, which every run writes).
+  assert demo == [s for s in stages_lib.list_stages() if s not in ("validate", "lds", "report")]
+  paper = config_flags.from_flagfile(experiment.ExperimentConfig, "brats19_paper")[1]
+  assert paper == demo

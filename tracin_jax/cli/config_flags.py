@@ -25,6 +25,11 @@ from tracin_jax import stages as stages_lib
 # The packaged flagfiles, in the order the help lists them; each is `CONFIGS/<name>.flags`.
 FLAGFILES = ("demo", "smoke", "brats19_paper")
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# `--stages=all`: every stage, in run order.
+ALL_STAGES = "all"
+# The stages a run without `--stages` runs: the demo's chain, every stage but the checks by
+# retraining (validate, lds), whose tens to hundreds of retrainings take hours to days.
+DEFAULT_STAGES = ("train", "influence", "interpret", "saliency")
 
 # absl's DEFINE function of each kind of setting.
 _DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,
@@ -103,23 +108,46 @@ def from_flagfile(config_cls: type, path: str, *args: str) -> tuple[Any, list[st
     *args: further flags, e.g. "--workdir=runs/other".
 
   Returns:
-    (config, stages): the stages the file's `--stages` names.
+    (config, stages): the stages the file's `--stages` names, in run order.
   """
   fv = flags.FlagValues()
   stages, _ = define_app_flags(fv)
   holder = define_flags(config_cls, fv)
   fv(resolve_flagfiles(["from_flagfile", f"--flagfile={path}", *args]))
-  return holder.value(), list(stages.value)
+  return holder.value(), stage_names(stages.value)
+
+
+def stages_help() -> str:
+  """The help of `--stages`."""
+  return (f"Stages to run: any of {', '.join(stages_lib.list_stages())}, or {ALL_STAGES} "
+          "(every stage); they run in that order, and every run ends with the report. The "
+          "default leaves out the checks by retraining, validate and lds (tens to hundreds "
+          "of retrainings of the SGD phase: half an hour and two hours for the demo on 2 "
+          "CPU cores, days at the paper's scale).")
 
 
 def define_app_flags(flag_values: flags.FlagValues = flags.FLAGS):
   """The flags of a run that are not settings: `--stages` and `--progress`."""
-  stages = flags.DEFINE_list(
-      "stages", ["train"], f"Stages to run, of {', '.join(stages_lib.list_stages())} (run in "
-      "that order).", flag_values=flag_values)
+  stages = flags.DEFINE_list("stages", list(DEFAULT_STAGES), stages_help(),
+                             flag_values=flag_values)
   progress = flags.DEFINE_bool("progress", True, "Show progress bars.",
                                flag_values=flag_values)
   return stages, progress
+
+
+def stage_names(values: Sequence[str]) -> list[str]:
+  """The stages `--stages` names, in run order; `all` is every stage
+  (`tracin_jax.stages.list_stages()`).
+
+  Raises:
+    SettingsError: an unknown stage (the message lists the known ones).
+  """
+  known = stages_lib.list_stages()
+  unknown = [v for v in values if v not in known and v != ALL_STAGES]
+  if unknown:
+    raise settings.SettingsError(f"--stages: unknown {', '.join(unknown)}; choose from "
+                                 f"{', '.join(known)}, or {ALL_STAGES}.")
+  return [s for s in known if s in values or ALL_STAGES in values]
 
 
 def flagfile_help() -> str:

@@ -32,7 +32,6 @@ from absl import logging as absl_logging
 from tracin_jax import errors
 from tracin_jax import experiment
 from tracin_jax import settings
-from tracin_jax import stages as stages_lib
 from tracin_jax.cli import config_flags
 
 
@@ -133,8 +132,9 @@ def execute(run_flags: RunFlags, argv: Sequence[str]) -> int:
   try:
     unexpected(argv)
     _show_library_log()
-    experiment.run(run_flags.config.value(), run_flags.stages.value,
-                   progress=run_flags.progress.value)
+    config = run_flags.config.value()
+    names = config_flags.stage_names(run_flags.stages.value)
+    experiment.run(config, names, progress=run_flags.progress.value)
   except Exception as e:  # pylint: disable=broad-except
     return fail(e)
   return 0
@@ -205,9 +205,8 @@ def usage() -> str:
   run_flags = [
       "  --flagfile=FILE",
       f"      {config_flags.flagfile_help()}",
-      "  --stages (default: train)",
-      f"      Stages to run, of {', '.join(stages_lib.list_stages())} (run in that order; "
-      "the report is written at the end of every run).",
+      f"  --stages (default: {','.join(config_flags.DEFAULT_STAGES)})",
+      f"      {config_flags.stages_help()}",
       "  --[no]progress (default: true)",
       "      Show progress bars.",
   ]
