@@ -147,3 +147,33 @@ def test_without_stages_a_run_is_the_demos_chain_and_the_paper_flagfile_runs_it_
   assert demo == [s for s in stages_lib.list_stages() if s not in ("validate", "lds", "report")]
   paper = config_flags.from_flagfile(experiment.ExperimentConfig, "brats19_paper")[1]
   assert paper == demo
+
+
+def test_defaults_print_rounded_and_the_value_stays_exact():
+  assert config_flags.format_default(52 / 259) == "0.2008 (52/259)"
+  assert [config_flags.format_default(v) for v in (1e-4, 1e-5, 0.5, 3.0, None, (20, 80))] == [
+      "0.0001", "1e-05", "0.5", "3.0", "unset", "20,80"]
+  assert config_flags.format_default(0.123456789) == "0.1235"  # no simple fraction
+  text = config_flags.help_text(experiment.ExperimentConfig)
+  assert "  --val_fraction (default: 0.2008 (52/259))\n" in text
+  fv = flags.FlagValues()
+  holder = config_flags.define_flags(experiment.ExperimentConfig, fv)
+  assert fv["val_fraction"].default_as_str == "'0.2008 (52/259)'"  # absl's --helpfull
+  assert "0.20077" not in text and "0.20077" not in fv.get_help()
+  fv(["prog", "--workdir=w"])
+  assert holder.value().data.val_fraction == 52 / 259
+
+
+def test_list_flags_take_any_of_their_choices():
+  text = config_flags.help_text(experiment.ExperimentConfig)
+  lists = [leaf for leaf in settings.leaves(experiment.ExperimentConfig)
+           if config_flags._kind(leaf)[0] == "list"]  # pylint: disable=protected-access
+  with_choices = [leaf for leaf in lists if leaf.field.metadata.get("choices")]
+  assert {"groups", "saliency_methods", "lds_variants"} <= {leaf.flag for leaf in with_choices}
+  for leaf in with_choices:
+    entry = text.split(f"--{leaf.flag} (default:")[1].split("\n  --")[0]
+    assert "Allowed: any of " in entry and "one of" not in entry, leaf.flag
+  assert "Allowed: one of brain, tumour." in " ".join(text.split())  # a single value: one of
+  assert "Allowed: each >= 1 (or unset)." in " ".join(text.split())  # --checkpoint_epochs
+  stages = " ".join(config_flags.stages_help().split())
+  assert "any of train, influence, interpret, saliency, validate, lds, report, or all" in stages

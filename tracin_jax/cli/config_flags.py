@@ -12,8 +12,10 @@ that exists is read as it is.
 
 from __future__ import annotations
 
+import fractions
 import os
 import pathlib
+import textwrap
 import typing
 from typing import Any, Callable, Sequence
 
@@ -49,9 +51,32 @@ def _kind(leaf: settings.Leaf) -> tuple[str, Any]:
   raise TypeError(f"setting {'.'.join(leaf.path)}: no flag for type {tp}.")
 
 
+def _allowed(leaf: settings.Leaf) -> str:
+  """The allowed values in words; a list takes any of its choices, each item in its range."""
+  text = settings.describe(leaf)
+  if text and _kind(leaf)[0] == "list":
+    text = (text.replace("one of ", "any of ", 1) if leaf.field.metadata.get("choices")
+            else f"each {text}")
+  return text
+
+
 def _help(leaf: settings.Leaf) -> str:
-  allowed = settings.describe(leaf)
+  allowed = _allowed(leaf)
   return leaf.help + (f" Allowed: {allowed}." if allowed else "")
+
+
+def format_default(value: Any) -> str:
+  """A default as the help shows it: a float rounded to 4 significant digits where it is
+  longer, with the fraction it is where that is simple (52/259: "0.2008 (52/259)")."""
+  if value is None:
+    return "unset"
+  if isinstance(value, tuple):
+    return ",".join(format_default(v) for v in value)
+  if isinstance(value, float) and float(f"{value:.4g}") != value:
+    fraction = fractions.Fraction(value).limit_denominator(1000)
+    exact = float(fraction) == value and fraction.denominator > 1
+    return f"{value:.4g}" + (f" ({fraction})" if exact else "")
+  return str(value)
 
 
 class ConfigFlags:
@@ -94,6 +119,8 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues = flags.FLAGS) 
       convert = _list_converter(name, elem, leaf.optional)
     else:
       _DEFINE[kind](name, default, text, flag_values=flag_values)
+      if kind == "float":  # absl's help (--helpfull) shows the default rounded, as ours
+        flag_values[name].default_as_str = repr(format_default(default))
       convert = lambda v: v  # noqa: E731
     converters[leaf.path] = (name, convert)
   return ConfigFlags(config_cls, converters, flag_values)
@@ -222,17 +249,22 @@ _GROUPS = {"data": "data", "train": "train stage", "influence": "influence stage
            "validate": "validate stage", "lds": "lds stage", "report": "report"}
 
 
+def help_entry(heading: str, text: str) -> str:
+  """One flag of the help: its heading ("--name (default: ...)") and its text below, wrapped
+  at 100 columns."""
+  return f"  {heading}\n" + textwrap.fill(text, 100, initial_indent=" " * 6,
+                                         subsequent_indent=" " * 6, break_on_hyphens=False,
+                                         break_long_words=False)
+
+
 def help_text(config_cls: type) -> str:
   """Every setting of `config_cls` with its default and one sentence, grouped by stage."""
   groups: dict[str, list[str]] = {}
   for leaf in settings.leaves(config_cls):
     group = _GROUPS.get(leaf.path[0], "run") if len(leaf.path) > 1 else "run"
-    default = leaf.field.default
-    if isinstance(default, tuple):
-      default = ",".join(map(str, default))
-    shown = "unset" if default is None else default
-    groups.setdefault(group, []).append(f"  --{leaf.flag} (default: {shown})\n"
-                                        f"      {_help(leaf)}")
+    groups.setdefault(group, []).append(
+        help_entry(f"--{leaf.flag} (default: {format_default(leaf.field.default)})",
+                   _help(leaf)))
   order = ["run"] + list(_GROUPS.values())
   return "\n\n".join(f"{name}:\n" + "\n".join(groups[name]) for name in order
                      if name in groups)

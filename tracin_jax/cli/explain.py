@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 
 from absl import flags
 
+from tracin_jax.cli import config_flags
 from tracin_jax.cli import run as run_cli
 
 
@@ -139,7 +140,7 @@ def usage() -> str:
     flag = flag_values[holder.name]
     shown = "unset" if flag.default is None else str(flag.default).lower()
     name = f"[no]{flag.name}" if flag.boolean else flag.name
-    own += [f"  --{name} (default: {shown})", f"      {flag.help}"]
+    own.append(config_flags.help_entry(f"--{name} (default: {shown})", flag.help))
   return "\n".join([__doc__.strip(), "", "Flags of the explanation:", *own, "",
                     "The run's flags (its flagfile, --workdir, the data and influence "
                     "settings): see tracin-jax run --help.", ""])

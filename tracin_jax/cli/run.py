@@ -203,12 +203,10 @@ def main(argv: Sequence[str]) -> int:
 def usage() -> str:
   """`--help`: how to run, the run's own flags, then every setting grouped by stage."""
   run_flags = [
-      "  --flagfile=FILE",
-      f"      {config_flags.flagfile_help()}",
-      f"  --stages (default: {','.join(config_flags.DEFAULT_STAGES)})",
-      f"      {config_flags.stages_help()}",
-      "  --[no]progress (default: true)",
-      "      Show progress bars.",
+      config_flags.help_entry("--flagfile=FILE", config_flags.flagfile_help()),
+      config_flags.help_entry(f"--stages (default: {','.join(config_flags.DEFAULT_STAGES)})",
+                              config_flags.stages_help()),
+      config_flags.help_entry("--[no]progress (default: true)", "Show progress bars."),
   ]
   return "\n".join([__doc__.strip(), "", "Flags of the run:", *run_flags, "",
                     config_flags.help_text(experiment.ExperimentConfig), ""])
