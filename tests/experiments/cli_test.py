@@ -7,7 +7,9 @@ from absl import logging as absl_logging
 import pytest
 
 from tracin_jax import experiment
+from tracin_jax import explain as tracin_explain
 from tracin_jax import stages as stages_lib
+from tracin_jax.cli import explain as explain_cli
 from tracin_jax.cli import run as run_cli
 
 
@@ -38,3 +40,50 @@ def test_stages_all_runs_every_stage_in_run_order(runs, tmp_path):
   assert run_cli.cli(["tracin-jax run", f"--workdir={tmp_path}"]) == 0
   assert runs == [list(stages_lib.list_stages()), ["train", "influence", "interpret",
                                                    "saliency"]]
+
+
+def _one_line(capsys) -> str:
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: "), err
+  return err.strip()
+
+
+def test_no_arguments_says_what_to_run(capsys):
+  assert run_cli.cli(["tracin-jax run"]) == 1
+  assert _one_line(capsys) == ("error: --workdir: required (the run's directory); to run the "
+                               "demo: tracin-jax run --flagfile=demo")
+  assert explain_cli.cli(["python -m experiments.explain"]) == 1
+  assert _one_line(capsys).endswith(
+      "; e.g. python -m experiments.explain --flagfile=demo --image=<case>:<slice>")
+
+
+def test_a_misspelt_flagfile_is_one_clean_line(capsys):
+  for cli in (run_cli.cli, explain_cli.cli):
+    assert cli(["tracin-jax", "--flagfile=nosuch.flags"]) == 1
+    assert _one_line(capsys) == ("error: --flagfile=nosuch.flags: no such file (packaged "
+                                 "flagfiles: demo, smoke, brats19_paper)")
+
+
+def test_the_packaged_flagfile_is_read_from_any_directory(runs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert run_cli.cli(["tracin-jax run", "--flagfile=smoke", "--stages=train"]) == 0
+  assert runs == [["train"]]
+
+
+def test_explain_checks_its_flags_before_reading_data(capsys, tmp_path, monkeypatch):
+  def explain(*argv):
+    assert explain_cli.cli(["tracin-jax explain", f"--workdir={tmp_path}", *argv]) == 1
+    return _one_line(capsys)
+
+  assert explain("--image=a:1").endswith(
+      "no finished influence stage with its gradient store there; run it first: tracin-jax "
+      "run with the same flags (e.g. tracin-jax run --flagfile=demo)")
+  monkeypatch.setattr(tracin_explain, "has_store", lambda workdir: True)
+  monkeypatch.setattr(explain_cli, "explain_images", lambda *a: pytest.fail("read the data"))
+  assert explain().startswith("error: give exactly one of --image=<case>:<slice>,... ")
+  assert explain("--image=a:1", "--nifti_case=d").startswith("error: give exactly one of")
+  assert explain("--nifti_case=d") == ("error: --nifti_case needs --slice (the axial index "
+                                       "to explain).")
+  assert explain("--image=a:1", "--slice=3").startswith("error: --slice=3: only with "
+                                                         "--nifti_case")
+  assert explain("--image=a:1", "stray").startswith("error: unexpected argument 'stray'")

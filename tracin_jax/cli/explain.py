@@ -78,11 +78,7 @@ def _images(opts, train_set, val_set, preprocess):
   from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
   from tracin_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
-  if bool(opts.image) == bool(opts.nifti_case):
-    raise UserError("give exactly one of --image=case:slice,... and --nifti_case=DIR.")
   if opts.nifti_case:
-    if opts.slice is None:
-      raise UserError("--nifti_case needs --slice (the axial index to explain).")
     case = brats.load_case(brats.case_files(opts.nifti_case), preprocess)
     where = list(case.slice_indices).index(opts.slice) if opts.slice in case.slice_indices \
         else None
@@ -103,11 +99,49 @@ def _images(opts, train_set, val_set, preprocess):
   return out
 
 
+def _run_command(prog: str) -> str:
+  """The run's command beside this one's: "tracin-jax run" for "tracin-jax explain"."""
+  return prog[:-len("explain")] + "run" if prog.endswith("explain") else "tracin-jax run"
+
+
+def check(opts, config, prog: str) -> None:
+  """Checks the flags before any data is read: one line naming what is missing and how to
+  give it (`prog` is the command, "tracin-jax explain").
+
+  Raises:
+    UserError: no run (--workdir), no run finished with a gradient store there, or not
+      exactly one of --image and --nifti_case (with --slice).
+  """
+  from tracin_jax import explain  # pylint: disable=g-import-not-at-top
+  from tracin_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  example = f"{prog} --flagfile=demo --image=<case>:<slice>"
+  if not config.workdir:
+    raise UserError("--workdir: required (the finished run that explains the images: its "
+                    f"flagfile, or --workdir and the data flags); e.g. {example}")
+  if not explain.has_store(config.workdir):
+    run = _run_command(prog)
+    raise UserError(f"--workdir={config.workdir}: no finished influence stage with its "
+                    f"gradient store there; run it first: {run} with the same flags (e.g. "
+                    f"{run} --flagfile=demo)")
+  if bool(opts.image) == bool(opts.nifti_case):
+    raise UserError("give exactly one of --image=<case>:<slice>,... (the run's slices, e.g. "
+                    f"as listed in {config.workdir}/influence/proponents.json) and "
+                    f"--nifti_case=DIR with --slice; e.g. {example}")
+  if opts.nifti_case and opts.slice is None:
+    raise UserError("--nifti_case needs --slice (the axial index to explain).")
+  if opts.slice is not None and not opts.nifti_case:
+    raise UserError(f"--slice={opts.slice}: only with --nifti_case; --image names the run's "
+                    "slices as <case>:<slice>.")
+
+
 def execute(explain_flags: ExplainFlags, argv: Sequence[str]) -> int:
   """Explains the parsed flags' images; the exit status (user errors: one line, 1)."""
   try:
     run_cli.unexpected(argv)
-    explain_images(explain_flags)
+    opts, config = explain_flags.values(), explain_flags.run.config.value()
+    check(opts, config, argv[0])
+    explain_images(opts, config)
   except Exception as e:  # pylint: disable=broad-except
     return run_cli.fail(e)
   return 0
@@ -169,14 +203,13 @@ def _train_regions(workdir: pathlib.Path, train_set):
                                       state=state)
 
 
-def explain_images(explain_flags: ExplainFlags) -> None:
-  """Explains the images the flags name (see the module docstring)."""
+def explain_images(opts, config) -> None:
+  """Explains the images `opts` (`ExplainFlags.values()`) name against the run `config`
+  describes (see the module docstring)."""
   start = time.perf_counter()
   from tracin_jax import experiment  # pylint: disable=g-import-not-at-top
   from tracin_jax import explain  # pylint: disable=g-import-not-at-top
 
-  opts = explain_flags.values()
-  config = explain_flags.run.config.value()
   _compilation_cache(config.data.cache_dir or experiment.default_cache_dir())
   workdir = pathlib.Path(config.workdir)
   train_set, val_set = experiment.load_data(config.data, progress=False)

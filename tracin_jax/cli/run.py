@@ -133,6 +133,9 @@ def execute(run_flags: RunFlags, argv: Sequence[str]) -> int:
     unexpected(argv)
     _show_library_log()
     config = run_flags.config.value()
+    if not config.workdir:
+      raise settings.SettingsError(f"--workdir: required (the run's directory); to run the "
+                                   f"demo: {argv[0]} --flagfile=demo")
     names = config_flags.stage_names(run_flags.stages.value)
     experiment.run(config, names, progress=run_flags.progress.value)
   except Exception as e:  # pylint: disable=broad-except
