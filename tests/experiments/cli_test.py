@@ -1,7 +1,14 @@
 """The command line in this process: `tracin-jax run|explain`, its flagfiles by name, its
 one-line errors with a pointer to what to run, and `--stages=all`."""
 
+import importlib
 import logging
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tomllib
 
 from absl import logging as absl_logging
 import pytest
@@ -9,8 +16,11 @@ import pytest
 from tracin_jax import experiment
 from tracin_jax import explain as tracin_explain
 from tracin_jax import stages as stages_lib
+from tracin_jax.cli import __main__ as cli_main
 from tracin_jax.cli import explain as explain_cli
 from tracin_jax.cli import run as run_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +97,54 @@ def test_explain_checks_its_flags_before_reading_data(capsys, tmp_path, monkeypa
   assert explain("--image=a:1", "--slice=3").startswith("error: --slice=3: only with "
                                                          "--nifti_case")
   assert explain("--image=a:1", "stray").startswith("error: unexpected argument 'stray'")
+
+
+def test_the_console_command_dispatches_run_and_explain(capsys, monkeypatch):
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  module, function = pyproject["project"]["scripts"]["tracin-jax"].split(":")
+  main = getattr(importlib.import_module(module), function)
+  assert main is cli_main.main
+  assert main(["tracin-jax", "run", "--help"]) == 0
+  assert capsys.readouterr().out == run_cli.usage()
+  assert main(["tracin-jax", "explain", "-h"]) == 0
+  assert capsys.readouterr().out == explain_cli.usage()
+  calls = []
+  monkeypatch.setattr(run_cli, "main", lambda argv: calls.append(("run", argv)) or 3)
+  monkeypatch.setattr(explain_cli, "main", lambda argv: calls.append(("explain", argv)) or 4)
+  assert main(["/usr/bin/tracin-jax", "run", "--flagfile=demo"]) == 3
+  assert main(["x", "explain", "--image=a:1"], prog="python -m tracin_jax") == 4
+  assert calls == [("run", ["tracin-jax run", "--flagfile=demo"]),
+                   ("explain", ["python -m tracin_jax explain", "--image=a:1"])]
+
+
+def test_the_console_commands_help_lists_the_subcommands_and_no_command_is_one_line(capsys):
+  assert cli_main.main(["tracin-jax", "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: tracin-jax <command> [--flag=value ...]\n")
+  assert re.search(r"^  run +Run the experiment's stages", out, re.M)
+  assert re.search(r"^  explain +Explain new images", out, re.M)
+  assert "tracin-jax run --flagfile=demo" in out
+  assert cli_main.main(["tracin-jax"]) == 1
+  assert _one_line(capsys) == ("error: give a command, run or explain; to run the demo: "
+                               "tracin-jax run --flagfile=demo (tracin-jax --help lists the "
+                               "commands)")
+  assert cli_main.main(["tracin-jax", "train"]) == 1
+  assert _one_line(capsys) == ("error: unknown command 'train'; the commands are run, "
+                               "explain (tracin-jax --help)")
+
+
+@pytest.mark.slow  # two processes, each importing JAX
+def test_the_command_runs_from_another_directory(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+
+  def command(*argv):
+    return subprocess.run([sys.executable, "-m", "tracin_jax", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+  helped = command("--help")
+  assert helped.returncode == 0 and "usage: python -m tracin_jax <command>" in helped.stdout
+  # The packaged flagfile is found from here, and absl's app gets as far as the run's checks.
+  bad = command("run", "--flagfile=smoke", "--stages=foo")
+  assert bad.returncode == 1
+  assert bad.stderr.startswith("error: --stages: unknown foo; choose from train, ")
+  assert bad.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
