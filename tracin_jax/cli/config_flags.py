@@ -148,9 +148,9 @@ def stages_help() -> str:
   """The help of `--stages`."""
   return (f"Stages to run: any of {', '.join(stages_lib.list_stages())}, or {ALL_STAGES} "
           "(every stage); they run in that order, and every run ends with the report. The "
-          "default leaves out the checks by retraining, validate and lds (tens to hundreds "
-          "of retrainings of the SGD phase: half an hour and two hours for the demo on 2 "
-          "CPU cores, days at the paper's scale).")
+          "default is the demo's chain, which leaves out the checks by retraining, validate "
+          "and lds: tens to hundreds of retrainings of the SGD phase (half an hour and two "
+          "hours for the demo on 2 CPU cores, days at the paper's scale).")
 
 
 def define_app_flags(flag_values: flags.FlagValues = flags.FLAGS):

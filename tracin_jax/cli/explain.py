@@ -11,12 +11,13 @@ influence stage must have written its store (`<workdir>/influence/store`, on by 
 BraTS-layout case directory (`<case>_{t1,t1ce,t2,flair,seg}.nii.gz`), preprocessed as the
 run's data. For each image it writes `<out>/<name>.json` (top-k proponents and opponents of
 every predicted region, with scores and timings) and the local explanation panel
-`<out>/<name>.png`, and prints the seconds the explanation took. `python -m
-experiments.explain` (from the repository's root) is the same command.
+`<out>/<name>.png`, and prints the seconds the explanation took.
+`python -m experiments.explain` (from the repository's root) is the same command.
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 import time
@@ -45,10 +46,12 @@ class ExplainFlags(NamedTuple):
                                     for name in self._fields[1:]})
 
 
-def define(flag_values: flags.FlagValues) -> ExplainFlags:
-  """The command's flags, defined in `flag_values`."""
+def define(flag_values: flags.FlagValues,
+           run_flags: run_cli.RunFlags | None = None) -> ExplainFlags:
+  """The command's flags, defined in `flag_values` (the run's too, unless given: already
+  defined there)."""
   return ExplainFlags(
-      run_cli.define(flag_values),
+      run_flags or run_cli.define(flag_values),
       flags.DEFINE_list("image", None, "Slices of the run's data to explain, as case:slice.",
                         flag_values=flag_values),
       flags.DEFINE_string("nifti_case", None, "A BraTS-layout case directory to explain.",
@@ -63,14 +66,10 @@ def define(flag_values: flags.FlagValues) -> ExplainFlags:
                           "<workdir>/explain).", flag_values=flag_values))
 
 
-_GLOBAL: list[ExplainFlags] = []
-
-
+@functools.cache
 def global_flags() -> ExplainFlags:
   """The command's flags in absl's global flags (defined on the first call)."""
-  if not _GLOBAL:
-    _GLOBAL.append(define(flags.FLAGS))
-  return _GLOBAL[0]
+  return define(flags.FLAGS, run_cli.global_flags())
 
 
 def _images(opts, train_set, val_set, preprocess):

@@ -20,10 +20,11 @@ status 1; `TRACIN_JAX_DEBUG=1` shows the traceback instead.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import sys
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from absl import app
 from absl import flags
@@ -50,15 +51,11 @@ def define(flag_values: flags.FlagValues) -> RunFlags:
                   config_flags.define_flags(experiment.ExperimentConfig, flag_values))
 
 
-_GLOBAL: list[RunFlags] = []
-
-
+@functools.cache
 def global_flags() -> RunFlags:
   """The run's flags in absl's global flags (defined on the first call), for a process that
   runs the command (`main`) or a script built on it."""
-  if not _GLOBAL:
-    _GLOBAL.append(define(flags.FLAGS))
-  return _GLOBAL[0]
+  return define(flags.FLAGS)
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -175,7 +172,7 @@ def parse_global(argv: Sequence[str]) -> list[str]:
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
 
 
-def run_app(command, argv: Sequence[str]) -> int:
+def run_app(command: Callable[[list[str]], int], argv: Sequence[str]) -> int:
   """absl's app over the global flags (its --helpfull and --verbosity too): `command(rest)`
   on what the flags leave; the exit status."""
 
