@@ -176,7 +176,7 @@ def usage() -> str:
     own.append(config_flags.help_entry(f"--{name} (default: {shown})", flag.help))
   return "\n".join([__doc__.strip(), "", "Flags of the explanation:", *own, "",
                     "The run's flags (its flagfile, --workdir, the data and influence "
-                    "settings): see tracin-jax run --help.", ""])
+                    "settings):", "see tracin-jax run --help.", ""])
 
 
 def _compilation_cache(cache_dir: str) -> None:
