@@ -1,7 +1,7 @@
 """How TracIn's rankings on chosen layers compare with those of the full gradients.
 
-    python -m experiments.run --flagfile=experiments/configs/demo.flags           # full
-    python -m experiments.run --flagfile=experiments/configs/demo.flags \\
+    python -m experiments.run --flagfile=demo           # full
+    python -m experiments.run --flagfile=demo \\
         --workdir=runs/demo_head --stages=influence --influence_params=head      # last layer
     (copy runs/demo/{checkpoints,train,metrics.json,train_config.json} to runs/demo_head
     first, so that the same trained run is explained)

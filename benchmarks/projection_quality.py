@@ -1,9 +1,9 @@
 """How projected gradients rank training regions against exact TracIn, and what each
 projection costs, on a finished run.
 
-    python -m experiments.run --flagfile=experiments/configs/demo.flags   # once
+    python -m experiments.run --flagfile=demo   # once
     PYTHONPATH=. python benchmarks/projection_quality.py \\
-        --flagfile=experiments/configs/demo.flags --out=runs/demo/projection_quality.json
+        --flagfile=demo --out=runs/demo/projection_quality.json
 
 For every checkpoint TracIn sums over, the per-example region gradients of the training and
 validation slices are computed once; each projection (kind x d) is applied to the same
@@ -27,8 +27,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from experiments import run as run_app  # pylint: disable=g-import-not-at-top
 from tracin_jax import experiment  # pylint: disable=g-import-not-at-top
+from tracin_jax.cli import run as run_cli  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import grads as grads_lib  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import layout  # pylint: disable=g-import-not-at-top
 from tracin_jax.influence import projection as projection_lib  # pylint: disable=g-import-not-at-top
@@ -45,11 +45,12 @@ flags.DEFINE_integer("top", 10, "k of the top-k overlap.")
 flags.DEFINE_integer("block", 32, "Examples per gradient block.")
 
 FLAGS = flags.FLAGS
+RUN_FLAGS = run_cli.global_flags()  # the run's flags: its flagfile, --workdir, the settings
 
 
 def main(argv):
   del argv
-  config = run_app._FLAGS[2].value()  # pylint: disable=protected-access
+  config = RUN_FLAGS.config.value()
   train_set, val_set = experiment.load_data(config.data, progress=False)
   context = experiment.make_context(config, train_set, val_set)
   stage = influence_stage.InfluenceStage(config.influence)
@@ -124,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=run_app._parse)  # pylint: disable=protected-access
+  app.run(main, flags_parser=run_cli.parse_global)

@@ -12,8 +12,9 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tracin_jax"
-# The layers above the library: the orchestration (`experiment`) and the stages it runs.
-TOP = ("tracin_jax.experiment", "tracin_jax.stages")
+# The layers above the library: the command line (`cli`, also `python -m tracin_jax`), the
+# orchestration (`experiment`) and the stages it runs.
+TOP = ("tracin_jax.__main__", "tracin_jax.cli", "tracin_jax.experiment", "tracin_jax.stages")
 
 
 def module_name(path: pathlib.Path) -> str:

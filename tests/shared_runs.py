@@ -19,7 +19,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMOKE_FLAGS = ROOT / "experiments" / "configs" / "smoke.flags"
+SMOKE_FLAGS = ROOT / "tracin_jax" / "configs" / "smoke.flags"
 
 # Modules whose tests share one process's fixtures, and so run in one pytest-xdist worker:
 # the tiny run's workdir and the stage outputs the modules build on it in turn, and the

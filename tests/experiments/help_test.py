@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import config_flags
+from tracin_jax.cli import config_flags
 from tracin_jax import experiment
 from tracin_jax import settings
 
@@ -21,7 +21,8 @@ def test_help_lists_every_setting_grouped_by_stage_and_exits_0():
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   text = proc.stdout
-  assert "--flagfile=FILE" in text and "--stages (default: train)" in text
+  assert "--flagfile=FILE" in text
+  assert "--stages (default: train,influence,interpret,saliency)" in text
   headings = [line[:-1] for line in text.splitlines() if line and line.endswith(":")
               and not line.startswith(" ")]
   assert headings[-8:] == ["data", "train stage", "influence stage", "interpret stage",

@@ -19,7 +19,7 @@ from tracin_jax.influence import layout
 from tracin_jax.training.checkpoints import CheckpointStore
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-ADAM_EPOCHS, SGD_EPOCHS = 20, 3  # experiments/configs/smoke.flags
+ADAM_EPOCHS, SGD_EPOCHS = 20, 3  # tracin_jax/configs/smoke.flags
 
 
 @pytest.mark.slow
@@ -154,7 +154,7 @@ def test_a_second_run_reuses_the_finished_stages_in_a_real_process(smoke_run, tm
 @pytest.mark.slow  # a real process
 def test_bad_data_dir_gives_a_one_line_error(tmp_path):
   (tmp_path / "data").mkdir()
-  cmd = [sys.executable, "-m", "experiments.run", "--flagfile=experiments/configs/smoke.flags",
+  cmd = [sys.executable, "-m", "experiments.run", "--flagfile=smoke",
          f"--workdir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
