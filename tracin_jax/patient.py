@@ -58,6 +58,13 @@ CLASS_NAMES = constants.TUMOUR_CLASS_NAMES
 DEFAULT_SALIENCY = ("grad_cam", "vanilla_gradient")
 
 
+def in_brain(images: np.ndarray) -> np.ndarray:
+  """[n, H, W] bool: the pixels of preprocessed images inside the brain (background is
+  exactly -1 in every modality). Predictions are kept inside it: a 2D model trained on the
+  central slices predicts tumour on empty slices it never saw."""
+  return (np.asarray(images) > -1.0).any(axis=-1)
+
+
 def influence_file(class_name: str) -> str:
   return f"influence_{rundir.class_file(class_name)}.nii.gz"
 
@@ -312,6 +319,8 @@ def explain_case(workdir: str | pathlib.Path, case, preprocess, train_set: Slice
   run = explain.load_run(workdir)
   regions, predicted = segmentation.predict_regions_and_labels(
       run.final_apply, run.params, loaded.images, run.threshold, state=run.state)
+  brain = in_brain(loaded.images)
+  regions, predicted = regions & brain[..., None], np.where(brain, predicted, 0)
   train_regions = segmentation.predict_regions(run.final_apply, run.params, train_set.images,
                                                run.threshold, state=run.state)
   t1 = time.perf_counter()

@@ -10,6 +10,8 @@ from scipy import ndimage
 from tracin_jax.data import brats
 from tracin_jax.data import constants
 from tracin_jax.data import patient_space
+from tracin_jax.data.slices import PreprocessRecord
+from tracin_jax.data.slices import SliceSet
 
 AFFINE = np.array([[-1.2, 0.0, 0.0, 30.0], [0.0, -0.9, 0.0, 250.0], [0.0, 0.0, 2.5, -8.0],
                    [0.0, 0.0, 0.0, 1.0]])
@@ -59,6 +61,21 @@ def test_a_map_constant_on_a_region_stays_that_constant():
   weights = patient_space._resample_weights(5, 13)  # pylint: disable=protected-access
   np.testing.assert_allclose(weights.sum(axis=1), 1.0)
   np.testing.assert_allclose(weights @ np.full(5, 0.7), 0.7)
+
+
+def test_the_map_resampling_equals_the_plain_sum_over_both_axes():
+  rng = np.random.default_rng(0)
+  wx = patient_space._resample_weights(12, 32)  # pylint: disable=protected-access
+  wy = patient_space._resample_weights(10, 27)  # pylint: disable=protected-access
+  record = PreprocessRecord.of_case(1, volume_shape=(40, 30, 5), crop_box=(4, 2, 36, 29),
+                                    affine=np.eye(4), layout="brats2019", source="/x/t1")
+  slices = SliceSet(np.zeros((1, 12, 10, 4), np.float32), np.zeros((1, 12, 10), np.int32),
+                    np.asarray(["c"]), np.asarray([3]), record)
+  maps = rng.normal(size=(1, 12, 10, 3))
+  volume = patient_space.to_volume(maps, slices)
+  plain = np.einsum("ah,hwc,bw->abc", wx, maps[0], wy)
+  np.testing.assert_allclose(volume[4:36, 2:29, 3], plain, rtol=1e-5, atol=1e-6)
+  assert not volume[:, :, :3].any() and not volume[:4].any()
 
 
 def test_the_written_volume_has_the_inputs_affine_and_lines_up(case, tmp_path):

@@ -146,7 +146,8 @@ def to_volume(maps: np.ndarray, slices: "SliceSet | SliceGrid", *,
       plane = maps[i][_nearest(h, x1 - x0)][:, _nearest(w, y1 - y0)]
     else:
       wx, wy = _resample_weights(h, x1 - x0), _resample_weights(w, y1 - y0)
-      plane = np.einsum("ah,hw...,bw->ab...", wx, maps[i].astype(np.float64), wy)
+      plane = np.tensordot(wx, np.tensordot(wy, maps[i].astype(np.float64), axes=(1, 1)),
+                           axes=(1, 1))  # [x, y, ...]: wx @ map @ wy.T per trailing channel
     volume[x0:x1, y0:y1, z] = plane
   return volume
 

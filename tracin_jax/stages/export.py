@@ -3,9 +3,9 @@
 For the cases of the saliency stage's images (the first `--export_cases`), it writes under
 `<workdir>/export/<case>/` (`tracin_jax.patient.write_case_outputs`), each volume on the
 input's grid with its T1 file's affine and header, the crop and resize undone:
-  - `prediction.nii.gz`: the final model's segmentation in the layout's own labels, on every
-    axial slice of the scan (`--export_full_volume`, which reads the case's files again) or
-    on the run's slices of the case;
+  - `prediction.nii.gz`: the final model's segmentation in the layout's own labels, inside
+    the brain, on every axial slice of the scan (`--export_full_volume`, which reads the
+    case's files again) or on the run's slices of the case;
   - `influence_<class>.nii.gz`: per voxel of each predicted region of the run's slices, the
     score-weighted share of its top TracIn proponents whose own region covers it;
   - `saliency_<method>_<class>.nii.gz`: the saliency stage's maps (`--export_methods`) on its
@@ -155,6 +155,7 @@ class ExportStage(base.StageBase):
     _, predicted = segmentation.predict_regions_and_labels(
         influence.apply_fn, influence.params, scan.images, influence.threshold,
         batch_size=self.config.batch_size, state=influence.state)
+    predicted = np.where(patient.in_brain(scan.images), predicted, 0)
     where = {int(z): i for i, z in enumerate(scan.slice_indices)}
     explained = np.asarray([where[int(z)] for z in case_slices.slice_indices], np.int32)
     blocks = influence.test_blocks[:, rows]
