@@ -342,16 +342,14 @@ def explain_case(workdir: str | pathlib.Path, case, preprocess, train_set: Slice
   if mapped:
     say(f"{case.case_id}: {', '.join(saliency_methods)} on axial slices "
         f"{', '.join(str(int(loaded.slice_indices[a])) for a in mapped)}")
-    found = _saliency_maps(workdir, loaded.images[mapped], regions[mapped], saliency_methods,
-                           saliency_layer)
-    for name, m in found.items():
-      maps[name] = np.zeros(regions.shape + loaded.images.shape[-1:], np.float32)
-      maps[name][mapped] = m
+    maps = _saliency_maps(workdir, loaded.images[mapped], regions[mapped], saliency_methods,
+                          saliency_layer)
   t3 = time.perf_counter()
   out_dir = (pathlib.Path(out_dir) if out_dir else
              workdir / "explain" / rundir.safe_name(case.case_id))
-  files = write_case_outputs(loaded, out_dir, predicted=predicted, influence=support,
-                             saliency=maps)
+  files = write_case_outputs(loaded, out_dir, predicted=predicted, influence=support)
+  if maps:  # on the mapped slices' grid, so that the files say which slices they cover
+    files += write_case_outputs(loaded.subset(np.asarray(mapped)), out_dir, saliency=maps)
   outputs.write_json(out_dir / EXPLANATION_FILE, {
       "case": case.case_id, "layout": str(loaded.record.layout[0]),
       "slices": [int(z) for z in loaded.slice_indices],

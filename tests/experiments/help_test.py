@@ -22,7 +22,7 @@ def test_help_lists_every_setting_grouped_by_stage_and_exits_0():
   assert proc.returncode == 0, proc.stderr[-2000:]
   text = proc.stdout
   assert "--flagfile=FILE" in text
-  assert "--stages (default: train,influence,interpret,saliency)" in text
+  assert "--stages (default: train,influence,interpret,saliency,export)" in text
   headings = [line[:-1] for line in text.splitlines() if line and line.endswith(":")
               and not line.startswith(" ")]
   assert headings[-8:] == ["data", "train stage", "influence stage", "interpret stage",

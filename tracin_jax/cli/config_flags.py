@@ -31,7 +31,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 ALL_STAGES = "all"
 # The stages a run without `--stages` runs: the demo's chain, every stage but the checks by
 # retraining (validate, lds), whose tens to hundreds of retrainings take hours to days.
-DEFAULT_STAGES = ("train", "influence", "interpret", "saliency")
+DEFAULT_STAGES = ("train", "influence", "interpret", "saliency", "export")
 
 # absl's DEFINE function of each kind of setting.
 _DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,

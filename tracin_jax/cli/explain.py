@@ -2,16 +2,25 @@
 
     tracin-jax explain --flagfile=demo \\
         --image=<case>:<slice>[,<case>:<slice>...]
-    tracin-jax explain --flagfile=demo \\
-        --nifti_case=/data/BraTS/HGG/<case> --slice=<axial index>
+    tracin-jax explain --flagfile=demo --nifti_case=/data/BraTS2021_00621 [--slices=all]
+    tracin-jax explain --flagfile=demo --t1=T1.nii.gz --t1ce=T1GD.nii.gz --t2=T2.nii.gz \\
+        --flair=FLAIR.nii.gz [--slice=<axial index>]
 
 Give the flags of the run (its flagfile, or --workdir and the data flags): the run's
 influence stage must have written its store (`<workdir>/influence/store`, on by default).
-`--image` names slices of the run's data (validation or training); `--nifti_case` reads a
-BraTS-layout case directory (`<case>_{t1,t1ce,t2,flair,seg}.nii.gz`), preprocessed as the
-run's data. For each image it writes `<out>/<name>.json` (top-k proponents and opponents of
-every predicted region, with scores and timings) and the local explanation panel
-`<out>/<name>.png`, and prints the seconds the explanation took.
+`--image` names slices of the run's data (validation or training): for each it writes
+`<out>/<name>.json` (top-k proponents and opponents of every predicted region, with scores
+and timings) and the local explanation panel `<out>/<name>.png`. `--nifti_case` reads a case
+folder of any BraTS layout (2019 to 2023; its segmentation is not needed), or `--t1`,
+`--t1ce`, `--t2`, `--flair` four files of one patient, preprocessed as the run's data: every
+axial slice of the run's central range (`--slices=centre`, the default; `--slices=all` for
+the whole scan, `--slices=z,...` or `--slice=z`) is predicted and each predicted region explained against the
+store, `--explain_saliency` methods map the slices with the most tumour, and the results are written
+on the patient's scan under `<out>/<case>/` (default `<workdir>/explain/<case>/`):
+`prediction.nii.gz` (in the layout's labels), `influence_<class>.nii.gz`,
+`saliency_<method>_<class>.nii.gz`, `explanation.json` and `viewer.html`, an interactive
+viewer of the scan with every output (open it in a browser). Open the scan and the volumes
+together in ITK-SNAP or 3D Slicer: they line up. Nothing is written beside the inputs.
 `python -m experiments.explain` (from the repository's root) is the same command.
 """
 
@@ -36,7 +45,14 @@ class ExplainFlags(NamedTuple):
   run: run_cli.RunFlags
   image: flags.FlagHolder
   nifti_case: flags.FlagHolder
+  t1: flags.FlagHolder
+  t1ce: flags.FlagHolder
+  t2: flags.FlagHolder
+  flair: flags.FlagHolder
   slice: flags.FlagHolder
+  slices: flags.FlagHolder
+  explain_saliency: flags.FlagHolder
+  explain_saliency_slices: flags.FlagHolder
   with_truth: flags.FlagHolder
   out: flags.FlagHolder
 
@@ -54,10 +70,26 @@ def define(flag_values: flags.FlagValues,
       run_flags or run_cli.define(flag_values),
       flags.DEFINE_list("image", None, "Slices of the run's data to explain, as case:slice.",
                         flag_values=flag_values),
-      flags.DEFINE_string("nifti_case", None, "A BraTS-layout case directory to explain.",
+      flags.DEFINE_string("nifti_case", None, "A patient's case folder to explain, in any "
+                          "BraTS layout (2019 to 2023; a segmentation is not needed).",
                           flag_values=flag_values),
-      flags.DEFINE_integer("slice", None, "With --nifti_case: the axial slice index to "
-                           "explain.", flag_values=flag_values),
+      *(flags.DEFINE_string(kind, None, f"Instead of --nifti_case: the patient's {name} "
+                            "file (.nii or .nii.gz); give all four modalities.",
+                            flag_values=flag_values)
+        for kind, name in (("t1", "T1"), ("t1ce", "T1Gd (contrast-enhanced T1)"),
+                           ("t2", "T2"), ("flair", "FLAIR"))),
+      flags.DEFINE_integer("slice", None, "With a patient's scan: the one axial slice index "
+                           "to explain (same as --slices=<index>).", flag_values=flag_values),
+      flags.DEFINE_list("slices", None, "With a patient's scan: the axial slices to explain: "
+                        "centre (the run's central slices, the default: what its model was "
+                        "trained on), all (every slice) or indices z,z,...",
+                        flag_values=flag_values),
+      flags.DEFINE_list("explain_saliency", ["grad_cam", "vanilla_gradient"], "With a "
+                        "patient's scan: the saliency methods mapped (any of the saliency "
+                        "stage's methods; empty for none).", flag_values=flag_values),
+      flags.DEFINE_integer("explain_saliency_slices", 1, "With a patient's scan: how many slices the "
+                           "saliency methods map (those with the most predicted tumour).",
+                           lower_bound=0, flag_values=flag_values),
       flags.DEFINE_bool("with_truth", False, "Score the image's regions against its ground "
                         "truth (as the influence stage does for validation slices) instead of "
                         "the model's own prediction (as for an unlabelled image).",
@@ -72,20 +104,10 @@ def global_flags() -> ExplainFlags:
   return define(flags.FLAGS, run_cli.global_flags())
 
 
-def _images(opts, train_set, val_set, preprocess):
-  """(case, slice, image, ground truth) of each image --image or --nifti_case/--slice name."""
-  from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
+def _images(opts, train_set, val_set):
+  """(case, slice, image, ground truth) of each image --image names."""
   from tracin_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
-  if opts.nifti_case:
-    case = brats.load_case(brats.case_files(opts.nifti_case), preprocess)
-    where = list(case.slice_indices).index(opts.slice) if opts.slice in case.slice_indices \
-        else None
-    if where is None:
-      raise UserError(f"--slice={opts.slice}: {opts.nifti_case} gives slices "
-                      f"{int(case.slice_indices[0])}..{int(case.slice_indices[-1])} after "
-                      "preprocessing.")
-    return [(str(case.case_ids[where]), opts.slice, case.images[where], case.labels[where])]
   known = {f"{c}:{z}": (s, i) for s in (val_set, train_set) for i, (c, z) in enumerate(s.ids)}
   out = []
   for name in opts.image:
@@ -123,15 +145,51 @@ def check(opts, config, prog: str) -> None:
     raise UserError(f"--workdir={config.workdir}: no finished influence stage with its "
                     f"gradient store there; run it first: {run} with the same flags (e.g. "
                     f"{run} --flagfile=demo)")
-  if bool(opts.image) == bool(opts.nifti_case):
+  files = [opts.t1, opts.t1ce, opts.t2, opts.flair]
+  given = [bool(opts.image), bool(opts.nifti_case), any(files)]
+  if sum(given) != 1:
     raise UserError("give exactly one of --image=<case>:<slice>,... (the run's slices, e.g. "
-                    f"as listed in {config.workdir}/influence/proponents.json) and "
-                    f"--nifti_case=DIR with --slice; e.g. {example}")
-  if opts.nifti_case and opts.slice is None:
-    raise UserError("--nifti_case needs --slice (the axial index to explain).")
-  if opts.slice is not None and not opts.nifti_case:
-    raise UserError(f"--slice={opts.slice}: only with --nifti_case; --image names the run's "
-                    "slices as <case>:<slice>.")
+                    f"as listed in {config.workdir}/influence/proponents.json), "
+                    "--nifti_case=DIR (a patient's case folder) and --t1, --t1ce, --t2, "
+                    f"--flair (a patient's four files); e.g. {example}")
+  if any(files) and not all(files):
+    missing = [f"--{k}" for k, v in zip(("t1", "t1ce", "t2", "flair"), files) if not v]
+    raise UserError(f"{', '.join(missing)}: missing; a patient's scan is four files, one "
+                    "per modality (or give its folder as --nifti_case=DIR).")
+  scan = given[1] or given[2]
+  for name in ("slice", "slices"):
+    if getattr(opts, name) is not None and not scan:
+      raise UserError(f"--{name}: only with a patient's scan (--nifti_case or the four "
+                      "files); --image names the run's slices as <case>:<slice>.")
+  if opts.slice is not None and opts.slices is not None:
+    raise UserError("give one of --slice and --slices.")
+  if opts.with_truth and scan:
+    raise UserError("--with_truth: only with --image; a patient's scan is explained against "
+                    "the model's own prediction.")
+  _slices(opts)
+  from tracin_jax import saliency  # pylint: disable=g-import-not-at-top
+
+  unknown = [m for m in opts.explain_saliency or () if m not in saliency.METHODS]
+  if unknown:
+    raise UserError(f"--explain_saliency: unknown {', '.join(unknown)}; any of "
+                    f"{', '.join(saliency.METHODS)}.")
+
+
+def _slices(opts):
+  """--slice/--slices as `patient.explain_case` takes them: "all", None (the run's central
+  slices) or axial indices."""
+  from tracin_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  if opts.slice is not None:
+    return [opts.slice]
+  chosen = opts.slices or ["centre"]
+  if chosen in (["all"], ["centre"], ["center"]):
+    return None if chosen[0] != "all" else "all"
+  try:
+    return [int(z) for z in chosen]
+  except ValueError:
+    raise UserError(f"--slices={','.join(chosen)}: all, centre, or axial indices "
+                    "(integers).") from None
 
 
 def execute(explain_flags: ExplainFlags, argv: Sequence[str]) -> int:
@@ -203,8 +261,8 @@ def _train_regions(workdir: pathlib.Path, train_set):
 
 
 def explain_images(opts, config) -> None:
-  """Explains the images `opts` (`ExplainFlags.values()`) name against the run `config`
-  describes (see the module docstring)."""
+  """Explains the images or the scan `opts` (`ExplainFlags.values()`) name against the run
+  `config` describes (see the module docstring)."""
   start = time.perf_counter()
   from tracin_jax import experiment  # pylint: disable=g-import-not-at-top
   from tracin_jax import explain  # pylint: disable=g-import-not-at-top
@@ -212,7 +270,12 @@ def explain_images(opts, config) -> None:
   _compilation_cache(config.data.cache_dir or experiment.default_cache_dir())
   workdir = pathlib.Path(config.workdir)
   train_set, val_set = experiment.load_data(config.data, progress=False)
-  images = _images(opts, train_set, val_set, config.data.preprocess)
+  if opts.nifti_case or opts.t1:
+    _explain_scan(opts, config, train_set)
+    print(f"Done in {time.perf_counter() - start:.1f} s (this command, data loading "
+          "included).")
+    return
+  images = _images(opts, train_set, val_set)
   out = pathlib.Path(opts.out) if opts.out else workdir / "explain"
   train_regions = None
   for case_id, z, image, truth in images:
@@ -229,3 +292,28 @@ def explain_images(opts, config) -> None:
           f"{result.store_bytes / 1e6:.1f} MB store; wrote "
           + ", ".join(str(p) for p in paths))
   print(f"Done in {time.perf_counter() - start:.1f} s (this command, data loading included).")
+
+
+def _explain_scan(opts, config, train_set) -> None:
+  """A patient's scan (--nifti_case or the four files), explained and written back on it."""
+  from tracin_jax import patient  # pylint: disable=g-import-not-at-top
+  from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
+
+  if opts.nifti_case:
+    case = brats.case_files(opts.nifti_case)
+  else:
+    case = brats.case_from_files(opts.t1, opts.t1ce, opts.t2, opts.flair)
+  result = patient.explain_case(
+      config.workdir, case, config.data.preprocess, train_set, slices=_slices(opts),
+      out_dir=pathlib.Path(opts.out) / case.case_id if opts.out else None,
+      k=config.influence.top_k, saliency_methods=opts.explain_saliency or (),
+      saliency_slices=opts.explain_saliency_slices, progress=print)
+  seconds = result.seconds
+  regions = sum(len(e) for e in result.explanations)
+  print(f"{case.case_id}: {len(result.slices)} slices, {regions} predicted regions explained "
+        f"in {seconds['total']:.1f} s (reading and predicting {seconds['load']:.1f} s, "
+        f"TracIn {seconds['explain']:.1f} s, saliency {seconds['saliency']:.1f} s, writing "
+        f"{seconds['write']:.1f} s); wrote {len(result.files)} files in "
+        f"{result.paths[0].parent}:")
+  for f in result.files:
+    print(f"  {pathlib.Path(f['path']).name}: {f['description']}")

@@ -4,8 +4,8 @@ For the cases of the saliency stage's images (the first `--export_cases`), it wr
 `<workdir>/export/<case>/` (`tracin_jax.patient.write_case_outputs`), each volume on the
 input's grid with its T1 file's affine and header, the crop and resize undone:
   - `prediction.nii.gz`: the final model's segmentation in the layout's own labels, inside
-    the brain, on every axial slice of the scan (`--export_full_volume`, which reads the
-    case's files again) or on the run's slices of the case;
+    the brain, on the run's slices of the case, or on every axial slice of the scan with
+    `--export_full_volume` (which reads the case's files again);
   - `influence_<class>.nii.gz`: per voxel of each predicted region of the run's slices, the
     score-weighted share of its top TracIn proponents whose own region covers it;
   - `saliency_<method>_<class>.nii.gz`: the saliency stage's maps (`--export_methods`) on its
@@ -50,8 +50,9 @@ class ExportConfig:
       ("smoothgrad", "integrated_gradients", "grad_cam_plus_plus"),
       "Saliency methods written as volumes (those the saliency stage ran).",
       flag="export_methods")
-  full_volume: bool = setting(True, "Predict every axial slice of each exported case's scan "
-                              "(reads its files again); off: only the run's slices.",
+  full_volume: bool = setting(False, "Predict every axial slice of each exported case's scan "
+                              "(reads its files again; a model trained on the central slices "
+                              "sees the others for the first time); off: the run's slices.",
                               flag="export_full_volume")
   batch_size: int = setting(16, "Slices per compiled call of the export stage's prediction.",
                             flag="export_batch_size", minimum=1)
