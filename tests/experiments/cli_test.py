@@ -49,7 +49,7 @@ def test_stages_all_runs_every_stage_in_run_order(runs, tmp_path):
   assert run_cli.cli(["tracin-jax run", f"--workdir={tmp_path}", "--stages=all"]) == 0
   assert run_cli.cli(["tracin-jax run", f"--workdir={tmp_path}"]) == 0
   assert runs == [list(stages_lib.list_stages()), ["train", "influence", "interpret",
-                                                   "saliency"]]
+                                                   "saliency", "export"]]
 
 
 def _one_line(capsys) -> str:
@@ -92,10 +92,18 @@ def test_explain_checks_its_flags_before_reading_data(capsys, tmp_path, monkeypa
   monkeypatch.setattr(explain_cli, "explain_images", lambda *a: pytest.fail("read the data"))
   assert explain().startswith("error: give exactly one of --image=<case>:<slice>,... ")
   assert explain("--image=a:1", "--nifti_case=d").startswith("error: give exactly one of")
-  assert explain("--nifti_case=d") == ("error: --nifti_case needs --slice (the axial index "
-                                       "to explain).")
-  assert explain("--image=a:1", "--slice=3").startswith("error: --slice=3: only with "
-                                                         "--nifti_case")
+  assert explain("--nifti_case=d") == ("error: --nifti_case=d: no such directory (a "
+                                       "patient's case folder, holding its four modality "
+                                       "files).")
+  assert explain(f"--t1={tmp_path}").startswith("error: --t1ce, --t2, --flair: missing")
+  assert explain("--image=a:1", "--slice=3").startswith("error: --slice: only with a "
+                                                         "patient's scan")
+  assert explain(f"--nifti_case={tmp_path}", "--slices=x").startswith(
+      "error: --slices=x: all, centre, or axial indices")
+  assert explain(f"--nifti_case={tmp_path}", "--explain_saliency=nope").startswith(
+      "error: --explain_saliency: unknown nope")
+  assert explain(f"--nifti_case={tmp_path}", "--with_truth").startswith(
+      "error: --with_truth: only with --image")
   assert explain("--image=a:1", "stray").startswith("error: unexpected argument 'stray'")
 
 

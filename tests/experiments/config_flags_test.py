@@ -86,7 +86,7 @@ def test_a_misspelled_flag_is_an_error_naming_it():
 def test_a_flagfile_gives_the_config_and_stages_a_notebook_can_use():
   config, names = config_flags.from_flagfile(experiment.ExperimentConfig, "demo",
                                              "--workdir=elsewhere")
-  assert names == ["train", "influence", "interpret", "saliency"]
+  assert names == ["train", "influence", "interpret", "saliency", "export"]
   assert config.saliency.instance_samples == 4  # the demo's cheaper instance SmoothGrad
   assert config.workdir == "elsewhere" and config.data.preprocess.image_size == 96
   assert config.train.model.base_width == 8 and config.train.sgd_epochs == 4
@@ -176,4 +176,4 @@ def test_list_flags_take_any_of_their_choices():
   assert "Allowed: one of brain, tumour." in " ".join(text.split())  # a single value: one of
   assert "Allowed: each >= 1 (or unset)." in " ".join(text.split())  # --checkpoint_epochs
   stages = " ".join(config_flags.stages_help().split())
-  assert "any of train, influence, interpret, saliency, validate, lds, report, or all" in stages
+  assert "any of train, influence, interpret, saliency, export, validate, lds, report, or all" in stages

@@ -136,7 +136,7 @@ def test_a_second_run_reuses_the_finished_stages_in_a_real_process(smoke_run, tm
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  for stage in ("train", "influence", "interpret", "saliency"):
+  for stage in ("train", "influence", "interpret", "saliency", "export"):
     assert f"{stage}: inputs and settings unchanged" in again.stdout
   assert f"{len(jobs) - 1} of {len(jobs)} results reused" in again.stdout
   assert "retraining 1/1 " in again.stdout

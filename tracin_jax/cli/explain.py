@@ -156,6 +156,12 @@ def check(opts, config, prog: str) -> None:
     missing = [f"--{k}" for k, v in zip(("t1", "t1ce", "t2", "flair"), files) if not v]
     raise UserError(f"{', '.join(missing)}: missing; a patient's scan is four files, one "
                     "per modality (or give its folder as --nifti_case=DIR).")
+  if opts.nifti_case and not pathlib.Path(opts.nifti_case).is_dir():
+    raise UserError(f"--nifti_case={opts.nifti_case}: no such directory (a patient's case "
+                    "folder, holding its four modality files).")
+  for kind, path in zip(("t1", "t1ce", "t2", "flair"), files):
+    if path and not pathlib.Path(path).is_file():
+      raise UserError(f"--{kind}={path}: no such file.")
   scan = given[1] or given[2]
   for name in ("slice", "slices"):
     if getattr(opts, name) is not None and not scan:
