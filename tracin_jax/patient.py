@@ -258,8 +258,8 @@ class CaseExplanation:
     return [pathlib.Path(f["path"]) for f in self.files]
 
 
-def _saliency_maps(workdir: pathlib.Path, images: np.ndarray, regions: np.ndarray, methods: Sequence[str],
-                   layer: str) -> dict[str, np.ndarray]:
+def _saliency_maps(workdir: pathlib.Path, images: np.ndarray, regions: np.ndarray,
+                   methods: Sequence[str], layer: str) -> dict[str, np.ndarray]:
   """method -> [n, H, W, K, C] maps of each slice's predicted regions (zeros where absent)."""
   from tracin_jax import saliency as sal  # pylint: disable=g-import-not-at-top
   from tracin_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top

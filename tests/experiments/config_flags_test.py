@@ -176,4 +176,5 @@ def test_list_flags_take_any_of_their_choices():
   assert "Allowed: one of brain, tumour." in " ".join(text.split())  # a single value: one of
   assert "Allowed: each >= 1 (or unset)." in " ".join(text.split())  # --checkpoint_epochs
   stages = " ".join(config_flags.stages_help().split())
-  assert "any of train, influence, interpret, saliency, export, validate, lds, report, or all" in stages
+  assert ("any of train, influence, interpret, saliency, export, validate, lds, report, or "
+          "all") in stages

@@ -25,8 +25,9 @@ def test_help_lists_every_setting_grouped_by_stage_and_exits_0():
   assert "--stages (default: train,influence,interpret,saliency,export)" in text
   headings = [line[:-1] for line in text.splitlines() if line and line.endswith(":")
               and not line.startswith(" ")]
-  assert headings[-8:] == ["data", "train stage", "influence stage", "interpret stage",
-                           "saliency stage", "validate stage", "lds stage", "report"]
+  assert headings[-9:] == ["data", "train stage", "influence stage", "interpret stage",
+                           "saliency stage", "export stage", "validate stage", "lds stage",
+                           "report"]
   # Every nested config (stage) has a heading of its own, not the run's.
   nested = {leaf.path[0] for leaf in settings.leaves(experiment.ExperimentConfig)
             if len(leaf.path) > 1}

@@ -113,7 +113,7 @@ def test_a_stage_that_did_not_run_is_absent_not_an_error(tmp_path):
       "settings": {"seed": 0}, "seconds": 1.0, "files": [], "figures": [],
       "headline": {"validation_dice": {"ED": 0.5}}}))
   html = report.build_report(tmp_path).read_text()
-  assert "Not run in this workdir: influence, interpret, saliency, validate" in html
+  assert "Not run in this workdir: influence, interpret, saliency, export, validate" in html
   assert HOSTILE not in html and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
   assert "badge synthetic" not in html  # this run's data are not the synthetic cohort
   assert "<td>validation</td><td class=\"num\">0.500</td>" in html

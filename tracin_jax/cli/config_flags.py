@@ -245,7 +245,7 @@ def _list_converter(name: str, elem: type, optional: bool) -> Callable:
 
 
 _GROUPS = {"data": "data", "train": "train stage", "influence": "influence stage",
-           "interpret": "interpret stage", "saliency": "saliency stage",
+           "interpret": "interpret stage", "saliency": "saliency stage", "export": "export stage",
            "validate": "validate stage", "lds": "lds stage", "report": "report"}
 
 

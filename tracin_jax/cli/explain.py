@@ -14,12 +14,12 @@ and timings) and the local explanation panel `<out>/<name>.png`. `--nifti_case` 
 folder of any BraTS layout (2019 to 2023; its segmentation is not needed), or `--t1`,
 `--t1ce`, `--t2`, `--flair` four files of one patient, preprocessed as the run's data: every
 axial slice of the run's central range (`--slices=centre`, the default; `--slices=all` for
-the whole scan, `--slices=z,...` or `--slice=z`) is predicted and each predicted region explained against the
-store, `--explain_saliency` methods map the slices with the most tumour, and the results are written
-on the patient's scan under `<out>/<case>/` (default `<workdir>/explain/<case>/`):
-`prediction.nii.gz` (in the layout's labels), `influence_<class>.nii.gz`,
-`saliency_<method>_<class>.nii.gz`, `explanation.json` and `viewer.html`, an interactive
-viewer of the scan with every output (open it in a browser). Open the scan and the volumes
+the whole scan, `--slices=z,...` or `--slice=z`) is predicted and each predicted region
+explained against the store, the `--explain_saliency` methods map the slices with the most
+tumour, and the results are written on the patient's scan under `<out>/<case>/` (default
+`<workdir>/explain/<case>/`): `prediction.nii.gz` (in the layout's labels),
+`influence_<class>.nii.gz`, `saliency_<method>_<class>.nii.gz`, `explanation.json` and
+`viewer.html`, an interactive viewer of the scan with every output (open it in a browser). Open the scan and the volumes
 together in ITK-SNAP or 3D Slicer: they line up. Nothing is written beside the inputs.
 `python -m experiments.explain` (from the repository's root) is the same command.
 """
@@ -87,8 +87,9 @@ def define(flag_values: flags.FlagValues,
       flags.DEFINE_list("explain_saliency", ["grad_cam", "vanilla_gradient"], "With a "
                         "patient's scan: the saliency methods mapped (any of the saliency "
                         "stage's methods; empty for none).", flag_values=flag_values),
-      flags.DEFINE_integer("explain_saliency_slices", 1, "With a patient's scan: how many slices the "
-                           "saliency methods map (those with the most predicted tumour).",
+      flags.DEFINE_integer("explain_saliency_slices", 1, "With a patient's scan: how many "
+                           "slices the saliency methods map (those with the most predicted "
+                           "tumour).",
                            lower_bound=0, flag_values=flag_values),
       flags.DEFINE_bool("with_truth", False, "Score the image's regions against its ground "
                         "truth (as the influence stage does for validation slices) instead of "

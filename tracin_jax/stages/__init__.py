@@ -13,8 +13,8 @@ new stage is its module and its name in that tuple. `base` holds the contract (`
 `Context` every stage receives and the resume mechanism (`Parts`); the manifest each stage
 writes and the names of its files live below every stage, in `tracin_jax.rundir`, where the
 report and other readers find them. The analysis itself lives in the library packages
-(`training`, `influence`, `interpret`, `saliency`, `checks`, `patient`); a stage only calls it, writes
-files and lists them.
+(`training`, `influence`, `interpret`, `saliency`, `checks`, `patient`); a stage only calls it,
+writes files and lists them.
 """
 
 import importlib
