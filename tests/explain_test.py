@@ -124,7 +124,8 @@ def test_an_unlabelled_scan_is_explained_and_written_back_on_its_grid(influenced
   before = sorted(p.name for p in case_dir.iterdir())
   result = patient.explain_case(
       context.workdir, case_dir, brats.PreprocessConfig(crop_size=16), tiny_run.TRAIN,
-      slices="all", k=2, saliency_methods=("grad_cam",), out_dir=tmp_path / "out")
+      slices="all", k=2, saliency_methods=("grad_cam",),
+      out_dir=tmp_path / "run" / "export" / "BraTS2021_00099")
   assert sorted(p.name for p in case_dir.iterdir()) == before
   assert (result.slices.labels == -1).all() and len(result.slices) == 5
   source = nibabel.load(case_dir / "BraTS2021_00099_t1.nii.gz")
@@ -141,7 +142,19 @@ def test_an_unlabelled_scan_is_explained_and_written_back_on_its_grid(influenced
   present = [a for a in range(5) if result.regions[a].any()]
   assert [len(e) > 0 for e in result.explanations] == [a in present for a in range(5)]
   assert len(result.saliency_slices) == (1 if present else 0)
-  record = json.loads((tmp_path / "out" / "explanation.json").read_text())
+  out = tmp_path / "run" / "export" / "BraTS2021_00099"
+  record = json.loads((out / "explanation.json").read_text())
   assert record["ground_truth"] is False and record["layout"] == "brats2021"
-  page = (tmp_path / "out" / "viewer.html").read_text()
-  assert "prediction" in page and (tmp_path / "out" / "static" / "niivue.umd.js").exists()
+  page = (out / "viewer.html").read_text()
+  assert "prediction" in page and (out / "static" / "niivue.umd.js").exists()
+  # The report's viewer of such a folder: the files read back, on the scan's grid.
+  from tracin_jax import report  # pylint: disable=g-import-not-at-top
+
+  z = present[0] if present else 0
+  shown = report.export_viewer(tmp_path / "run", "BraTS2021_00099", z)
+  names = [v.name for v in shown.volumes]
+  assert names[:5] == ["FLAIR", "T1", "T1Gd", "T2", "prediction"]
+  assert "ground truth" not in names  # the folder has none
+  np.testing.assert_array_equal(shown.volumes[4].data, result.predicted.transpose(1, 2, 0))
+  np.testing.assert_array_equal(shown.volumes[0].affine[:, 3], source.affine @ [2, 1, 0, 1])
+  assert shown.focus[2] == z

@@ -436,11 +436,46 @@ def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
       predicted tumour).
     margin: slices shown beyond the explained ones.
   """
+  from tracin_jax.report import viewer  # pylint: disable=g-import-not-at-top
+
+  found = _case_volumes(str(pathlib.Path(out_dir).resolve()), grid,
+                        tuple(int(a) for a in explained), margin)
+  if found is None:
+    return None
+  volumes, zs, predicted = found
+  shown = [int(grid.slice_indices[a]) for a in explained]
+  sizes = {s: int((predicted[..., s - zs[0]] > 0).sum()) for s in shown}
+  here = max(shown, key=lambda s: sizes[s]) if z is None else int(z)
+  found = np.argwhere(predicted[..., here - zs[0]] > 0)
+  centre = found.mean(0) if len(found) else (np.array(predicted.shape[:2]) - 1) / 2
+  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]),
+                                       float(here - zs[0])],
+                       slice_names=[f"axial slice {s}" for s in range(*zs)])
+
+
+def _case_volumes(out_dir: str, grid: patient_space.SliceGrid, explained: tuple[int, ...],
+                  margin: int):
+  """(the viewer's volumes, its axial range, the prediction on it) of `case_viewer`, read
+  once per case and kept for the report's other pages of the case (`_VOLUMES`)."""
+  key = (out_dir, tuple(str(s) for s in grid.record.source[:1]), explained, margin,
+         (pathlib.Path(out_dir) / PREDICTION_FILE).stat().st_mtime_ns
+         if (pathlib.Path(out_dir) / PREDICTION_FILE).exists() else 0)
+  if key not in _VOLUMES:
+    while len(_VOLUMES) >= 3:  # a few cases at a time: a case's volumes are megabytes
+      _VOLUMES.pop(next(iter(_VOLUMES)))
+    _VOLUMES[key] = _read_case_volumes(pathlib.Path(out_dir), grid, explained, margin)
+  return _VOLUMES[key]
+
+
+_VOLUMES: dict[tuple, Any] = {}
+
+
+def _read_case_volumes(out_dir: pathlib.Path, grid: patient_space.SliceGrid,
+                       explained: Sequence[int], margin: int):
   import nibabel  # pylint: disable=g-import-not-at-top
   from tracin_jax.data import brats  # pylint: disable=g-import-not-at-top
   from tracin_jax.report import viewer  # pylint: disable=g-import-not-at-top
 
-  out_dir = pathlib.Path(out_dir)
   record, layout = grid.record, str(grid.record.layout[0])
   try:
     case = brats.case_files(pathlib.Path(str(record.source[0])).parent)
@@ -470,8 +505,10 @@ def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
     volumes.append(viewer.ViewerVolume("ground truth", truth, affine, "labels",
                                        visible=False))
   overlays = [(influence_file(c), f"TracIn support: {c}") for c in CLASS_NAMES]
-  overlays += sorted((p.name, p.name[len("saliency_"):-len(".nii.gz")].replace("_", " "))
-                     for p in out_dir.glob("saliency_*.nii.gz"))
+  from tracin_jax.saliency import methods  # pylint: disable=g-import-not-at-top
+
+  overlays += [(saliency_file(m, c), f"{methods.LABELS[m]}: {c}") for m in methods.METHODS
+               for c in CLASS_NAMES]
   for name, title in overlays:
     if (out_dir / name).exists():
       data = read(out_dir / name)
@@ -479,10 +516,4 @@ def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
         volumes.append(viewer.ViewerVolume(title, data, affine, "overlay",
                                            visible=not any(v.kind == "overlay"
                                                            for v in volumes)))
-  sizes = {s: int((predicted[..., s - zs[0]] > 0).sum()) for s in shown}
-  here = max(shown, key=lambda s: sizes[s]) if z is None else int(z)
-  found = np.argwhere(predicted[..., here - zs[0]] > 0)
-  centre = found.mean(0) if len(found) else (np.array(predicted.shape[:2]) - 1) / 2
-  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]),
-                                       float(here - zs[0])],
-                       slice_names=[f"axial slice {s}" for s in range(*zs)])
+  return volumes, zs, predicted

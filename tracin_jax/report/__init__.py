@@ -317,15 +317,19 @@ def _page_viewer(workdir: pathlib.Path, a: int, influence, val_set: SliceSet,
     chosen = given(case, z)
   elif given is not None:
     chosen = given.get((case, z))
+  title = f"{case} slice {z}: the case in 3D"
   if chosen is None:
     chosen = export_viewer(workdir, case, z)
+    if chosen is not None:
+      title = (f"{case} slice {z}: the NIfTI outputs on the patient's scan (in the scan's "
+               "own orientation, as ITK-SNAP or 3D Slicer shows it)")
   if chosen is None:
     chosen = case_viewer(workdir, a, influence, val_set)
   if not isinstance(chosen, viewer.Viewer):
     chosen = viewer.Viewer(list(chosen))
   if not chosen.volumes:
     return None
-  return viewer.viewer_block(chosen.volumes, title=f"{case} slice {z}: the case in 3D",
+  return viewer.viewer_block(chosen.volumes, title=title,
                              static=f"../{viewer.STATIC_DIR}", focus=chosen.focus,
                              slice_names=chosen.slice_names,
                              orientation=chosen.orientation)
