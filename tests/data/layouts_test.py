@@ -3,6 +3,7 @@ on tiny hand-made volumes (24 x 20 x 12) written to tmp_path."""
 
 import dataclasses
 
+import brats_test
 import nibabel
 import numpy as np
 import pytest
@@ -27,19 +28,11 @@ CASE_IDS = {
 
 
 def make_volumes(seed=0):
-  """The four modalities (int16, zero outside a box brain) and a seg in BraTS 2019 labels."""
-  rng = np.random.default_rng(seed)
-  volumes = {}
-  for k, kind in enumerate(constants.MODALITIES):
-    v = np.zeros(SHAPE, np.int16)
-    v[BRAIN] = rng.integers(100, 200, size=v[BRAIN].shape) * (k + 1)
-    v[TUMOUR] += 150
-    volumes[kind] = v
-  seg = np.zeros(SHAPE, np.uint8)
-  seg[TUMOUR] = 2
-  seg[10:14, 9:12, 4:9] = 4
-  seg[11:13, 10:11, 5:8] = 1
-  volumes[constants.SEG_SUFFIX] = seg
+  """The four modalities (int16, as the releases store them, zero outside a box brain) and
+  a seg in BraTS 2019 labels, with a necrotic core."""
+  volumes = {kind: np.round(v).astype(np.int16) if kind != constants.SEG_SUFFIX else v
+             for kind, v in brats_test.make_volumes(seed, SHAPE, BRAIN, TUMOUR).items()}
+  volumes[constants.SEG_SUFFIX][11:13, 10:11, 5:8] = 1
   return volumes
 
 
