@@ -259,8 +259,9 @@ def test_the_export_stage_puts_the_maps_back_on_each_cases_scan(staged):
 
   context, results = staged
   export, influence = results["export"], results["influence"]
-  assert [c.case_id for c in export.cases] == list(dict.fromkeys(
-      [c for c, _ in results["saliency"].images] + tiny_run.VAL.cases))[:2]
+  first = list(dict.fromkeys(c for c, _ in results["saliency"].images))
+  assert [c.case_id for c in export.cases][:len(first)] == first[:2]
+  assert len(export.cases) == min(2, len(tiny_run.VAL.cases))
   for one in export.cases:
     folder = context.workdir / "export" / one.case_id
     names = {p.name for p in folder.iterdir()}

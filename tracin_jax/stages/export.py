@@ -1,6 +1,7 @@
 """The `export` stage: the explained validation cases as NIfTI volumes on their own scans.
 
-For the cases of the saliency stage's images (the first `--export_cases`), it writes under
+For the cases of the report's pages (the first `--export_cases`: the saliency stage's images
+first, then the largest regions of other patients), it writes under
 `<workdir>/export/<case>/` (`tracin_jax.patient.write_case_outputs`), each volume on the
 input's grid with its T1 file's affine and header, the crop and resize undone:
   - `prediction.nii.gz`: the final model's segmentation in the layout's own labels, inside
@@ -44,8 +45,9 @@ GRID_FILE = rundir.EXPORT_GRID_FILE
 class ExportConfig:
   """Settings of the export stage."""
 
-  cases: int = setting(3, "Validation cases written as NIfTI volumes (those of the saliency "
-                       "stage's images first).", flag="export_cases", minimum=0)
+  cases: int = setting(6, "Validation cases written as NIfTI volumes: those of the report's "
+                       "pages (the saliency stage's images first, then the largest regions "
+                       "of other patients).", flag="export_cases", minimum=0)
   methods: tuple[str, ...] = setting(
       ("smoothgrad", "integrated_gradients", "grad_cam_plus_plus"),
       "Saliency methods written as volumes (those the saliency stage ran).",
@@ -97,10 +99,14 @@ _CHECK = base.Output(rundir.EXPORT_CHECK_FIGURE, "{case}, axial slice {z}: the s
                      figure=True)
 
 
-def _cases(context: base.Context, images, n: int) -> list[str]:
-  """The first n validation cases of the saliency stage's images, then of the data."""
-  ordered = [str(c) for c, _ in images] + context.val_set.cases
-  return list(dict.fromkeys(ordered))[:n]
+def _cases(context: base.Context, images, val_regions, n: int) -> list[str]:
+  """The first n validation cases of the report's pages (`report.choose_pages`: the
+  saliency stage's images first, then the largest regions of other patients)."""
+  from tracin_jax import report  # pylint: disable=g-import-not-at-top
+
+  ids = context.val_set.ids
+  pages = report.choose_pages(ids, val_regions, images, len(ids))
+  return list(dict.fromkeys(str(ids[a][0]) for a in pages))[:n]
 
 
 def _scan_slices(context: base.Context, case_slices: SliceSet, full: bool) -> SliceSet:
@@ -136,7 +142,7 @@ class ExportStage(base.StageBase):
     """Predicts each case's scan and gathers its influence and saliency maps."""
     self.check(context)
     influence, sal = context.need("influence"), context.need("saliency")
-    chosen = _cases(context, sal.images, self.config.cases)
+    chosen = _cases(context, sal.images, influence.val_regions, self.config.cases)
     ran = list(context.configs["saliency"].methods) if "saliency" in context.configs else []
     methods = [m for m in self.config.methods if m in ran]
     skipped = sorted(set(self.config.methods) - set(methods))
