@@ -3,7 +3,7 @@
 Each module raises its own subclass (`SettingsError`, `BratsDataError`, `StageError`,
 `CheckpointError`, `TrainingError`, ...), whose message names the culprit (the flag, file,
 case, epoch or argument) and what was wrong, in one sentence. The command line
-(`experiments/run.py`) catches `UserError` once and prints `error: <message>`; anything
+(`tracin_jax/cli/run.py`) catches `UserError` once and prints `error: <message>`; anything
 else is a bug and keeps its traceback.
 """
 

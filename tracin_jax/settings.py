@@ -7,7 +7,7 @@ Every setting of the library's configs is declared with `setting(...)`:
       threshold: float = setting(0.8, "Region threshold on p_j (strict).", minimum=0.0,
                                  maximum=1.0, exclusive=True)
 
-The command line (`experiments/run.py`) derives one flag per field from this metadata, so a
+The command line (`tracin_jax/cli/run.py`) derives one flag per field from this metadata, so a
 default or help text is never copied by hand, and `check(config)` tests every value against
 its declared range before any work starts.
 """
