@@ -97,6 +97,21 @@ def test_smoke_flagfile_end_to_end(smoke_run):
   assert instances["synthetic"] is True
   assert any(i["status"] == "TP" for i in instances["instances"])  # it sees tumour
 
+  # The export stage's volumes, read back: on the synthetic scan's grid (its affine), the
+  # prediction in BraTS labels equal to the validation Dice's own prediction of the slices.
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  exported = json.loads((workdir / "export" / "manifest.json").read_text())["headline"]
+  assert len(exported["cases"]) == 1
+  case = exported["cases"][0]
+  written = nibabel.load(workdir / "export" / case / "prediction.nii.gz")
+  scan = nibabel.load(next(smoke_run.cache.glob(f"synthetic_*/HGG/{case}/{case}_t1.nii.gz")))
+  np.testing.assert_allclose(written.affine, scan.affine)
+  assert written.shape == scan.shape == (240, 240, 155)
+  assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
+  assert (workdir / "export" / case / "check.png").stat().st_size > 0
+  assert "[export stage done in" in stdout
+
   # The validate stage's files: every checked region has its three removals, the baseline
   # replay reproduced the run, and the randomisation check compared the two structures.
   out = workdir / "validate"
@@ -116,7 +131,7 @@ def test_smoke_flagfile_end_to_end(smoke_run):
     assert (out / name).stat().st_size > 0
   jobs = sorted(p for p in (out / "retraining").glob("*/*.json") if p.name != "inputs.json")
   assert len(jobs) == 1 + 2 + 2 * len(retraining["regions"])
-  for stage in ("train", "influence", "interpret", "saliency", "validate"):
+  for stage in ("train", "influence", "interpret", "saliency", "export", "validate"):
     manifest = json.loads((workdir / stage / "manifest.json").read_text())
     assert manifest["data"] == "synthetic cohort" and manifest["synthetic"] is True
     assert all((workdir / f["path"]).exists() for f in manifest["files"] + manifest["figures"])
