@@ -190,20 +190,20 @@ def plot_check(out_dir: str | pathlib.Path, grid, z: int, path: str | pathlib.Pa
     m = classes == c
     coloured[m] = 0.55 * coloured[m] + 0.45 * np.asarray(figures.REGION_COLOURS[c - 1])
   fig = figures.new_figure(figsize=(10.5, 3.9))
-  axes = fig.subplots(1, 3)
+  *axes, bar = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 0.05]})
   axes[0].imshow(rgb.transpose(1, 0, 2))
   axes[0].set_title("the input scan", fontsize=9)
   axes[1].imshow(coloured.transpose(1, 0, 2))
   axes[1].set_title("prediction (read back from its NIfTI)", fontsize=9)
   axes[2].imshow(rgb.transpose(1, 0, 2))
-  if support is not None:
-    shown = np.ma.masked_where(support.T <= 0, support.T)
-    image = axes[2].imshow(shown, cmap="magma", vmin=0, vmax=1)
-    fig.colorbar(image, ax=axes[2], fraction=0.046)
+  shown = np.ma.masked_where(support.T <= 0, support.T) if support is not None else \
+      np.ma.masked_all(rgb.shape[1::-1])
+  fig.colorbar(axes[2].imshow(shown, cmap="magma", vmin=0, vmax=1), cax=bar)
   axes[2].set_title(f"{CLASS_NAMES[-1]}: top proponents' support (read back)", fontsize=9)
   for ax in axes:
     ax.axis("off")
-  fig.suptitle(f"{title}, axial slice {z}: the NIfTI outputs on the input scan", fontsize=10)
+  fig.suptitle(f"{title}, axial slice {z}: the NIfTI outputs on the input scan (storage "
+               "order, as the run's other figures)", fontsize=10)
   fig.tight_layout()
   outputs.save_figure(fig, path)
 
