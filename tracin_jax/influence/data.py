@@ -39,9 +39,11 @@ class ExampleSpec:
   dtypes: tuple[np.dtype, ...]
 
   def example(self) -> PyTree:
-    """One example as `jax.ShapeDtypeStruct`s."""
+    """One example as `jax.ShapeDtypeStruct`s (dtypes as JAX holds them: int64 labels are
+    int32 without x64, as the arrays become on the device)."""
     return jax.tree.unflatten(
-        self.treedef, [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes, self.dtypes)])
+        self.treedef, [jax.ShapeDtypeStruct(s, jax.dtypes.canonicalize_dtype(d))
+                       for s, d in zip(self.shapes, self.dtypes)])
 
 
 def _batch_spec(batch: PyTree, where: str) -> tuple[ExampleSpec, int]:

@@ -362,7 +362,8 @@ def per_example_grads(loss_fn: LossFn, params: Params, batch: Batch,
   Returns:
     [B, K, P] gradients, raveled in `jax.flatten_util.ravel_pytree(params)` order.
   """
-  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), batch)
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      np.shape(x)[1:], jax.dtypes.canonicalize_dtype(x.dtype)), batch)
   k = num_outputs(loss_fn, params, example, state)
   g, _ = block_grads(loss_fn, k, params, batch, vectorize, state)
   return jnp.reshape(g, (-1, k, g.shape[-1]))
