@@ -84,8 +84,9 @@ flags.DEFINE_list("parts", ["influence", "store", "saliency"], "Parts to run, in
 flags.DEFINE_list("influence_models", ["demo", "paper"], "Models of the influence part: demo, "
                   "large (base 16, depth 4, 128 px) or paper.")
 flags.DEFINE_list("saliency_models", ["demo", "paper"], "Models of the saliency part.")
-flags.DEFINE_integer("train", 32, "Train images of the demo UNet's influence comparison.")
-flags.DEFINE_integer("test", 8, "Test images of the demo UNet's influence comparison.")
+flags.DEFINE_integer("train", 32, "Train images of the demo UNet's influence comparison (as "
+                     "many as --test: one block shape, so each path compiles once).")
+flags.DEFINE_integer("test", 32, "Test images of the demo UNet's influence comparison.")
 flags.DEFINE_integer("large_train", 8, "Train images of the larger UNets' comparisons (as "
                      "many as --large_test and --store_block: one compiled block shape).")
 flags.DEFINE_integer("large_test", 8, "Test images of the larger UNets' comparisons.")
@@ -104,8 +105,9 @@ flags.DEFINE_integer("paper_slices", 2070, "The paper's training slices.")
 flags.DEFINE_integer("paper_checkpoints", 5, "The paper's TracIn checkpoints.")
 flags.DEFINE_integer("saliency_batch", 2, "Images per saliency call.")
 flags.DEFINE_list("saliency_methods", [], "Saliency methods (label prefixes; default all).")
-flags.DEFINE_string("workdir", None, "Where the store samples are written (default: a "
-                    "temporary directory, removed at the end).")
+flags.DEFINE_string("workdir", None, "Directory in which the store samples are written, in a "
+                    "temporary directory removed at the end (default: the system's "
+                    "temporary directory).")
 flags.DEFINE_enum("matmul_precision", "default",
                   ["default", "float32", "tensorfloat32", "bfloat16"],
                   "jax_default_matmul_precision of float32 matmuls and convolutions "
@@ -147,17 +149,24 @@ class Settings:
 
 def settings_from_flags() -> Settings:
   if FLAGS.quick:
-    return Settings(("quick",), ("quick",), "quick", {"quick": (3, 3)}, 2, 2, 6, 3, 64, 1,
-                    common.SaliencySettings(ig_steps=4, gig_steps=4, samples=2, ies_samples=1,
-                                            ies_side=2))
+    return Settings(
+        influence_models=("quick",), saliency_models=("quick",), store_model="quick",
+        sizes={"quick": (3, 3)}, checkpoints=2, repeats=2, store_slices=6, store_block=3,
+        dim=64, saliency_batch=1,
+        saliency=common.SaliencySettings(ig_steps=4, gig_steps=4, samples=2, ies_samples=1,
+                                         ies_side=2))
   unknown = [m for m in [*FLAGS.influence_models, *FLAGS.saliency_models] if m not in MODELS]
   if unknown:
-    raise app.UsageError(f"unknown model {unknown}; models {list(MODELS)}")
-  return Settings(tuple(FLAGS.influence_models), tuple(FLAGS.saliency_models), "paper",
-                  {"demo": (FLAGS.train, FLAGS.test),
-                   **{m: (FLAGS.large_train, FLAGS.large_test) for m in ("large", "paper")}},
-                  FLAGS.checkpoints, FLAGS.repeats, FLAGS.store_slices, FLAGS.store_block,
-                  FLAGS.dim, FLAGS.saliency_batch, common.SaliencySettings())
+    raise app.UsageError(f"unknown model {unknown} in --influence_models or "
+                         f"--saliency_models; models: {', '.join(MODELS)}")
+  return Settings(
+      influence_models=tuple(FLAGS.influence_models),
+      saliency_models=tuple(FLAGS.saliency_models), store_model="paper",
+      sizes={m: ((FLAGS.train, FLAGS.test) if m == "demo" else
+                 (FLAGS.large_train, FLAGS.large_test)) for m in MODELS},
+      checkpoints=FLAGS.checkpoints, repeats=FLAGS.repeats, store_slices=FLAGS.store_slices,
+      store_block=FLAGS.store_block, dim=FLAGS.dim, saliency_batch=FLAGS.saliency_batch,
+      saliency=common.SaliencySettings())
 
 
 # ----------------------------------------------------------------------------- the report
@@ -200,7 +209,10 @@ class Report:
       outputs.write_json(self.path, outputs.plain(self.data), unique=True)
 
 
-def _watchdog(report: Report, hard_limit_s: float) -> threading.Timer:
+def _watchdog(report: Report, hard_limit_s: float, cleanup) -> threading.Timer:
+  """Starts a timer that, at `hard_limit_s` from the start, writes the JSON, calls
+  `cleanup()` and ends the process with status 3."""
+
   def fire():
     # The main thread may hold the lock in a long write; wait a little, then write anyway.
     got = report.lock.acquire(timeout=5)
@@ -213,6 +225,7 @@ def _watchdog(report: Report, hard_limit_s: float) -> threading.Timer:
         report.lock.release()
     print(f"\nhard limit of {hard_limit_s:g} s reached during {report.step}; the JSON is "
           f"at {report.path}", file=sys.stderr, flush=True)
+    cleanup()
     os._exit(3)  # pylint: disable=protected-access
 
   timer = threading.Timer(max(0.0, hard_limit_s - report.elapsed()), fire)
@@ -284,14 +297,14 @@ def influence_part(s: Setup, n_train: int, n_test: int, settings: Settings, repo
                                         memory_budget_bytes=budget)
 
   fns = {v: (naive_scores if v == "naive" else path(v)) for v in FLAGS.paths}
-  known = len(grads_lib.auto_choices())
 
   def log(name, seconds):
     report.step = f"influence {s.name}: {name}"
     print(f"  {s.name} {name:6s} warm-up {seconds:.2f} s", flush=True)
 
   t = common.time_in_turns(fns, settings.repeats, deadline=report.deadline, log=log)
-  choices = grads_lib.auto_choices()[known:]
+  # What "auto" measured for this loss and example shape (here, or in an earlier part).
+  auto = grads_lib.auto_choice(s.loss_fn, common.K, s.checkpoints[0][0], test)
   reference = t.results.get("loop")
   errors = {}
   if reference is not None:
@@ -301,7 +314,7 @@ def influence_part(s: Setup, n_train: int, n_test: int, settings: Settings, repo
   return {
       **s.describe(), "n_train": n_train, "n_test": n_test, "k": common.K,
       "checkpoints": settings.checkpoints, "memory_budget_bytes": budget,
-      "auto": (dataclasses.asdict(choices[-1]) if choices else None),
+      "auto": dataclasses.asdict(auto) if auto else None,
       "seconds": t.seconds, "warmup_seconds": t.warmup, "repeats": t.repeats,
       "class_gradients_per_second": {m: gradients / x for m, x in t.seconds.items()},
       "error_vs_loop": errors, "tolerance": FLAGS.tolerance,
@@ -449,10 +462,18 @@ def main(argv):
     jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
   unknown = [p for p in FLAGS.parts if p not in ("influence", "store", "saliency")]
   if unknown:
-    raise app.UsageError(f"unknown part {unknown}; parts: influence, store, saliency")
+    raise app.UsageError(f"unknown part {unknown} in --parts; parts: influence, store, "
+                         "saliency")
   settings = settings_from_flags()
   report = Report(FLAGS.out, FLAGS.deadline_s)
-  timer = _watchdog(report, FLAGS.hard_limit_s)
+  if FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+  workdir = tempfile.mkdtemp(prefix="tracin_jax_gpu_check_", dir=FLAGS.workdir)
+
+  def cleanup():  # the store samples: GBs at the paper's size
+    shutil.rmtree(workdir, ignore_errors=True)
+
+  timer = _watchdog(report, FLAGS.hard_limit_s, cleanup)
   report.data.update({
       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": FLAGS.quick,
       "device": _device(), "versions": _versions(),
@@ -472,8 +493,6 @@ def main(argv):
       setups[name] = Setup(name, MODELS[name], settings.checkpoints, FLAGS.seed)
     return setups[name]
 
-  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="tracin_jax_gpu_check_")
-  os.makedirs(workdir, exist_ok=True)
   try:
     for part in FLAGS.parts:
       if part == "influence":
@@ -492,9 +511,8 @@ def main(argv):
                     lambda name=name: saliency_part(setup(name), settings, report),
                     "saliency")
   finally:
-    if not FLAGS.workdir:
-      shutil.rmtree(workdir, ignore_errors=True)
-  timer.cancel()
+    timer.cancel()
+    cleanup()
   report.set("complete", not report.data["skipped"] and not report.data["errors"])
   print_tables(report.data)
   print(f"\n{report.elapsed():.0f} s; {common.load_average()}; JSON: {FLAGS.out}")
