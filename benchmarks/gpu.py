@@ -38,8 +38,8 @@ with status 3. A step that fails (out of device memory, say) is recorded under "
 and the run goes on. "complete" is true when nothing was skipped and nothing failed.
 
 `--quick` runs a tiny UNet (base 4, depth 1, 16 px) in every role, with 3 x 3 examples,
-6 slices and few steps: a check that every part runs and that the paths agree (about a
-minute on 2 busy cores, most of it compilation). The script imports neither nibabel,
+6 slices and few steps: a check that every part runs and that the paths agree (50 to 140 s
+on 2 cores at load 5 to 8, most of it compilation). The script imports neither nibabel,
 nilearn nor Grain.
 """
 

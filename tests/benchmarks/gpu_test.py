@@ -39,7 +39,7 @@ def _run(tmp_path, *flags):
   return result, (json.loads(out.read_text()) if out.exists() else None)
 
 
-@pytest.mark.slow  # about a minute on 2 cores: every path and saliency method compiles once
+@pytest.mark.slow  # 1-2 minutes on 2 busy cores: every path and saliency method compiles once
 def test_quick_run_measures_every_part_and_the_paths_scores_agree(tmp_path):
   result, data = _run(tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
