@@ -25,14 +25,14 @@ library's are checked against the naive ones (largest relative error of a row).
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from tracin_jax import models
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import segmentation
@@ -70,19 +70,12 @@ def _methods(loss_fn, apply_fn, k: int):
   def ravel(tree, rows):
     return jnp.concatenate([jnp.reshape(x, (rows, -1)) for x in jax.tree.leaves(tree)], axis=1)
 
-  naive_one = jax.jit(
-      lambda p, batch, j: ravel(jax.vmap(jax.grad(class_loss), (None, 0, None))(p, batch, j),
-                                jax.tree.leaves(batch)[0].shape[0]))
   loop_one = jax.jit(lambda p, example, j: ravel(jax.grad(class_loss)(p, example, j), 1))
   forward = jax.jit(lambda p, images: apply_fn(p, images))
 
   def forward_loop(params, batch):  # batch-1 forwards: on XLA:CPU often faster per image
     images = batch["image"]
     return [forward(params, images[i:i + 1]) for i in range(images.shape[0])]
-
-  def naive(params, batch):
-    g = jnp.stack([naive_one(params, batch, j) for j in range(k)], axis=1)  # [N, K, P]
-    return jnp.reshape(g, (-1, g.shape[-1]))
 
   def loop(params, batch):
     n = jax.tree.leaves(batch)[0].shape[0]
@@ -93,7 +86,7 @@ def _methods(loss_fn, apply_fn, k: int):
   def library(params, batch):
     return grads_lib.block_grads(loss_fn, k, params, batch, vectorize="auto")[0]
 
-  return {"naive": naive, "loop": loop, "library": library,
+  return {"naive": common.naive_grads(loss_fn, k), "loop": loop, "library": library,
           "forward": lambda params, batch: forward(params, batch["image"]),
           "forward_loop": forward_loop}
 
@@ -116,24 +109,18 @@ def main(argv):
     k = grads_lib.num_outputs(loss_fn, params, example)
     fns = _methods(loss_fn, apply_fn, k)
     names = ["forward", "forward_loop", *FLAGS.methods]
-    for name in names:  # warm-up: compile
-      start = time.perf_counter()
-      jax.block_until_ready(fns[name](params, batch))
-      print(f"  {size} px {name:12s} warm-up {time.perf_counter() - start:.1f} s", flush=True)
-    times = {name: [] for name in names}
-    for _ in range(FLAGS.repeats):  # interleaved, so that a busy spell hits every method
-      for name in names:
-        start = time.perf_counter()
-        jax.block_until_ready(fns[name](params, batch))
-        times[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    timings = common.time_in_turns(
+        {name: functools.partial(fns[name], params, batch) for name in names}, FLAGS.repeats,
+        log=lambda name, s, size=size: print(f"  {size} px {name:12s} warm-up {s:.1f} s",
+                                             flush=True))
+    seconds = dict(timings.seconds)
     if "library" in seconds:
       print(f"  {size} px vectorize='auto' took {grads_lib.auto_choices()[-1]}")
     print(f"  {size} px medians: " + ", ".join(f"{m} {s:.3f} s" for m, s in seconds.items()))
     if "library" in seconds and "naive" in seconds:  # the same gradients, to float tolerance
       # Loose: at 96 px both float32 paths differ from a float64 reference by about 1e-3
       # (relative, whole matrix) for this untrained model; at 64 px by about 1e-7.
-      a, b = np.asarray(fns["library"](params, batch)), np.asarray(fns["naive"](params, batch))
+      a, b = np.asarray(timings.results["library"]), np.asarray(timings.results["naive"])
       row = np.max(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1))
       error = np.linalg.norm(a - b) / np.linalg.norm(b)
       print(f"  {size} px library vs naive: relative error {error:.1e} "

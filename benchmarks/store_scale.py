@@ -24,8 +24,8 @@ gradient passes the budget forces, and the time at the measured speed.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-import resource
 import statistics
 import time
 
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from tracin_jax import models
 from tracin_jax.influence import core
 from tracin_jax.influence import grads as grads_lib
@@ -56,32 +57,6 @@ flags.DEFINE_string("out", None, "JSON file for the numbers (optional).")
 FLAGS = flags.FLAGS
 
 
-def _peak_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
-
-
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def _examples(n: int, size: int, seed: int):
-  rng = np.random.default_rng(seed)
-  images = rng.uniform(-1, 1, size=(n, size, size, 4)).astype(np.float32)
-  yy, xx = np.mgrid[:size, :size]
-  regions = np.zeros((n, size, size, 3), bool)
-  for b in range(n):
-    for j, r in enumerate((0.25, 0.18, 0.1)):
-      cy, cx = rng.uniform(0.35, 0.65, 2) * size
-      regions[b, ..., j] = (yy - cy)**2 + (xx - cx)**2 < (r * size)**2
-  targets = regions.argmax(-1) + regions.any(-1)
-  return {"image": images, "target": targets.astype(np.int32), "region": regions}
-
-
 def _factored_vs_formed(size: int, width: int, depth: int, factor_dim: int) -> list[dict]:
   """Per UNet level: ms to form one example's 3x3 convolution gradient from its patches and
   output gradients, against ms of its factored projection."""
@@ -99,9 +74,9 @@ def _factored_vs_formed(size: int, width: int, depth: int, factor_dim: int) -> l
     projection_lib.factored_projection(p, dy, a, b).block_until_ready()
     out.append({
         "level": level, "side": side, "channels": c, "parameters": 9 * c * c,
-        "patches_ms": 1e3 * _median_time(lambda: patches(x), 3),
-        "formed_ms": 1e3 * _median_time(lambda: formed(p, dy), 3),
-        "factored_ms": 1e3 * _median_time(
+        "patches_ms": 1e3 * common.median_seconds(lambda: patches(x), 3),
+        "formed_ms": 1e3 * common.median_seconds(lambda: formed(p, dy), 3),
+        "factored_ms": 1e3 * common.median_seconds(
             lambda: projection_lib.factored_projection(p, dy, a, b), 3)})
   return out
 
@@ -116,14 +91,14 @@ def main(argv):
   print(f"UNet base {FLAGS.base_width}, depth {FLAGS.depth}: P = {p:,} parameters; "
         f"{size} px; K = {k}.", flush=True)
   block = 2
-  warm = _examples(block, size, 1)
+  warm = common.region_examples(block, size, 1)
   t0 = time.perf_counter()
   g, _ = grads_lib.block_grads(loss_fn, k, params, warm, "loop", state)
   g.block_until_ready()
   compile_s = time.perf_counter() - t0
   del g
   per_example = []
-  data = _examples(FLAGS.examples, size, 2)
+  data = common.region_examples(FLAGS.examples, size, 2)
   for start in range(0, FLAGS.examples, block):
     batch = {key: x[start:start + block] for key, x in data.items()}
     t0 = time.perf_counter()
@@ -133,18 +108,19 @@ def main(argv):
   grad_s = statistics.median(per_example)
   print(f"gradients: {grad_s:.2f} s per example (median of {len(per_example)} blocks of "
         f"{block}; first block with compilation {compile_s:.1f} s); peak memory so far "
-        f"{_peak_gib():.1f} GiB", flush=True)
+        f"{common.peak_rss_gib():.1f} GiB", flush=True)
 
   rows = g  # [block * K, P], real gradients
   projections = {}
   for kind in ("countsketch", "srht"):
     proj = projection_lib.Projection(FLAGS.dim, kind)
     proj(rows).block_until_ready()
-    projections[kind] = _median_time(lambda proj=proj: proj(rows), 3) / rows.shape[0]
+    projections[kind] = (common.median_seconds(lambda proj=proj, rows=rows: proj(rows), 3)
+                         / rows.shape[0])
   chunk = projection_lib.Projection(FLAGS.dim, "dense", chunk_columns=FLAGS.chunk)
   part = rows[:, :FLAGS.chunk]
   chunk(part).block_until_ready()
-  projections["dense"] = (_median_time(lambda: chunk(part), 3) / rows.shape[0]
+  projections["dense"] = (common.median_seconds(lambda: chunk(part), 3) / rows.shape[0]
                           * -(-p // FLAGS.chunk))
   del rows, g
   for kind, s in projections.items():
@@ -161,15 +137,16 @@ def main(argv):
 
   n, c = FLAGS.train_slices, FLAGS.checkpoints
   choice = "countsketch"
-  build_s = n * c * (grad_s + k * projections[choice])
-  store_bytes = n * c * k * FLAGS.dim * 4
+  build = common.store_extrapolation(grad_s + k * projections[choice], n, c, k, p,
+                                     projection_lib.Projection(FLAGS.dim, choice))
+  build_s, store_bytes = build["seconds"], build["bytes"]
   budget = int(FLAGS.budget_gib * 2**30)
   exact = core.plan_influence(n, None, k, p, c, memory_budget_bytes=budget,
                               seconds_per_example=grad_s)
   projected = core.plan_influence(n, None, k, p, c, memory_budget_bytes=budget,
                                   projection=projection_lib.Projection(FLAGS.dim),
                                   seconds_per_example=grad_s + k * projections[choice])
-  peak = _peak_gib()
+  peak = common.peak_rss_gib()
   print(f"\nExtrapolated to {n} slices x {c} checkpoints on this CPU:")
   print(f"- store build ({choice}, d = {FLAGS.dim}): {build_s / 3600:.1f} h, "
         f"{store_bytes / 2**30:.2f} GiB on disk ({k * FLAGS.dim * 4 / 1e3:.0f} kB per slice "
@@ -189,7 +166,7 @@ def main(argv):
         "store_build_hours": build_s / 3600, "store_gib": store_bytes / 2**30,
         "exact_plan": str(exact), "exact_hours": exact.seconds / 3600,
         "exact_passes": exact.gradient_passes, "projected_plan": str(projected),
-        "peak_gib": peak, "load": list(__import__("os").getloadavg())}, indent=1))
+        "peak_gib": peak, "load": list(os.getloadavg())}, indent=1))
 
 
 if __name__ == "__main__":

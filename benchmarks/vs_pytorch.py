@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -66,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from tracin_jax import models
 from tracin_jax import params as params_lib
 from tracin_jax.influence import core
@@ -91,7 +91,7 @@ MODEL_CONFIGS = {
     "nonorm": dict(base_width=16, depth=3, size=96, norm="none"),
     "quick": dict(base_width=4, depth=2, size=16, norm="group"),
 }
-K = 3  # region losses per example (the tumour classes)
+K = common.K  # region losses per example (the tumour classes)
 NORM_GROUPS = 8  # the UNet's default: GroupNorm with gcd(width, 8) groups
 SMOOTH = segmentation.DEFAULT_SMOOTH
 
@@ -202,11 +202,7 @@ class Setup:
     self.loss_fn = segmentation.make_region_losses(self.apply_fn)
     self.p = grads_lib.parameter_count(params)
     rng = np.random.default_rng(seed)
-    self.checkpoints = [(params, 0.01)]
-    for t in range(1, n_checkpoints):  # perturbed copies, each with its own eta_t
-      self.checkpoints.append((jax.tree.map(
-          lambda x: x + 0.02 * np.std(x) * rng.normal(size=x.shape).astype(x.dtype), params),
-          0.01 / (t + 1)))
+    self.checkpoints = common.perturbed_checkpoints(params, n_checkpoints, rng)
     size = config["size"]
 
     def data(n):
@@ -240,41 +236,21 @@ class Setup:
     return float(np.abs(ours - theirs).max() / np.abs(ours).max())
 
 
-def gram_scores(rows_and_cols, n_test: int, n_train: int):
-  """sum_t eta_t G_test G_train^T from (G_test [n_test K, P], G_train [n_train K, P], eta_t)
-  -> [n_test, K, n_train, K] numpy."""
-  total = 0.0
-  for g_test, g_train, lr in rows_and_cols:
-    total = total + lr * np.asarray(g_test @ g_train.T)
-  return np.asarray(total, np.float32).reshape(n_test, K, n_train, K)
-
-
 def tracin_jax_method(s: Setup, vectorize: str):
   return lambda: core.influence(s.loss_fn, s.checkpoints, s.train, s.test, vectorize=vectorize)
 
 
 def jax_naive_method(s: Setup):
-  """K x jit(vmap(grad(loss_j))), raveled, then the Gram products (float32 matmuls)."""
-
-  def class_loss(params, example, j):
-    return s.loss_fn(params, example)[j]
-
-  @jax.jit
-  def grads(params, batch):
-    rows = []
-    for j in range(K):
-      g = jax.vmap(jax.grad(class_loss), (None, 0, None))(params, batch, j)
-      rows.append(jnp.concatenate(
-          [jnp.reshape(x, (x.shape[0], -1)) for x in jax.tree.leaves(g)], axis=1))
-    g = jnp.stack(rows, axis=1)  # [N, K, P]
-    return jnp.reshape(g, (-1, g.shape[-1]))
+  """K x jit(vmap(grad(loss_j))) (`common.naive_grads`), then the Gram products (float32
+  matmuls)."""
+  grads = common.naive_grads(s.loss_fn, K)
 
   def run():
     parts = []
     for params, lr in s.checkpoints:
       parts.append((grads(params, s.test), grads(params, s.train), lr))
-    return gram_scores([(np.asarray(a), np.asarray(b), lr) for a, b, lr in parts],
-                       len(s.test["image"]), len(s.train["image"]))
+    return common.gram_scores([(np.asarray(a), np.asarray(b), lr) for a, b, lr in parts],
+                              len(s.test["image"]), len(s.train["image"]))
 
   return run
 
@@ -304,7 +280,7 @@ def torch_func_method(s: Setup):
     with torch.no_grad():
       parts = [(grads(p, s.torch_test), grads(p, s.torch_train), lr)
                for p, lr in s.torch_checkpoints]
-    return gram_scores(parts, len(s.test["image"]), len(s.train["image"]))
+    return common.gram_scores(parts, len(s.test["image"]), len(s.train["image"]))
 
   return run
 
@@ -332,7 +308,7 @@ def torch_loop_method(s: Setup):
       parts.append((grads(s.torch_test), grads(s.torch_train), lr))
     net.load_state_dict(s.torch_checkpoints[0][0])
     with torch.no_grad():
-      return gram_scores(parts, len(s.test["image"]), len(s.train["image"]))
+      return common.gram_scores(parts, len(s.test["image"]), len(s.train["image"]))
 
   return run
 
@@ -442,10 +418,6 @@ METHODS = {
 BOUNDS = ("jax_bound", "torch_bound")
 
 
-def load() -> str:
-  return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def run_model(name: str, method_names: list[str], n_train: int, n_test: int,
               n_checkpoints: int, repeats: int, seed: int) -> None:
   s = Setup(name, n_train, n_test, n_checkpoints, seed)
@@ -457,26 +429,17 @@ def run_model(name: str, method_names: list[str], n_train: int, n_test: int,
   print(f"logits: PyTorch vs Flax, max relative difference {logit_error:.1e}", flush=True)
   assert logit_error < 1e-4, logit_error
   fns = {m: METHODS[m][1](s) for m in method_names}
-  results, warm = {}, {}
-  for m, fn in fns.items():  # warm-up: compile, and keep the scores
-    start = time.perf_counter()
-    results[m] = fn()
-    warm[m] = time.perf_counter() - start
-    print(f"  {m:16s} warm-up {warm[m]:7.2f} s", flush=True)
-  times = {m: [] for m in fns}
-  for _ in range(repeats):
-    for m, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[m].append(time.perf_counter() - start)
-  seconds = {m: statistics.median(t) for m, t in times.items()}
+  timings = common.time_in_turns(
+      fns, repeats, log=lambda m, seconds: print(f"  {m:16s} warm-up {seconds:7.2f} s",
+                                                 flush=True))
+  results, seconds = timings.results, dict(timings.seconds)
   for m in BOUNDS:
     if m in seconds:
       seconds[m] *= 1 + 2 * K
   reference = core.influence(s.loss_fn, s.checkpoints, s.train, s.test, vectorize="loop")
   scale = np.abs(reference).max()
   base = seconds.get("tracin_jax")
-  print(f"\n| method | seconds (grads + Gram) | relative to tracin_jax | error |")
+  print("\n| method | seconds (grads + Gram) | relative to tracin_jax | error |")
   print("|---|---|---|---|")
   for m in fns:
     error = ("" if m in BOUNDS else
@@ -484,8 +447,8 @@ def run_model(name: str, method_names: list[str], n_train: int, n_test: int,
     relative = f"{seconds[m] / base:.2f}" if base else ""
     print(f"| {METHODS[m][0]} | {seconds[m]:.2f} | {relative} | {error} |")
   choices = grads_lib.auto_choices()  # the last one measured is this model's
-  print(f"\nvectorize=\"auto\" took {choices[-1] if choices else 'n/a'}; {load()}",
-        flush=True)
+  print(f"\nvectorize=\"auto\" took {choices[-1] if choices else 'n/a'}; "
+        f"{common.load_average()}", flush=True)
   for m in fns:
     if m not in BOUNDS and m != "captum_hooks":
       error = np.abs(results[m] - reference).max() / scale
@@ -508,13 +471,14 @@ def main(argv):
     raise app.UsageError(f"unknown model or method {unknown}; models {list(MODEL_CONFIGS)}, "
                          f"methods {list(METHODS)}")
   import captum  # pylint: disable=g-import-not-at-top
-  print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs; {load()}")
+  print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs; "
+        f"{common.load_average()}")
   print(f"python {sys.version.split()[0]}, jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), captum "
         f"{captum.__version__}")
   for name in names:
     run_model(name, method_names, n_train, n_test, n_ckpt, repeats, FLAGS.seed)
-  print(f"\nend: {load()}")
+  print(f"\nend: {common.load_average()}")
 
 
 if __name__ == "__main__":
