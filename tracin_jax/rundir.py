@@ -215,16 +215,18 @@ def check_files(workdir: str | os.PathLike, record: dict[str, Any]) -> dict[str,
 
 def write_manifest(workdir: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:
   """Writes a finished stage's record (atomically, with its checksum) as
-  `<workdir>/<stage>/manifest.json`; each listed file's entry gets its checksum ("sha256",
-  "size"), for readers to check it against."""
+  `<workdir>/<stage>/manifest.json`.
+
+  Each listed file's entry gets its checksum ("sha256", "size"), for readers to check it
+  against; in place, so that the `Manifest` whose lists the record holds lists them as
+  written (and as `read_manifest` reads them back).
+  """
   workdir = pathlib.Path(workdir)
   path = manifest_path(workdir, record["stage"])
   path.parent.mkdir(parents=True, exist_ok=True)
-  record = dict(record)
-  for key in ("files", "figures"):
-    if key in record:
-      record[key] = [dict(e, **outputs.file_checksum(workdir / e["path"]))
-                     if (workdir / e["path"]).is_file() else e for e in record[key]]
+  for entry in _entries(record):
+    if (workdir / entry["path"]).is_file():
+      entry.update(outputs.file_checksum(workdir / entry["path"]))
   outputs.write_json(path, record, checksum=True)
   return path
 
