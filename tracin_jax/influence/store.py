@@ -20,9 +20,9 @@ Layout of a store directory:
   last block ragged), one plain `.npy` file per block, read memory-mapped;
 * `<file>.sha256` beside `store.json` and each block: its SHA-256 and size, written before
   it is renamed into place (`outputs.atomic_path`). A block is checked when it is first
-  read in a process (hashing it while it is read anyway: about 1 GB/s here), and a resumed
-  build checks the blocks it keeps, building a damaged one again; a query that meets a
-  damaged block refuses, naming it.
+  read in a process (hashing costs about 1 s per GB on 2 cores), and a resumed build checks
+  the blocks it keeps, building a damaged one again; a query that meets a damaged block
+  refuses, naming it.
 
 Each block is written whole to a temporary name and renamed, so a block file that exists is
 complete: an interrupted build continues at the first missing block, and two processes (or
