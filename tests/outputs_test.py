@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ def test_a_json_file_reads_back_and_a_changed_byte_or_a_cut_is_named(tmp_path):
                      "SHA-256 written with it .*; rewrite it\\.$") as e:
     outputs.read_json(path, hint="rewrite it")
   assert e.value.path == path and "\n" not in str(e.value)
+  assert str(pickle.loads(pickle.dumps(e.value))) == str(e.value)  # from a worker process
   outputs.write_json(path, {"scores": [1.5, 2.5]}, checksum=True)
   truncate(path)
   with pytest.raises(outputs.DamagedFile, match=r"x\.json: \d+ bytes where \d+ were written "

@@ -111,8 +111,11 @@ class DamagedFile(errors.UserError, ValueError):
   """
 
   def __init__(self, path: str | os.PathLike, problem: str, hint: str = ""):
-    self.path, self.problem = pathlib.Path(path), problem
+    self.path, self.problem, self.hint = pathlib.Path(path), problem, hint
     super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else "") + ".")
+
+  def __reduce__(self):  # pickled whole (across processes), not from its message alone
+    return type(self), (self.path, self.problem, self.hint)
 
 
 def checksum_path(path: str | os.PathLike) -> pathlib.Path:
