@@ -9,7 +9,9 @@ A run's directory (the workdir) holds one directory per stage, named as the stag
 with its `manifest.json`: the stage's settings, fingerprint, timings, versions, every file
 it wrote with a description and every figure with its caption, and its headline numbers
 (the training stage's own files, its checkpoints, metrics and curves, lie in the workdir
-itself). This module is the lowest layer of that contract: the stages write through it, and
+itself). Each file a manifest lists carries its checksum there (`sha256`, `size`), and the
+manifest its own (`manifest.json.sha256`): `read_manifest` checks them, so that a damaged
+file is named, never read. This module is the lowest layer of that contract: the stages write through it, and
 the report, `explain`, the notebooks and users' own code read through it, so that no reader
 imports a stage and no stage knows its readers. It depends on nothing of the package but
 `outputs`.
@@ -17,8 +19,8 @@ imports a stage and no stage knows its readers. It depends on nothing of the pac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -154,21 +156,78 @@ def manifest_path(workdir: str | os.PathLike, stage: str) -> pathlib.Path:
 
 
 def read_manifest(workdir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
-  """The manifest of `stage` in `workdir`, or None if it has not finished there."""
+  """The manifest of `stage` in `workdir`, or None if it has not finished there.
+
+  The manifest is checked against its checksum, and every file it lists that is on disk
+  against the checksum listed with it (`check_files`), so that what a reader goes on to
+  read is what the stage wrote.
+
+  Raises:
+    outputs.DamagedFile: the manifest or a file it lists is damaged (named, with what was
+      wrong).
+  """
   path = manifest_path(workdir, stage)
   if not path.exists():
     return None
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError:
-    return None
+  hint = f"run the {stage} stage again"
+  record = outputs.read_json(path, hint=hint)
+  if not isinstance(record, dict):
+    raise outputs.DamagedFile(path, "not a stage's manifest (no JSON object)", hint)
+  return check_files(workdir, record)
+
+
+def _entries(record: dict[str, Any]) -> list[dict[str, Any]]:
+  return [e for key in ("files", "figures") for e in record.get(key, [])
+          if isinstance(e, dict) and "path" in e]
+
+
+def check_files(workdir: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
+  """Checks the files a manifest lists against their checksums; returns the record.
+
+  Listed files that are not on disk, and directories, are left to the caller. A manifest
+  written before checksums were (files listed without one) is accepted: the checksums of
+  its files are recorded in it now, and a line says so.
+
+  Raises:
+    outputs.DamagedFile: a listed file's size or bytes differ from its checksum.
+  """
+  workdir = pathlib.Path(workdir)
+  hint = f"run the {record.get('stage')} stage again"
+  unrecorded = []
+  for entry in _entries(record):
+    path = workdir / entry["path"]
+    if not path.is_file():
+      continue
+    if "sha256" in entry:
+      outputs.check_file(path, entry, hint=hint)
+    else:
+      unrecorded.append(entry)
+  if unrecorded:
+    for entry in unrecorded:
+      entry.update(outputs.file_checksum(workdir / entry["path"]))
+    path = manifest_path(workdir, record.get("stage", ""))
+    outputs.say_once(path, f"{path} was written before checksums: its files are accepted "
+                     "and their checksums recorded in it now.")
+    with contextlib.suppress(OSError):  # a read-only run directory: accepted all the same
+      outputs.write_json(path, record, unique=True, checksum=True)
+  return record
 
 
 def write_manifest(workdir: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:
-  """Writes a finished stage's record (atomically) as `<workdir>/<stage>/manifest.json`."""
+  """Writes a finished stage's record (atomically, with its checksum) as
+  `<workdir>/<stage>/manifest.json`.
+
+  Each listed file's entry gets its checksum ("sha256", "size"), for readers to check it
+  against; in place, so that the `Manifest` whose lists the record holds lists them as
+  written (and as `read_manifest` reads them back).
+  """
+  workdir = pathlib.Path(workdir)
   path = manifest_path(workdir, record["stage"])
   path.parent.mkdir(parents=True, exist_ok=True)
-  outputs.write_json(path, record)
+  for entry in _entries(record):
+    if (workdir / entry["path"]).is_file():
+      entry.update(outputs.file_checksum(workdir / entry["path"]))
+  outputs.write_json(path, record, checksum=True)
   return path
 
 

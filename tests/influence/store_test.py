@@ -1,5 +1,6 @@
 """The gradient store: round trip, queries equal `influence`, resume, refusal, sharding."""
 
+import logging
 import os
 import pathlib
 import signal
@@ -274,3 +275,60 @@ def test_the_memory_budget_bounds_a_block_of_raw_gradients(x64, tmp_path):
   with pytest.raises(ValueError, match="cannot hold one example"):
     store_lib.build_store(tmp_path / "t", tm.mlp_loss, ckpts, train,
                           memory_budget_bytes=per_example - 1)
+
+
+def _flip_byte(path, offset=-5):
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_block_is_refused_by_queries_and_built_again_by_a_build(
+    x64, tmp_path, caplog, damage):
+  ckpts, train, test = _mlp()
+  build = lambda: store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train,
+                                        batch_size=3)
+  store = build()
+  want = store.influence(tm.mlp_loss, ckpts, test), store.train_influence()
+  files = _files(tmp_path / "s")
+  block = tmp_path / "s" / "checkpoint-1" / "block-00001.npy"
+  if damage == "flip":
+    before = np.load(block)
+    _flip_byte(block)  # one bit of a gradient: numpy reads it without a word
+    assert not np.array_equal(np.load(block), before)
+  else:
+    block.write_bytes(block.read_bytes()[:-8])
+  reopened = store_lib.open_store(tmp_path / "s")
+  for query in (lambda: reopened.influence(tm.mlp_loss, ckpts, test), reopened.train_influence,
+                reopened.self_influence, lambda: reopened.rows(1)):
+    with pytest.raises(store_lib.outputs.DamagedFile,
+                       match=rf"^{block}: .*; run build_store again to rebuild it\.$"):
+      query()
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    rebuilt = build()
+  assert (rebuilt.last_build.blocks_built, rebuilt.last_build.blocks_reused) == (1, 5)
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and warned[0].startswith(f"gradient store: {block}: ")
+  assert _files(tmp_path / "s") == files  # the block as it was written
+  np.testing.assert_array_equal(rebuilt.influence(tm.mlp_loss, ckpts, test), want[0])
+  np.testing.assert_array_equal(rebuilt.train_influence(), want[1])
+
+
+def test_a_damaged_store_json_is_named_and_an_old_store_is_accepted(x64, tmp_path, caplog):
+  ckpts, train, _ = _mlp()
+  store = store_lib.build_store(tmp_path / "s", tm.mlp_loss, ckpts, train, batch_size=3)
+  want = store.self_influence()
+  meta = tmp_path / "s" / store_lib.STORE_FILE
+  good = meta.read_text()
+  meta.write_text(good.replace('"learning_rate": 0.1', '"learning_rate": 0.2'))
+  with pytest.raises(store_lib.outputs.DamagedFile, match=rf"^{meta}: its bytes differ .*; "
+                     r"delete the store to rebuild it\.$"):
+    store_lib.open_store(tmp_path / "s")
+  meta.write_text(good)
+  for sidecar in (tmp_path / "s").rglob("*.sha256"):  # as a store built before checksums
+    sidecar.unlink()
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    np.testing.assert_array_equal(store_lib.open_store(tmp_path / "s").self_influence(), want)
+  assert "written before checksums" in caplog.text
+  assert len(list((tmp_path / "s").rglob("*.sha256"))) == 1 + 2 * 3  # recorded now

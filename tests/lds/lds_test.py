@@ -1,6 +1,8 @@
 """The linear datamodeling score on a problem whose subset effects are known exactly, and its
 bookkeeping: the seeded subsets and the cache of finished retrainings."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +131,32 @@ def test_the_cache_reuses_finished_subsets():
   # A subset's saved result is found by its members, not by its position.
   assert lds.subset_name(masks[0]) != lds.subset_name(masks[1])
   assert lds.subset_name(masks[0]) == lds.subset_name(masks[0].copy())
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_saved_subset_is_named_and_retrained(tmp_path, caplog, damage):
+  from tracin_jax.stages import base  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def retrain(removed):
+    calls.append(tuple(removed))
+    return np.array([len(removed), removed.sum()], np.float64)
+
+  masks = lds.sample_subsets(20, 3, 0.5, seed=0)
+  first = lds.measure_subsets(masks, retrain, base.Parts(tmp_path, {"run": "x"}),
+                              log=lambda _: None)
+  parts = base.Parts(tmp_path, {"run": "x"}, what="lds retraining")
+  path = parts.dir / f"{lds.subset_name(masks[1])}.npy"
+  data = bytearray(path.read_bytes())
+  if damage == "flip":
+    data[-1] ^= 0x01  # the last float's lowest byte: a slightly other number
+  else:
+    data = data[:-8]
+  path.write_bytes(bytes(data))
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    again = lds.measure_subsets(masks, retrain, parts, log=lambda _: None)
+  assert calls[3:] == [tuple(np.flatnonzero(~masks[1]))]  # only that subset again
+  np.testing.assert_array_equal(again, first)
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and warned[0].startswith(f"lds retraining: {path}: ")

@@ -301,6 +301,70 @@ def _truncate_cache(env: Env) -> None:
   _slice_cache(env, lambda p: p.write_bytes(p.read_bytes()[:100]))
 
 
+# Damaged files of a finished run: each is named in one line, and computed again where the
+# run can (a stage's output, a saved part, a store block, the final metrics), or refused
+# (what a later stage reads of an earlier one, the run record).
+
+
+def _truncate(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _change_text(path: pathlib.Path, old: str, new: str) -> None:
+  """A change that leaves the file valid (JSON stays JSON) and its numbers wrong."""
+  text = path.read_text()
+  if old not in text:
+    raise AssertionError(f"{old!r} is not in {path}")
+  path.write_text(text.replace(old, new, 1))
+
+
+def _influence_file(name: str) -> Callable[[Env], pathlib.Path]:
+  return lambda env: env.workdir / "influence" / name
+
+
+def _part(env: Env) -> pathlib.Path:
+  return next((env.workdir / "influence" / "parts").glob("*/epoch2.npy"))
+
+
+def _block(env: Env) -> pathlib.Path:
+  return env.workdir / "influence" / "store" / "checkpoint-0" / "block-00000.npy"
+
+
+def _damaged(path_fn: Callable[[Env], pathlib.Path], how: Callable[[pathlib.Path], None], *,
+             unfinished: bool = False):
+  """A copy of the run with the file `path_fn(env)` damaged by `how`; `unfinished`: the
+  influence stage's manifest removed too, as an interrupted stage leaves it, so that the
+  stage resumes from its saved parts and store."""
+  def setup(env: Env):
+    env.own_run()
+    how(path_fn(env))
+    if unfinished:
+      (env.workdir / "influence" / "manifest.json").unlink()
+  return setup
+
+
+def _block_as_built(env: Env, res: Result) -> str | None:
+  """The rebuilt store's first block is the one first built (up to the last bits), and the
+  scores are the run's."""
+  got = np.load(_block(env))
+  want = np.load(env.run_dir / _block(env).relative_to(env.workdir))
+  if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-7):
+    return "poisoned: the rebuilt block differs from the one first built"
+  return _scores_finite_and_equal(env, res)
+
+
+def _metrics_as_before(env: Env, _: Result) -> str | None:
+  got = json.loads((env.workdir / "metrics.json").read_text())
+  want = json.loads((env.run_dir / "metrics.json").read_text())
+  return None if got == want else "poisoned: metrics.json differs from the run's"
+
+
+def _lib_query_store(env: Env) -> Result:
+  from tracin_jax.influence import store as store_lib  # pylint: disable=g-import-not-at-top
+  return _library(lambda: store_lib.open_store(env.workdir / "influence" / "store")
+                  .self_influence())
+
+
 def _file_at(path_fn: Callable[[Env], pathlib.Path], text="not a directory\n"):
   def setup(env: Env):
     path = path_fn(env)
@@ -563,6 +627,38 @@ def _cases() -> list[Case]:
                          shutil.rmtree(e.workdir / "influence")), group=run),
       c("checkpoints_is_file", ("checkpoints",), (),
         setup=_file_at(lambda e: e.workdir / "checkpoints"), group=run),
+      # Damaged files of a finished run.
+      c("influence_scores_byte_flipped", ("train_influence.npz", "influence stage"), (),
+        "interpret", setup=_damaged(_influence_file("train_influence.npz"), _flip),
+        group=run),
+      c("influence_scores_byte_flipped_rerun", ("train_influence.npz",), (), "train,influence",
+        setup=_damaged(_influence_file("train_influence.npz"), _flip), expect="warn",
+        check=_scores_finite_and_equal, group=run),
+      c("influence_manifest_number_changed", ("influence/manifest.json",), (), "interpret",
+        setup=_damaged(_influence_file("manifest.json"), lambda p: _change_text(
+            p, '"renormalised": false', '"renormalised": true ')), group=run),
+      c("influence_part_truncated", ("epoch2.npy",), (), "train,influence",
+        setup=_damaged(_part, _truncate, unfinished=True), expect="warn",
+        check=_scores_finite_and_equal, group=run),
+      c("influence_part_byte_flipped", ("epoch2.npy",), (), "train,influence",
+        setup=_damaged(_part, lambda p: _flip(p, 0.9, 1), unfinished=True), expect="warn",
+        check=_scores_finite_and_equal, group=run),
+      c("store_block_byte_flipped", ("block-00000.npy",), (), "train,influence",
+        setup=_damaged(_block, lambda p: _flip(p, 0.9, 1), unfinished=True), expect="warn",
+        check=_block_as_built, group=run),
+      c("store_block_queried", ("block-00000.npy", "build_store"),
+        setup=_damaged(_block, lambda p: _flip(p, 0.9, 1)), library=_lib_query_store,
+        group=run),
+      c("store_record_rate_changed", ("store.json",), (), "train,influence",
+        setup=_damaged(_influence_file("store/store.json"), lambda p: _change_text(
+            p, '"learning_rate": ', '"learning_rate": 1'), unfinished=True),
+        expect="warn", check=_block_as_built, group=run),
+      c("metrics_truncated", ("metrics.json",), (), "train",
+        setup=_damaged(lambda e: e.workdir / "metrics.json", _truncate), expect="warn",
+        check=_metrics_as_before, group=run),
+      c("run_record_seed_changed", ("train_config.json",), (), "train,influence",
+        setup=_damaged(lambda e: e.workdir / "train_config.json", lambda p: _change_text(
+            p, '"seed": 0', '"seed": 1')), group=run),
       # The library.
       c("list_of_batches", ("",), library=_lib_batches_of(4), expect="ok", group=lib),
       c("list_of_equal_batches", ("",), library=_lib_batches_of(5), expect="ok",
@@ -679,6 +775,8 @@ def classify(case: Case, env: Env, res: Result, before: dict[str, str]) -> tuple
   elif case.expect == "warn":
     if res.rc == 0:
       ok = any(_mentions(ln, case.culprit) for ln in (res.stdout + res.stderr).splitlines())
+      if ok and problem:
+        return "poisoned", False, problem
       return ("one-line" if ok else "silent"), False, "" if ok else "no line names it"
   elif res.rc == 0:
     changed = [k for k in before if after.get(k) != before[k]]

@@ -66,7 +66,8 @@ def test_run_stage_writes_the_manifest_then_reuses_until_settings_change(tmp_pat
   assert manifest["settings"] == {"value": 2} and manifest["synthetic"] is True
   assert manifest["data"] == "toy data" and manifest["headline"] == {"total": 20}
   assert manifest["files"] == [{"path": "toy/out.json",
-                                "description": "the value times ten, as a toy output"}]
+                                "description": "the value times ten, as a toy output",
+                                **outputs.file_checksum(tmp_path / "toy" / "out.json")}]
   assert set(manifest["versions"]) >= {"python", "jax", "flax", "numpy", "tracin_jax"}
 
   again = base.run_stage(ToyStage(ToyConfig(2)), base.Context(tmp_path, train, val))
@@ -133,3 +134,62 @@ def test_atomic_path_leaves_the_old_file_on_an_error(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
   outputs.save_npz(tmp_path / "y.npz", a=np.arange(3))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.npz"]
+
+
+def _flip_last_digit(path):
+  """Changes a file's last digit (its JSON stays valid, its number wrong)."""
+  text = path.read_text()
+  i = max(text.rfind(d) for d in "0123456789")
+  path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+
+
+def test_a_damaged_output_is_named_and_run_again_or_refused_where_needed(tmp_path, caplog,
+                                                                        monkeypatch):
+  monkeypatch.setitem(base._STAGES, "toy", ToyStage)  # pylint: disable=protected-access
+  train, val = _tiny_sets()
+  ToyStage.runs = 0
+  base.run_stage(ToyStage(ToyConfig(2)), base.Context(tmp_path, train, val))
+  out = tmp_path / "toy" / "out.json"
+  _flip_last_digit(out)
+  assert json.loads(out.read_text()) == {"total": 21}  # read blindly, a wrong number
+  context = base.Context(tmp_path, train, val)
+  context.configs["toy"] = ToyConfig(2)
+  with pytest.raises(outputs.DamagedFile, match=rf"^{out}: its bytes differ .*; run the toy "
+                     r"stage again\.$"):
+    context.need("toy")  # a later stage's need: refused, naming the file
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    again = base.run_stage(ToyStage(ToyConfig(2)), base.Context(tmp_path, train, val))
+  assert ToyStage.runs == 2 and again.total == 20  # run again, not reused
+  warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and warned[0].getMessage().startswith(f"toy: {out}: its bytes")
+  assert context.need("toy").total == 20
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("kind", ["npy", "json"])
+def test_a_damaged_part_is_named_and_computed_again(tmp_path, caplog, kind, damage):
+  value = (np.linspace(0, 1, 40, dtype=np.float32) if kind == "npy"
+           else {"region_dice": [0.25, 0.75]})
+  parts = base.Parts(tmp_path, {"run": "x"}, what="toy")
+  parts.save("part", value)
+  path = parts.dir / f"part.{kind}"
+  data = bytearray(path.read_bytes())
+  if damage == "flip":
+    data[-3] ^= 0x01  # a bit of the last float (still an array), a byte of the JSON
+  else:
+    data = data[:len(data) // 2]
+  path.write_bytes(bytes(data))
+  calls = []
+  again = base.Parts(tmp_path, {"run": "x"}, what="toy")
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    assert not again.has("part")
+    got = again.get("part", lambda: calls.append(1) or value)
+  assert calls == [1]
+  if kind == "npy":
+    np.testing.assert_array_equal(got, value)
+  else:
+    assert got == value
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and warned[0].startswith(f"toy: {path}: ")
+  assert warned[0].endswith("; computing it again.")
+  assert again.has("part") and outputs.verify(path)  # saved anew, with its checksum

@@ -1,6 +1,7 @@
 """Tests of training: checkpoint metadata, resume after an interruption, reuse, refusal."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -91,3 +92,26 @@ def test_tracin_checkpoints_are_the_sgd_epochs_with_their_rates(full_run):
   logits = jax.jit(apply_fn)(checkpoints[-1].params, VAL.images[:2], checkpoints[-1].state)
   expected = result.model(VAL.images[:2])
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_damaged_metrics_are_computed_again_and_a_damaged_record_is_refused(
+    full_run, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(full_run[0], workdir)
+  metrics = workdir / train_lib.METRICS_FILE
+  want = json.loads(metrics.read_text())
+  metrics.write_bytes(metrics.read_bytes()[:40])  # truncated
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    again = train_lib.train(CONFIG, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warned == [f"{metrics}: 40 bytes where {len(json.dumps(want, indent=2)) + 1} were "
+                    "written (truncated or overwritten); computing the final metrics again."]
+  assert not again.reused and again.metrics == want  # the same model, evaluated again
+  assert json.loads(metrics.read_text()) == want
+  record = workdir / train_lib.CONFIG_FILE
+  text = record.read_text()
+  record.write_text(text.replace('"seed": 0', '"seed": 1'))  # still JSON, another run
+  assert text != record.read_text()
+  with pytest.raises(train_lib.RunMismatchError, match=rf"^{record} is damaged: its bytes "
+                     "differ .*; the run's settings and data cannot be checked"):
+    train_lib.train(CONFIG, TRAIN, VAL, workdir, progress=False, log=lambda *_: None)

@@ -17,7 +17,12 @@ Layout of a store directory:
   parameter fingerprints, the model's fingerprint, K, P, the row width and dtype, the
   projection's kind, size and seed, normalisation, layer selection, block size);
 * `checkpoint-<t>/block-<b>.npy`: the rows of block b ([m * K, width], example-major, the
-  last block ragged), one plain `.npy` file per block, read memory-mapped.
+  last block ragged), one plain `.npy` file per block, read memory-mapped;
+* `<file>.sha256` beside `store.json` and each block: its SHA-256 and size, written before
+  it is renamed into place (`outputs.atomic_path`). A block is checked when it is first
+  read in a process (hashing costs about 1 s per GB on 2 cores), and a resumed build checks
+  the blocks it keeps, building a damaged one again; a query that meets a damaged block
+  refuses, naming it.
 
 Each block is written whole to a temporary name and renamed, so a block file that exists is
 complete: an interrupted build continues at the first missing block, and two processes (or
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import logging
 import os
 import pathlib
 import re
@@ -58,9 +63,12 @@ from tracin_jax.influence import projection as projection_lib
 from tracin_jax.types import Checkpoints, LossFn
 
 STORE_FILE = "store.json"
-# Another process's store.json on its way into place (`outputs.atomic_path(unique=True)`).
-_META_TMP = re.compile(r"store\.tmp\d+-\d+\.json")
+# Another process's store.json on its way into place (`outputs.atomic_path(unique=True)`),
+# and its checksum, which is written first (or on its way).
+_META_TMP = re.compile(r"store\.(tmp\d+-\d+\.json|json\.sha256|json\.tmp\d+-\d+\.sha256)")
 FORMAT_VERSION = 1
+
+logger = logging.getLogger("tracin_jax")
 
 
 class StoreMismatch(errors.UserError, ValueError):
@@ -173,10 +181,7 @@ class GradientStore:
     if not meta_path.is_file():
       raise FileNotFoundError(f"{meta_path}: no gradient store here (build one with "
                               "build_store).")
-    try:
-      self.meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
+    self.meta = outputs.read_json(meta_path, hint="delete the store to rebuild it")
     if self.meta.get("format_version") != FORMAT_VERSION:
       raise ValueError(f"{meta_path}: format version {self.meta.get('format_version')!r}, "
                        f"this version of tracin_jax reads {FORMAT_VERSION}.")
@@ -228,12 +233,17 @@ class GradientStore:
     return sum(f.stat().st_size for f in self.path.glob("checkpoint-*/block-?????.npy"))
 
   def block(self, t: int, b: int) -> np.ndarray:
-    """Rows of block b at checkpoint t: [m * K, width], memory-mapped."""
+    """Rows of block b at checkpoint t: [m * K, width], memory-mapped.
+
+    Raises:
+      outputs.DamagedFile: the block's file does not match the checksum written with it
+        (checked once per process and version of the file; `build_store` rebuilds it).
+    """
     path = _block_path(self.path, t, b)
     if not path.is_file():
       raise FileNotFoundError(f"{path}: the store is incomplete (build it to the end first; "
                               f"{len(self.missing_blocks())} blocks missing).")
-    return np.load(path, mmap_mode="r")
+    return outputs.load_npy(path, mmap_mode="r", hint="run build_store again to rebuild it")
 
   def rows(self, t: int) -> np.ndarray:
     """All rows of checkpoint t, [n * K, width] (read into memory)."""
@@ -475,7 +485,7 @@ def build_store(
       raise ValueError(f"{root} exists and is not a gradient store; give an empty or new "
                        "directory.")
     root.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(meta_path, settings, unique=True)
+    outputs.write_json(meta_path, settings, unique=True, checksum=True)
   store = open_store(root)
   problems = _differences(store.meta, settings)
   if problems:
@@ -490,7 +500,7 @@ def build_store(
   k, vectorize = settings["num_outputs"], grads_lib.check_vectorize(vectorize)
   mine = [b for b in range(store.num_blocks) if b % count == index]
   todo = [(t, b) for t in range(len(ckpts)) for b in mine
-          if not _block_path(root, t, b).is_file()]
+          if not _block_sound(_block_path(root, t, b))]
   reused = len(mine) * len(ckpts) - len(todo)
   examples = sum(min(block_size, train_data.n - b * block_size) for _, b in todo)
   reporter = progress_lib.Reporter(progress, len(ckpts), examples)
@@ -509,13 +519,27 @@ def build_store(
                                                     ckpt.state)
         nonfinite.add("train", b * block_size, finite, n_valid)
         rows = np.asarray(core.transform_rows(g, normalize, projection))
-        with outputs.atomic_path(_block_path(root, t, b)) as tmp:
+        with outputs.atomic_path(_block_path(root, t, b), checksum=True) as tmp:
           with open(tmp, "wb") as f:
             np.save(f, rows)
         reporter.examples(n_valid)
     nonfinite.warn(t)
   store.last_build = BuildReport(len(todo), reused, time.perf_counter() - start)
   return store
+
+
+def _block_sound(path: pathlib.Path) -> bool:
+  """Whether a block file is there and matches its checksum; a damaged one is named in a
+  warning and removed, to be built again."""
+  if not path.is_file():
+    return False
+  try:
+    outputs.verify(path)
+  except outputs.DamagedFile as e:
+    logger.warning(f"gradient store: {e.path}: {e.problem}; building it again.")
+    outputs.remove(path)
+    return False
+  return True
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:

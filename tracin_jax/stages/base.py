@@ -22,11 +22,14 @@ file with its description and every figure with its caption, headline numbers; t
 and the file names are `tracin_jax.rundir`'s). Later readers (the report, a notebook) read
 manifests and the files they list through `rundir`, never a stage. A stage read back from
 the workdir for a later one (`Context.need`) must have the fingerprint this run would give
-it: outputs of other settings, data or checkpoints are refused, naming what differs.
+it: outputs of other settings, data or checkpoints are refused, naming what differs. Its
+files must match the checksums its manifest lists: a damaged file is refused, naming it,
+and a finished stage whose file is damaged is run again rather than reused.
 
 Work that can be saved in parts (TracIn per checkpoint, one retraining) goes through
-`Parts`: a directory keyed by the fingerprint of the inputs, parts written atomically as
-they finish and reused on rerun, and a log line naming what changed when the inputs did.
+`Parts`: a directory keyed by the fingerprint of the inputs, parts written atomically (with
+their checksums) as they finish and reused on rerun, a damaged part named and computed
+again, and a log line naming what changed when the inputs did.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class Context:
 
     Raises:
       StageError: the stage has not finished in the workdir.
+      outputs.DamagedFile: its manifest or a file it lists no longer matches its checksum
+        (named; running that stage again rewrites it).
     """
     if name not in self.results:
       record = read_manifest(self.workdir, name)
@@ -319,7 +324,11 @@ class StageBase:
 
 
 def _finished(context: Context, stage: Stage, key: str) -> bool:
-  manifest = read_manifest(context.workdir, stage.name)
+  try:
+    manifest = read_manifest(context.workdir, stage.name)
+  except outputs.DamagedFile as e:  # its outputs are computed again
+    logger.warning(f"{stage.name}: {e.path}: {e.problem}; running the stage again.")
+    return False
   if manifest is None or manifest.get("fingerprint") != key:
     return False
   listed = [f["path"] for f in manifest.get("files", []) + manifest.get("figures", [])]
@@ -392,9 +401,11 @@ class Parts:
 
   Parts live in `<directory>/<key>/`, where key hashes `inputs` (a JSON-able dict of the
   settings and input hashes the parts depend on; kept beside them as `inputs.json`). A part
-  is an array (`.npy`) or a JSON dict (`.json`), written atomically when it is finished, so
-  an interrupted computation resumes at the first missing part. When earlier parts exist
-  under another key, a log line names the inputs that changed.
+  is an array (`.npy`) or a JSON dict (`.json`), written atomically with its checksum
+  (`outputs.atomic_path`) when it is finished, so an interrupted computation resumes at
+  the first missing part; a part that no longer matches its checksum is named in a
+  warning, removed and computed again. When earlier parts exist under another key, a log
+  line names the inputs that changed.
   """
 
   def __init__(self, directory: str | os.PathLike, inputs: dict[str, Any], *,
@@ -428,24 +439,46 @@ class Parts:
   def _path(self, name: str, suffix: str) -> pathlib.Path:
     return self.dir / f"{name}{suffix}"
 
+  def _damaged(self, e: outputs.DamagedFile) -> None:
+    """Says what is wrong with a saved part and removes it, to be computed again."""
+    logger.warning(f"{self.what}: {e.path}: {e.problem}; computing it again.")
+    outputs.remove(e.path)
+
+  def _sound(self, path: pathlib.Path) -> bool:
+    """Whether a part is saved at `path` and matches its checksum (a damaged one is said
+    and removed)."""
+    if not path.exists():
+      return False
+    try:
+      outputs.verify(path)
+    except outputs.DamagedFile as e:
+      self._damaged(e)
+      return False
+    return True
+
   def has(self, name: str) -> bool:
-    """Whether the part `name` is finished (saved), without reading it."""
-    return self._path(name, ".npy").exists() or self._path(name, ".json").exists()
+    """Whether the part `name` is finished (saved, and sound: checked against its
+    checksum, not parsed)."""
+    return self._sound(self._path(name, ".npy")) or self._sound(self._path(name, ".json"))
 
   def load(self, name: str) -> np.ndarray | dict | None:
-    """The part `name`, or None if it is not finished."""
-    npy, js = self._path(name, ".npy"), self._path(name, ".json")
-    if npy.exists():
-      return np.load(npy, allow_pickle=False)
-    if js.exists():
-      return json.loads(js.read_text())
+    """The part `name`, or None if it is not finished (or was damaged: that is said, and
+    the part removed to be computed again)."""
+    for suffix in (".npy", ".json"):
+      path = self._path(name, suffix)
+      if self._sound(path):
+        try:
+          return outputs.load_npy(path) if suffix == ".npy" else outputs.read_json(path)
+        except outputs.DamagedFile as e:  # sound bytes that do not parse: an old file
+          self._damaged(e)
     return None
 
   def save(self, name: str, value: np.ndarray | dict) -> None:
+    """Saves the part `name` atomically, with its checksum."""
     if isinstance(value, dict):
-      outputs.write_json(self._path(name, ".json"), value)
+      outputs.write_json(self._path(name, ".json"), value, checksum=True)
     else:
-      outputs.save_npy(self._path(name, ".npy"), value)
+      outputs.save_npy(self._path(name, ".npy"), value, checksum=True)
 
   def get(self, name: str, compute: Callable[[], Any], *, label: str | None = None) -> Any:
     """The part `name`, computed by `compute()` and saved if it is not finished."""

@@ -496,10 +496,12 @@ class InfluenceStage(base.StageBase):
     try:
       store = store_lib.build_store(path, loss_fn, checkpoints, train_ex, progress=progress,
                                     **kwargs)
-    except store_lib.StoreMismatch as e:
-      # The store is this stage's output: one built for other weights or settings is
-      # replaced, as the stage's other outputs are.
-      context.log(f"Rebuilding the gradient store: {e}")
+    except (store_lib.StoreMismatch, outputs.DamagedFile) as e:
+      # The store is this stage's output: one built for other weights or settings, or
+      # whose store.json is damaged, is replaced, as the stage's other outputs are (a
+      # damaged block alone is built again by `build_store`).
+      why = f"{e.path}: {e.problem}" if isinstance(e, outputs.DamagedFile) else e
+      context.log(f"Rebuilding the gradient store: {why}")
       shutil.rmtree(path)
       store = store_lib.build_store(path, loss_fn, checkpoints, train_ex, progress=progress,
                                     **kwargs)

@@ -8,9 +8,9 @@ Writes `train_config.json`, `checkpoints/<epoch>/`, `metrics.json` and
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
+from tracin_jax import outputs
 from tracin_jax.stages import base
 from tracin_jax.training import train as train_lib
 from tracin_jax.training.checkpoints import CHECKPOINT_DIR
@@ -101,7 +101,8 @@ class TrainStage(base.StageBase):
           f"the training run in {context.workdir} differs from this one in "
           f"{'; '.join(differ)}. Use that run's settings and data (its flagfile), or another "
           "--workdir.")
-    metrics = json.loads((context.workdir / train_lib.METRICS_FILE).read_text())
+    metrics = outputs.read_json(context.workdir / train_lib.METRICS_FILE,
+                                hint="run the train stage again")
     _, meta = train_lib.load_model(context.workdir)
     return TrainOutputs(metrics, list(meta.get("history", [])), base.Manifest.from_record(
         base.read_manifest(context.workdir, self.name)))

@@ -232,17 +232,16 @@ def read_record(workdir: str | os.PathLike) -> dict[str, Any] | None:
   """The run record in `workdir`, or None if there is none.
 
   Raises:
-    RunMismatchError: the record is not readable JSON.
+    RunMismatchError: the record is damaged (its checksum, or not readable JSON).
   """
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
   try:
-    record = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise RunMismatchError(f"{path} is damaged ({e.msg if hasattr(e, 'msg') else e}); the "
-                           "run's settings and data cannot be checked. Use another "
-                           "--workdir.") from None
+    record = outputs.read_json(path)
+  except outputs.DamagedFile as e:
+    raise RunMismatchError(f"{path} is damaged: {e.problem}; the run's settings and data "
+                           "cannot be checked. Use another --workdir.") from None
   if not isinstance(record, dict) or "config" not in record:
     raise RunMismatchError(f"{path} is not a run record (no config); use another --workdir.")
   return record
@@ -324,12 +323,13 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
         log(f"Resuming {workdir} from the checkpoint of epoch {latest}/{config.num_epochs}.")
 
     metrics_path = workdir / METRICS_FILE
-    if latest == config.num_epochs and metrics_path.exists():
+    finished = _finished_metrics(metrics_path) if latest == config.num_epochs else None
+    if finished is not None:
       log(f"{workdir} holds a finished run ({config.num_epochs} epochs); reusing it.")
       if not (workdir / CURVES_FILE).exists():  # finished by a version that drew it last
         _plot_curves(history, workdir, dataset, config)
       store.close()
-      return TrainResult(model, json.loads(metrics_path.read_text()), history, latest, True)
+      return TrainResult(model, finished, history, latest, True)
 
     for epoch in range(start_epoch, config.num_epochs + 1):
       if stop_after_epoch is not None and epoch > stop_after_epoch:
@@ -374,7 +374,7 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
           "history": history,
       }
       if not recorded:  # recorded once there is a checkpoint to describe, never before
-        outputs.write_json(workdir / CONFIG_FILE, identity)
+        outputs.write_json(workdir / CONFIG_FILE, identity, checksum=True)
         recorded = True
       store.save(epoch, model, optimizer, metadata)
       val_s = " ".join(f"{k}={v:.3f}" for k, v in val.items())
@@ -393,11 +393,24 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
     # The figure first: metrics.json marks the run finished, so a run killed between the two
     # draws the figure again when resumed instead of reusing a run without it.
     _plot_curves(history, workdir, dataset, config)
-    outputs.write_json(metrics_path, metrics)
+    outputs.write_json(metrics_path, metrics, checksum=True)
     return TrainResult(model, metrics, history, resumed_from, False)
   except BaseException:
     store.close()  # idempotent: Orbax's threads end with the error
     raise
+
+
+def _finished_metrics(path: pathlib.Path) -> dict[str, Any] | None:
+  """The metrics of a finished run, or None if there are none, or they are damaged (then
+  that is said, and they are computed again from the final checkpoint)."""
+  if not path.exists():
+    return None
+  try:
+    return outputs.read_json(path)
+  except outputs.DamagedFile as e:
+    logger.warning(f"{e.path}: {e.problem}; computing the final metrics again.")
+    outputs.remove(path)
+    return None
 
 
 def _plot_curves(history, workdir: pathlib.Path, dataset: str,
