@@ -193,9 +193,9 @@ def _measure(loss_fn, k, params, batch, state) -> tuple[AutoChoice, tuple[Array,
       g, finite = _one_grads(loss_fn, k, params, next(_examples(batch)), state)
       jax.block_until_ready((jnp.concatenate([g] * n), jnp.stack([finite] * n)))
     else:
-      compiled, p, examples, s = _compile_one(_one_grads_single_threaded, loss_fn, k, params,
-                                              batch, state)
-      jax.block_until_ready(compiled(p, examples[0], s))
+      compiled, p, examples, st = _compile_one(_one_grads_single_threaded, loss_fn, k, params,
+                                               batch, state)
+      jax.block_until_ready(compiled(p, examples[0], st))
     start = time.perf_counter()
     results[path] = jax.block_until_ready(_block_grads(loss_fn, k, params, batch, path, state))
     seconds[path] = time.perf_counter() - start
