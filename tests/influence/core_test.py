@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tracin_jax.influence import core
+from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import influence, self_influence
 import tiny_models as tm
 
@@ -187,7 +188,7 @@ def test_same_inputs_same_scores():
   np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("vectorize", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["auto", "vmap", "loop", "threads"])
 def test_conv_net_matches_plain_loop(x64, vectorize):
   checkpoints = [(tm.conv_params(0, jnp.float64), 0.1), (tm.conv_params(1, jnp.float64), 0.2)]
   train, test = tm.conv_data(0, 3, dtype=np.float64), tm.conv_data(1, 2, dtype=np.float64)
@@ -284,13 +285,13 @@ def test_progress_callback_and_text(capsys):
   # 2 checkpoints x 7 examples (blocks of 3, 3 and 1: no padding counted, none computed).
   assert seen[-1].examples_done == seen[-1].examples_total == 2 * N_TRAIN
   assert seen[-1].checkpoint == seen[-1].num_checkpoints == 2
-  assert {p.vectorize for p in seen} <= {"loop", "vmap"}  # "auto" says what it chose
+  assert {p.vectorize for p in seen} <= set(grads_lib.PATHS)  # "auto" says what it chose
   assert [p.examples_done for p in seen] == sorted(p.examples_done for p in seen)
   self_influence(tm.mlp_loss, mlp_checkpoints(), tm.mlp_data(10, N_TRAIN), progress=True)
   err = capsys.readouterr().err
   last = err.strip().splitlines()[-1]
   assert last.startswith("tracin example gradients") and "checkpoint=2/2" in last
-  assert "vectorize=loop" in last or "vectorize=vmap" in last
+  assert any(f"vectorize={path}" in last for path in grads_lib.PATHS)
   assert err.endswith("\n")
 
 

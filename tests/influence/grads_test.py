@@ -1,5 +1,7 @@
 """Per-example gradients against the plain loop and a linear model's closed form."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from tracin_jax.influence import grads
 import tiny_models as tm
 
-VECTORIZE = ["vmap", "loop", "auto"]
+VECTORIZE = ["vmap", "loop", "threads", "auto"]
 
 
 @pytest.mark.parametrize("vectorize", VECTORIZE)
@@ -114,10 +116,10 @@ def test_auto_measures_every_path_once_and_keeps_the_fastest(x64, monkeypatch):
   monkeypatch.setattr(grads, "_block_grads", spy)
   assert grads.auto_choice(loss_fn, 3, params, data) is None
   g, finite = grads.block_grads(loss_fn, 3, params, data, "auto")
-  assert calls == [(path, 3) for path in grads.PATHS]  # every path timed on the block
+  assert calls == [(path, 3) for path in grads.auto_paths()]  # every path timed on the block
   choice = grads.auto_choice(loss_fn, 3, params, data)
-  assert choice in grads.auto_choices() and choice.path in grads.PATHS
-  assert set(choice.seconds) == set(grads.PATHS) and choice.block_size == 3
+  assert choice in grads.auto_choices() and choice.path in grads.auto_paths()
+  assert set(choice.seconds) == set(grads.auto_paths()) and choice.block_size == 3
   assert choice.path == min(choice.seconds, key=choice.seconds.get)
   assert choice.path in str(choice)
   np.testing.assert_allclose(np.asarray(g), tm.loop_grads(loss_fn, params, data).reshape(9, -1),
@@ -134,4 +136,35 @@ def test_auto_measures_every_path_once_and_keeps_the_fastest(x64, monkeypatch):
   # Another example shape is measured anew.
   calls.clear()
   grads.block_grads(loss_fn, 3, params, tm.conv_data(1, 2, size=4, dtype=np.float64), "auto")
-  assert [path for path, _ in calls] == list(grads.PATHS)
+  assert [path for path, _ in calls] == list(grads.auto_paths())
+
+
+def test_auto_measures_threads_on_a_multicore_cpu(monkeypatch):
+  monkeypatch.setattr(grads, "_num_workers", lambda: 2)
+  assert grads.auto_paths() == grads.PATHS == ("loop", "vmap", "threads")
+  monkeypatch.setattr(grads, "_num_workers", lambda: 1)
+  assert grads.auto_paths() == ("loop", "vmap")  # one core: nothing to run side by side
+
+
+def test_threads_path_runs_examples_at_once(monkeypatch):
+  """Two examples on two workers meet at a barrier: it breaks (after 10 s) unless both
+  calls run at the same time."""
+  monkeypatch.setattr(grads, "_num_workers", lambda: 2)
+  barrier, threads = threading.Barrier(2, timeout=10), set()
+
+  class Jitted:  # stands in for a jitted function: lower(...).compile() -> callable
+
+    def lower(self, loss_fn, k, params, example, state):
+      return self
+
+    def compile(self):
+      def run(params, example, state):
+        threads.add(threading.get_ident())
+        barrier.wait()
+        return jnp.sum(example["x"])
+      return run
+
+  out = grads._side_by_side(Jitted(), tm.mlp_loss, 3, tm.mlp_params(0), tm.mlp_data(0, 2), None)
+  data = tm.mlp_data(0, 2)
+  np.testing.assert_allclose(np.asarray(out), data["x"].sum(axis=1), rtol=1e-6)
+  assert len(threads) == 2 and threading.get_ident() not in threads

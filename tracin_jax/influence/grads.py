@@ -6,10 +6,18 @@ the K one-hot cotangents at once (`jax.vmap(vjp_fn)(jnp.eye(K))`). The examples 
 are then either vectorised with `jax.vmap` (one compiled call per block: the fast path on
 GPUs and TPUs) or looped over with one compiled batch-1 call each (the fast path on XLA:CPU
 for convolutions, whose vmapped per-example filter gradients become grouped convolutions
-that XLA:CPU runs slowly, though not for every model). Both give the same gradients.
+that XLA:CPU runs slowly, though not for every model), either one call after the other
+("loop") or one call per CPU core at a time ("threads"). All give the same gradients.
 `vectorize="auto"` measures: the first time it meets a loss, parameter structure, example
 shape and device, it compiles every path, times each on that block and keeps the fastest
 for every later block (see `auto_choices`).
+
+Why "threads": a batch-1 program is a chain of small operations, so XLA:CPU keeps about
+one core busy with it (splitting each operation over the cores gains little and costs
+synchronisation), and a jitted call dispatched while another runs waits for it. Calls
+made from several Python threads do run at once, each on its own core; compiled without
+XLA's intra-op threading (`xla_cpu_multi_thread_eigen=False`) they do not contend for the
+cores either.
 
 Gradients come out flattened, one row per (example, output) pair: `[B * K, P]`, rows
 ordered example-major (row `b * K + k` is output k of example b), columns in
@@ -22,9 +30,11 @@ every block, every call of `influence`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 import time
 import warnings
 from typing import Callable, Iterator
@@ -85,8 +95,25 @@ def gradient_dtype(params: Params) -> np.dtype:
   return np.dtype(jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32))
 
 
-VECTORIZE = ("auto", "vmap", "loop")
-PATHS = ("loop", "vmap")  # what "auto" chooses from, in the order it times them
+VECTORIZE = ("auto", "vmap", "loop", "threads")
+PATHS = ("loop", "vmap", "threads")  # every path, in the order "auto" times them
+
+
+def auto_paths() -> tuple[str, ...]:
+  """The paths `vectorize="auto"` measures on the default device: all of `PATHS` on a CPU
+  with several cores, "loop" and "vmap" elsewhere ("threads" runs batch-1 calls side by
+  side on the host's cores; an accelerator gains nothing from it)."""
+  if jax.devices()[0].platform == "cpu" and _num_workers() > 1:
+    return PATHS
+  return ("loop", "vmap")
+
+
+def _num_workers() -> int:
+  """The CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
 
 
 def check_vectorize(vectorize: str) -> str:
@@ -106,7 +133,7 @@ class AutoChoice:
   device, and chose.
 
   Attributes:
-    path: the chosen path ("loop" or "vmap"), the fastest measured.
+    path: the chosen path (one of `auto_paths()`), the fastest measured.
     seconds: {path: seconds for the measured block, compilation excluded}.
     block_size: examples in the measured block.
     device: the device the block ran on.
@@ -156,11 +183,19 @@ def _measure(loss_fn, k, params, batch, state) -> tuple[AutoChoice, tuple[Array,
   gradients of the block that path computed (so that "auto" gives exactly the scores of
   the path it chose)."""
   seconds, results = {}, {}
-  for path in PATHS:
+  n = jax.tree.leaves(batch)[0].shape[0]
+  for path in auto_paths():
+    # Compile, and run the batch-1 programs once: their first run, and the first join of
+    # a block's rows, cost a one-off fraction of a second that would go to the first path.
     if path == "vmap":
       _vmap_grads.lower(loss_fn, k, params, batch, state).compile()  # cached by jit
+    elif path == "loop":
+      g, finite = _one_grads(loss_fn, k, params, next(_examples(batch)), state)
+      jax.block_until_ready((jnp.concatenate([g] * n), jnp.stack([finite] * n)))
     else:
-      _one_grads.lower(loss_fn, k, params, next(_examples(batch)), state).compile()
+      compiled, p, examples, st = _compile_one(_one_grads_single_threaded, loss_fn, k, params,
+                                               batch, state)
+      jax.block_until_ready(compiled(p, examples[0], st))
     start = time.perf_counter()
     results[path] = jax.block_until_ready(_block_grads(loss_fn, k, params, batch, path, state))
     seconds[path] = time.perf_counter() - start
@@ -217,10 +252,16 @@ def _vmap_grads(loss_fn, k, params, batch, state):
   return jnp.reshape(g, (-1, g.shape[-1])), finite
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
-def _one_grads(loss_fn, k, params, example, state):
+def _one_grads_impl(loss_fn, k, params, example, state):
   g = example_grads(loss_fn, k, params, example, state)  # [K, P]
   return g, jnp.all(jnp.isfinite(g))
+
+
+_one_grads = jax.jit(_one_grads_impl, static_argnames=("loss_fn", "k"))
+# The same program without XLA's intra-op threading, for "threads": one core per call.
+_SINGLE_THREADED = {"xla_cpu_multi_thread_eigen": False}
+_one_grads_single_threaded = jax.jit(_one_grads_impl, static_argnames=("loss_fn", "k"),
+                                     compiler_options=_SINGLE_THREADED)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
@@ -229,15 +270,47 @@ def _vmap_squared_norms(loss_fn, k, params, batch, state):
   return jnp.sum(jnp.square(g), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k"))
-def _one_squared_norms(loss_fn, k, params, example, state):
+def _one_squared_norms_impl(loss_fn, k, params, example, state):
   return jnp.sum(jnp.square(example_grads(loss_fn, k, params, example, state)), axis=-1)
+
+
+_one_squared_norms = jax.jit(_one_squared_norms_impl, static_argnames=("loss_fn", "k"))
+_one_squared_norms_single_threaded = jax.jit(
+    _one_squared_norms_impl, static_argnames=("loss_fn", "k"), compiler_options=_SINGLE_THREADED)
 
 
 def _examples(batch: Batch) -> Iterator[Example]:
   n = jax.tree.leaves(batch)[0].shape[0]
   for i in range(n):
     yield jax.tree.map(lambda x: x[i], batch)
+
+
+def _compile_one(jitted, loss_fn, k, params, batch, state):
+  """(`jitted` compiled for one example of `batch`, and params, examples, state on the
+  device), as `_side_by_side` runs them: compiled the first time, from jit's cache after."""
+  params, state = jax.device_put((params, state))
+  examples = [jax.device_put(ex) for ex in _examples(batch)]
+  return jitted.lower(loss_fn, k, params, examples[0], state).compile(), params, examples, state
+
+
+def _side_by_side(jitted, loss_fn: LossFn, k: int, params: Params, batch: Batch,
+                  state: State) -> list:
+  """[jitted(loss_fn, k, params, example, state) for each example of `batch`], up to one
+  call per CPU core at a time.
+
+  The program is compiled (or taken from jit's cache) and the arrays are placed on the
+  device here, in the calling thread, so that the worker threads only run it: JAX's
+  configuration contexts (`jax.enable_x64`, ...) are per thread. Each call runs to
+  completion in its own thread (`block_until_ready`): that is what lets XLA:CPU run the
+  calls at once.
+  """
+  compiled, params, examples, state = _compile_one(jitted, loss_fn, k, params, batch, state)
+  run = lambda ex: jax.block_until_ready(compiled(params, ex, state))
+  workers = min(_num_workers(), len(examples))
+  if workers <= 1:
+    return [run(ex) for ex in examples]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(run, examples))
 
 
 def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
@@ -256,8 +329,9 @@ def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
     params: the parameters theta.
     batch: B examples (leaves with a leading axis of B).
     vectorize: "vmap" (one compiled call for the block), "loop" (one compiled batch-1
-      call per example; often faster for convolutions on XLA:CPU), or "auto" (the faster
-      of the two, measured).
+      call per example; often faster for convolutions on XLA:CPU), "threads" (the same
+      calls, compiled single-threaded, one per CPU core at a time), or "auto" (the
+      fastest of `auto_paths()`, measured).
     state: non-parameter state passed to `loss_fn` (None: `loss_fn(params, example)`).
 
   Returns:
@@ -277,7 +351,10 @@ def block_grads(loss_fn: LossFn, k: int, params: Params, batch: Batch,
 def _block_grads(loss_fn, k, params, batch, path: str, state):
   if path == "vmap":
     return _vmap_grads(loss_fn, k, params, batch, state)
-  gs, fs = zip(*(_one_grads(loss_fn, k, params, ex, state) for ex in _examples(batch)))
+  if path == "threads":
+    gs, fs = zip(*_side_by_side(_one_grads_single_threaded, loss_fn, k, params, batch, state))
+  else:
+    gs, fs = zip(*(_one_grads(loss_fn, k, params, ex, state) for ex in _examples(batch)))
   return jnp.concatenate(gs, axis=0), jnp.stack(fs)
 
 
@@ -344,6 +421,9 @@ def block_squared_norms(loss_fn: LossFn, k: int, params: Params, batch: Batch,
     vectorize = auto_choice(loss_fn, k, params, batch, state).path
   if vectorize == "vmap":
     return _vmap_squared_norms(loss_fn, k, params, batch, state)
+  if vectorize == "threads":
+    return jnp.stack(_side_by_side(_one_squared_norms_single_threaded, loss_fn, k, params,
+                                   batch, state))
   return jnp.stack([_one_squared_norms(loss_fn, k, params, ex, state)
                     for ex in _examples(batch)])
 
