@@ -4,7 +4,9 @@ of the time on XLA:CPU.
 JAX's random bits depend only on the number of elements drawn, not on the shape (every key
 implementation: threefry, partitionable or not, and RBG), and the normal and truncated
 normal samplers transform the bits element by element. So `normal(key, shape)` here is
-bit-identical to `jax.random.normal(key, shape)`. XLA:CPU, though, compiles a draw of a
+bit-identical to `jax.random.normal(key, shape)` (with JAX 0.10; with 0.12, XLA:CPU's
+samplers give arrays whose last axis has 3 or 4 elements other values in the last bit for
+some 5% of them: see `lecun_normal`). XLA:CPU, though, compiles a draw of a
 4-dimensional shape in 1 to 1.7 s and the same draw as a vector in 0.2 s (a 3x3 kernel of
 4 -> 8 channels, 2 cores): building a small UNet eagerly compiled one draw per parameter
 shape, 11 of the 20 s it took to train the tests' tiny run. `tests/draws_test.py` checks
@@ -18,10 +20,11 @@ returns zeros; `lecun_normal_together(requests)` then makes all of them in one c
 call, draws of about equal sizes by one kernel in a loop over their keys (`lax.map`: under
 `vmap` RBG keys give other bits than one by one), each padded to its group's largest size
 and cut back; under `replaying(values)` the construction run again gets them in order. The
-values are again bit-identical: JAX's bits for n elements are the first n of its bits for
-more (partitionable threefry, the default, and both RBG kinds; not the older threefry, whose
-draws are then made one by one; checked in `tests/draws_test.py`), the sampler works
-element by element and the scale is computed as Flax computes it.
+values are those of the draws one by one, bit for bit (JAX 0.10 and 0.12): JAX's bits for n
+elements are the first n of its bits for more (partitionable threefry, the default, and both
+RBG kinds; not the older threefry, whose draws are then made one by one; checked in
+`tests/draws_test.py`), the sampler works element by element on vectors alike, and the
+scale is computed as Flax computes it.
 `tracin_jax.models.get_model` builds every model this way.
 """
 
@@ -39,8 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 
 Shape = Sequence[int]
-
-_LECUN_2D = jax.nn.initializers.lecun_normal()  # fan_in = rows of a 2-D shape
 
 
 def normal(key: jax.Array, shape: Shape, dtype=jnp.float32) -> jax.Array:
@@ -63,20 +64,36 @@ def fan_in(shape: Shape, in_axis: int | Sequence[int] = -2,
 
 
 def lecun_normal(in_axis: int | Sequence[int] = -2, out_axis: int | Sequence[int] = -1):
-  """`flax.nnx.initializers.lecun_normal(in_axis, out_axis)`, the same values.
+  """`flax.nnx.initializers.lecun_normal(in_axis, out_axis)`: the same distribution, drawn
+  as a vector and reshaped.
 
-  Drawn as the 2-D kernel [fan_in, rest], whose fan-in is the same, and reshaped.
+  `variance_scaling`'s draw (mode "fan_in", scale 1, truncated normal) made as the vector
+  of the kernel's size, `truncated_normal(key, -2, 2, (size,)) * stddev`, with
+  stddev = sqrt(1 / fan_in) / 0.8796... computed as Flax computes it. With JAX 0.10 the
+  values are Flax's own, bit for bit, for every kernel of the models (`tests/draws_test.py`).
+  With JAX 0.12, XLA:CPU's sampler gives arrays whose last axis has 3 or 4 elements other
+  values in the last bit for some 5% of them (Flax's own head kernel [1, 1, C, 4] among
+  them); the vector is the one layout every kernel shares, and the one `recording` and
+  `lecun_normal_together` draw: a construction drawn together is the plain one exactly.
   """
 
   def init(key: jax.Array, shape: Shape, dtype=jnp.float32) -> jax.Array:
     shape = tuple(shape)
     rows = fan_in(shape, in_axis, out_axis)
+    dtype = np.dtype(dtype)
     mode = getattr(_MODE, "current", None)
     if mode is not None:
-      return mode.lecun_normal(key, shape, np.dtype(dtype), rows)
-    return _LECUN_2D(key, (rows, math.prod(shape) // rows), dtype).reshape(shape)
+      return mode.lecun_normal(key, shape, dtype, rows)
+    return _lecun_vector(key, _lecun_stddev(rows, dtype), math.prod(shape),
+                         dtype.name).reshape(shape)
 
   return init
+
+
+@functools.partial(jax.jit, static_argnames=("size", "dtype"))
+def _lecun_vector(key: jax.Array, stddev: np.ndarray, size: int, dtype: str) -> jax.Array:
+  """[size] `truncated_normal(key, -2, 2) * stddev`, as `variance_scaling` draws it."""
+  return jax.random.truncated_normal(key, -2, 2, (size,), dtype) * stddev
 
 
 # ---------------------------------------------------------------------------------------------

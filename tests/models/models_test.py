@@ -250,7 +250,8 @@ def test_seed_stands_for_rbg_streams_of_that_seed():
 
 # The first value of the first three kernels and the last of the last kernel, base width 4,
 # depth 2, as models were built before their draws were made together (bit for bit equal
-# since; compared to 1e-6 here, as JAX versions may differ in a last bit).
+# since, with JAX 0.10 and 0.12; compared to 1e-6 here: another CPU's XLA may differ in a
+# last bit).
 PINNED = {
     ("unet", "seed"): [0.09727964550256729, 0.06526858359575272, -0.10042919963598251,
                        -0.10044664889574051],

@@ -78,7 +78,8 @@ def test_summary_effects_are_differences_from_the_baseline_replay():
 
 # Kernel values of random network 1 of seed 0 for a tiny UNet (base width 4, depth 2), as
 # the check drew it before models drew their parameters together: the first value of the
-# first three kernels and the last of the last (to 1e-6: JAX versions may differ in a bit).
+# first three kernels and the last of the last (to 1e-6: another CPU's XLA may differ in a
+# last bit).
 RANDOM_NETWORK_1000 = [-0.024065783247351646, -0.07074733078479767, 0.1352931708097458,
                        -0.1024983823299408]
 RUN_MODEL = train_lib.ModelConfig(name="unet", base_width=4, depth=2)
