@@ -213,10 +213,11 @@ def replaying(requests: Sequence[LecunRequest], values: Sequence[jax.Array]) -> 
                        "each time it runs")
 
 
-# One more compiled draw costs about as much (0.2 s of XLA:CPU compilation) as drawing
-# four million numbers more or so (some 16 ns each with threefry, 33 with RBG, on one core):
-# sizes are grouped, each group padded to its largest, where that saves time.
-_NUMBERS_PER_KERNEL = 1 << 22
+# One more compiled draw (0.3 to 0.4 s of XLA:CPU compilation, 2 cores) costs about as much
+# as drawing eight million numbers more with RBG (45 ns each, one core), 20 million with
+# threefry (15 ns): sizes are grouped, each group padded to its largest, where that saves
+# time. A demo model is one group; the paper's (31M parameters) three or four.
+_NUMBERS_PER_KERNEL = 1 << 23
 
 
 def size_groups(sizes: Sequence[int], numbers_per_kernel: int = _NUMBERS_PER_KERNEL

@@ -42,7 +42,7 @@ from tracin_jax.types import Array, Params, State
 
 LAST_HIDDEN = "last_hidden"
 
-M = TypeVar("M", bound=nnx.Module)
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 _MODELS: dict[str, type["UNet"]] = {}
 
@@ -269,9 +269,10 @@ def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "g
 
   The parameters are those of the plain construction, `cls(..., rngs=rngs)`, bit for bit,
   and `rngs` is left as that would leave it; but the random draws are made together, in one
-  compiled call (see `build`): building a model from a fresh process takes about a second
-  rather than one compiled draw per parameter shape (13 s for the demo's UNet with
-  `nnx.Rngs(0)`, 5 s with `seed=0`; `benchmarks/model_init.py`).
+  compiled call (see `build`), not one compiled draw per parameter shape: a demo model
+  (base width 8, depth 3) is built in a fresh process in 1 to 2.5 s rather than 6 to 17 s
+  on a busy 2-core machine, the paper's (base width 64) in 2 to 4 s rather than 6 to 14 s
+  (`benchmarks/model_init.py`).
 
   Args:
     name: one of `list_models()`.
@@ -301,29 +302,33 @@ def _default_rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-def build(construct: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:
+def build(construct: Callable[[nnx.Rngs], ModuleT], rngs: nnx.Rngs) -> ModuleT:
   """`construct(rngs)`, its `tracin_jax.draws.lecun_normal` draws made in one compiled call.
 
   Eagerly, each draw of a new shape is compiled on its own (about 0.2 s each on XLA:CPU,
   some twenty per model). Here the construction first runs on a copy of `rngs` recording
-  its draws (`draws.recording`: the keys, shapes and fan-ins, no values), they are drawn
-  together (`draws.lecun_normal_together`), and the construction runs again on `rngs`
-  itself, each draw replaced by its value (`draws.replaying`, which checks that the same
-  draws come in the same order). The result is the plain construction's: the same
-  parameters bit for bit, and `rngs` advanced as that advances it. Other initialisers
-  (zeros, ones, or draws not made through `draws.lecun_normal`) run as they are.
+  its draws (`draws.recording`: the keys, shapes and fan-ins; the draws return zeros and
+  that first module is dropped), they are drawn together (`draws.lecun_normal_together`),
+  and the construction runs again on `rngs` itself, each draw replaced by its value
+  (`draws.replaying`, which checks that the same draws come in the same order). The result
+  is the plain construction's: the same parameters bit for bit, and `rngs` advanced as that
+  advances it. Other initialisers (zeros, ones, or draws not made through
+  `draws.lecun_normal`) run as they are, twice.
 
-  Under a transform (`jax.jit`, `nnx.eval_shape`: the keys are traced) the construction
-  simply runs once: tracing compiles nothing. So it does for keys that cannot be drawn
+  The construction runs once, as it is, under a transform (`jax.jit`, `nnx.eval_shape`:
+  the keys are traced, and tracing compiles nothing) and for keys that cannot be drawn
   together (`draws.drawn_together`: threefry with `jax_threefry_partitionable` off).
 
   Args:
     construct: builds a module from random streams; it must ask for the same draws in the
-      same order every time.
+      same order every time it runs.
     rngs: the streams.
 
   Returns:
     The module `construct(rngs)` returns.
+
+  Raises:
+    RuntimeError: when the second run asks for other draws than the first.
   """
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(rngs))):
     return construct(rngs)
