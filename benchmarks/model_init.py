@@ -1,13 +1,29 @@
-"""Building a model from scratch: the draws of `tracin_jax.draws` against Flax's own, in one run.
+"""Building a model from scratch: drawn together (`models.get_model`) against the plain eager
+construction it replaces, as it was and as it is, for every architecture and both seed
+forms, in fresh processes.
 
     PYTHONPATH=. python benchmarks/model_init.py --base_width=8 --depth=3
+    PYTHONPATH=. python benchmarks/model_init.py --base_width=64 --depth=4 --repeats=1
 
-A model is built eagerly, and JAX compiles one random draw per parameter shape the first
-time it meets it. Each measurement runs in a fresh process (no compiled draw left over):
-the wall time of `models.get_model(..., rngs=nnx.Rngs(seed))` with the library's
-initialisation, and with Flax's `lecun_normal` put back (the same values: the script
-checks they are equal). The two kinds of process take turns, `--repeats` times each, so a
-busy spell on a shared machine hits both; medians.
+A model built eagerly compiles one random draw per parameter shape the first time it meets
+it; `models.get_model` records the draws, makes them in one compiled call and replays them
+(`models.build`). Each measurement runs in a fresh process with JAX's compilation cache off
+(nothing compiled is left over): the wall time (and the process's CPU time, which the load
+of a shared machine inflates less) of
+
+  before:   `get_model_cls(name)(..., rngs=streams)`, one draw at a time, each kernel drawn
+            as the 2-D [fan_in, rest] (`jax.nn.initializers.lecun_normal`), as
+            `tracin_jax.draws.lecun_normal` drew it until it drew vectors: what
+            `get_model` did until it drew together;
+  eager:    the same construction with today's `draws.lecun_normal` (vector draws);
+  together: `get_model(name, ..., rngs=streams)`;
+
+streams being `nnx.Rngs(0)` (form "rngs", threefry) or the RBG streams `seed=0` stands for
+(form "seed"), made inside the timed span. The script checks that eager and together give
+the same parameters, byte for byte, and says whether before's are the same too (with JAX
+0.10 they are; with 0.12 the 2-D draws differ in a last bit, see `draws.lecun_normal`). The
+kinds of process take turns, `--repeats` times each, so a busy spell on a shared machine
+hits all; medians, with the load before and after.
 """
 
 from __future__ import annotations
@@ -21,51 +37,91 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "unet", "Model name (tracin_jax.models.list_models()).")
-flags.DEFINE_integer("base_width", 8, "Base width (the demo's: 8).")
-flags.DEFINE_integer("depth", 3, "Depth (the demo's: 3).")
+flags.DEFINE_list("models", None, "Models to build (default: all of list_models()).")
+flags.DEFINE_list("forms", ["seed", "rngs"], "Seed forms: seed (seed=0, RBG streams) and "
+                  "rngs (rngs=nnx.Rngs(0), threefry).")
+flags.DEFINE_integer("base_width", 8, "Base width (the demo's: 8; the paper's: 64).")
+flags.DEFINE_integer("depth", 3, "Depth (the demo's: 3; the paper's: 4).")
 flags.DEFINE_integer("repeats", 3, "Fresh processes per variant; medians are reported.")
 
 _CHILD = r"""
-import json, sys, time
+import hashlib, json, sys, time
+wall0, cpu0 = time.perf_counter(), time.process_time()
 import jax, numpy as np
 from flax import nnx
-from tracin_jax import draws, models
-name, width, depth, flax_init = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-if flax_init:
-  draws.lecun_normal = nnx.initializers.lecun_normal
-start = time.perf_counter()
-model = models.get_model(name, base_width=width, depth=depth, rngs=nnx.Rngs(0))
-params = jax.block_until_ready(nnx.state(model, nnx.Param))
-seconds = time.perf_counter() - start
-digest = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(params)))
-print(json.dumps({"seconds": seconds, "digest": digest,
-                  "shapes": len({np.shape(x) for x in jax.tree.leaves(params)})}))
+from tracin_jax import models
+imported = time.perf_counter() - wall0
+name, width, depth, form, variant = sys.argv[1:6]
+kwargs = dict(base_width=int(width), depth=int(depth))
+if variant == "before":
+  import math
+  from tracin_jax import draws
+  lecun_2d = jax.nn.initializers.lecun_normal()
+
+  def lecun_normal(in_axis=-2, out_axis=-1):
+    def init(key, shape, dtype=np.float32):
+      rows = draws.fan_in(shape, in_axis, out_axis)
+      return lecun_2d(key, (rows, math.prod(shape) // rows), dtype).reshape(shape)
+    return init
+
+  draws.lecun_normal = lecun_normal
+wall, cpu = time.perf_counter(), time.process_time()
+rngs = nnx.Rngs(jax.random.key(0, impl="rbg")) if form == "seed" else nnx.Rngs(0)
+if variant in ("before", "eager"):
+  model = models.get_model_cls(name)(**kwargs, rngs=rngs)
+else:
+  model = models.get_model(name, **kwargs, rngs=rngs)
+leaves = jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in leaves)).hexdigest()
+print(json.dumps({"seconds": wall, "cpu": cpu, "import": imported, "digest": digest,
+                  "params": models.count_params(model),
+                  "sizes": len({x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+                                if x.ndim == 4})}))
 """
 
+VARIANTS = ("before", "eager", "together")
 
-def _build(flax_init: bool) -> dict:
+
+def _build(name: str, form: str, variant: str) -> dict:
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
   out = subprocess.run(
-      [sys.executable, "-c", _CHILD, FLAGS.model, str(FLAGS.base_width), str(FLAGS.depth),
-       "1" if flax_init else "0"], env=env, capture_output=True, text=True, check=True)
+      [sys.executable, "-c", _CHILD, name, str(FLAGS.base_width), str(FLAGS.depth), form,
+       variant], env=env, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv):
   del argv
-  ours, theirs = [], []
-  for _ in range(FLAGS.repeats):
-    ours.append(_build(False))
-    theirs.append(_build(True))
-  if {r["digest"] for r in ours} != {r["digest"] for r in theirs}:
-    raise SystemExit("the two initialisations gave different parameters")
-  a = statistics.median(r["seconds"] for r in ours)
-  b = statistics.median(r["seconds"] for r in theirs)
-  print(f"{FLAGS.model} base width {FLAGS.base_width}, depth {FLAGS.depth}: "
-        f"{ours[0]['shapes']} parameter shapes; load {os.getloadavg()[0]:.1f}")
-  print(f"  Flax's lecun_normal:             {b:6.2f} s (median of {FLAGS.repeats})")
-  print(f"  tracin_jax.draws (same values):  {a:6.2f} s, {b / a:.1f}x faster")
+  from tracin_jax import models  # pylint: disable=g-import-not-at-top
+  names = FLAGS.models or models.list_models()
+  load_before = os.getloadavg()
+  print(f"base width {FLAGS.base_width}, depth {FLAGS.depth}; fresh processes, no compilation "
+        f"cache; medians of {FLAGS.repeats}; load {load_before[0]:.1f} "
+        f"(1-min average, {os.cpu_count()} cores)")
+  print(f"{'model':<16}{'form':<6}{'params':>10}{'sizes':>7}  {'before s':>8}{'(cpu)':>7}  "
+        f"{'eager s':>8}{'(cpu)':>7}  {'together s':>10}{'(cpu)':>7}  {'speed-up':>8}  "
+        "before's values")
+  for name in names:
+    for form in FLAGS.forms:
+      runs = {v: [] for v in VARIANTS}
+      for _ in range(FLAGS.repeats):
+        for variant in VARIANTS:
+          runs[variant].append(_build(name, form, variant))
+      digests = {v: {r["digest"] for r in rs} for v, rs in runs.items()}
+      if len(digests["eager"] | digests["together"]) != 1:
+        raise SystemExit(f"{name} ({form}): eager and together gave different parameters")
+      same = "same" if digests["before"] == digests["together"] else "differ"
+      med = {v: statistics.median(r["seconds"] for r in rs) for v, rs in runs.items()}
+      cpu = {v: statistics.median(r["cpu"] for r in rs) for v, rs in runs.items()}
+      first = runs["eager"][0]
+      print(f"{name:<16}{form:<6}{first['params']:>10}{first['sizes']:>7}  "
+            f"{med['before']:>8.2f}{cpu['before']:>7.2f}  {med['eager']:>8.2f}"
+            f"{cpu['eager']:>7.2f}  {med['together']:>10.2f}{cpu['together']:>7.2f}  "
+            f"{med['before'] / med['together']:>7.1f}x  {same}", flush=True)
+  print(f"load after {os.getloadavg()[0]:.1f}. Eager and together: the same parameters, byte "
+        "for byte, in every run; sizes: distinct kernel sizes (an eager draw is compiled per "
+        "shape); speed-up: before / together")
 
 
 if __name__ == "__main__":

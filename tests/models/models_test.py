@@ -181,3 +181,124 @@ def test_background_bias_sets_the_initial_background_prior():
   assert float(prior.head.bias[...][0]) == 3.0
   x = jnp.zeros((1, 8, 8, 4))
   np.testing.assert_allclose(prior(x)[..., 0] - plain(x)[..., 0], 3.0, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Construction: `get_model` draws the parameters together (`models.build`); they must be
+# those of the plain construction, one eager draw at a time, for either way of seeding.
+
+FORMS = ("seed", "rngs")  # get_model(seed=0): RBG streams; get_model(rngs=nnx.Rngs(0)): threefry
+
+
+def _streams(form: str, seed: int = 0) -> nnx.Rngs:
+  """The streams each form seeds: `seed=s` stands for RBG streams of s (documented)."""
+  return nnx.Rngs(jax.random.key(seed, impl="rbg")) if form == "seed" else nnx.Rngs(seed)
+
+
+def _leaves(tree):
+  """(path, array) of a state's leaves, keys as their data: comparable with numpy."""
+  return [(jax.tree_util.keystr(p), np.asarray(jax.random.key_data(x))
+           if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def assert_same_state(got, want):
+  """Equal trees, bit for bit: the same paths, shapes, dtypes and values."""
+  got, want = _leaves(got), _leaves(want)
+  assert [p for p, _ in got] == [p for p, _ in want]
+  for (path, a), (_, b) in zip(got, want):
+    assert a.dtype == b.dtype and a.shape == b.shape, path
+    np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+@pytest.mark.slow  # the plain construction compiles one draw per shape: 2 to 10 s each
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_get_model_gives_the_plain_constructions_parameters(name, form):
+  # seed=0 hands get_model its own RBG streams; pass them explicitly here to compare them.
+  fast_rngs, plain_rngs = _streams(form), _streams(form)
+  fast = models.get_model(name, base_width=WIDTH, depth=DEPTH, rngs=fast_rngs)
+  plain = models.get_model_cls(name)(base_width=WIDTH, depth=DEPTH, rngs=plain_rngs)
+  assert_same_state(nnx.state(fast), nnx.state(plain))
+  assert_same_state(nnx.state(fast_rngs), nnx.state(plain_rngs))  # advanced alike
+  assert len(jax.tree.leaves(nnx.state(fast, nnx.Param))) > 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_get_model_gives_the_plain_constructions_parameters_for_every_norm(norm):
+  """Biases on every convolution ("none"), BatchNorm's statistics, a set background bias,
+  other widths in and out."""
+  kwargs = dict(base_width=WIDTH, depth=DEPTH, norm=norm, num_classes=3, in_channels=2,
+                background_bias=3.0)
+  fast = models.get_model("resunet", **kwargs, rngs=nnx.Rngs(5))
+  plain = models.ResUNet(**kwargs, rngs=nnx.Rngs(5))
+  assert_same_state(nnx.state(fast), nnx.state(plain))
+
+
+def test_seed_stands_for_rbg_streams_of_that_seed():
+  for name in ("unet", "attention_unet"):
+    by_seed = models.get_model(name, base_width=WIDTH, depth=DEPTH, seed=3)
+    by_rngs = models.get_model(name, base_width=WIDTH, depth=DEPTH, rngs=_streams("seed", 3))
+    assert_same_state(nnx.state(by_seed), nnx.state(by_rngs))
+    # rngs=nnx.Rngs(3) is JAX's default generator: other draws, every kernel differs.
+    threefry = models.get_model(name, base_width=WIDTH, depth=DEPTH, rngs=nnx.Rngs(3))
+    for a, b in zip(jax.tree.leaves(nnx.state(by_seed, nnx.Param)),
+                    jax.tree.leaves(nnx.state(threefry, nnx.Param))):
+      assert (a.ndim == 4) == (not np.array_equal(a, b))  # kernels drawn, norms constant
+
+
+# The first value of the first three kernels and the last of the last kernel, base width 4,
+# depth 2, as models were built before their draws were made together (bit for bit equal
+# since, with JAX 0.10 and 0.12; compared to 1e-6 here: another CPU's XLA may differ in a
+# last bit).
+PINNED = {
+    ("unet", "seed"): [0.09727964550256729, 0.06526858359575272, -0.10042919963598251,
+                       -0.10044664889574051],
+    ("unet", "rngs"): [-0.06544012576341629, 0.026423728093504906, -0.037499409168958664,
+                       0.015299191698431969],
+    ("resunet", "seed"): [-0.14881521463394165, -0.023561080917716026, -0.4260849952697754,
+                          0.14925993978977203],
+    ("resunet", "rngs"): [-0.11806850880384445, -0.027386177331209183, -0.15909652411937714,
+                          0.33410149812698364],
+    ("attention_unet", "seed"): [0.09727964550256729, 0.06526858359575272,
+                                 0.04191742464900017, -0.10044664889574051],
+    ("attention_unet", "rngs"): [-0.06544012576341629, 0.026423728093504906,
+                                 -0.044430673122406006, 0.015299191698431969],
+    ("deepseg", "seed"): [0.09727964550256729, 0.06526858359575272, 0.008261663839221,
+                          0.09340447187423706],
+    ("deepseg", "rngs"): [-0.06544012576341629, 0.026423728093504906, 0.11261328309774399,
+                          0.0059365807101130486],
+}
+
+
+def kernel_fingerprint(model) -> list[float]:
+  kernels = [np.asarray(x).ravel() for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+             if x.ndim == 4]
+  return [float(k[0]) for k in kernels[:3]] + [float(kernels[-1][-1])]
+
+
+@pytest.mark.parametrize("name, form", sorted(PINNED))
+def test_parameters_are_those_drawn_before(name, form):
+  seeding = {"seed": 0} if form == "seed" else {"rngs": nnx.Rngs(0)}
+  model = models.get_model(name, base_width=4, depth=2, **seeding)
+  np.testing.assert_allclose(kernel_fingerprint(model), PINNED[name, form], rtol=1e-6)
+
+
+def test_get_model_under_transforms_is_the_plain_construction():
+  """Traced keys are not drawn ahead: the construction runs as it is (and compiles nothing
+  here: eval_shape and make_jaxpr only trace)."""
+  def build(plain):
+    def params(key):
+      rngs = nnx.Rngs(key)
+      model = (models.UNet(base_width=WIDTH, depth=DEPTH, rngs=rngs) if plain else
+               models.get_model("unet", base_width=WIDTH, depth=DEPTH, rngs=rngs))
+      return nnx.state(model, nnx.Param)
+    return params
+
+  # Under jit the same computation is traced: the same equations, draw by draw.
+  key = jax.random.key(0)
+  got, want = jax.make_jaxpr(build(False))(key), jax.make_jaxpr(build(True))(key)
+  assert str(got) == str(want) and len(got.out_avals) > 10
+  abstract = nnx.eval_shape(lambda: models.get_model("unet", base_width=WIDTH, depth=DEPTH))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(abstract)))

@@ -1,8 +1,9 @@
 """Segmentation models (Flax NNX), chosen by name.
 
 `get_model(name, ...)` builds one of `list_models()`: "unet" (the paper's), "resunet",
-"attention_unet", "deepseg". `functional(model)` gives the pure `(apply_fn, params, state)` view
-that influence computations transform. See `tracin_jax.models.unet` for the architecture.
+"attention_unet", "deepseg", its random draws made together (`build`). `functional(model)`
+gives the pure `(apply_fn, params, state)` view that influence computations transform.
+See `tracin_jax.models.unet` for the architecture.
 """
 
 from tracin_jax.models.unet import (
@@ -12,6 +13,7 @@ from tracin_jax.models.unet import (
     ResUNet,
     UNet,
     apply_channel_mask,
+    build,
     count_params,
     functional,
     get_model,
@@ -27,6 +29,7 @@ __all__ = [
     "ResUNet",
     "UNet",
     "apply_channel_mask",
+    "build",
     "count_params",
     "functional",
     "get_model",

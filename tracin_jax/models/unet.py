@@ -28,18 +28,21 @@ evaluation mode (running statistics), which makes it per-example too. "none" use
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tracin_jax import draws
 from tracin_jax.models import layers
 from tracin_jax.models.layers import NORMS, AttentionGate, ConvBlock, Upsample, max_pool2
 from tracin_jax.types import Array, Params, State
 
 LAST_HIDDEN = "last_hidden"
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 _MODELS: dict[str, type["UNet"]] = {}
 
@@ -264,15 +267,21 @@ def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "g
               rngs: nnx.Rngs | None = None, **kwargs: Any) -> UNet:
   """Builds the model registered under `name`.
 
+  The parameters are those of the plain construction, `cls(..., rngs=rngs)`, bit for bit,
+  and `rngs` is left as that would leave it; but the random draws are made together, in one
+  compiled call (see `build`), not one compiled draw per parameter shape: a demo model
+  (base width 8, depth 3) is built in a fresh process in 1 to 2.5 s rather than 6 to 17 s
+  on a busy 2-core machine, the paper's (base width 64) in 2 to 4 s rather than 6 to 14 s
+  (`benchmarks/model_init.py`).
+
   Args:
     name: one of `list_models()`.
     base_width, depth, norm, num_classes, in_channels: see `UNet.__init__`.
     seed: initialisation seed, used when `rngs` is None: the streams are then
-      `nnx.Rngs(jax.random.key(seed, impl="rbg"))`. RBG rather than the default threefry
-      because XLA:CPU compiles threefry sampling (partitionable, the default since JAX 0.5)
-      about ten times slower, once per parameter shape: building a small UNet eagerly took
-      45 s with threefry and 4 s with RBG on a 2-core machine. RBG's bits may differ across
-      backends (CPU vs GPU); pass `rngs` for another generator.
+      `nnx.Rngs(jax.random.key(seed, impl="rbg"))`, so `seed=s` and `rngs=nnx.Rngs(s)`
+      (threefry, JAX's default) give different parameters. RBG was chosen when each draw
+      was compiled on its own (XLA:CPU compiles RBG's draws faster); its bits may differ
+      across backends (CPU vs GPU). Pass `rngs` for another generator.
     rngs: random streams; takes precedence over `seed`.
     **kwargs: further constructor arguments (e.g. `norm_groups`).
 
@@ -283,13 +292,52 @@ def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "g
     ValueError: for an unknown name (the message lists the known ones) or bad arguments.
   """
   cls = get_model_cls(name)
-  return cls(base_width=base_width, depth=depth, norm=norm, num_classes=num_classes,
-             in_channels=in_channels, rngs=_default_rngs(seed) if rngs is None else rngs,
-             **kwargs)
+  return build(lambda r: cls(base_width=base_width, depth=depth, norm=norm,
+                             num_classes=num_classes, in_channels=in_channels, rngs=r,
+                             **kwargs),
+               _default_rngs(seed) if rngs is None else rngs)
 
 
 def _default_rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def build(construct: Callable[[nnx.Rngs], ModuleT], rngs: nnx.Rngs) -> ModuleT:
+  """`construct(rngs)`, its `tracin_jax.draws.lecun_normal` draws made in one compiled call.
+
+  Eagerly, each draw of a new shape is compiled on its own (about 0.2 s each on XLA:CPU,
+  some twenty per model). Here the construction first runs on a copy of `rngs` recording
+  its draws (`draws.recording`: the keys, shapes and fan-ins; the draws return zeros and
+  that first module is dropped), they are drawn together (`draws.lecun_normal_together`),
+  and the construction runs again on `rngs` itself, each draw replaced by its value
+  (`draws.replaying`, which checks that the same draws come in the same order). The result
+  is the plain construction's: the same parameters bit for bit, and `rngs` advanced as that
+  advances it. Other initialisers (zeros, ones, or draws not made through
+  `draws.lecun_normal`) run as they are, twice.
+
+  The construction runs once, as it is, under a transform (`jax.jit`, `nnx.eval_shape`:
+  the keys are traced, and tracing compiles nothing) and for keys that cannot be drawn
+  together (`draws.drawn_together`: threefry with `jax_threefry_partitionable` off).
+
+  Args:
+    construct: builds a module from random streams; it must ask for the same draws in the
+      same order every time it runs.
+    rngs: the streams.
+
+  Returns:
+    The module `construct(rngs)` returns.
+
+  Raises:
+    RuntimeError: when the second run asks for other draws than the first.
+  """
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(rngs))):
+    return construct(rngs)
+  with draws.recording() as record:
+    construct(nnx.clone(rngs))
+  if not record.together or not record.requests:
+    return construct(rngs)
+  with draws.replaying(record.requests, draws.lecun_normal_together(record.requests)):
+    return construct(rngs)
 
 
 def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
