@@ -8,7 +8,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tracin_jax import models
 from tracin_jax import saliency
@@ -86,12 +85,10 @@ CONV_LAST = saliency.split_layer(conv_hidden, conv_last, name="conv2")
 # ------------------------------------------------------------- the tiny UNet
 @functools.cache
 def unet() -> saliency.NnxModel:
-  """models.get_model("unet", base_width=4, depth=2), as a saliency.NnxModel (built once, on
-  first use). Seeded through get_model's default RBG streams and built under `nnx.jit`:
-  building it eagerly with `rngs=nnx.Rngs(0)` (threefry) takes about 12 s on a busy 2-core
-  machine, this about 2 s."""
-  build = nnx.jit(lambda: models.get_model("unet", base_width=4, depth=2, seed=0))
-  return saliency.NnxModel(build())
+  """models.get_model("unet", base_width=4, depth=2, seed=0), as a saliency.NnxModel (built
+  once, on first use; about 1 s: get_model draws all parameters in one compiled call, which
+  a wrapping `nnx.jit` would only slow down)."""
+  return saliency.NnxModel(models.get_model("unet", base_width=4, depth=2, seed=0))
 
 
 def images(n=1, size=16, c=4, seed=11):
