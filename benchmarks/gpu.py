@@ -8,7 +8,8 @@ in this order:
 
 1. influence: `tracin_jax.influence(loss_fn, checkpoints, train, test, vectorize=v)` for
    v = "auto" (the JSON's "auto" says which path it measured fastest on the first block and
-   took, with what it measured), "loop" and "vmap", against the naive
+   took, with what it measured: "loop", "vmap" and, on a CPU of several cores, "threads"),
+   "loop" and "vmap", against the naive
    `jax.jit(jax.vmap(jax.grad(loss_j)))` once per class j followed by the Gram products
    (`common.naive_grads`), on the demo UNet (base width 8, depth 3, 96 px; `--train` x
    `--test` images) and on the paper's (base 64, depth 4, 192 px: 31.0 M parameters;

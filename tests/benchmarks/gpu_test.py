@@ -11,6 +11,8 @@ import sys
 import jax
 import pytest
 
+from tracin_jax.influence import grads
+
 ROOT = pathlib.Path(__file__).parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 HIDDEN = ("nibabel", "nilearn", "grain")
@@ -53,7 +55,8 @@ def test_quick_run_measures_every_part_and_the_paths_scores_agree(tmp_path):
   assert all(x > 0 for x in influence["seconds"].values())
   assert all(n == 2 for n in influence["repeats"].values())
   auto = influence["auto"]
-  assert auto["path"] in ("loop", "vmap") and set(auto["seconds"]) == {"loop", "vmap"}
+  # "auto" times every path this device offers ("threads" only on a CPU of several cores).
+  assert {"loop", "vmap"} <= set(auto["seconds"]) <= set(grads.PATHS)
   assert auto["path"] == min(auto["seconds"], key=auto["seconds"].get)
   assert influence["scores_agree"], influence["error_vs_loop"]
   assert set(influence["error_vs_loop"]) == paths and influence["error_vs_loop"]["loop"] == 0
@@ -70,7 +73,7 @@ def test_quick_run_measures_every_part_and_the_paths_scores_agree(tmp_path):
   assert projected["bytes"] == 2070 * 5 * k * store["dim"] * 4
   assert exact["seconds"] == pytest.approx(2070 * 5 * store["seconds_per_slice"]["exact"])
   assert store["exact_influence_plan"]["gradient_examples"] == 2070 * 5
-  assert store["auto"]["path"] in ("loop", "vmap")
+  assert store["auto"]["path"] in grads.PATHS
 
   (sal,) = data["saliency"]
   names = [row["method"].split(" ")[0] for row in sal["methods"]]
