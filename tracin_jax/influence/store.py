@@ -54,6 +54,7 @@ from tracin_jax.influence import core
 from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
+from tracin_jax.influence import logra
 from tracin_jax.influence import projection as projection_lib
 from tracin_jax.types import Checkpoints, LossFn
 
@@ -103,6 +104,11 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
   if len(ids) != train_data.n:
     raise ValueError(f"example_ids has {len(ids)} ids for {train_data.n} training examples.")
   full = arguments.check_checkpoints(checkpoints)
+  width, factored = (p if projection is None else int(projection.dim)), {}
+  if logra.is_logra(projection):  # its rows: the plan's width, its layers recorded
+    plan = logra.plan(restricted, ckpts[0].params, train_data.spec.example(), projection,
+                      ckpts[0].state)
+    width, factored = plan.width, {"logra": plan.describe()}
   return {
       "format_version": FORMAT_VERSION,
       "model_fingerprint": fingerprint,
@@ -111,7 +117,7 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
                          zip(train_data.spec.paths, train_data.spec.shapes)},
       "num_outputs": k,
       "num_parameters": p,
-      "width": p if projection is None else int(projection.dim),
+      "width": width,
       "dtype": str(np.dtype(dtype)),
       "projection": None if projection is None else projection.describe(),
       "normalize": bool(normalize),
@@ -122,6 +128,7 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
       "checkpoints": [{"name": str(name), "learning_rate": float(c.learning_rate),
                        "params_fingerprint": params_fingerprint(c.params)}
                       for name, c in zip(names, full)],
+      **factored,
   }
 
 
@@ -302,13 +309,21 @@ class GradientStore:
     vectorize = grads_lib.check_vectorize(vectorize)
     reporter = progress_lib.Reporter(progress, len(ckpts), test_data.n * len(ckpts))
     projection, normalize = self.projection, self.meta["normalize"]
+    if logra.is_logra(projection):
+      found = logra.plan(restricted, ckpts[0].params, test_data.spec.example(), projection,
+                         ckpts[0].state).describe()
+      if found != self.meta.get("logra"):
+        raise StoreMismatch(f"{self.path}: LoGra captures other layers or sizes from this "
+                            "loss and these examples than the store's (its store.json "
+                            "'logra' entry), so the test rows would be projected otherwise.")
     out = np.zeros((test_data.n * k, self.num_examples * k), np.dtype(self.meta["dtype"]))
     for t, ckpt in enumerate(ckpts):
       reporter.checkpoint(t, test_data.n)
       rows = []
       for _, batch, n_valid in test_data.blocks(block, 0, test_data.n_blocks(block)):
-        g, _ = grads_lib.block_grads(restricted, k, ckpt.params, batch, vectorize, ckpt.state)
-        rows.append(core.transform_rows(g, normalize, projection))
+        g, _ = block_rows(restricted, k, ckpt, batch, projection=projection,
+                          normalize=normalize, vectorize=vectorize, pad_to=block)
+        rows.append(g)
         reporter.examples(n_valid)
       out += self._product(t, jnp.concatenate(rows), ckpt.learning_rate, mesh)
     return out.reshape(test_data.n, k, self.num_examples, k)
@@ -453,10 +468,17 @@ def build_store(
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   _, raw_bytes, _ = arguments.gradient_layout(restricted, ckpts[0], train_data)
+  what = "gradients (K x P x itemsize"
+  if logra.is_logra(projection):  # no gradient is formed: its intermediates count
+    raw_bytes = logra.plan(restricted, ckpts[0].params, train_data.spec.example(), projection,
+                           ckpts[0].state).bytes_per_example
+    what = "intermediates (forward and K backward passes, LoGra"
   fit = int(memory_budget_bytes) // raw_bytes
+  if fit and logra.is_logra(projection) and logra.resolve_vectorize(vectorize, mesh) == "loop":
+    fit = train_data.n  # one example at a time: a block holds only its rows
   if fit < 1:
     raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
-                     f"gradients (K x P x itemsize = {raw_bytes} bytes); raise it.")
+                     f"{what} = {raw_bytes} bytes); raise it.")
   block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), train_data.n, fit)
   settings = _store_settings(loss_fn, checkpoints, train_data, projection=projection,
                              normalize=normalize, params_filter=params_filter,
@@ -501,14 +523,11 @@ def build_store(
     (root / f"checkpoint-{t}").mkdir(exist_ok=True)
     for run_start, run_stop in _runs(blocks):
       for b, batch, n_valid in train_data.blocks(block_size, run_start, run_stop):
-        if mesh is None:
-          g, finite = grads_lib.block_grads(restricted, k, ckpt.params, batch, vectorize,
-                                            ckpt.state)
-        else:
-          g, finite = grads_lib.sharded_block_grads(restricted, k, ckpt.params, batch, mesh,
-                                                    ckpt.state)
+        rows, finite = block_rows(restricted, k, ckpt, batch, projection=projection,
+                                  normalize=normalize, vectorize=vectorize, mesh=mesh,
+                                  pad_to=block_size)
         nonfinite.add("train", b * block_size, finite, n_valid)
-        rows = np.asarray(core.transform_rows(g, normalize, projection))
+        rows = np.asarray(rows)
         with outputs.atomic_path(_block_path(root, t, b)) as tmp:
           with open(tmp, "wb") as f:
             np.save(f, rows)
@@ -516,6 +535,32 @@ def build_store(
     nonfinite.warn(t)
   store.last_build = BuildReport(len(todo), reused, time.perf_counter() - start)
   return store
+
+
+def block_rows(loss_fn: LossFn, k: int, checkpoint, batch, *,
+               projection: projection_lib.Projection | None, normalize: bool,
+               vectorize: str, mesh: jax.sharding.Mesh | None = None,
+               pad_to: int | None = None):
+  """A block's rows as a store keeps them, and which examples' are finite.
+
+  The formed per-example gradients, normalised and projected (`core.transform_rows`), or
+  for a "logra" projection the rows formed inside the model (`logra.block_rows`; `pad_to`
+  pads a ragged block to one compiled shape there).
+
+  Returns:
+    rows [B * K, width], finite [B] bool.
+  """
+  if logra.is_logra(projection):
+    return logra.block_rows(loss_fn, k, checkpoint.params, batch, projection,
+                            checkpoint.state, normalize=normalize, vectorize=vectorize,
+                            pad_to=pad_to, mesh=mesh)
+  if mesh is None:
+    g, finite = grads_lib.block_grads(loss_fn, k, checkpoint.params, batch, vectorize,
+                                      checkpoint.state)
+  else:
+    g, finite = grads_lib.sharded_block_grads(loss_fn, k, checkpoint.params, batch, mesh,
+                                              checkpoint.state)
+  return core.transform_rows(g, normalize, projection), finite
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
@@ -550,5 +595,5 @@ def plan_store(num_examples: int, num_outputs: int, num_parameters: int,
           "bytes": per_example * num_examples * num_checkpoints}
 
 
-__all__ = ["BuildReport", "GradientStore", "StoreMismatch", "build_store", "example_mesh",
-           "open_store", "params_fingerprint", "plan_store", "sharded_gram"]
+__all__ = ["BuildReport", "GradientStore", "StoreMismatch", "block_rows", "build_store",
+           "example_mesh", "open_store", "params_fingerprint", "plan_store", "sharded_gram"]
