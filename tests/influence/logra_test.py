@@ -3,6 +3,10 @@
 exact TracIn over seeds, and round-trips, resumes and refuses like any store."""
 
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,7 @@ from tracin_jax.influence import logra
 from tracin_jax.influence import segmentation
 from tracin_jax.influence import store as store_lib
 from tracin_jax.influence.projection import Projection
+import store_worker as worker
 import tiny_models as tm
 
 # ----------------------------------------------------------------------------- models
@@ -114,11 +119,19 @@ def _spec(data):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), data)
 
 
+_JACOBIANS = {}
+
+
 def _jacobian(loss_fn, params, example, state):
-  def f(p):
-    out = loss_fn(p, example) if state is None else loss_fn(p, example, state)
-    return jnp.reshape(out, (-1,))
-  return jax.tree.leaves(jax.jacrev(f)(params))  # leaves [K, *shape]
+  """The formed per-output gradients, leaves [K, *shape] (one jitted jacrev per loss)."""
+  if loss_fn not in _JACOBIANS:
+    def jacobian(params, example, state):
+      def f(p):
+        out = loss_fn(p, example) if state is None else loss_fn(p, example, state)
+        return jnp.reshape(out, (-1,))
+      return jax.jacrev(f)(params)
+    _JACOBIANS[loss_fn] = jax.jit(jacobian)
+  return jax.tree.leaves(_JACOBIANS[loss_fn](params, example, state))
 
 
 def kronecker_rows(plan, seed, loss_fn, params, example, state):
@@ -152,7 +165,12 @@ def _with_mode(plan, mode):
 # ----------------------------------------------------------------------------- rows
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+def _cases(names):
+  """The cases, the UNet's marked slow (its first compile takes about 20 s)."""
+  return [pytest.param(n, marks=pytest.mark.slow) if n == "unet" else n for n in names]
+
+
+@pytest.mark.parametrize("case", _cases(sorted(CASES)))
 def test_rows_are_the_kronecker_projection_of_the_formed_gradient(x64, case):
   loss_fn, params, state, data = CASES[case]()
   projection = Projection(40, "logra", seed=5)
@@ -168,17 +186,17 @@ def test_rows_are_the_kronecker_projection_of_the_formed_gradient(x64, case):
     assert (layer.in_dim < layer.in_features) != np.allclose(a, np.eye(*a.shape))
 
 
-@pytest.mark.parametrize("case", ["conv", "strided_and_transposed_conv", "weight_first_dense",
-                                  "unet"])
+@pytest.mark.parametrize("case", _cases(["conv", "strided_and_transposed_conv",
+                                          "weight_first_dense", "unet"]))
 @pytest.mark.parametrize("mode", ["both", "inputs", "patches"])
 def test_every_way_of_forming_the_rows_agrees(x64, case, mode):
   loss_fn, params, state, data = CASES[case]()
   plan, forced = _with_mode(
       logra.plan(loss_fn, params, _spec(data), Projection(40, "logra"), state), mode)
   assert forced >= 1
-  layer_rows, _ = logra.example_rows(plan, jax.tree.leaves(params),
-                                     logra.factors(plan, 0, np.float64), _example(data, 1),
-                                     state)
+  rows = jax.jit(logra.example_rows, static_argnums=0)
+  layer_rows, _ = rows(plan, jax.tree.leaves(params), logra.factors(plan, 0, np.float64),
+                       _example(data, 1), state)
   expect = kronecker_rows(plan, 0, loss_fn, params, _example(data, 1), state)
   np.testing.assert_allclose(layer_rows, expect[:, :layer_rows.shape[1]], rtol=1e-10,
                              atol=1e-12 * np.abs(expect).max())
@@ -226,6 +244,28 @@ def test_loop_padding_and_normalisation(x64):
   np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-12)
   np.testing.assert_allclose(unit * np.linalg.norm(vmapped, axis=1, keepdims=True), vmapped,
                              rtol=1e-10)
+
+
+def test_row_products_average_over_seeds_to_the_exact_inner_products(x64):
+  """The quick form of the store's test below: the mean over 200 seeds of the LoGra rows'
+  inner products is the exact gradients' within 4.5 standard errors per entry (the seeds'
+  own spread; 78 distinct entries, so a Gaussian mean passes with probability > 0.999)."""
+  loss_fn, params, _, _ = CASES["conv"]()
+  data = tm.conv_data(6, 4, dtype=np.float64)
+  jac = [_jacobian(loss_fn, params, _example(data, b), None) for b in range(4)]
+  exact_rows = np.stack([np.concatenate([np.asarray(g[j]).reshape(-1) for g in jac[b]])
+                         for b in range(4) for j in range(3)])
+  exact = exact_rows @ exact_rows.T
+  plan = logra.plan(loss_fn, params, _spec(data), Projection(12, "logra"))
+  assert [(l.in_dim, l.out_dim) for l in plan.layers] == [(2, 2), (2, 2)]
+  estimates = []
+  for seed in range(200):
+    rows, _ = logra.block_rows(loss_fn, 3, params, data, Projection(12, "logra", seed=seed))
+    estimates.append(np.asarray(rows) @ np.asarray(rows).T)
+  estimates = np.stack(estimates)
+  error = estimates.std(0, ddof=1) / np.sqrt(len(estimates))
+  z = np.abs(estimates.mean(0) - exact) / error
+  assert z.max() < 4.5, z.max()
 
 
 def test_allocation_fills_the_width_keeps_small_layers_exact():
@@ -354,3 +394,24 @@ def test_store_scores_average_over_seeds_to_exact_tracin(x64, tmp_path):
   assert z.max() < 4.5, z.max()
   single = np.linalg.norm(estimates - exact, axis=(1, 2))
   assert np.linalg.norm(mean - exact) < single.min()
+
+
+def _worker(tmp_path, name, *args, devices=1):
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]),
+             JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = tmp_path / f"{name}.npz"
+  proc = subprocess.run([sys.executable, worker.__file__, str(tmp_path / name), str(out),
+                         "--logra", *args], env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return np.load(out)
+
+
+@pytest.mark.slow  # worker processes
+def test_four_devices_give_the_logra_scores_of_one(tmp_path):
+  one = _worker(tmp_path, "one")
+  four = _worker(tmp_path, "four", "--mesh", devices=4)
+  assert int(four["devices"]) == 4 and int(one["devices"]) == 1
+  for key in ("test", "train", "self"):
+    np.testing.assert_allclose(four[key], one[key], rtol=2e-5, atol=1e-6)

@@ -18,6 +18,10 @@ No P x d matrix is ever held. Three kinds, all linear, all drawn from `seed`:
   seed and its index); O(P d) per row and per block of rows, the reference JL transform.
   Variance (|a|^2 |b|^2 + <a, b>^2) / d.
 
+A fourth kind, "logra", is not applied to rows: it projects each layer inside the model,
+from the layer's inputs and output gradients, so that no per-example gradient is formed
+(`tracin_jax.influence.logra`; the gradient store builds and queries with it).
+
 `factored_projection` is the per-layer factored projection (LoGra; Choe et al. 2024): for a
 layer whose per-example weight gradient is `inputs^T @ output_grads` (a dense layer, or a
 convolution with `inputs` its patches), it projects both factors first, so the P_layer =

@@ -434,7 +434,9 @@ def build_store(
     checkpoints: (params, learning_rate) pairs or `tracin_jax.Checkpoint`s.
     train: the training examples, in any form `influence` accepts (read in order).
     projection: a `tracin_jax.Projection`, or None to store exact gradients (P numbers per
-      row: check the size first, see `plan_store`).
+      row: check the size first, see `plan_store`). Of kind "logra", the rows are formed
+      inside the model without forming any per-example gradient (`influence.logra`; at
+      most `dim` numbers per row, the store's `width`).
     normalize: store unit-normalised rows (renormalised TracIn).
     params_filter: layer selection, as path prefixes (see `influence`).
     example_ids: one id per training example, recorded (default 0..n-1).
@@ -444,7 +446,9 @@ def build_store(
     batch_size: examples per block (and per block file); default 64, lowered so that one
       block's raw gradients (block x K x P x itemsize, before projection) fit in
       `memory_budget_bytes` (at the paper's 31 M parameters, 2 slices per GiB).
-    memory_budget_bytes: bytes of raw gradients of one block (default 1 GiB).
+    memory_budget_bytes: bytes of raw gradients of one block (default 1 GiB); for LoGra,
+      of one example's intermediates (`logra.Plan.bytes_per_example`), times the block's
+      examples when they are vectorised.
     vectorize: see `influence`.
     mesh: a one-axis `jax.sharding.Mesh` of local devices: each block's examples are split
       over its devices, each computing its share with the vectorised path
@@ -472,7 +476,7 @@ def build_store(
   if logra.is_logra(projection):  # no gradient is formed: its intermediates count
     raw_bytes = logra.plan(restricted, ckpts[0].params, train_data.spec.example(), projection,
                            ckpts[0].state).bytes_per_example
-    what = "intermediates (forward and K backward passes, LoGra"
+    what = "intermediates (LoGra's estimate"
   fit = int(memory_budget_bytes) // raw_bytes
   if fit and logra.is_logra(projection) and logra.resolve_vectorize(vectorize, mesh) == "loop":
     fit = train_data.n  # one example at a time: a block holds only its rows
