@@ -415,3 +415,22 @@ def test_four_devices_give_the_logra_scores_of_one(tmp_path):
   assert int(four["devices"]) == 4 and int(one["devices"]) == 1
   for key in ("test", "train", "self"):
     np.testing.assert_allclose(four[key], one[key], rtol=2e-5, atol=1e-6)
+
+
+def test_a_layer_selection_captures_only_the_kept_layers(x64, tmp_path):
+  ckpts, train, test = _conv_setting()
+  projection = Projection(30, "logra", seed=1)
+  store = store_lib.build_store(tmp_path / "s", tm.conv_loss, ckpts, train,
+                                projection=projection, params_filter="c2")
+  # The loss of the kept parameters takes them as a list: its layers are named by index.
+  assert [name for name, _, _ in store.meta["logra"]["layers"]] == ["[0]"]
+  assert store.meta["logra"]["rest_size"] == 0
+  # The kept kernel alone, its rows the Kronecker projection of its formed gradient.
+  kept = lambda params, example, frozen: tm.conv_loss({**frozen, "c2": params[0]}, example)
+  for t, (params, _) in enumerate(ckpts):
+    frozen = {key: value for key, value in params.items() if key != "c2"}
+    plan = logra.plan(kept, [params["c2"]], _spec(train), projection, frozen)
+    expect = np.concatenate([kronecker_rows(plan, 1, kept, [params["c2"]],
+                                            _example(train, b), frozen) for b in range(5)])
+    np.testing.assert_allclose(store.rows(t), expect, rtol=1e-10, atol=1e-13)
+  assert store.influence(tm.conv_loss, ckpts, test).shape == (3, 3, 5, 3)
