@@ -2,9 +2,11 @@
 processes and kills that the test process itself cannot have).
 
     python store_worker.py STORE OUT [--mesh] [--distributed PORT INDEX COUNT] [--slow]
+                                     [--logra]
 
 Writes OUT (npz: the query's test-train scores, train-influence, self-influence) unless
 `--slow`, which sleeps after every block so that a test can kill the build midway.
+`--logra` builds LoGra rows (`Projection(32, "logra", seed=7)`) instead of CountSketch.
 """
 
 import pathlib
@@ -31,8 +33,8 @@ def data():
   return tm.conv_data(20, N_TRAIN), tm.conv_data(21, N_TEST)
 
 
-def projection():
-  return projection_lib.Projection(32, "countsketch", seed=7)
+def projection(kind="countsketch"):
+  return projection_lib.Projection(32, kind, seed=7)
 
 
 def main(argv):
@@ -47,7 +49,9 @@ def main(argv):
   progress = (lambda _: time.sleep(0.5)) if "--slow" in argv else False
   train, test = data()
   store_lib.build_store(store_dir, tm.conv_loss, checkpoints(), train,
-                        projection=projection(), batch_size=BLOCK, mesh=mesh,
+                        projection=projection("logra" if "--logra" in argv else
+                                              "countsketch"),
+                        batch_size=BLOCK, mesh=mesh,
                         vectorize="vmap", progress=progress)
   if "--distributed" in argv:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

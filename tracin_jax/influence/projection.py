@@ -18,6 +18,10 @@ No P x d matrix is ever held. Three kinds, all linear, all drawn from `seed`:
   seed and its index); O(P d) per row and per block of rows, the reference JL transform.
   Variance (|a|^2 |b|^2 + <a, b>^2) / d.
 
+A fourth kind, "logra", is not applied to rows: it projects each layer inside the model,
+from the layer's inputs and output gradients, so that no per-example gradient is formed
+(`tracin_jax.influence.logra`; the gradient store builds and queries with it).
+
 `factored_projection` is the per-layer factored projection (LoGra; Choe et al. 2024): for a
 layer whose per-example weight gradient is `inputs^T @ output_grads` (a dense layer, or a
 convolution with `inputs` its patches), it projects both factors first, so the P_layer =
@@ -38,6 +42,9 @@ from tracin_jax.types import Array
 
 KINDS = ("countsketch", "srht", "dense")
 DEFAULT_KIND = "countsketch"
+# The factored kind: projects inside the model (`tracin_jax.influence.logra`), so it takes a
+# loss and its parameters, not formed gradient rows.
+LOGRA = "logra"
 # Columns of a dense projection drawn at once ([chunk, d] float32 at a time).
 DEFAULT_CHUNK_COLUMNS = 8192
 
@@ -47,8 +54,10 @@ class Projection:
   """A seeded random projection of gradient rows to `dim` numbers.
 
   Attributes:
-    dim: d, the projected size (>= 1).
-    kind: "countsketch" (default), "srht" or "dense" (see the module docstring).
+    dim: d, the projected size (>= 1; for "logra" the most numbers per row).
+    kind: "countsketch" (default), "srht" or "dense" (see the module docstring), or
+      "logra": the per-layer factored projection, formed inside the model without the
+      per-example gradient (`tracin_jax.influence.logra`; the gradient store takes it).
     seed: the seed; the same seed, kind and dim give the same projection everywhere.
     chunk_columns: columns drawn at once by "dense".
   """
@@ -61,8 +70,9 @@ class Projection:
   def __post_init__(self):
     if isinstance(self.dim, bool) or int(self.dim) != self.dim or self.dim < 1:
       raise ValueError(f"Projection dim must be a positive integer, got {self.dim!r}.")
-    if self.kind not in KINDS:
-      raise ValueError(f"Projection kind must be one of {KINDS}, got {self.kind!r}.")
+    if self.kind not in (*KINDS, LOGRA):
+      raise ValueError(f"Projection kind must be one of {(*KINDS, LOGRA)}, got "
+                       f"{self.kind!r}.")
     if isinstance(self.seed, bool) or int(self.seed) != self.seed:
       raise ValueError(f"Projection seed must be an integer, got {self.seed!r}.")
     if int(self.chunk_columns) != self.chunk_columns or self.chunk_columns < 1:
@@ -77,6 +87,11 @@ class Projection:
     Returns:
       [R, dim] in the rows' dtype (at least float32).
     """
+    if self.kind == LOGRA:
+      raise ValueError("A Projection of kind 'logra' projects inside the model, not formed "
+                       "gradient rows: give it to build_store (or use "
+                       "tracin_jax.influence.logra.block_rows), or choose a kind of "
+                       f"{KINDS} here.")
     rows = jnp.asarray(rows)
     if rows.ndim != 2:
       raise ValueError(f"Projection takes rows [R, P], got shape {rows.shape}.")

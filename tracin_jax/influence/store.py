@@ -59,6 +59,7 @@ from tracin_jax.influence import core
 from tracin_jax.influence import data as data_lib
 from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import gram as gram_lib
+from tracin_jax.influence import logra
 from tracin_jax.influence import projection as projection_lib
 from tracin_jax.types import Checkpoints, LossFn
 
@@ -111,6 +112,11 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
   if len(ids) != train_data.n:
     raise ValueError(f"example_ids has {len(ids)} ids for {train_data.n} training examples.")
   full = arguments.check_checkpoints(checkpoints)
+  width, factored = (p if projection is None else int(projection.dim)), {}
+  if logra.is_logra(projection):  # its rows: the plan's width, its layers recorded
+    plan = logra.plan(restricted, ckpts[0].params, train_data.spec.example(), projection,
+                      ckpts[0].state)
+    width, factored = plan.width, {"logra": plan.describe()}
   return {
       "format_version": FORMAT_VERSION,
       "model_fingerprint": fingerprint,
@@ -119,7 +125,7 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
                          zip(train_data.spec.paths, train_data.spec.shapes)},
       "num_outputs": k,
       "num_parameters": p,
-      "width": p if projection is None else int(projection.dim),
+      "width": width,
       "dtype": str(np.dtype(dtype)),
       "projection": None if projection is None else projection.describe(),
       "normalize": bool(normalize),
@@ -130,6 +136,7 @@ def _store_settings(loss_fn, checkpoints, train_data, *, projection, normalize, 
       "checkpoints": [{"name": str(name), "learning_rate": float(c.learning_rate),
                        "params_fingerprint": params_fingerprint(c.params)}
                       for name, c in zip(names, full)],
+      **factored,
   }
 
 
@@ -312,13 +319,21 @@ class GradientStore:
     vectorize = grads_lib.check_vectorize(vectorize)
     reporter = progress_lib.Reporter(progress, len(ckpts), test_data.n * len(ckpts))
     projection, normalize = self.projection, self.meta["normalize"]
+    if logra.is_logra(projection):
+      found = logra.plan(restricted, ckpts[0].params, test_data.spec.example(), projection,
+                         ckpts[0].state).describe()
+      if found != self.meta.get("logra"):
+        raise StoreMismatch(f"{self.path}: LoGra captures other layers or sizes from this "
+                            "loss and these examples than the store's (its store.json "
+                            "'logra' entry), so the test rows would be projected otherwise.")
     out = np.zeros((test_data.n * k, self.num_examples * k), np.dtype(self.meta["dtype"]))
     for t, ckpt in enumerate(ckpts):
       reporter.checkpoint(t, test_data.n)
       rows = []
       for _, batch, n_valid in test_data.blocks(block, 0, test_data.n_blocks(block)):
-        g, _ = grads_lib.block_grads(restricted, k, ckpt.params, batch, vectorize, ckpt.state)
-        rows.append(core.transform_rows(g, normalize, projection))
+        g, _ = block_rows(restricted, k, ckpt, batch, projection=projection,
+                          normalize=normalize, vectorize=vectorize, pad_to=block)
+        rows.append(g)
         reporter.examples(n_valid)
       out += self._product(t, jnp.concatenate(rows), ckpt.learning_rate, mesh)
     return out.reshape(test_data.n, k, self.num_examples, k)
@@ -429,7 +444,9 @@ def build_store(
     checkpoints: (params, learning_rate) pairs or `tracin_jax.Checkpoint`s.
     train: the training examples, in any form `influence` accepts (read in order).
     projection: a `tracin_jax.Projection`, or None to store exact gradients (P numbers per
-      row: check the size first, see `plan_store`).
+      row: check the size first, see `plan_store`). Of kind "logra", the rows are formed
+      inside the model without forming any per-example gradient (`influence.logra`; at
+      most `dim` numbers per row, the store's `width`).
     normalize: store unit-normalised rows (renormalised TracIn).
     params_filter: layer selection, as path prefixes (see `influence`).
     example_ids: one id per training example, recorded (default 0..n-1).
@@ -439,7 +456,9 @@ def build_store(
     batch_size: examples per block (and per block file); default 64, lowered so that one
       block's raw gradients (block x K x P x itemsize, before projection) fit in
       `memory_budget_bytes` (at the paper's 31 M parameters, 2 slices per GiB).
-    memory_budget_bytes: bytes of raw gradients of one block (default 1 GiB).
+    memory_budget_bytes: bytes of raw gradients of one block (default 1 GiB); for LoGra,
+      of one example's intermediates (`logra.Plan.bytes_per_example`), times the block's
+      examples when they are vectorised.
     vectorize: see `influence`.
     mesh: a one-axis `jax.sharding.Mesh` of local devices: each block's examples are split
       over its devices, each computing its share with the vectorised path
@@ -463,10 +482,17 @@ def build_store(
   if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
     raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
   _, raw_bytes, _ = arguments.gradient_layout(restricted, ckpts[0], train_data)
+  what = "gradients (K x P x itemsize"
+  if logra.is_logra(projection):  # no gradient is formed: its intermediates count
+    raw_bytes = logra.plan(restricted, ckpts[0].params, train_data.spec.example(), projection,
+                           ckpts[0].state).bytes_per_example
+    what = "intermediates (LoGra's estimate"
   fit = int(memory_budget_bytes) // raw_bytes
+  if fit and logra.is_logra(projection) and logra.resolve_vectorize(vectorize, mesh) == "loop":
+    fit = train_data.n  # one example at a time: a block holds only its rows
   if fit < 1:
     raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one example's "
-                     f"gradients (K x P x itemsize = {raw_bytes} bytes); raise it.")
+                     f"{what} = {raw_bytes} bytes); raise it.")
   block_size = min(int(batch_size or gram_lib.DEFAULT_BATCH_SIZE), train_data.n, fit)
   settings = _store_settings(loss_fn, checkpoints, train_data, projection=projection,
                              normalize=normalize, params_filter=params_filter,
@@ -511,14 +537,11 @@ def build_store(
     (root / f"checkpoint-{t}").mkdir(exist_ok=True)
     for run_start, run_stop in _runs(blocks):
       for b, batch, n_valid in train_data.blocks(block_size, run_start, run_stop):
-        if mesh is None:
-          g, finite = grads_lib.block_grads(restricted, k, ckpt.params, batch, vectorize,
-                                            ckpt.state)
-        else:
-          g, finite = grads_lib.sharded_block_grads(restricted, k, ckpt.params, batch, mesh,
-                                                    ckpt.state)
+        rows, finite = block_rows(restricted, k, ckpt, batch, projection=projection,
+                                  normalize=normalize, vectorize=vectorize, mesh=mesh,
+                                  pad_to=block_size)
         nonfinite.add("train", b * block_size, finite, n_valid)
-        rows = np.asarray(core.transform_rows(g, normalize, projection))
+        rows = np.asarray(rows)
         with outputs.atomic_path(_block_path(root, t, b), checksum=True) as tmp:
           with open(tmp, "wb") as f:
             np.save(f, rows)
@@ -540,6 +563,32 @@ def _block_sound(path: pathlib.Path) -> bool:
     outputs.remove(path)
     return False
   return True
+
+
+def block_rows(loss_fn: LossFn, k: int, checkpoint, batch, *,
+               projection: projection_lib.Projection | None, normalize: bool,
+               vectorize: str, mesh: jax.sharding.Mesh | None = None,
+               pad_to: int | None = None):
+  """A block's rows as a store keeps them, and which examples' are finite.
+
+  The formed per-example gradients, normalised and projected (`core.transform_rows`), or
+  for a "logra" projection the rows formed inside the model (`logra.block_rows`; `pad_to`
+  pads a ragged block to one compiled shape there).
+
+  Returns:
+    rows [B * K, width], finite [B] bool.
+  """
+  if logra.is_logra(projection):
+    return logra.block_rows(loss_fn, k, checkpoint.params, batch, projection,
+                            checkpoint.state, normalize=normalize, vectorize=vectorize,
+                            pad_to=pad_to, mesh=mesh)
+  if mesh is None:
+    g, finite = grads_lib.block_grads(loss_fn, k, checkpoint.params, batch, vectorize,
+                                      checkpoint.state)
+  else:
+    g, finite = grads_lib.sharded_block_grads(loss_fn, k, checkpoint.params, batch, mesh,
+                                              checkpoint.state)
+  return core.transform_rows(g, normalize, projection), finite
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
@@ -574,5 +623,5 @@ def plan_store(num_examples: int, num_outputs: int, num_parameters: int,
           "bytes": per_example * num_examples * num_checkpoints}
 
 
-__all__ = ["BuildReport", "GradientStore", "StoreMismatch", "build_store", "example_mesh",
-           "open_store", "params_fingerprint", "plan_store", "sharded_gram"]
+__all__ = ["BuildReport", "GradientStore", "StoreMismatch", "block_rows", "build_store",
+           "example_mesh", "open_store", "params_fingerprint", "plan_store", "sharded_gram"]

@@ -94,8 +94,10 @@ class InfluenceConfig:
       "explains new images in seconds (python -m experiments.explain).")
   store_projection: str = setting(
       "countsketch", "How the store keeps gradients: projected by countsketch, srht or "
-      "dense random projections, or exact (none: K x P floats per slice).",
-      choices=("countsketch", "srht", "dense", "none"))
+      "dense random projections, by logra (each layer's inputs and output gradients "
+      "projected inside the model, no per-example gradient formed), or exact (none: K x P "
+      "floats per slice).",
+      choices=("countsketch", "srht", "dense", "logra", "none"))
   store_dim: int = setting(
       4096, "Projected size d of the stored gradients (4096: rank correlation 0.997 with "
       "exact TracIn on the demo).", minimum=1)
