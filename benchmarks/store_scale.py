@@ -137,8 +137,8 @@ def main(argv):
   factored = projection_lib.Projection(FLAGS.logra_dim, logra.KIND)
   plan = logra.plan(loss_fn, params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape[1:], x.dtype), warm), factored, state)
-  print(f"{plan}; working memory bound {plan.bytes_per_example / 2**30:.2f} GiB per example",
-        flush=True)
+  print(f"{plan}; working memory estimate {plan.bytes_per_example / 2**30:.2f} GiB per "
+        "example", flush=True)
 
   def logra_rows(batch):
     return logra.block_rows(loss_fn, k, params, batch, factored, state, vectorize="loop")[0]
@@ -223,7 +223,7 @@ def main(argv):
   print(f"- store build (LoGra, d = {FLAGS.logra_dim}, width {plan.width}): "
         f"{logra_build_s / 3600:.3g} h ({build_s / logra_build_s:.2f}x faster), "
         f"{logra_bytes / 2**30:.2f} GiB on disk; memory: one slice's forward and K backward "
-        f"passes at a time (bound {plan.bytes_per_example / 2**30:.2f} GiB), "
+        f"passes at a time (estimate {plan.bytes_per_example / 2**30:.2f} GiB), "
         f"{logra_peak:.1f} GiB peak for the whole process")
   print(f"- exact train-influence under {FLAGS.budget_gib:g} GiB: {exact}")
   print(f"- projected train-influence under {FLAGS.budget_gib:g} GiB: {projected}")
@@ -245,7 +245,7 @@ def main(argv):
         "peak_gib": peak, "load": load, "logra_dim": FLAGS.logra_dim,
         "logra_width": plan.width, "logra_seconds_per_example": logra_s,
         "logra_store_build_hours": logra_build_s / 3600, "logra_peak_gib": logra_peak,
-        "logra_bytes_bound_per_example": plan.bytes_per_example, "builds": builds},
+        "logra_bytes_per_example": plan.bytes_per_example, "builds": builds},
         indent=1))
 
 

@@ -51,8 +51,9 @@ CountSketch at 4096 does (Spearman 0.996 against exact TracIn) and d = 16384 as 
 (1.000); the demo's store builds 1.55x faster (37.5 s against 58.2 s), its rows 1.25x per
 example: its K backward passes alone take 55% of a formed gradient's time, and its narrow
 full-resolution layers cost about as much either way. The paper's UNet (31 M parameters,
-192 px): 2.22 s per slice against 4.75 s plus CountSketch, 2.3x, one slice's
-intermediates at a time (1.3 GiB peak for the whole process).
+192 px): 1.65 s per slice against 4.65 s plus CountSketch's 0.24 s, 3.0x (2.3x in an
+earlier run at a higher load), one slice's intermediates at a time (1.3 GiB peak for the
+whole process).
 
 Used through `store.build_store(..., projection=Projection(dim, "logra"))`; `plan` and
 `block_rows` are the pieces.
