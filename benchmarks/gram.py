@@ -65,7 +65,7 @@ def main(argv):
       g_rows = jax.random.normal(jax.random.fold_in(key, 2), (r, p), jnp.float32)
       g_cols = jax.random.normal(jax.random.fold_in(key, 3), (r, p), jnp.float32)
       seconds, matmul_seconds = _median_seconds(
-          [lambda: gram_lib.gram_block(g_rows, g_cols, 0.01), lambda: matmul(a, b)],
+          [lambda x=g_rows, y=g_cols: gram_lib.gram_block(x, y, 0.01), lambda: matmul(a, b)],
           FLAGS.repeats)
       flops, reference = 2 * r * r * p / seconds, 2 * m**3 / matmul_seconds
       rows.append((width, p, block, r, seconds, flops, reference))
