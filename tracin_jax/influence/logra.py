@@ -192,30 +192,36 @@ class Plan:
 
   Attributes:
     layers: the captured layers, in leaf order, with their d_in and d_out.
-    rest: leaf indices of the other parameters.
-    rest_names: their paths.
-    rest_size: their number of scalars.
     rest_dim: the rest block's width (rest_size when it is kept exact).
-    num_outputs: K.
     dim: the projection's dim the sizes were allocated from.
-    activation_bytes: bytes of every intermediate of one example's loss.
-    jaxpr, consts: the loss traced for one example (`capture`).
-    sites: where each layer's operation sits in it.
-    num_leaves: the number of parameter arrays.
+    traced: the loss traced for one example (`capture`): its jaxpr, where each layer's
+      operation sits in it, and the other parameters; read through the properties below.
   """
 
   layers: tuple[Layer, ...]
-  rest: tuple[int, ...]
-  rest_names: tuple[str, ...]
-  rest_size: int
   rest_dim: int
-  num_outputs: int
   dim: int
-  activation_bytes: int
-  jaxpr: Any = dataclasses.field(repr=False)
-  consts: tuple = dataclasses.field(repr=False)
-  sites: tuple[_Site, ...] = dataclasses.field(repr=False)
-  num_leaves: int = dataclasses.field(repr=False)
+  traced: "_Capture" = dataclasses.field(repr=False)
+
+  @property
+  def rest(self) -> tuple[int, ...]:
+    """Leaf indices of the parameters that are not captured layers."""
+    return self.traced.rest
+
+  @property
+  def rest_names(self) -> tuple[str, ...]:
+    """Their paths."""
+    return self.traced.rest_names
+
+  @property
+  def rest_size(self) -> int:
+    """Their number of scalars."""
+    return self.traced.rest_size
+
+  @property
+  def num_outputs(self) -> int:
+    """K."""
+    return self.traced.num_outputs
 
   @property
   def width(self) -> int:
@@ -233,7 +239,7 @@ class Plan:
     compiled program's temporaries was 0.67 of it for the paper's UNet at 192 px (0.43 of
     0.64 GB) and 0.98 for the demo's (20.4 of 20.8 MB): fused elementwise intermediates
     are never held, while each backward pass holds about one more set of activations."""
-    return self.activation_bytes
+    return self.traced.activation_bytes
 
   def describe(self) -> dict:
     """What the rows are, for a store's metadata: each layer's (path, d_in, d_out), the
@@ -344,7 +350,6 @@ class _Capture:
   rest: tuple[int, ...]
   rest_names: tuple[str, ...]
   rest_size: int
-  num_leaves: int
   num_outputs: int
   activation_bytes: int
 
@@ -394,7 +399,7 @@ def capture(loss_fn: LossFn, params: Params, example: Example, state: State = No
   k = int(math.prod(jaxpr.outvars[0].aval.shape))
   return _Capture(jaxpr, tuple(closed.consts), tuple(layers), tuple(sites), tuple(rest),
                   tuple(names[i] for i in rest),
-                  sum(math.prod(np.shape(leaves[i])) for i in rest), len(leaves), k,
+                  sum(math.prod(np.shape(leaves[i])) for i in rest), k,
                   activation_bytes)
 
 
@@ -514,9 +519,7 @@ def plan(loss_fn: LossFn, params: Params, example: Example,
     mode = min(costs, key=costs.get)
     layers.append(dataclasses.replace(layer, in_dim=a, out_dim=b, mode=mode))
   layers = tuple(layers)
-  out = Plan(layers, cap.rest, cap.rest_names, cap.rest_size, rest_dim, cap.num_outputs,
-             int(projection.dim), cap.activation_bytes, cap.jaxpr, cap.consts, cap.sites,
-             cap.num_leaves)
+  out = Plan(layers, rest_dim, int(projection.dim), cap)
   _PLANS[key] = out
   return out
 
@@ -705,7 +708,7 @@ def _layer_rows(layer: Layer, site: _Site, eqn, x: Array, dy: Array, a: Array, b
 
 
 def _equation(plan_: Plan, path: tuple[int, ...]):
-  jaxpr = plan_.jaxpr
+  jaxpr = plan_.traced.jaxpr
   for depth, i in enumerate(path):
     eqn = jaxpr.eqns[i]
     if depth < len(path) - 1:
@@ -714,7 +717,7 @@ def _equation(plan_: Plan, path: tuple[int, ...]):
 
 
 def _calls(plan_: Plan) -> frozenset:
-  return frozenset(site.path[:d] for site in plan_.sites
+  return frozenset(site.path[:d] for site in plan_.traced.sites
                    for d in range(1, len(site.path)))
 
 
@@ -734,7 +737,7 @@ def example_rows(plan_: Plan, leaves: Sequence[Array], factor_list, example: Exa
     rest [K, rest_size]: the rest's formed gradient, raveled in leaf order.
   """
   k = plan_.num_outputs
-  sites = {site.path: (i, site) for i, site in enumerate(plan_.sites)}
+  sites = {site.path: (i, site) for i, site in enumerate(plan_.traced.sites)}
   calls = _calls(plan_)
   args_tail = [*jax.tree.leaves(example), *jax.tree.leaves(state)]
 
@@ -743,16 +746,16 @@ def example_rows(plan_: Plan, leaves: Sequence[Array], factor_list, example: Exa
     for i, value in zip(plan_.rest, rest_values):
       values[i] = value
     inputs = {}
-    (out,) = _evaluate(plan_.jaxpr, plan_.consts, [*values, *args_tail], (),
+    (out,) = _evaluate(plan_.traced.jaxpr, plan_.traced.consts, [*values, *args_tail], (),
                        sites, calls, probes, inputs)
     return out, [inputs[i] for i in range(len(plan_.layers))]
 
   rest_values = [leaves[i] for i in plan_.rest]
-  probes = [jnp.zeros(site.out_shape, site.out_dtype) for site in plan_.sites]
+  probes = [jnp.zeros(site.out_shape, site.out_dtype) for site in plan_.traced.sites]
   out, pullback, inputs = jax.vjp(loss, rest_values, probes, has_aux=True)
   rest_grads, probe_grads = jax.vmap(pullback)(jnp.eye(k, dtype=out.dtype))
   pieces = []
-  for i, (layer, site) in enumerate(zip(plan_.layers, plan_.sites)):
+  for i, (layer, site) in enumerate(zip(plan_.layers, plan_.traced.sites)):
     a, b = factor_list[i]
     pieces.append(_layer_rows(layer, site, _equation(plan_, site.path), inputs[i],
                               probe_grads[i], a, b))
