@@ -10,7 +10,8 @@ finishes, for callers that save or show them one by one.
 Data (`train`, `test`) are given as one of:
 
 * a pytree of arrays (numpy or jax) with a leading example axis, all leaves of the same
-  leading size: `{"image": [N, H, W, 4], "target": [N, H, W]}`;
+  leading size: `{"image": [N, H, W, 4], "target": [N, H, W]}` (volumes
+  `[N, D, H, W, 4]` alike: nothing here depends on an example's shape or spatial rank);
 * a callable taking no argument that returns a fresh iterator over batches, each batch such
   a pytree (batch sizes may vary): `lambda: iter(batches)`, `lambda: loader(path)`;
 * a re-iterable object that is not a list, tuple or dict (for instance a

@@ -1,4 +1,11 @@
-"""Figures of TracIn explanations (the paper's Fig. 4 and 5, self-influence, local panels)."""
+"""Figures of TracIn explanations (the paper's Fig. 4 and 5, self-influence, local panels).
+
+Examples are slices ([H, W, 4] images, [H, W, K] regions) or volumes ([D, H, W, 4],
+[D, H, W, K]). A volume is drawn as one axial slice, `representative_slice` of the region
+the panel is about: the slice where that region has the most voxels. So a proponent volume
+shows the slice of its influential region's largest cross-section, titled with that slice's
+index, and a test volume's rows for class i show class i's largest cross-section.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +44,74 @@ def new_figure(**kwargs):
   return Figure(**kwargs)
 
 
+def representative_slice(region_mask: np.ndarray) -> int:
+  """The axial slice that shows a volume's region: the one where it has the most voxels.
+
+  Args:
+    region_mask: [D, H, W] bool, one region of a volume (a class's region, or the union
+      of several: `regions.any(axis=-1)`).
+
+  Returns:
+    z in 0..D-1 with the largest area of the region; among equal areas the lowest z; for
+    an empty mask the middle slice D // 2.
+
+  Raises:
+    ValueError: a mask that is not [D, H, W].
+  """
+  mask = np.asarray(region_mask)
+  if mask.ndim != 3:
+    raise ValueError(f"region_mask must be one volume's mask [D, H, W], got shape "
+                     f"{mask.shape}.")
+  if mask.shape[0] == 0:
+    raise ValueError("region_mask has no slice (D = 0).")
+  area = np.count_nonzero(mask, axis=(1, 2))
+  return int(np.argmax(area)) if area.any() else mask.shape[0] // 2
+
+
+def shown_slice(image: np.ndarray, regions: np.ndarray, mask: np.ndarray | None = None,
+                truth: np.ndarray | None = None):
+  """What a panel draws of one example: a slice as it is, a volume's representative slice.
+
+  Args:
+    image: [H, W, C] or [D, H, W, C].
+    regions: [H, W, K] or [D, H, W, K] bool, drawn over the image.
+    mask: [D, H, W] bool, the region that chooses a volume's slice (default: the union
+      of `regions`); unused for a slice.
+    truth: [H, W] or [D, H, W] labels, or None.
+
+  Returns:
+    (image [H, W, C], regions [H, W, K], truth [H, W] or None, z): z is the volume's slice
+    drawn (`representative_slice` of `mask`), None for a slice.
+  """
+  image, regions = np.asarray(image), np.asarray(regions)
+  if image.ndim == 3:
+    return image, regions, truth, None
+  if image.ndim != 4 or regions.shape[:-1] != image.shape[:-1]:
+    raise ValueError(f"image {image.shape} and regions {regions.shape} must be a slice's "
+                     "[H, W, C] and [H, W, K] or a volume's [D, H, W, C] and [D, H, W, K].")
+  z = representative_slice(regions.any(axis=-1) if mask is None else mask)
+  return image[z], regions[z], None if truth is None else np.asarray(truth)[z], z
+
+
+def _label(ids, b: int, z: int | None) -> str:
+  """"case zN" of example b: its own slice index, or the volume's slice drawn."""
+  case, own = ids[b]
+  return f"{case} z{own if z is None else z}"
+
+
 def overlay(image: np.ndarray, regions: np.ndarray, alpha: float = 0.45) -> np.ndarray:
   """RGB [W, H, 3] for display: FLAIR in grey with the class regions coloured.
 
   Args:
-    image: [H, W, 4] in [-1, 1].
+    image: [H, W, 4] in [-1, 1] (a volume's slice: see `shown_slice`).
     regions: [H, W, 3] bool.
+
+  Raises:
+    ValueError: an image that is not one slice.
   """
+  if np.ndim(image) != 3:
+    raise ValueError(f"overlay draws one slice [H, W, C], got an image of shape "
+                     f"{np.shape(image)}; `shown_slice` picks a volume's slice.")
   grey = (np.clip(image[..., _FLAIR], -1, 1) + 1) / 2
   rgb = np.repeat(grey[..., None], 3, axis=-1)
   for j in range(regions.shape[-1]):
@@ -81,7 +149,7 @@ def draw_influence_matrices(fig, axes: Sequence, blocks: np.ndarray,
       ax.axvline(j * n - 0.5, color="k", lw=1)
     ax.set_xticks([(j + 0.5) * n for j in range(k)])
     ax.set_xticklabels([f"train {c}" for c in class_names])
-    ax.set_ylabel(f"{rows} {class_names[i]} region\n(slice index)")
+    ax.set_ylabel(f"{rows} {class_names[i]} region\n(example index)")
     if colorbar:
       fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, extend="both",
                    label=f"TracIn (clipped at ±{vmax:.2g})")
@@ -99,7 +167,7 @@ def plot_influence_matrices(blocks: np.ndarray, class_names: Sequence[str],
   axes = fig.subplots(k, 1, squeeze=False)[:, 0]
   draw_influence_matrices(fig, axes, blocks, class_names, rows="train")
   fig.suptitle(title + ": rows a training region of class i, columns every training region "
-               "by class j\nwhite rows and columns: regions absent from that slice (no pixel "
+               "by class j\nwhite rows and columns: regions absent from that example (no pixel "
                f"with p > threshold); colours clipped at the 99th percentile of |score| "
                f"(±{clip_level(blocks):.2g})", fontsize=10)
   fig.tight_layout()
@@ -130,7 +198,8 @@ def plot_class_distribution(dist: np.ndarray, class_names: Sequence[str],
 def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.ndarray,
                         class_names: Sequence[str], path: str | os.PathLike, *,
                         num_top: int = 4, title_suffix: str = "") -> None:
-  """Self-influence ranking per class, with the top-ranked train images and regions."""
+  """Self-influence ranking per class, with the top-ranked train images and regions (a
+  volume at the slice of its ranked region's largest area)."""
   kk = len(class_names)
   fig = new_figure(figsize=(3 + 2.2 * num_top, 2.4 * kk))
   grid = fig.add_gridspec(kk, num_top + 1, width_ratios=[1.6] + [1] * num_top)
@@ -146,9 +215,9 @@ def plot_self_influence(self_inf: np.ndarray, train_set: SliceSet, regions: np.n
       if not np.isfinite(vals[b]):
         continue
       a2 = fig.add_subplot(grid[i, r + 1])
-      a2.imshow(overlay(train_set.images[b], regions[b]), origin="lower")
-      case, z = train_set.ids[b]
-      a2.set_title(f"{case} z{z}\n{vals[b]:.3g}", fontsize=7)
+      image, shown, _, z = shown_slice(train_set.images[b], regions[b], regions[b][..., i])
+      a2.imshow(overlay(image, shown), origin="lower")
+      a2.set_title(f"{_label(train_set.ids, b, z)}\n{vals[b]:.3g}", fontsize=7)
       a2.axis("off")
   fig.suptitle("Self-influence T_ii(z_i, z_i), highest first" + title_suffix
                + "\nimages: FLAIR with the slice's predicted regions", fontsize=10)
@@ -168,7 +237,9 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
   Per class two rows: the test image with the region (and the ground truth outlined) then k
   proponents; the region alone then k opponents (FLAIR with the training region of the
   scored class), each titled with class, case, slice and score; global explainers are
-  marked "GE".
+  marked "GE". Volumes are drawn at `representative_slice` of the region of each panel:
+  the test volume at its class-i region's largest slice, each training volume at its
+  scored region's.
   """
   from tracin_jax.influence.topk import top_k
 
@@ -182,12 +253,12 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
   for ax in axes.ravel():
     ax.axis("off")
   case, z = test_set.ids[a]
-  img = test_set.images[a]
-  truth = test_set.labels[a]
   for r, i in enumerate(classes):
-    only = np.zeros_like(test_regions[a])
-    only[..., i] = test_regions[a][..., i]
-    for row, regions, label in ((2 * r, test_regions[a], f"test {case} z{z}"),
+    img, all_regions, truth, shown_z = shown_slice(test_set.images[a], test_regions[a],
+                                                   test_regions[a][..., i], test_set.labels[a])
+    only = np.zeros_like(all_regions)
+    only[..., i] = all_regions[..., i]
+    for row, regions, label in ((2 * r, all_regions, f"test {_label(test_set.ids, a, shown_z)}"),
                                 (2 * r + 1, only, f"region {class_names[i]}")):
       ax = axes[row, 0]
       ax.imshow(overlay(img, regions), origin="lower")
@@ -204,19 +275,23 @@ def plot_local_explanation(a: int, test_blocks: np.ndarray, test_set: SliceSet,
         j, b = layout.split_column(int(col), n_train)
         reg = np.zeros_like(train_regions[b])
         reg[..., j] = train_regions[b][..., j]
+        image, reg, _, tz = shown_slice(train_set.images[b], reg)
         ax = axes[row, 1 + c]
-        ax.imshow(overlay(train_set.images[b], reg), origin="lower")
-        tc, tz = train_set.ids[b]
+        ax.imshow(overlay(image, reg), origin="lower")
         mark = " GE" if int(col) in ge else ""
-        ax.set_title(f"{c + 1}. {class_names[j]}{mark}\n{tc} z{tz}\n{val:.3g}", fontsize=6.5,
+        ax.set_title(f"{c + 1}. {class_names[j]}{mark}\n{_label(train_set.ids, b, tz)}\n"
+                     f"{val:.3g}", fontsize=6.5,
                      color="darkgreen" if kind == "proponent" else "darkred")
     axes[2 * r, 1].text(-0.08, 1.35, "proponents", transform=axes[2 * r, 1].transAxes,
                         fontsize=8, color="darkgreen", ha="left")
     axes[2 * r + 1, 1].text(-0.08, 1.35, "opponents", transform=axes[2 * r + 1, 1].transAxes,
                             fontsize=8, color="darkred", ha="left")
-  fig.suptitle(f"Local explanation of {case} slice {z}: top {k} proponents and opponents of "
-               f"each predicted region{title_suffix}\nGE: a global explainer (in the top of "
-               "most validation regions); images: FLAIR", fontsize=9.5)
+  volume = np.ndim(test_set.images[a]) == 4
+  fig.suptitle(f"Local explanation of {f'volume {case}' if volume else f'{case} slice {z}'}: "
+               f"top {k} proponents and opponents of each predicted region{title_suffix}\n"
+               "GE: a global explainer (in the top of most validation regions); images: FLAIR"
+               + (", each volume at the axial slice where its region is largest" if volume
+                  else ""), fontsize=9.5)
   _region_legend(fig, class_names, truth=True)
   fig.tight_layout(rect=(0, 0.04, 1, 1))
   outputs.save_figure(fig, path, dpi=100)

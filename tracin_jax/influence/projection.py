@@ -259,23 +259,37 @@ def factored_projection(inputs: Array, output_grads: Array, a: Array, b: Array) 
   return jnp.matmul(left.T, right, precision=jax.lax.Precision.HIGHEST).reshape(-1)
 
 
-def conv_patches(x: Array, kernel_size: tuple[int, int], padding: str = "SAME") -> Array:
-  """The input patches of a stride-1 2-D convolution, in a kernel's (kh, kw, c_in) order.
+def conv_patches(x: Array, kernel_size: tuple[int, ...], padding: str = "SAME") -> Array:
+  """The input patches of a stride-1 convolution of any spatial rank, in a kernel's
+  (spatial..., c_in) order: (kh, kw, c_in) in 2-D, (kd, kh, kw, c_in) in 3-D.
 
   Args:
-    x: [H, W, C_in] one example's layer input.
-    kernel_size: (kh, kw).
+    x: [*spatial, C_in] one example's layer input ([H, W, C_in] or [D, H, W, C_in]).
+    kernel_size: the window, one size per spatial axis ((kh, kw) or (kd, kh, kw)).
     padding: "SAME" or "VALID", as the convolution's.
 
   Returns:
-    [H_out * W_out, kh * kw * C_in]: row p is the patch output position p sees, so that a
-    convolution's kernel gradient is `patches^T @ output_grads` reshaped to
-    [kh, kw, C_in, C_out].
+    [positions, prod(kernel_size) * C_in]: row p is the patch output position p sees, so
+    that a convolution's kernel gradient is `patches^T @ output_grads` reshaped to
+    [*kernel_size, C_in, C_out].
+
+  Raises:
+    ValueError: a window whose rank is not the input's spatial rank.
   """
-  kh, kw = kernel_size
+  kernel_size = tuple(int(w) for w in kernel_size)
+  rank = x.ndim - 1
+  if len(kernel_size) != rank:
+    raise ValueError(f"kernel_size {kernel_size} has {len(kernel_size)} sizes; x {x.shape} "
+                     f"has {rank} spatial axes.")
+  if not 1 <= rank <= 3:
+    raise ValueError(f"conv_patches handles 1 to 3 spatial axes, x {x.shape} has {rank}.")
+  letters = "DHW"[-rank:]
   c = x.shape[-1]
   patches = jax.lax.conv_general_dilated_patches(
-      x[None], (kh, kw), (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  # Features come out channel-major (c_in, kh, kw); reorder to the kernel's (kh, kw, c_in).
-  patches = jnp.reshape(patches[0], (-1, c, kh, kw))
-  return jnp.reshape(jnp.transpose(patches, (0, 2, 3, 1)), (-1, kh * kw * c))
+      x[None], kernel_size, (1,) * rank, padding,
+      dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
+  # Features come out channel-major (c_in, spatial...); reorder to the kernel's (spatial...,
+  # c_in).
+  patches = jnp.reshape(patches[0], (-1, c, *kernel_size))
+  order = (0, *range(2, rank + 2), 1)
+  return jnp.reshape(jnp.transpose(patches, order), (-1, math.prod(kernel_size) * c))

@@ -191,14 +191,17 @@ def local_explanation_examples(regions: np.ndarray, num: int, cases: np.ndarray)
   one case explain alike).
 
   Args:
-    regions: [N, H, W, K] bool, the examples' regions.
+    regions: [N, *spatial, K] bool, the examples' regions (slices [N, H, W, K] or volumes
+      [N, D, H, W, K]; a volume's size is its voxel count).
     num: how many examples at most.
     cases: [N] the case of every example.
 
   Returns:
     Up to `num` example indices, best first; only examples with a region.
   """
-  present = regions.any(axis=(1, 2)).sum(axis=1)
-  size = regions.sum(axis=(1, 2, 3))
+  regions = np.asarray(regions)
+  space = tuple(range(1, regions.ndim - 1))
+  present = regions.any(axis=space).sum(axis=1)
+  size = regions.sum(axis=(*space, regions.ndim - 1))
   order = [int(a) for a in np.lexsort((-size, -present)) if present[a] > 0]
   return slices_lib.spread_over_cases(order, cases, num)

@@ -17,6 +17,12 @@ An empty region has no score: its gradient is exactly zero, and `mask_absent` tu
 rows and columns into NaN using the presence masks (never a silent zero). A present region
 whose target has no pixel of its class in it has Dice 0 whatever p is, a zero gradient and
 score 0 (it can happen with ground-truth targets, never with the model's own prediction).
+
+Every function here works for images of any spatial rank, channels last: slices
+[N, H, W, C_in] and volumes [N, D, H, W, C_in] (D the axial slices) alike, written
+[N, *spatial, C_in]; a "pixel" is then a voxel, and a volume's region z_j is one 3-D
+region (every voxel of class j above the threshold), so a 3-D score is between two volumes'
+regions. A volume of depth 1 gives exactly its slice's scores under the same model.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def call_model(apply_fn: ApplyFn, params: Params, images: Array, state: State = 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _predict_batch(apply_fn: ApplyFn, params: Params, images: Array, threshold: Array,
                    state: State):
-  probs = jax.nn.softmax(call_model(apply_fn, params, images, state), axis=-1)  # [B, H, W, C]
+  probs = jax.nn.softmax(call_model(apply_fn, params, images, state), axis=-1)  # [B, *sp, C]
   labels = jnp.argmax(probs, axis=-1)
   classes = jnp.arange(1, probs.shape[-1])
   regions = (labels[..., None] == classes) & (probs[..., 1:] > threshold)
@@ -58,9 +64,13 @@ def _check_threshold(threshold) -> float:
 
 
 def _predict(apply_fn, params, images, threshold, batch_size, state=None):
-  """(regions [N, H, W, C-1] bool, labels [N, H, W] int32) in batches of one compiled shape."""
+  """(regions [N, *spatial, C-1] bool, labels [N, *spatial] int32) in batches of one
+  compiled shape."""
   threshold = _check_threshold(threshold)
   images = np.asarray(images) if not isinstance(images, jax.Array) else images
+  if images.ndim < 3:
+    raise ValueError(f"images must be [N, *spatial, C_in] (at least one spatial axis), got "
+                     f"shape {images.shape}.")
   n = images.shape[0]
   if n == 0:
     raise ValueError("images is empty.")
@@ -79,17 +89,19 @@ def predict_regions(apply_fn: ApplyFn, params: Params, images,
   """The regions z_j: pixels where argmax softmax = j and p_j > threshold (strictly).
 
   Args:
-    apply_fn: `apply_fn(params, images [N, H, W, C_in]) -> logits [N, H, W, C]`; compiled
-      once per function object and batch shape.
+    apply_fn: `apply_fn(params, images [N, *spatial, C_in]) -> logits [N, *spatial, C]`
+      (slices [N, H, W, C_in] or volumes [N, D, H, W, C_in]); compiled once per function
+      object and batch shape.
     params: the explained model's parameters (the final checkpoint's by default).
-    images: [N, H, W, C_in].
+    images: [N, *spatial, C_in].
     threshold: probability a pixel's class must exceed, in [0, 1] (the paper: 0.8).
     batch_size: images per compiled call (the last batch is padded).
     state: the model's non-parameter state, passed as `apply_fn(params, images, state)`
       when given (see `tracin_jax.models.functional`).
 
   Returns:
-    [N, H, W, C-1] bool: region j - 1 holds class j, for the foreground classes j = 1..C-1.
+    [N, *spatial, C-1] bool: region j - 1 holds class j, for the foreground classes
+    j = 1..C-1.
   """
   return _predict(apply_fn, params, images, threshold, batch_size, state)[0]
 
@@ -99,14 +111,21 @@ def predict_regions_and_labels(apply_fn: ApplyFn, params: Params, images, thresh
   """`predict_regions` and the predicted labels (argmax, 0 = background) in one pass.
 
   Returns:
-    regions [N, H, W, C-1] bool and labels [N, H, W] int32.
+    regions [N, *spatial, C-1] bool and labels [N, *spatial] int32.
   """
   return _predict(apply_fn, params, images, threshold, batch_size, state)
 
 
 def region_presence(regions) -> np.ndarray:
-  """Whether each region has a pixel: regions [N, H, W, C-1] -> [N, C-1] bool."""
-  return np.asarray(regions).any(axis=(1, 2))
+  """Whether each region has a pixel (a voxel): regions [N, *spatial, C-1] -> [N, C-1] bool.
+
+  Raises:
+    ValueError: regions without a spatial axis.
+  """
+  regions = np.asarray(regions)
+  if regions.ndim < 3:
+    raise ValueError(f"regions must be [N, *spatial, C-1], got shape {regions.shape}.")
+  return regions.any(axis=tuple(range(1, regions.ndim - 1)))
 
 
 def mask_absent(scores, presence_test, presence_train) -> np.ndarray:
@@ -139,14 +158,15 @@ def make_region_losses(apply_fn: ApplyFn, smooth: float = DEFAULT_SMOOTH) -> Los
   The returned function (the same object for the same arguments, so compiled code is
   reused) computes, for one example (and the model's state, if it has one:
   `loss_fn(params, example, state)` calls `apply_fn(params, images, state)`)
-      {"image": [H, W, C_in] float, "target": [H, W] int in 0..C-1,
-       "region": [H, W, C-1] bool (from `predict_regions`)},
+      {"image": [*spatial, C_in] float, "target": [*spatial] int in 0..C-1,
+       "region": [*spatial, C-1] bool (from `predict_regions`)},
+  spatial being (H, W) for a slice and (D, H, W) for a volume:
   loss_j = 1 - 2 sum_r p_j y_j / (sum_r p_j + sum_r y_j + smooth) for j = 1..C-1, where
-  sums run over region j's pixels, p = softmax(apply_fn(params, image[None]))[0] and
-  y_j = [target == j]. The region mask is held constant (no gradient through it).
+  sums run over region j's pixels (voxels), p = softmax(apply_fn(params, image[None]))[0]
+  and y_j = [target == j]. The region mask is held constant (no gradient through it).
 
   Args:
-    apply_fn: `apply_fn(params, images [N, H, W, C_in]) -> logits [N, H, W, C]`.
+    apply_fn: `apply_fn(params, images [N, *spatial, C_in]) -> logits [N, *spatial, C]`.
     smooth: added to the Dice denominator only.
 
   Returns:
@@ -160,11 +180,16 @@ def make_region_losses(apply_fn: ApplyFn, smooth: float = DEFAULT_SMOOTH) -> Los
     if region.shape != probs.shape:
       raise ValueError(f"region has shape {region.shape}; the model's foreground "
                        f"probabilities have shape {probs.shape}.")
+    target = jnp.asarray(example["target"])
+    if target.shape != probs.shape[:-1]:
+      raise ValueError(f"target has shape {target.shape}; the model's output has spatial "
+                       f"shape {probs.shape[:-1]}.")
     region = region.astype(probs.dtype)
     classes = jnp.arange(1, probs.shape[-1] + 1)
-    y = (jnp.asarray(example["target"])[..., None] == classes).astype(probs.dtype)
-    intersection = jnp.sum(region * probs * y, axis=(0, 1))
-    denominator = jnp.sum(region * probs, axis=(0, 1)) + jnp.sum(region * y, axis=(0, 1))
+    y = (target[..., None] == classes).astype(probs.dtype)
+    space = tuple(range(probs.ndim - 1))  # every spatial axis: (H, W) or (D, H, W)
+    intersection = jnp.sum(region * probs * y, axis=space)
+    denominator = jnp.sum(region * probs, axis=space) + jnp.sum(region * y, axis=space)
     return 1.0 - 2.0 * intersection / (denominator + smooth)
 
   return loss_fn
@@ -187,14 +212,18 @@ def segmentation_influence(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """TracIn between predicted regions of test and train images (eq 6), NaN where empty.
 
+  Images are slices or volumes alike (`[N, *spatial, C_in]`, see the module docstring); for
+  volumes the regions, and so the proponents and opponents, are training volumes' 3-D
+  regions.
+
   Args:
-    apply_fn: `apply_fn(params, images [N, H, W, C_in]) -> logits [N, H, W, C]`.
+    apply_fn: `apply_fn(params, images [N, *spatial, C_in]) -> logits [N, *spatial, C]`.
     checkpoints: (params, learning_rate eta_t) pairs.
-    train_images: [n_train, H, W, C_in].
-    train_targets: [n_train, H, W] int ground truth, or None for the model's own prediction
-      (argmax under `regions_params`).
-    test_images: [n_test, H, W, C_in], or None for train-influence.
-    test_targets: [n_test, H, W] int, or None for the model's own prediction.
+    train_images: [n_train, *spatial, C_in].
+    train_targets: [n_train, *spatial] int ground truth, or None for the model's own
+      prediction (argmax under `regions_params`).
+    test_images: [n_test, *spatial, C_in], or None for train-influence.
+    test_targets: [n_test, *spatial] int, or None for the model's own prediction.
     regions_params: parameters of the explained model that define the regions (usually the
       final checkpoint's); the regions are held fixed over `checkpoints`.
     regions_state: that model's non-parameter state, if it has one.
@@ -209,6 +238,8 @@ def segmentation_influence(
       region is empty.
     presence_train: [n_train, C-1] bool.
     presence_test: [n_test, C-1] bool (the train presence for train-influence).
+    `layout.to_class_blocks(scores)` gives the paper's matrices [C-1, n_test, (C-1) n_train]
+    (Fig. 4 for train-influence).
   """
 
   def examples(images, targets):
