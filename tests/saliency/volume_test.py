@@ -90,34 +90,45 @@ def lift(params2):
   return out
 
 
+APPLY2 = jax.jit(sm.conv_apply)
+APPLY3 = jax.jit(conv3_apply)
+
+
 @pytest.fixture(scope="module")
 def nets():
   p2 = sm.conv_params()
+  p3 = lift(p2)
   x2 = jnp.asarray(sm.rand((2, 8, 8, 4), 70))
-  return {"p2": p2, "p3": lift(p2), "x2": x2, "x3": x2[:, None],
-          "t2": saliency.masked_class_sum(CLASS, saliency.predicted_region("ET")),
-          "volume": jnp.asarray(sm.rand((2, 4, 8, 8, 4), 71))}
+  out2 = APPLY2(p2, x2)
+  # The explained region: the clean prediction's ET, held fixed; the same target structure
+  # as an instance's, so the instance methods below reuse the compiled kernels.
+  mask2 = saliency.predicted_region("ET")(out2)
+  volume = jnp.asarray(sm.rand((2, 4, 8, 8, 4), 71))
+  return {"p2": p2, "p3": p3, "x2": x2, "x3": x2[:, None], "out2": out2,
+          "out3": APPLY3(p3, x2[:, None]), "mask2": mask2,
+          "t2": saliency.masked_class_sum(CLASS, mask2),
+          "t3": saliency.masked_class_sum(CLASS, mask2[:, None]),
+          "rule": saliency.masked_class_sum(CLASS, saliency.predicted_region("ET")),
+          "volume": volume, "volume_out": APPLY3(p3, volume)}
 
 
 def test_the_lifted_net_on_depth_one_is_the_2d_net(nets):
-  out2 = sm.conv_apply(nets["p2"], nets["x2"])
-  out3 = conv3_apply(nets["p3"], nets["x3"])
-  assert out3.shape == (2, 1, 8, 8, 4)
-  np.testing.assert_allclose(out3[:, 0], out2, rtol=1e-5, atol=1e-6)
+  assert nets["out3"].shape == (2, 1, 8, 8, 4)
+  np.testing.assert_allclose(nets["out3"][:, 0], nets["out2"], rtol=1e-5, atol=1e-6)
   # The explained region is not empty (else every map would be 0 and equal by accident).
-  assert 0 < float(saliency.predicted_region("ET")(out2).mean()) < 1
+  assert 0 < float(nets["mask2"].mean()) < 1
 
 
 # ------------------------------------------------------------- targets on depth 1
 def test_targets_on_depth_one_equal_2d(nets):
-  out2 = sm.conv_apply(nets["p2"], nets["x2"])
+  out2 = nets["out2"]
   out3 = out2[:, None]
   labels2 = jnp.argmax(out2, -1)
   masks2 = saliency.region_mask(labels2, "TC")
-  targets2 = [saliency.class_softmax_sum(CLASS), nets["t2"],
+  targets2 = [saliency.class_softmax_sum(CLASS), nets["rule"],
               saliency.masked_class_sum(1, masks2, on="probabilities"),
               saliency.masked_class_sums([1, 3], masks2)]
-  targets3 = [saliency.class_softmax_sum(CLASS), nets["t2"],
+  targets3 = [saliency.class_softmax_sum(CLASS), nets["rule"],
               saliency.masked_class_sum(1, masks2[:, None], on="probabilities"),
               saliency.masked_class_sums([1, 3], masks2[:, None])]
   np.testing.assert_array_equal(saliency.region_mask(labels2[:, None], "TC")[:, 0], masks2)
@@ -162,11 +173,18 @@ def _maps(result):
   return {"map": result}
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_CALLS))
+# The two with the longest compiles (guided IG's while loop, SmoothGrad's noise) run in the
+# slow tier.
+SLOW_METHODS = ("guided_integrated_gradients", "smoothgrad")
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.slow) if m in SLOW_METHODS else m
+    for m in sorted(METHOD_CALLS)])
 def test_every_method_on_depth_one_equals_2d(nets, method):
   call = METHOD_CALLS[method]
   got2 = _maps(call(sm.conv_apply, nets["p2"], nets["x2"], nets["t2"], LAYERS2))
-  got3 = _maps(call(conv3_apply, nets["p3"], nets["x3"], nets["t2"], layers3(1)))
+  got3 = _maps(call(conv3_apply, nets["p3"], nets["x3"], nets["t3"], layers3(1)))
   assert sorted(got2) == sorted(got3)
   for name, m2 in got2.items():
     m3 = np.asarray(got3[name])
@@ -190,13 +208,19 @@ def _trilinear(maps, shape):
   return out
 
 
+@jax.jit
+def _features_and_gradient(p, x, mask):
+  """A = the stride-2 features of a volume and g = dF/dA by plain differentiation of the
+  head, F = sum of the ET logit over the mask."""
+  a = conv3_features(p, x)
+  return a, jax.grad(lambda z: jnp.sum(mask * HEADS[4](p, z)[..., CLASS]))(a)
+
+
 def test_grad_cam_in_3d_equals_numpy_at_the_layer_and_trilinear_upsampling(nets):
   p, x = nets["p3"], nets["volume"]
-  out = conv3_apply(p, x)
-  mask = np.asarray(saliency.predicted_region("ET")(out))
-  a = conv3_features(p, x)
-  g = np.asarray(jax.grad(lambda z: jnp.sum(mask * HEADS[4](p, z)[..., CLASS]))(a), np.float64)
-  a = np.asarray(a, np.float64)
+  mask = saliency.predicted_region("ET")(nets["volume_out"])
+  a, g = _features_and_gradient(p, x, mask)
+  a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
   assert a.shape == (2, 2, 4, 4, 6)
   axes = (1, 2, 3)
   sum_a = a.sum(axes, keepdims=True)
@@ -208,9 +232,9 @@ def test_grad_cam_in_3d_equals_numpy_at_the_layer_and_trilinear_upsampling(nets)
              "monai": (alpha_monai * np.maximum(g, 0)).sum(axes)}
   for variant, w in weights.items():
     if variant == "grad_cam":
-      result = saliency.grad_cam(conv3_apply, p, x, nets["t2"], layer=layers3(4)["features"])
+      result = saliency.grad_cam(conv3_apply, p, x, nets["rule"], layer=layers3(4)["features"])
     else:
-      result = saliency.grad_cam_plus_plus(conv3_apply, p, x, nets["t2"],
+      result = saliency.grad_cam_plus_plus(conv3_apply, p, x, nets["rule"],
                                            layer=layers3(4)["features"], variant=variant)
     cam = np.maximum(np.einsum("ndhwk,nk->ndhw", a, w), 0.0)
     assert result.cam.shape == (2, 2, 4, 4) and result.upsampled.shape == (2, 4, 8, 8)
@@ -224,7 +248,7 @@ def test_grad_cam_in_3d_equals_numpy_at_the_layer_and_trilinear_upsampling(nets)
 
 
 def test_information_flow_in_3d_keeps_each_layers_resolution_and_scale(nets):
-  flow = saliency.information_flow(conv3_apply, nets["p3"], nets["volume"], nets["t2"],
+  flow = saliency.information_flow(conv3_apply, nets["p3"], nets["volume"], nets["rule"],
                                    layers=layers3(4))
   assert list(flow) == ["features", "hidden"]
   assert flow["features"].cam.shape == (2, 2, 4, 4)
@@ -296,23 +320,17 @@ def test_quantify_and_rings_in_3d():
   np.testing.assert_allclose(numbers["mean"][1], m[ring].mean(0), rtol=1e-6)
 
 
-def _lesion_image():
-  x = sm.rand((8, 8, 4), 74)
-  out = sm.conv_apply(sm.conv_params(), jnp.asarray(x)[None])[0]
-  pred = np.asarray(jnp.argmax(out, -1))
-  c = int(np.bincount(pred.ravel(), minlength=4)[1:].argmax()) + 1
-  found = saliency.find_instances(pred, None, classes=(c,), min_size=1)
-  return x, found[0]
-
-
 def _as_volume(instance):
   return instances.Instance(instance.class_index, instance.status, instance.mask[None],
                             instance.size, instance.probability, instance.index)
 
 
+@pytest.mark.slow
 def test_instance_smoothgrad_grad_cam_plus_plus_and_context_on_depth_one_equal_2d(nets):
-  image2, lesion2 = _lesion_image()
-  image3, lesion3 = image2[None], _as_volume(lesion2)
+  image2, image3 = nets["x2"][0], nets["x3"][0]
+  pred = np.asarray(jnp.argmax(nets["out2"][0], -1))
+  lesion2 = saliency.find_instances(pred, None, classes=(CLASS,), min_size=1)[0]
+  lesion3 = _as_volume(lesion2)
   assert lesion2.size >= 2
   sg2 = saliency.instance_smoothgrad(sm.conv_apply, nets["p2"], image2, [lesion2], key=1,
                                      num_samples=2)
@@ -320,15 +338,18 @@ def test_instance_smoothgrad_grad_cam_plus_plus_and_context_on_depth_one_equal_2
                                      num_samples=2)
   assert float(np.abs(sg2).max()) > 0
   np.testing.assert_allclose(sg3[:, 0], sg2, rtol=1e-4, atol=1e-6)
-  pp2 = saliency.instance_grad_cam_plus_plus(sm.conv_apply, nets["p2"], image2, [lesion2],
-                                             layer=LAYERS2["features"])
-  pp3 = saliency.instance_grad_cam_plus_plus(conv3_apply, nets["p3"], image3, [lesion3],
-                                             layer=layers3(1)["features"])
+  # Two copies of the lesion: the batch and target structure of the method tests above.
+  pp2 = saliency.instance_grad_cam_plus_plus(sm.conv_apply, nets["p2"], image2,
+                                             [lesion2, lesion2], layer=LAYERS2["features"])
+  pp3 = saliency.instance_grad_cam_plus_plus(conv3_apply, nets["p3"], image3,
+                                             [lesion3, lesion3], layer=layers3(1)["features"])
+  assert float(pp2.upsampled.max()) > 0
   np.testing.assert_allclose(pp3.upsampled[:, 0], pp2.upsampled, rtol=1e-4, atol=1e-7)
   curve2 = saliency.context_curve(sm.conv_apply, nets["p2"], image2, lesion2, max_dilations=3,
                                   min_size=1)
   curve3 = saliency.context_curve(conv3_apply, nets["p3"], image3, lesion3, max_dilations=3,
                                   min_size=1)
+  assert len(set(np.round(curve2["probability"], 6))) > 1
   for key in ("probability", "detected_pixels"):
     np.testing.assert_allclose(curve3[key], curve2[key], rtol=1e-5)
 
@@ -368,12 +389,12 @@ def test_3d_deletion_curve_removes_the_stated_patches(patch_size):
 
 
 def test_completeness_and_relevance_in_3d(nets):
-  x, p, t = nets["volume"], nets["p3"], nets["t2"]
+  x, p, t = nets["volume"], nets["p3"], nets["rule"]
   attr = np.asarray(sm.rand(x.shape, 78))
-  out = conv3_apply(p, x)
+  out = nets["volume_out"]
   bound = saliency.bind_target(t, out)
-  delta = bound(out) - bound(conv3_apply(p, jnp.zeros_like(x)))
-  np.testing.assert_allclose(saliency.completeness_error(conv3_apply, p, x, t, attr),
+  delta = bound(out) - bound(APPLY3(p, jnp.zeros_like(x)))
+  np.testing.assert_allclose(saliency.completeness_error(APPLY3, p, x, t, attr),
                              attr.reshape(2, -1).sum(-1) - delta, rtol=1e-5, atol=1e-4)
   s = attr.sum(-1)
   mask = np.zeros(s.shape, bool)
@@ -397,7 +418,7 @@ def test_ssim_of_volumes_is_the_mean_over_axial_slices():
 
 
 def test_parameter_randomisation_of_3d_maps(nets):
-  x, t = nets["volume"], nets["t2"]
+  x, t = nets["volume"], nets["rule"]
   result = saliency.parameter_randomisation(
       lambda q: saliency.vanilla_gradient(conv3_apply, q, x, t), nets["p3"], key=0,
       layer_order=("w1", "b1", "w2", "w3", "b3"), spatial_ndim=3, keep_maps=True)
