@@ -354,6 +354,31 @@ def test_instance_smoothgrad_grad_cam_plus_plus_and_context_on_depth_one_equal_2
     np.testing.assert_allclose(curve3[key], curve2[key], rtol=1e-5)
 
 
+@jax.jit
+def _voxel_gradient(p, x, index):
+  """d logit_ET(x)[index] / dx for one voxel index (d, h, w) of the first example."""
+  return jax.grad(lambda z: APPLY3(p, z)[0, index[0], index[1], index[2], CLASS])(x)
+
+
+@pytest.mark.slow
+def test_instance_smoothgrad_on_a_3d_lesion_against_a_loop_over_its_voxels(nets):
+  """IES's per-element max over the lesion's voxels, on a lesion spanning three slices
+  (noise_level 0: the clean input, whatever the noise rule)."""
+  mask = np.zeros((4, 8, 8), bool)
+  mask[1, 2, 2] = mask[2, 3, 3] = mask[2, 3, 4] = mask[3, 4, 5] = True
+  lesion = instances.Instance(CLASS, "predicted", mask, int(mask.sum()), float("nan"))
+  x = nets["volume"][:1]
+  got = saliency.instance_smoothgrad(conv3_apply, nets["p3"], x[0], [lesion], key=0,
+                                     num_samples=1, noise_level=0.0)
+  grads = np.stack([np.asarray(_voxel_gradient(nets["p3"], x, jnp.asarray(v)))
+                    for v in np.argwhere(mask)])            # [voxels, 1, D, H, W, C]
+  pick = np.abs(grads).argmax(0)
+  expected = np.take_along_axis(grads, pick[None], 0)[0]
+  assert got.shape == (1, 4, 8, 8, 4)
+  assert not np.allclose(expected, grads.mean(0))            # the max is not the mean
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
 # ------------------------------------------------------------- faithfulness in 3-D
 def linear_seg(w, x):
   """One output channel, logits[n, d, h, w, 0] = sum_c x[..., c] w[d, h, w, c]."""
