@@ -472,3 +472,43 @@ def test_the_figure_slice_is_the_lesions_largest():
   got = figures.as_slices(3, image, {"m": maps}, region3)
   assert got[0].shape == (6, 6, 2) and got[1]["m"].shape == (6, 6, 2)
   np.testing.assert_array_equal(got[2], region[3])
+
+
+@pytest.mark.slow
+def test_a_volumes_grid_and_flow_figures_are_those_of_its_largest_slice(tmp_path):
+  rng = np.random.default_rng(81)
+  image = rng.uniform(-1, 1, (4, 6, 6, 2))
+  maps = {"gradient": rng.standard_normal((4, 6, 6, 2)), "cam": rng.random((4, 6, 6))}
+  region = np.zeros((4, 6, 6), bool)
+  region[1, 1:3, 1:3] = region[2, 1:5, 1:5] = True
+  truth = np.roll(region, 1, axis=2)
+  names = ["T1", "FLAIR"]
+  figures.plot_method_grid(image, maps, region, names, tmp_path / "3d.png", title="t",
+                           truth=truth)
+  figures.plot_method_grid(image[2], {k: m[2] for k, m in maps.items()}, region[2], names,
+                           tmp_path / "2d.png", title="t (axial slice 2)", truth=truth[2])
+  assert (tmp_path / "3d.png").read_bytes() == (tmp_path / "2d.png").read_bytes()
+  flows = {"ET": {"a": maps["cam"], "b": maps["cam"] ** 2}}
+  figures.plot_information_flow(image, flows, {"ET": region}, tmp_path / "f3.png", title="f",
+                                channel=1)
+  figures.plot_information_flow(image[2], {"ET": {k: m[2] for k, m in flows["ET"].items()}},
+                                {"ET": region[2]}, tmp_path / "f2.png",
+                                title="f (axial slice 2)", channel=1)
+  assert (tmp_path / "f3.png").read_bytes() == (tmp_path / "f2.png").read_bytes()
+  figures.plot_method_grid(image, maps, region, names, tmp_path / "s1.png", title="t",
+                           truth=truth, slice_index=1)
+  assert (tmp_path / "s1.png").read_bytes() != (tmp_path / "3d.png").read_bytes()
+  regions = np.zeros((4, 6, 6, 3), bool)
+  regions[3, 2:4, 2:4, 2] = True                       # the neighbour's largest slice: 3
+  volume = rng.uniform(-1, 1, (4, 6, 6, 4))           # T1, T1Gd, T2, FLAIR
+  neighbours = [{"image": volume, "regions": regions, "kind": "proponent", "label": "p"},
+                {"image": volume, "regions": regions, "kind": "opponent", "label": "o",
+                 "slice": 0}]
+  figures.plot_tracin_beside_saliency(image, region, {"cam": maps["cam"]}, neighbours,
+                                      tmp_path / "n3.png", title="n", channel=1)
+  flat = [{**neighbours[0], "image": volume[3], "regions": regions[3]},
+          {**neighbours[1], "image": volume[0], "regions": regions[0]}]
+  figures.plot_tracin_beside_saliency(image[2], region[2], {"cam": maps["cam"][2]}, flat,
+                                      tmp_path / "n2.png", title="n (axial slice 2)",
+                                      channel=1)
+  assert (tmp_path / "n3.png").read_bytes() == (tmp_path / "n2.png").read_bytes()
