@@ -268,13 +268,19 @@ def _scipy_components(mask, min_size):
 
 def test_3d_instances_equal_scipy_26_connected_labelling():
   mask = np.random.default_rng(5).random((6, 9, 9)) < 0.22
-  mask[:, :3, :3] = mask[:, 6:, 6:] = False
+  mask[:, :3, :3] = mask[:, 5:, 5:] = False
   mask[0:2, 8, 8] = mask[0, 8, 7] = True              # 3 voxels: dropped (<= 5)
+  mask[0, 6, 6:9] = mask[1, 6, 6:8] = True            # 5 voxels: dropped
+  mask[4:6, 6, 6:9] = True                            # 6 voxels: kept
   mask[2, 1, 1] = mask[3, 2, 2] = mask[4, 1, 1] = True  # a chain joined only at corners
   mask[5, 0, 0] = mask[5, 0, 1] = mask[3, 0, 1] = True  # joined to it along edges only
   got = instances.components(mask)
   assert sorted(tuple(np.flatnonzero(c)) for c in got) == _scipy_components(mask, 6)
   assert [int(c.sum()) for c in got] == sorted((int(c.sum()) for c in got), reverse=True)
+  six = np.zeros_like(mask)
+  six[4:6, 6, 6:9] = True
+  assert any((c == six).all() for c in got)
+  assert not any(c[0, 6, 6] or c[0, 8, 8] for c in got)
   chain = next(c for c in got if c[2, 1, 1])
   assert chain[3, 2, 2] and chain[4, 1, 1] and chain[5, 0, 0]
   # 18-connectivity splits the corner chain, so the default is not 18.
@@ -293,6 +299,7 @@ def test_3d_lesion_status_and_depth_one_equal_2d():
   pred[3, 0, 5:8] = 3                             # 3 voxels: dropped
   found = saliency.find_instances(pred, truth, classes=(3,))
   assert [(i.status, i.size) for i in found] == [("FP", 12), ("TP", 9), ("FN", 6)]
+  assert found[1].describe(["bg", "NCR", "ED", "ET"]) == "ET #1 (TP, 9 voxels)"
   # Depth 1: the slice's instances (8-connected: the corner contact joins).
   pred2, truth2 = np.zeros((8, 8), np.int32), np.zeros((8, 8), np.int32)
   pred2[0:3, 0:3] = pred2[3:5, 3:5] = 3

@@ -71,7 +71,8 @@ class Instance:
   def describe(self, class_names: Sequence[str] | None = None) -> str:
     name = class_names[self.class_index] if class_names else f"class {self.class_index}"
     prob = "" if np.isnan(self.probability) else f", p {self.probability:.2f}"
-    return f"{name} #{self.index} ({self.status}, {self.size} px{prob})"
+    unit = "voxels" if self.mask.ndim == 3 else "px"
+    return f"{name} #{self.index} ({self.status}, {self.size} {unit}{prob})"
 
 
 def structure(ndim: int, connectivity: int | None = None) -> np.ndarray:
