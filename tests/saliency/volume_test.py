@@ -120,6 +120,12 @@ def test_the_lifted_net_on_depth_one_is_the_2d_net(nets):
 
 
 # ------------------------------------------------------------- targets on depth 1
+@jax.jit
+def _value_and_terms(target, output):
+  """The target bound at `output`, its value [N] and its terms [N, V] there."""
+  return saliency.bind_target(target, output)(output), target.terms(output)
+
+
 def test_targets_on_depth_one_equal_2d(nets):
   out2 = nets["out2"]
   out3 = out2[:, None]
@@ -133,9 +139,10 @@ def test_targets_on_depth_one_equal_2d(nets):
               saliency.masked_class_sums([1, 3], masks2[:, None])]
   np.testing.assert_array_equal(saliency.region_mask(labels2[:, None], "TC")[:, 0], masks2)
   for t2, t3 in zip(targets2, targets3):
-    value2 = saliency.bind_target(t2, out2)(out2)
-    np.testing.assert_allclose(saliency.bind_target(t3, out3)(out3), value2, rtol=1e-6)
-    np.testing.assert_allclose(t3.terms(out3), t2.terms(out2), rtol=1e-6)
+    value2, terms2 = _value_and_terms(t2, out2)
+    value3, terms3 = _value_and_terms(t3, out3)
+    np.testing.assert_allclose(value3, value2, rtol=1e-6)
+    np.testing.assert_allclose(terms3, terms2, rtol=1e-6)
     assert float(jnp.abs(value2).min()) > 0
 
 
