@@ -40,7 +40,7 @@ MEASURES = ("sum", "mean", "peak", "abs_peak")
 # The instance-level preset (IES): noise of 5% of the intensity range, 50 samples.
 IES_NOISE_LEVEL = 0.05
 IES_SAMPLES = 50
-DEFAULT_MIN_SIZE = 6  # IES: components of at most 5 pixels (voxels) are dropped
+DEFAULT_MIN_SIZE = 6  # components of at most 5 pixels are dropped
 
 
 @dataclasses.dataclass(frozen=True)
