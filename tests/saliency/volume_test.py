@@ -486,6 +486,10 @@ def test_the_figure_slice_is_the_lesions_largest():
   got = figures.as_slices(3, image, {"m": maps}, region3)
   assert got[0].shape == (6, 6, 2) and got[1]["m"].shape == (6, 6, 2)
   np.testing.assert_array_equal(got[2], region[3])
+  with pytest.raises(ValueError, match="slice_index 5"):
+    figures.as_slices(5, image, {}, region3)
+  with pytest.raises(ValueError, match="region or a map"):
+    figures.axial_slice(None)
 
 
 @pytest.mark.slow
