@@ -28,16 +28,16 @@ def test_components_touching_diagonals_and_the_size_filter():
   assert [int(c.sum()) for c in instances.components(m, min_size=1)] == [13, 6, 5]
 
 
-def test_eighteen_connectivity_in_3d():
+def test_connectivity_in_3d_is_26_by_default_and_18_on_request():
   m = np.zeros((5, 5, 5), bool)
   m[0, 0, 0:3] = True
   m[1, 1, 0:3] = True   # shares edges with the first row (diagonal in one plane): joined
   m[3, 3, 3] = True
-  m[4, 4, 4] = True     # touches m[3, 3, 3] only at a corner: not joined with 18-connectivity
+  m[4, 4, 4] = True     # touches m[3, 3, 3] only at a corner: joined with 26-connectivity only
   got = instances.components(m, min_size=1)
-  assert sorted(int(c.sum()) for c in got) == [1, 1, 6]
-  assert sorted(int(c.sum()) for c in instances.components(m, min_size=1, connectivity=3)) \
-      == [2, 6]
+  assert sorted(int(c.sum()) for c in got) == [2, 6]
+  assert sorted(int(c.sum()) for c in instances.components(m, min_size=1, connectivity=2)) \
+      == [1, 1, 6]
 
 
 def test_tp_fp_fn_on_hand_drawn_masks():

@@ -36,6 +36,14 @@ A pure-JAX model works through the same calls: `apply_fn = lambda p, x: ...`, an
 Grad-CAM `layer=(features_fn, head_fn)` with `head_fn(p, features_fn(p, x)) == apply_fn(p,
 x)`.
 
+Volumes take the same calls: x [N, D, H, W, C] (D axial slices, channels last), targets
+on logits [N, D, H, W, K], every input-gradient map [N, D, H, W, C]; a CAM is [N, d, h, w] at
+its layer and upsampled trilinearly to [N, D, H, W]; instances are 26-connected components
+of a [D, H, W] mask (components of at most 5 voxels dropped), rings and context dilate in
+3-D; deletion patches are cubes of patch_size (or one size per axis); SSIM is the mean over
+axial slices; figures draw the axial slice where the explained region is largest
+(`figures.axial_slice`). A volume of depth 1 gives its slice's 2-D results.
+
 Modules: `targets` (targets and masks), `gradients` (vanilla, guided backprop, IG, guided IG,
 SmoothGrad), `guided_interpreter` (the guided-ReLU jaxpr interpreter), `layers` (layer splits, NNX
 probing), `cam` (Grad-CAM, Grad-CAM++, guided Grad-CAM, information flow), `faithfulness`

@@ -42,8 +42,10 @@ class GradCamResult:
   """A class activation map.
 
   Attributes:
-    cam: [N, *spatial_l] at the layer's resolution (ReLU-ed unless `relu=False`).
-    upsampled: [N, *spatial] cam resized (linear) to the input's spatial shape.
+    cam: [N, *spatial_l] at the layer's resolution ([N, h, w], or [N, d, h, w] for a 3-D
+      layer; ReLU-ed unless `relu=False`).
+    upsampled: [N, *spatial] cam resized to the input's spatial shape: bilinear in 2-D,
+      trilinear in 3-D (half-pixel centres, no antialiasing: `jax.image.resize`'s "linear").
     weights: [N, K] the channel weights w_k.
   """
 

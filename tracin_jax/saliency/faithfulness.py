@@ -4,7 +4,9 @@ randomisation test (Adebayo et al., 2018) scored by Spearman rank correlation an
 
 Maps given here are [N, *spatial] (2-D [N, H, W] or 3-D [N, D, H, W]), or [N, *spatial, C]
 attributions whose channel axis is reduced first (`reduce_channels`, default: the signed
-sum over channels).
+sum over channels). On volumes, deletion/insertion patches are patch_size along every
+spatial axis (or one size per axis), relevance mass and rank count voxels, and SSIM is the
+mean over axial slices.
 """
 
 from __future__ import annotations
@@ -268,7 +270,8 @@ def _gaussian_window(size: int, sigma: float) -> np.ndarray:
 
 def ssim(a: Array, b: Array, *, data_range: float = 1.0, window: int = 11,
          sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Array:
-  """Mean structural similarity (Wang et al., 2004) of 2-D maps, per example.
+  """Mean structural similarity (Wang et al., 2004) of 2-D maps, per example; of volumes,
+  the mean over their axial slices.
 
   Local statistics use a separable Gaussian window (`window` taps, shrunk to the largest odd
   size that fits the map, standard deviation `sigma`), evaluated only where the window fits
@@ -276,8 +279,12 @@ def ssim(a: Array, b: Array, *, data_range: float = 1.0, window: int = 11,
   (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2)),
   C1 = (k1 L)^2, C2 = (k2 L)^2, L = data_range.
 
+  SSIM of volumes is not a 3-D SSIM (no window along D): each axial slice [H, W] is scored
+  as a 2-D map and the D scores are averaged with equal weights, so a volume of depth 1
+  scores as its slice, and a few thick slices are not blurred together.
+
   Args:
-    a, b: [N, H, W] maps (or [N, D, H, W]: the mean SSIM over the D slices).
+    a, b: [N, H, W] maps, or [N, D, H, W] volumes (the mean SSIM over the D axial slices).
   Returns:
     [N].
   """
@@ -434,7 +441,9 @@ def parameter_randomisation(method_fn: Callable[[PyTree], Any], params: PyTree, 
     layer_order: group names, input to output (a subset is allowed).
     init: init(key, leaf) -> new leaf; default Gaussian with the leaf's RMS (see
       `randomize_groups`).
-    spatial_ndim: 2 for [N, H, W(, C)] maps, 3 for volumes.
+    spatial_ndim: 2 for [N, H, W(, C)] maps, 3 for volumes [N, D, H, W(, C)] (required
+      for volumes: a [N, D, H, W] map read with 2 would have its last axis summed as
+      channels). SSIM of volumes is the mean over axial slices (see `ssim`).
     channel_reduce: how [N, *spatial, C] maps are reduced (see `reduce_channels`).
     keep_maps: also return the randomised maps.
 

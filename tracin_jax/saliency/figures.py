@@ -3,6 +3,10 @@ context curves, randomisation, and saliency beside TracIn's proponents and oppon
 
 Images are drawn as the influence figures draw them: the first spatial axis horizontal, the
 second vertical (`origin="lower"`), so the same slice looks the same in every figure.
+
+Volumes: every figure that takes an image also takes a volume ([D, H, W, C], maps and masks
+[D, H, W(, C)]) and draws one axial slice of it, the one `axial_slice` picks (the explained
+region's largest slice), or `slice_index` when given; the slice is named in the title.
 """
 
 from __future__ import annotations
@@ -18,6 +22,55 @@ from tracin_jax.influence.figures import new_figure
 from tracin_jax.influence.figures import overlay
 
 STATUS_COLOURS = {"TP": "#1b9e77", "FP": "#d95f02", "FN": "#7570b3", "predicted": "#666666"}
+
+
+def axial_slice(region: np.ndarray | None, maps: Sequence[np.ndarray] = ()) -> int:
+  """The axial slice d of a volume that a figure shows.
+
+  Rule: the slice with the most voxels of `region` (a lesion's, or a region's, largest
+  slice); when the region is empty or None, the slice with the largest sum of |map| of the
+  first map; when there is none either, the middle slice D // 2. Ties go to the lowest index.
+
+  Args:
+    region: [D, H, W] bool, or None.
+    maps: [D, H, W] or [D, H, W, C] maps (only the first is used).
+
+  Returns:
+    d in [0, D).
+
+  Raises:
+    ValueError: when neither a region nor a map gives the depth D.
+  """
+  if region is not None and np.ndim(region) != 3:
+    raise ValueError(f"region must be a [D, H, W] mask, got shape {np.shape(region)}")
+  if region is not None and np.any(region):
+    return int(np.argmax(np.asarray(region, bool).sum(axis=(1, 2))))
+  maps = list(maps)
+  if maps:
+    m = np.abs(np.nan_to_num(np.asarray(maps[0], np.float64)))
+    per_slice = m.reshape(m.shape[0], -1).sum(1)
+    if per_slice.max() > 0:
+      return int(np.argmax(per_slice))
+    return m.shape[0] // 2
+  if region is None:
+    raise ValueError("axial_slice needs a [D, H, W] region or a map to pick a slice")
+  return np.shape(region)[0] // 2
+
+
+def as_slices(index: int, image: np.ndarray, maps: dict[str, np.ndarray],
+              region: np.ndarray, truth: np.ndarray | None = None
+              ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+  """Axial slice `index` of a volume, its maps and masks: image [D, H, W, C] -> [H, W, C],
+  maps [D, H, W(, C)] -> [H, W(, C)], region and truth [D, H, W] -> [H, W]."""
+  depth = np.shape(image)[0]
+  if not 0 <= int(index) < depth:
+    raise ValueError(f"slice_index {index} is outside the volume's {depth} axial slices")
+  pick = lambda a: None if a is None else np.asarray(a)[int(index)]
+  return (pick(image), {k: pick(m) for k, m in maps.items()}, pick(region), pick(truth))
+
+
+def _volume_title(title: str, index: int) -> str:
+  return f"{title} (axial slice {index})"
 
 
 def _show(a: np.ndarray) -> np.ndarray:
@@ -63,19 +116,26 @@ def _heat(ax, layer: np.ndarray, cmap: str, lo: float, hi: float):
 
 def plot_method_grid(image: np.ndarray, maps: dict[str, np.ndarray], region: np.ndarray,
                      channel_names: Sequence[str], path: str | os.PathLike, *, title: str,
-                     truth: np.ndarray | None = None, colour=(1.0, 0.85, 0.1)) -> None:
+                     truth: np.ndarray | None = None, colour=(1.0, 0.85, 0.1),
+                     slice_index: int | None = None) -> None:
   """Rows the methods, columns the input channels: each map over its channel's image.
 
   Args:
-    image: [H, W, C] in [-1, 1].
+    image: [H, W, C] in [-1, 1], or a volume [D, H, W, C] (one axial slice is drawn).
     maps: method name -> [H, W, C] map, or [H, W] for a map without channels (the Grad-CAM
-      family: drawn once per column, the same map).
-    region: [H, W] bool, the explained region (outlined in `colour`).
+      family: drawn once per column, the same map); [D, ...] with a volume.
+    region: [H, W] bool, the explained region (outlined in `colour`); [D, H, W] with a
+      volume.
     channel_names: the C channel names.
     path: the PNG.
     title: the figure's title.
     truth: [H, W] bool ground truth of the class (outlined dashed in white), optional.
+    slice_index: a volume's slice to draw; None: `axial_slice(region, maps)`.
   """
+  if np.ndim(image) == 4:
+    index = axial_slice(region, list(maps.values())) if slice_index is None else slice_index
+    image, maps, region, truth = as_slices(index, image, maps, region, truth)
+    title = _volume_title(title, int(index))
   c = image.shape[-1]
   rows = len(maps)
   fig = new_figure(figsize=(2.0 * c + 1.3, 2.0 * rows + 1.1))
@@ -107,15 +167,26 @@ def plot_method_grid(image: np.ndarray, maps: dict[str, np.ndarray], region: np.
 
 def plot_information_flow(image: np.ndarray, flows: dict[str, dict[str, np.ndarray]],
                           regions: dict[str, np.ndarray], path: str | os.PathLike, *,
-                          title: str, channel: int = 3) -> None:
+                          title: str, channel: int = 3, slice_index: int | None = None) -> None:
   """Grad-CAM at every layer (each normalised to [0, 1]): rows the classes, columns the
   layers in call order.
 
   Args:
-    image: [H, W, C]; `channel` is drawn beneath (default FLAIR).
+    image: [H, W, C]; `channel` is drawn beneath (default FLAIR). Or a volume [D, H, W, C]
+      with [D, H, W] maps and regions: every panel shows the same axial slice.
     flows: class name -> {layer name: [H, W] map in [0, 1]}.
     regions: class name -> [H, W] bool region (outlined).
+    slice_index: a volume's slice; None: the largest slice of the union of the regions
+      (`axial_slice`, the first map when all regions are empty).
   """
+  if np.ndim(image) == 4:
+    if slice_index is None:
+      union = np.any(np.stack([np.asarray(r, bool) for r in regions.values()]), axis=0)
+      first = next(iter(next(iter(flows.values())).values()))
+      slice_index = axial_slice(union, [first])
+    flows = {k: as_slices(slice_index, image, f, None)[1] for k, f in flows.items()}
+    image, regions = as_slices(slice_index, image, regions, None)[:2]
+    title = _volume_title(title, int(slice_index))
   classes = list(flows)
   layers = list(next(iter(flows.values())))
   fig = new_figure(figsize=(1.45 * len(layers) + 0.9, 1.6 * len(classes) + 0.8))
@@ -242,7 +313,8 @@ def plot_tracin_beside_saliency(image: np.ndarray, region: np.ndarray, maps: dic
                                 neighbours: Sequence[dict[str, Any]],
                                 path: str | os.PathLike, *, title: str,
                                 colour=(1.0, 0.85, 0.1), channel: int = 3,
-                                channel_name: str = "FLAIR") -> None:
+                                channel_name: str = "FLAIR",
+                                slice_index: int | None = None) -> None:
   """One region explained twice: by its saliency maps and by its training data.
 
   Args:
@@ -250,7 +322,16 @@ def plot_tracin_beside_saliency(image: np.ndarray, region: np.ndarray, maps: dic
     maps: method name -> [H, W] map (channels already reduced).
     neighbours: training regions, each {"image" [H, W, C], "regions" [H, W, K] bool (the
       one outlined), "kind" ("proponent"/"opponent"), "label" (a title)}.
+    slice_index: with a volume (image [D, H, W, C], region and maps [D, H, W]), the axial
+      slice drawn; None: `axial_slice(region, maps)`. A neighbour given as a volume
+      ("image" [D, H, W, C], "regions" [D, H, W, K]) is drawn at its "slice" when it has
+      one (e.g. its most influenced slice), else at its regions' largest slice.
   """
+  if np.ndim(image) == 4:
+    index = axial_slice(region, list(maps.values())) if slice_index is None else slice_index
+    image, maps, region, _ = as_slices(index, image, maps, region)
+    title = _volume_title(title, int(index))
+  neighbours = [_neighbour_slice(n) for n in neighbours]
   n_left = 1 + len(maps)
   cols = max(n_left, (len(neighbours) + 1) // 2)
   fig = new_figure(figsize=(2.1 * cols, 2.3 * 3 + 0.6))
@@ -287,6 +368,18 @@ def plot_tracin_beside_saliency(image: np.ndarray, region: np.ndarray, maps: dic
   outputs.save_figure(fig, path, dpi=100)
 
 
-__all__ = ["REGION_COLOURS", "plot_context_curves", "plot_information_flow",
+def _neighbour_slice(neighbour: dict[str, Any]) -> dict[str, Any]:
+  """A training region given as a volume, cut to its "slice" (or its regions' largest)."""
+  if np.ndim(neighbour["image"]) != 4:
+    return neighbour
+  regions = np.asarray(neighbour["regions"], bool)
+  index = neighbour.get("slice")
+  if index is None:
+    index = axial_slice(regions.any(-1))
+  return {**neighbour, "image": np.asarray(neighbour["image"])[int(index)],
+          "regions": regions[int(index)]}
+
+
+__all__ = ["REGION_COLOURS", "as_slices", "axial_slice", "plot_context_curves", "plot_information_flow",
            "plot_method_grid", "plot_modality_shares", "plot_randomisation",
            "plot_tracin_beside_saliency"]

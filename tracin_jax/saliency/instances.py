@@ -1,7 +1,8 @@
 """Instance-level quantitative saliency: one lesion at a time (Spagnolo et al.'s IES).
 
-An instance is a connected component of a class's predicted mask (components of at most
-5 pixels dropped), matched to the ground truth: a true positive (TP) if it overlaps a true
+An instance is a connected component of a class's predicted mask (8-connected in 2-D,
+26-connected in 3-D; components of at most 5 pixels or voxels dropped, IES's minimum lesion
+size), matched to the ground truth: a true positive (TP) if it overlaps a true
 component of its class, a false positive (FP) if not; true components that no kept
 prediction overlaps are false negatives (FN) and are explained through their true mask.
 
@@ -11,8 +12,10 @@ prediction overlaps are false negatives (FN) and are explained through their tru
     table = instances.quantify(maps[0], found[0].mask, rings=3)
     curve = instances.context_curve(apply_fn, params, image, found[0], max_dilations=20)
 
-Everything works for 2-D images [H, W, C] and 3-D volumes [D, H, W, C], for any number of
-classes (class 0 is background), and for binary segmentation (classes=(1,)).
+Everything works for 2-D images [H, W, C] and 3-D volumes [D, H, W, C] (one code path: the
+neighbourhood, the rings and the dilations follow the mask's rank), for any number of
+classes (class 0 is background), and for binary segmentation (classes=(1,)). A volume of
+depth 1 gives the instances, numbers and curves of its 2-D slice.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class Instance:
   def describe(self, class_names: Sequence[str] | None = None) -> str:
     name = class_names[self.class_index] if class_names else f"class {self.class_index}"
     prob = "" if np.isnan(self.probability) else f", p {self.probability:.2f}"
-    return f"{name} #{self.index} ({self.status}, {self.size} px{prob})"
+    unit = "voxels" if self.mask.ndim == 3 else "px"
+    return f"{name} #{self.index} ({self.status}, {self.size} {unit}{prob})"
 
 
 def structure(ndim: int, connectivity: int | None = None) -> np.ndarray:
@@ -77,11 +81,19 @@ def structure(ndim: int, connectivity: int | None = None) -> np.ndarray:
   Args:
     ndim: 2 or 3 spatial dimensions.
     connectivity: as `scipy.ndimage.generate_binary_structure`: 1 (4 neighbours in 2-D, 6
-      in 3-D) to ndim (8 in 2-D, 26 in 3-D). None: 2, the paper's (8 in 2-D, 18 in 3-D).
+      in 3-D) to ndim (8 in 2-D, 26 in 3-D). None: ndim, full connectivity (8 in 2-D, 26 in
+      3-D: voxels touching at a face, an edge or a corner are one lesion), so that a volume
+      of depth 1 has its slice's 8-connected components; 2 gives 18 in 3-D.
+
+  Returns:
+    [3] * ndim bool.
+
+  Raises:
+    ValueError: for another rank or a connectivity outside 1..ndim.
   """
   if ndim not in (2, 3):
     raise ValueError(f"instances are defined on 2-D or 3-D masks, got {ndim} dimensions")
-  connectivity = 2 if connectivity is None else int(connectivity)
+  connectivity = ndim if connectivity is None else int(connectivity)
   if not 1 <= connectivity <= ndim:
     raise ValueError(f"connectivity must be between 1 and {ndim}, got {connectivity}")
   return ndimage.generate_binary_structure(ndim, connectivity)
@@ -120,7 +132,7 @@ def find_instances(predicted: np.ndarray, truth: np.ndarray | None = None,
       for a binary segmentation).
     probabilities: [*spatial, K] softmax probabilities, for each instance's mean
       probability of its class (optional).
-    connectivity: see `structure` (default: 8 neighbours in 2-D, 18 in 3-D).
+    connectivity: see `structure` (default: 8 neighbours in 2-D, 26 in 3-D).
     min_size: smallest component kept, predicted or true (default 6).
 
   Returns:
