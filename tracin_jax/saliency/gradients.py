@@ -162,7 +162,8 @@ def quadrature(steps: int, rule: str = "midpoint") -> tuple[np.ndarray, np.ndarr
     "left" / "right": Riemann sums alpha_k = k/m (k = 0..m-1) or k/m (k = 1..m), w = 1/m.
     "pair": PAIR's (and NeuroXAI's) rule: alpha_k = k / (m - 1) (k = 0..m-1, both end points;
       alpha_0 = 0 when m = 1), every w_k = 1/m. The weights sum to 1 but the end points get
-      the inner points' weight, so the sum is biased by about (g(0) + g(1)) / (2m).
+      the inner points' weight: the sum is biased by about ((g(0) + g(1)) / 2 - int g) / m,
+      O(1/m).
 
   Raises:
     ValueError: for an unknown rule or too few steps.
