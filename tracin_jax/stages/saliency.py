@@ -563,9 +563,12 @@ class SaliencyStage(base.StageBase):
 
   def _parts(self, context, inputs, kind: str, fields: Sequence[str]) -> base.Parts:
     """Saved work of one kind, keyed by the explained model and the settings it uses."""
+    # The default preset is left out of the key, so runs saved before presets existed are
+    # still reused.
+    keyed = [f for f in fields if not (f == "preset" and self.config.preset == "default")]
     return base.Parts(context.workdir / self.name / "parts" / kind,
                       {"influence": inputs.fingerprint,
-                       **{f: outputs.plain(getattr(self.config, f)) for f in fields}},
+                       **{f: outputs.plain(getattr(self.config, f)) for f in keyed}},
                       what=f"saliency {kind}")
 
   def _explain_image(self, context: base.Context, ex: _Explainer, inputs,
