@@ -92,7 +92,7 @@ def test_quadrature_rules_integrate_polynomials():
     np.testing.assert_allclose(np.sum(weights * nodes**3), 0.25, atol=tol)
     np.testing.assert_allclose(np.sum(weights), 1.0, atol=1e-12)
   with pytest.raises(ValueError):
-    saliency.quadrature(5, "pair")
+    saliency.quadrature(5, "simpson")
 
 
 def test_ig_completeness_on_a_smooth_model(x64):

@@ -128,3 +128,13 @@ def test_the_per_image_outputs_are_named_as_the_run_directory_names_them():
       assert output.path(**fields) == rundir.saliency_file(
           kind, case, z, cname if per_class else None,
           ".npz" if kind == "maps" else ".png"), kind
+
+
+def test_a_reference_preset_takes_its_own_counts_and_refuses_changed_ones():
+  config = saliency_stage.SaliencyConfig
+  assert saliency_stage.preset_counts(config(ig_steps=4)) == {
+      "ig_steps": 4, "guided_ig_steps": 200, "smoothgrad_samples": 25}
+  assert saliency_stage.preset_counts(config(preset="neuroxai")) == {
+      "ig_steps": None, "guided_ig_steps": None, "smoothgrad_samples": None}
+  with pytest.raises(stages.StageError, match="--smoothgrad_samples=2 would be ignored"):
+    saliency_stage.preset_counts(config(preset="ies", smoothgrad_samples=2))

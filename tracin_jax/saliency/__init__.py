@@ -32,6 +32,15 @@ are extra outputs. Layer methods (the Grad-CAM family) also take `layer=`: a
         lambda p: saliency.vanilla_gradient(m.apply_fn, p, x, et), m.params, key=0,
         layer_order=m.param_groups_in_call_order(x))
 
+Reference presets: `presets.NEUROXAI` and `presets.IES` hold NeuroXAI's and IES's settings of
+every method as keyword arguments (`presets` tabulates them beside ours, `presets.DEFAULT`);
+`method_map(name, ..., preset="neuroxai")` takes them by name:
+
+    ig = saliency.integrated_gradients(m.apply_fn, m.params, x, et,
+                                       **saliency.presets.NEUROXAI.options("integrated_gradients"))
+    ies = saliency.instance_smoothgrad(m.apply_fn, m.params, x[0], found[:1], key=0,
+                                       **saliency.presets.IES.options("instance_smoothgrad"))
+
 A pure-JAX model works through the same calls: `apply_fn = lambda p, x: ...`, and for
 Grad-CAM `layer=(features_fn, head_fn)` with `head_fn(p, features_fn(p, x)) == apply_fn(p,
 x)`.
@@ -50,7 +59,8 @@ probing), `cam` (Grad-CAM, Grad-CAM++, guided Grad-CAM, information flow), `fait
 (deletion/insertion, completeness, relevance mass/rank, parameter randomisation, SSIM),
 `instances` (lesions as connected components, their targets, instance SmoothGrad and
 Grad-CAM++, quantitative saliency per modality, perilesional context), `figures` (grids),
-`methods` (every method by name), `core` (chunking, baselines, resizing, display normalisation).
+`methods` (every method by name), `presets` (the reference systems' settings), `core`
+(chunking, baselines, resizing, display normalisation).
 """
 
 from tracin_jax.saliency.cam import GradCamResult
@@ -97,6 +107,9 @@ from tracin_jax.saliency.layers import NnxModel
 from tracin_jax.saliency.layers import split_layer
 from tracin_jax.saliency.methods import METHODS
 from tracin_jax.saliency.methods import method_map
+from tracin_jax.saliency.presets import PRESETS
+from tracin_jax.saliency.presets import Preset
+from tracin_jax.saliency.presets import get_preset
 from tracin_jax.saliency.targets import REGIONS
 from tracin_jax.saliency.targets import ClassScore
 from tracin_jax.saliency.targets import ClassSoftmaxSum
@@ -114,6 +127,7 @@ from tracin_jax.saliency.targets import region_mask
 
 __all__ = [
     "METHODS",
+    "PRESETS",
     "REGIONS",
     "ClassScore",
     "ClassSoftmaxSum",
@@ -126,6 +140,7 @@ __all__ = [
     "MaskedClassSums",
     "NnxModel",
     "PredictedRegion",
+    "Preset",
     "RandomisationResult",
     "Target",
     "bind_target",
@@ -137,6 +152,7 @@ __all__ = [
     "deletion_curve",
     "display",
     "find_instances",
+    "get_preset",
     "grad_cam",
     "grad_cam_plus_plus",
     "guided",

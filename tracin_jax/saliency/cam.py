@@ -30,8 +30,8 @@ from tracin_jax.saliency import targets as targets_lib
 from tracin_jax.types import Array, Params
 
 VARIANTS: tuple[str, ...] = ("grad_cam", "grad_cam_plus_plus", "grad_cam_plus_plus_monai")
-GRADIENT_NORMALISATIONS: tuple[str | None, ...] = (None, "rms")
-_RMS_EPS = 1e-5
+GRADIENT_NORMALISATIONS: tuple[str | None, ...] = (None, "rms", "mean_square")
+_RMS_EPS = 1e-5  # both normalisations add it to the divisor
 _PP_EPS = 1e-6
 _MONAI_EPS = 1e-7
 
@@ -60,11 +60,20 @@ class GradCamResult:
 
 
 def _normalise_gradient(g: Array, gradient_normalisation: str | None) -> Array:
+  """g divided per example by a statistic over its whole tensor (space and channels).
+
+  "rms": g / (sqrt(mean(g^2)) + 1e-5), the root mean square (g of RMS 1).
+  "mean_square": g / (mean(g^2) + 1e-5), NeuroXAI's Grad-CAM (its code divides by the mean
+    square, not its root).
+  Both only rescale an example's map (by a positive factor) before the ReLU.
+  """
   if gradient_normalisation is None:
     return g
-  # NeuroXAI / keras-vis: g / (sqrt(mean(g^2)) + 1e-5), per example over the whole tensor.
   axes = tuple(range(1, g.ndim))
-  return g / (jnp.sqrt(jnp.mean(g * g, axis=axes, keepdims=True)) + _RMS_EPS)
+  mean_square = jnp.mean(g * g, axis=axes, keepdims=True)
+  if gradient_normalisation == "mean_square":
+    return g / (mean_square + _RMS_EPS)
+  return g / (jnp.sqrt(mean_square) + _RMS_EPS)
 
 
 def channel_weights(activation: Array, grad: Array, variant: str = "grad_cam") -> Array:
@@ -171,8 +180,10 @@ def grad_cam(apply_fn: Callable, params: Params, x: Array, target: Any, *, layer
     x: [N, H, W, C] or [N, D, H, W, C].
     target: output -> [N], bound at x.
     layer: `Layers` with one layer, or a (features_fn, head_fn) pair.
-    gradient_normalisation: None, or "rms" for NeuroXAI's gradients divided by their root
-      mean square (+1e-5) per example before averaging (a per-example scale of the map).
+    gradient_normalisation: None (default), "rms" (the gradients divided by their root mean
+      square + 1e-5, per example, before averaging) or "mean_square" (NeuroXAI's: divided by
+      their mean square + 1e-5, not its root; `presets.NEUROXAI`). Either is a per-example
+      scale of the map.
     relu: False returns the signed map sum_k w_k A_k.
     variant: "grad_cam" (default), "grad_cam_plus_plus" or "grad_cam_plus_plus_monai"
       (see `channel_weights`).

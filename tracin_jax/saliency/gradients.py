@@ -32,7 +32,9 @@ from tracin_jax.saliency import guided_interpreter as guided_lib
 from tracin_jax.saliency import targets as targets_lib
 from tracin_jax.types import Array, Params
 
-QUADRATURES: tuple[str, ...] = ("midpoint", "gauss_legendre", "trapezoid", "left", "right")
+QUADRATURES: tuple[str, ...] = ("midpoint", "gauss_legendre", "trapezoid", "left", "right",
+                                 "pair")
+GRADIENT_AT: tuple[str, ...] = ("path", "input")
 AGGREGATIONS: tuple[str, ...] = ("mean", "mean_of_squares", "max")
 
 
@@ -158,6 +160,10 @@ def quadrature(steps: int, rule: str = "midpoint") -> tuple[np.ndarray, np.ndarr
     "trapezoid": alpha_k = k / (m - 1) (k = 0..m-1), end weights 1 / (2 (m - 1)), inner
       1 / (m - 1); m >= 2.
     "left" / "right": Riemann sums alpha_k = k/m (k = 0..m-1) or k/m (k = 1..m), w = 1/m.
+    "pair": PAIR's (and NeuroXAI's) rule: alpha_k = k / (m - 1) (k = 0..m-1, both end points;
+      alpha_0 = 0 when m = 1), every w_k = 1/m. The weights sum to 1 but the end points get
+      the inner points' weight: the sum is biased by about ((g(0) + g(1)) / 2 - int g) / m,
+      O(1/m).
 
   Raises:
     ValueError: for an unknown rule or too few steps.
@@ -178,6 +184,8 @@ def quadrature(steps: int, rule: str = "midpoint") -> tuple[np.ndarray, np.ndarr
     return np.arange(m) / m, np.full(m, 1.0 / m)
   if rule == "right":
     return np.arange(1, m + 1) / m, np.full(m, 1.0 / m)
+  if rule == "pair":
+    return np.linspace(0.0, 1.0, m), np.full(m, 1.0 / m)
   raise ValueError(f"unknown quadrature {rule!r}; expected one of {QUADRATURES}")
 
 
@@ -225,7 +233,7 @@ def _finish_jit(apply_fn, params, x, baseline, target, attributions):
 
 def integrated_gradients(apply_fn: Callable, params: Params, x: Array, target: Any, *,
                          baseline: Any = 0.0, steps: int = 50, rule: str = "midpoint",
-                         chunk_size: int | None = None,
+                         gradient_at: str = "path", chunk_size: int | None = None,
                          memory_budget_bytes: int | None = None) -> IntegratedGradientsResult:
   """Integrated gradients (Sundararajan et al., 2017) along the straight path from baseline.
 
@@ -236,22 +244,40 @@ def integrated_gradients(apply_fn: Callable, params: Params, x: Array, target: A
   w_k = 1/steps; see `quadrature`). Completeness: sum(attr) = F(x) - F(b) up to the
   quadrature error, reported as `completeness_error`.
 
+  `gradient_at="input"` is NeuroXAI's integrated gradients: its loop builds the path points
+  but takes every gradient at the input x itself, so the result is
+  (x - b) * (sum_k w_k) * dF/dx(x), gradient x input for b = 0 and weights summing to 1
+  (its preset: 25 steps, rule "pair"; `presets.NEUROXAI`). The steps then only scale the map
+  through sum_k w_k, and one gradient is computed; completeness does not hold (the error says
+  by how much).
+
   Args:
     apply_fn, params, x, target: as in `vanilla_gradient`.
     baseline: 0.0 (default), any number, "min" (per-example, per-channel minimum over space)
       or an array broadcastable to x.
     steps: quadrature nodes (gradient evaluations), default 50.
-    rule: "midpoint" (default), "gauss_legendre", "trapezoid", "left" or "right".
+    rule: "midpoint" (default), "gauss_legendre", "trapezoid", "left", "right" or "pair".
+    gradient_at: "path" (default: integrated gradients) or "input" (NeuroXAI's: every
+      gradient at x, see above).
     chunk_size: nodes per vmapped chunk; None: from the memory budget.
     memory_budget_bytes: budget for the automatic chunk size (default 1 GiB).
 
   Returns:
     `IntegratedGradientsResult` (attributions [N, *spatial, C], completeness_error [N], ...).
+
+  Raises:
+    ValueError: an unknown rule or `gradient_at`, or too few steps.
   """
   x = core.check_input(x)
+  if gradient_at not in GRADIENT_AT:
+    raise ValueError(f"gradient_at must be one of {GRADIENT_AT}, got {gradient_at!r}")
   alphas, weights = quadrature(steps, rule)
   target = targets_lib.as_jit_arg(target)
   base = core.make_baseline(x, baseline)
+  if gradient_at == "input":
+    grad = _gradient_jit(apply_fn, params, x, target, False)
+    total = np.asarray(weights.sum(), x.dtype) * grad
+    return _finish_jit(apply_fn, params, x, base, target, (x - base) * total)
   chunk = _chunk(steps, chunk_size, memory_budget_bytes, apply_fn, params, x, target)
   target = bind_once(apply_fn, params, x, target)
   total = core.chunked_sum(
@@ -362,12 +388,36 @@ def guided_integrated_gradients(apply_fn: Callable, params: Params, x: Array, ta
 # SmoothGrad.
 
 
-def noise_sigma(x: Array, noise_level: float) -> Array:
-  """SmoothGrad's sigma per example: noise_level * (max(x) - min(x)) over all its elements,
-  shaped [N, 1, ..., 1]."""
+def noise_sigma(x: Array, noise_level: float, channel: int | None = None) -> Array:
+  """SmoothGrad's sigma per example: noise_level * (max - min) of x's elements.
+
+  Args:
+    x: [N, *spatial, C].
+    noise_level: the share of the intensity range.
+    channel: None (default): the range over all of an example's elements (PAIR, NeuroXAI);
+      an index of the last axis: the range of that channel alone (IES: FLAIR's), the same
+      sigma then being used for every channel.
+
+  Returns:
+    [N, 1, ..., 1] (x.ndim axes).
+  """
+  if channel is not None:
+    c = int(channel) % x.shape[-1]
+    x = x[..., c:c + 1]
   axes = tuple(range(1, x.ndim))
   return noise_level * (jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes,
                                                                        keepdims=True))
+
+
+def _check_channel(x: Array, channel: int | None) -> int | None:
+  if channel is None:
+    return None
+  c = x.shape[-1]
+  if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not (
+      -c <= channel < c):
+    raise ValueError(f"noise_channel must be None or a channel index of x's {c} channels, "
+                     f"got {channel!r}")
+  return int(channel) % c
 
 
 def _noisy(x: Array, sigma: Array, key: Array, sample: Array, given_noise: bool) -> Array:
@@ -380,13 +430,13 @@ def _noisy(x: Array, sigma: Array, key: Array, sample: Array, given_noise: bool)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "squares", "guided_relu",
-                                             "given_noise"))
+                                             "given_noise", "channel"))
 def _sg_chunk(apply_fn, params, x, target, key, samples, weights, noise_level, squares,
-              guided_relu, given_noise):
+              guided_relu, given_noise, channel):
   """sum_s weights[s] g_s (or g_s^2) over one chunk of noise samples (vmapped)."""
   fn = _model(apply_fn, guided_relu)
   target = _bind(apply_fn, params, x, target)
-  sigma = noise_sigma(x, noise_level)
+  sigma = noise_sigma(x, noise_level, channel)
 
   def one(sample):
     g = _input_grad(fn, params, _noisy(x, sigma, key, sample, given_noise), target)
@@ -417,14 +467,14 @@ def _ies_support(apply_fn, params, x, target, voxel_chunk):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "guided_relu", "given_noise",
-                                             "voxel_chunk"))
+                                             "voxel_chunk", "channel"))
 def _ies_chunk(apply_fn, params, x, target, key, samples, best, order, count, start,
-               noise_level, guided_relu, given_noise, voxel_chunk):
+               noise_level, guided_relu, given_noise, voxel_chunk, channel):
   """For a chunk of noise samples and the voxels order[:, start:start + voxel_chunk]:
   per input element, the signed gradient of largest magnitude so far, [S_chunk, N, ...]."""
   fn = _model(apply_fn, guided_relu)
   target = _bind(apply_fn, params, x, target)
-  sigma = noise_sigma(x, noise_level)
+  sigma = noise_sigma(x, noise_level, channel)
   cols = jax.lax.dynamic_slice_in_dim(order, start, voxel_chunk, axis=1)  # [N, vc]
   valid = (start + jnp.arange(voxel_chunk))[None, :] < count[:, None]
 
@@ -441,7 +491,7 @@ def _ies_chunk(apply_fn, params, x, target, key, samples, best, order, count, st
 
 
 def _ies(apply_fn, params, x, target, key, samples, noise_level, guided_relu, given_noise,
-         chunk, voxel_chunk) -> Array:
+         chunk, voxel_chunk, channel) -> Array:
   """Sum over samples of the per-element max-magnitude voxel gradient (IES), chunked over
   samples (vmapped) and over voxels (a Python loop over the needed voxel chunks only)."""
   order, count = _ies_support(apply_fn, params, x, target, voxel_chunk)
@@ -452,7 +502,7 @@ def _ies(apply_fn, params, x, target, key, samples, noise_level, guided_relu, gi
     for j in range(needed):
       best = _ies_chunk(apply_fn, params, x, target, key, samples[idx], best, order, count,
                         np.int32(j * voxel_chunk), noise_level, guided_relu, given_noise,
-                        voxel_chunk)
+                        voxel_chunk, channel)
     total = total + jnp.tensordot(jnp.asarray(valid, x.dtype), best, axes=(0, 0))
   return total
 
@@ -461,13 +511,16 @@ def smoothgrad(apply_fn: Callable, params: Params, x: Array, target: Any, *,
                key: Array | int | None = None, noise: Array | None = None,
                num_samples: int = 25, noise_level: float = 0.15,
                aggregation: str = "mean_of_squares", guided_relu: bool = False,
+               noise_channel: int | None = None, over: Callable | None = None,
                chunk_size: int | None = None, voxel_chunk_size: int = 64,
                memory_budget_bytes: int | None = None) -> Array:
   """SmoothGrad (Smilkov et al., 2017): gradients averaged over noisy copies of x.
 
   x_s = x + sigma * eps_s, eps_s ~ N(0, 1) per element, sigma = noise_level * (max(x) -
-  min(x)) per example (a share of the input's intensity range). The target is bound at the
-  clean x, so a predicted mask stays fixed across samples. Aggregations over the S samples:
+  min(x)) per example (a share of the input's intensity range: over all its elements by
+  default, PAIR's and NeuroXAI's; over channel `noise_channel` alone for IES, which takes
+  FLAIR's range). The target is bound at the clean x, so a predicted mask stays fixed across
+  samples. Aggregations over the S samples:
 
     "mean_of_squares" (default): mean_s (dF/dx(x_s))^2 (SmoothGrad-Squared; >= 0);
     "mean": mean_s dF/dx(x_s) (signed);
@@ -478,6 +531,11 @@ def smoothgrad(apply_fn: Callable, params: Params, x: Array, target: Any, *,
       one-hot cotangents, active voxels first, chunks without an active voxel skipped), so
       [voxels, *x.shape] is never materialised; the cost is one backward pass per voxel of
       the mask (per sample).
+
+  `over` smooths another method instead of the gradient: map_s = over(apply_fn, params, x_s,
+  target) (its `.attributions` if it returns a result), aggregated by "mean" or
+  "mean_of_squares", one call per sample (a Python loop). NeuroXAI's SmoothGrad for
+  segmentation is the mean of squares of guided IG over 5 samples (`presets.NEUROXAI`).
 
   Args:
     apply_fn, params, x, target: as in `vanilla_gradient`.
@@ -492,16 +550,29 @@ def smoothgrad(apply_fn: Callable, params: Params, x: Array, target: Any, *,
     noise_level: sigma as a share of the intensity range, default 0.15.
     aggregation: "mean_of_squares", "mean" or "max".
     guided_relu: average guided-backprop gradients instead of plain ones.
+    noise_channel: None (default): sigma from the range over all channels; a channel index
+      (IES: FLAIR, 3 here): from that channel's range alone.
+    over: None (default: the gradient), or a method `(apply_fn, params, x, target) -> map
+      [N, *spatial, C]` (or a result with `.attributions`) to smooth, e.g.
+      `functools.partial(guided_integrated_gradients, steps=5)`.
     chunk_size: samples per vmapped chunk; None: from the memory budget.
     voxel_chunk_size: voxels per vmapped VJP chunk for "max".
     memory_budget_bytes: budget for the automatic chunk size (default 1 GiB).
 
   Returns:
     [N, *spatial, C].
+
+  Raises:
+    ValueError: an unknown aggregation, a bad noise_channel or noise shape, or `over` with
+      the "max" aggregation or guided_relu.
   """
   x = core.check_input(x)
   if aggregation not in AGGREGATIONS:
     raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+  channel = _check_channel(x, noise_channel)
+  if over is not None and (aggregation == "max" or guided_relu):
+    raise ValueError("over= smooths a method's maps by 'mean' or 'mean_of_squares' (without "
+                     f"guided_relu); got aggregation={aggregation!r}, guided_relu={guided_relu}")
   if noise is not None:
     noise = jnp.asarray(noise, x.dtype)
     if noise.shape[1:] != x.shape:
@@ -512,6 +583,9 @@ def smoothgrad(apply_fn: Callable, params: Params, x: Array, target: Any, *,
   if isinstance(key, (int, np.integer)):
     key = jax.random.key(int(key))
   target = targets_lib.as_jit_arg(target)
+  if over is not None:
+    return _smooth_over(over, apply_fn, params, x, target, key, noise, num_samples,
+                        noise_level, aggregation == "mean_of_squares", channel)
   factor = voxel_chunk_size if aggregation == "max" else 1
   chunk = _chunk(num_samples, chunk_size, memory_budget_bytes, apply_fn, params, x, target,
                  factor)
@@ -522,10 +596,32 @@ def smoothgrad(apply_fn: Callable, params: Params, x: Array, target: Any, *,
   with jax.threefry_partitionable(False):
     if aggregation == "max":
       total = _ies(apply_fn, params, x, target, key, samples, level, bool(guided_relu), given,
-                   chunk, int(voxel_chunk_size))
+                   chunk, int(voxel_chunk_size), channel)
     else:
       total = core.chunked_sum(
           lambda s, w: _sg_chunk(apply_fn, params, x, target, key, s, w, level,
-                                 aggregation == "mean_of_squares", bool(guided_relu), given),
+                                 aggregation == "mean_of_squares", bool(guided_relu), given,
+                                 channel),
           samples, np.ones(num_samples, np.float32), chunk)
+  return total / num_samples
+
+
+@functools.partial(jax.jit, static_argnames=("given_noise", "channel"))
+def _noisy_copy(x, key, sample, noise_level, given_noise, channel):
+  return _noisy(x, noise_sigma(x, noise_level, channel), key, sample, given_noise)
+
+
+def _smooth_over(over, apply_fn, params, x, target, key, noise, num_samples, noise_level,
+                 squares, channel) -> Array:
+  """mean_s over(x_s) (or of its squares) with the draws of `smoothgrad`, one call each."""
+  target = bind_once(apply_fn, params, x, target)
+  level = np.asarray(noise_level, x.dtype)
+  total = jnp.zeros_like(x)
+  for s in range(num_samples):
+    sample = noise[s] if noise is not None else np.int32(s)
+    with jax.threefry_partitionable(False):
+      xs = _noisy_copy(x, key, sample, level, noise is not None, channel)
+    m = over(apply_fn, params, xs, target)
+    m = jnp.asarray(getattr(m, "attributions", m), x.dtype)
+    total = total + (m * m if squares else m)
   return total / num_samples

@@ -37,9 +37,12 @@ from tracin_jax.types import Array, Params
 
 STATUSES = ("TP", "FP", "FN")
 MEASURES = ("sum", "mean", "peak", "abs_peak")
-# The instance-level preset (IES): noise of 5% of the intensity range, 50 samples.
+# IES's instance SmoothGrad: noise of 5% of the intensity range, 50 samples. IES takes the
+# range of FLAIR alone (IES_NOISE_CHANNEL, channel 3 in the order T1, T1Gd, T2, FLAIR); the
+# default here is the range over all channels (the "ies" preset, `presets.IES`, sets it).
 IES_NOISE_LEVEL = 0.05
 IES_SAMPLES = 50
+IES_NOISE_CHANNEL = 3
 DEFAULT_MIN_SIZE = 6  # components of at most 5 pixels are dropped
 
 
@@ -201,8 +204,12 @@ def instance_smoothgrad(apply_fn: Callable, params: Params, image: Array,
                         instances: Sequence[Instance], *, key: Array | int = 0,
                         num_samples: int = IES_SAMPLES, noise_level: float = IES_NOISE_LEVEL,
                         aggregation: str = "max", on: str = "logits",
-                        **options: Any) -> Array:
-  """Instance SmoothGrad: SmoothGrad of each instance's target (IES's preset by default).
+                        noise_channel: int | None = None, **options: Any) -> Array:
+  """Instance SmoothGrad: SmoothGrad of each instance's target.
+
+  The defaults are IES's settings (50 samples, sigma 5% of the range, signed max
+  aggregation on the logits) but for the range: over all channels here, FLAIR's alone in IES
+  (`noise_channel=IES_NOISE_CHANNEL`, or `**presets.IES.options("instance_smoothgrad")`).
 
   Args:
     apply_fn, params: the model (`apply_fn(params, x [N, *spatial, C]) -> logits`).
@@ -212,6 +219,8 @@ def instance_smoothgrad(apply_fn: Callable, params: Params, image: Array,
       explained in the same call).
     num_samples: noisy copies (the paper: 50).
     noise_level: sigma as a share of the image's intensity range (the paper: 0.05).
+    noise_channel: None (default): the range over all channels; a channel index: that
+      channel's range alone (IES: FLAIR, `IES_NOISE_CHANNEL` = 3).
     aggregation: "max" (IES: per input element, the signed gradient of largest magnitude
       over the instance's voxels, averaged over samples) or "mean" (signed mean of the
       gradients of the summed target).
@@ -227,7 +236,7 @@ def instance_smoothgrad(apply_fn: Callable, params: Params, image: Array,
   x = _repeat(image, len(instances))
   return gradients.smoothgrad(apply_fn, params, x, target, noise=_shared_noise(
       key, num_samples, x.shape), noise_level=noise_level, aggregation=aggregation,
-                              **options)
+                              noise_channel=noise_channel, **options)
 
 
 def _shared_noise(key: Array | int, num_samples: int, shape: tuple[int, ...]) -> Array:

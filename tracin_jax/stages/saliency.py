@@ -68,13 +68,15 @@ CHANNELS = constants.MODALITY_NAMES
 BESIDE_TRACIN = ("smoothgrad", "integrated_gradients", "grad_cam_plus_plus")
 INSTANCES_FILE, CONTEXT_FILE = rundir.INSTANCES_NAME, rundir.CONTEXT_FILE
 # The settings each kind of saved work depends on (the rest only shape the figures).
-MAPS_SETTINGS = ("methods", "layer", "ig_steps", "guided_ig_steps", "smoothgrad_samples",
-                 "seed")
+MAPS_SETTINGS = ("methods", "layer", "preset", "ig_steps", "guided_ig_steps",
+                 "smoothgrad_samples", "seed")
 CURVE_SETTINGS = ("deletion_patch", "deletion_steps")
 INSTANCE_SETTINGS = ("instance_samples", "instance_noise_level", "instance_aggregation",
-                     "min_instance_size", "layer", "seed")
-RANDOMISATION_SETTINGS = ("randomisation_methods", "layer", "ig_steps", "guided_ig_steps",
-                          "smoothgrad_samples", "seed")
+                     "min_instance_size", "layer", "preset", "seed")
+RANDOMISATION_SETTINGS = ("randomisation_methods", "layer", "preset", "ig_steps",
+                          "guided_ig_steps", "smoothgrad_samples", "seed")
+# The settings a reference preset replaces by its own (they apply to "default" only).
+PRESET_SETTINGS = ("ig_steps", "guided_ig_steps", "smoothgrad_samples")
 FAITHFULNESS_FILE, RANDOMISATION_FILE = (rundir.FAITHFULNESS_NAME,
                                          rundir.SALIENCY_RANDOMISATION_FILE)
 
@@ -92,6 +94,11 @@ class SaliencyConfig:
                                      flag="saliency_methods", choices=METHODS)
   layer: str = setting("last_hidden", "Layer of the Grad-CAM family.",
                        flag="saliency_layer")
+  preset: str = setting(
+      "default", "Settings of every method: default (this project's), neuroxai or ies (the "
+      "reference systems' own, tabulated in tracin_jax/saliency/presets.py; they replace "
+      "the step and sample counts below).", flag="saliency_preset",
+      choices=tuple(sal.PRESETS))
   ig_steps: int = setting(50, "Integrated-gradients steps (baseline: each channel's "
                           "minimum).", minimum=1)
   guided_ig_steps: int = setting(200, "Guided integrated-gradients steps.", minimum=1)
@@ -126,6 +133,9 @@ class SaliencyConfig:
                             minimum=1)
   seed: int = setting(0, "Seed of the noise and of the random parameters.",
                       flag="saliency_seed", minimum=0)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SaliencyConfig)}
 
 
 @dataclasses.dataclass
@@ -223,6 +233,23 @@ def _resolve_images(config: SaliencyConfig, val_ids) -> list[int] | None:
   return [index[s] for s in config.images]
 
 
+def preset_counts(config: SaliencyConfig) -> dict[str, int | None]:
+  """`method_map`'s step and sample counts: the settings' under the default preset, None
+  (the preset's own) under a reference preset.
+
+  Raises:
+    StageError: a reference preset with any of those counts changed from its default.
+  """
+  if config.preset == "default":
+    return {f: getattr(config, f) for f in PRESET_SETTINGS}
+  changed = [f for f in PRESET_SETTINGS if getattr(config, f) != _DEFAULTS[f]]
+  if changed:
+    raise base.StageError(
+        f"--saliency_preset={config.preset} sets its own step and sample counts; "
+        f"{', '.join(f'--{f}={getattr(config, f)}' for f in changed)} would be ignored.")
+  return dict.fromkeys(PRESET_SETTINGS)
+
+
 class _Explainer:
   """The methods on one model, compiled once and shared by every image."""
 
@@ -236,15 +263,15 @@ class _Explainer:
                             f"its blocks: {', '.join(names)}.")
     self.layer = self.m.layer(config.layer)
     self.layers = self.m.layers()
+    self.preset = sal.get_preset(config.preset)
+    self.counts = preset_counts(config)
 
   def method(self, name: str, x, target, params=None):
     """[N, H, W, C] map of one method (the Grad-CAM family broadcast over C)."""
     c = self.config
     return sal.method_map(name, self.m.apply_fn, self.m.params if params is None else params,
-                          x, target, layer=self.layer, ig_steps=c.ig_steps,
-                          guided_ig_steps=c.guided_ig_steps,
-                          smoothgrad_samples=c.smoothgrad_samples, seed=c.seed,
-                          memory_budget_bytes=self.budget)
+                          x, target, layer=self.layer, preset=self.preset, seed=c.seed,
+                          memory_budget_bytes=self.budget, **self.counts)
 
   def maps(self, x, target) -> np.ndarray:
     """[M, N, H, W, C] for the configured methods."""
@@ -280,8 +307,9 @@ def _faithfulness(ex: _Explainer, x, target, maps: np.ndarray, truth: np.ndarray
       i_auc = np.asarray(insertion.auc) / np.abs(i_scores[:, -1])
     complete = np.full(len(x), np.nan)
     if name in PATH_METHODS:
-      err = np.asarray(sal.completeness_error(f, p, x, target, m, baseline="min"))
-      change = np.asarray(target(f(p, x)) - target(f(p, sal.make_baseline(x, "min"))))
+      b = ex.preset.options(name)["baseline"]  # the map's own baseline
+      err = np.asarray(sal.completeness_error(f, p, x, target, m, baseline=b))
+      change = np.asarray(target(f(p, x)) - target(f(p, sal.make_baseline(x, b))))
       complete = np.abs(err) / np.maximum(np.abs(change), 1e-12)
     mass = np.asarray(sal.relevance_mass_accuracy(
         m, truth, channel_reduce="abs_sum"))
@@ -535,9 +563,12 @@ class SaliencyStage(base.StageBase):
 
   def _parts(self, context, inputs, kind: str, fields: Sequence[str]) -> base.Parts:
     """Saved work of one kind, keyed by the explained model and the settings it uses."""
+    # The default preset is left out of the key, so runs saved before presets existed are
+    # still reused.
+    keyed = [f for f in fields if not (f == "preset" and self.config.preset == "default")]
     return base.Parts(context.workdir / self.name / "parts" / kind,
                       {"influence": inputs.fingerprint,
-                       **{f: outputs.plain(getattr(self.config, f)) for f in fields}},
+                       **{f: outputs.plain(getattr(self.config, f)) for f in keyed}},
                       what=f"saliency {kind}")
 
   def _explain_image(self, context: base.Context, ex: _Explainer, inputs,
@@ -576,11 +607,14 @@ class SaliencyStage(base.StageBase):
     return np.concatenate([np.asarray(inst_lib.instance_smoothgrad(
         ex.m.apply_fn, ex.m.params, image, [inst], key=c.seed, num_samples=c.instance_samples,
         noise_level=c.instance_noise_level, aggregation=c.instance_aggregation,
+        noise_channel=ex.preset.options("instance_smoothgrad")["noise_channel"],
         memory_budget_bytes=ex.budget), np.float32) for inst in found])
 
   def _instance_cams(self, ex: _Explainer, image, found) -> list[np.ndarray]:
+    variant = ex.preset.options("instance_grad_cam_plus_plus")["variant"]
     return [np.asarray(inst_lib.instance_grad_cam_plus_plus(
-        ex.m.apply_fn, ex.m.params, image, [inst], layer=ex.layer).upsampled[0])
+        ex.m.apply_fn, ex.m.params, image, [inst], layer=ex.layer,
+        variant=variant).upsampled[0])
             for inst in found]
 
   def _context_curve(self, ex: _Explainer, image, inst: inst_lib.Instance,
