@@ -1,6 +1,7 @@
 """Tests for the models in 3D (`spatial_dims=3`): the same blocks and variants by spatial
 rank, checked against the 2D ones they generalise. Tiny shapes: volumes [N, 4, 8, 8, 4]
-(D x H x W), base width 2, depth 1 and 2; one compiled 3D value-and-gradient shared."""
+(D x H x W), base width 2, depth 1 and 2; one compiled 3D value-and-gradient for several
+tests."""
 
 import re
 
@@ -353,6 +354,7 @@ def test_spatial_dims_other_than_2_or_3_is_refused():
   for bad in (1, 4, True, 3.0, "3"):
     with pytest.raises(ValueError, match=rf"spatial_dims must be 2 .* or 3 .*got {bad!r}"):
       models.get_model("unet", base_width=2, depth=1, spatial_dims=bad)
+  assert layers.check_spatial_dims(np.int64(3)) == 3  # an integer from numpy is one
   with pytest.raises(ValueError, match="spatial_dims must be 2"):
     layers.ConvBlock(2, 2, norm="none", spatial_dims=1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="spatial_dims must be 2"):

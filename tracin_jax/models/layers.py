@@ -14,6 +14,7 @@ volumes [N, D, H, W, C] in 3D (D the axial slices); [N, *spatial, C] below stand
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,14 @@ def check_spatial_dims(spatial_dims: int) -> int:
   Raises:
     ValueError: for anything else (another number, a bool, a float, a string).
   """
-  if (isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int)
+  if (isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral)
       or spatial_dims not in SPATIAL_DIMS):
     raise ValueError(f"spatial_dims must be 2 (images [N, H, W, C]) or 3 (volumes "
                      f"[N, D, H, W, C]), got {spatial_dims!r}")
-  return spatial_dims
+  return int(spatial_dims)
 
 
-def kernel_size(size: int, spatial_dims: int) -> tuple[int, ...]:
+def window(size: int, spatial_dims: int) -> tuple[int, ...]:
   """The square (cubic) window `(size,) * spatial_dims`: (3, 3) in 2D, (3, 3, 3) in 3D."""
   return (size,) * check_spatial_dims(spatial_dims)
 
@@ -118,7 +119,7 @@ class ConvBlock(nnx.Module):
                rngs: nnx.Rngs):
     # A bias before a norm with a learned offset is redundant: keep it only without norm.
     use_bias = norm == "none"
-    k3, k1 = kernel_size(3, spatial_dims), kernel_size(1, spatial_dims)
+    k3, k1 = window(3, spatial_dims), window(1, spatial_dims)
     self.conv1 = conv(in_channels, out_channels, k3, use_bias=use_bias, rngs=rngs)
     self.norm1 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
     self.conv2 = conv(out_channels, out_channels, k3, use_bias=use_bias, rngs=rngs)
@@ -157,11 +158,11 @@ class Upsample(nnx.Module):
     if mode == "transpose":
       # fan_in = in_channels: each output pixel sees one input pixel.
       init = draws.lecun_normal(in_axis=0, out_axis=tuple(range(1, spatial_dims + 2)))
-      self.kernel = nnx.Param(init(rngs.params(), (in_channels, *kernel_size(2, spatial_dims),
+      self.kernel = nnx.Param(init(rngs.params(), (in_channels, *window(2, spatial_dims),
                                                    out_channels)))
       self.bias = nnx.Param(jnp.zeros((out_channels,)))
     elif mode == "resize":
-      self.conv = conv(in_channels, out_channels, kernel_size(3, spatial_dims), rngs=rngs)
+      self.conv = conv(in_channels, out_channels, window(3, spatial_dims), rngs=rngs)
     else:
       raise ValueError(f"unknown upsampling mode {mode!r}; expected one of {UPSAMPLE_MODES}")
     self.mode = mode
@@ -189,7 +190,7 @@ class AttentionGate(nnx.Module):
 
   def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int, *,
                spatial_dims: int = 2, rngs: nnx.Rngs):
-    k1 = kernel_size(1, spatial_dims)
+    k1 = window(1, spatial_dims)
     self.w_skip = conv(skip_channels, inter_channels, k1, use_bias=False, rngs=rngs)
     self.w_gate = conv(gate_channels, inter_channels, k1, rngs=rngs)
     self.psi = conv(inter_channels, 1, k1, rngs=rngs)

@@ -199,7 +199,7 @@ class UNet(nnx.Module):
         if self.attention else None)
     self.decoder = nnx.List([block(2 * widths[i], widths[i]) for i in levels[:-1]])
     self.last_hidden = block(2 * widths[0], widths[0])
-    self.head = layers.conv(widths[0], num_classes, layers.kernel_size(1, spatial_dims),
+    self.head = layers.conv(widths[0], num_classes, layers.window(1, spatial_dims),
                             rngs=rngs)
     if background_bias:
       self.head.bias[...] = self.head.bias[...].at[0].set(background_bias)
