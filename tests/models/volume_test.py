@@ -260,6 +260,17 @@ def test_3d_unet_on_identical_slices_is_the_2d_unet_on_each(unet3d):
   assert not np.allclose(own[:, 0], want_logits, atol=1e-3)
 
 
+@pytest.mark.slow  # one more compiled 3D forward pass, vmapped: 1 to 4 s
+def test_3d_functional_vmaps_one_volume_at_a_time(unet3d, volume):
+  """Per-example computations (TracIn's gradients) see one volume as [1, D, H, W, C]: the
+  vmapped functional view equals the batched call, GroupNorm being per example."""
+  model, value_and_grad, params = unet3d
+  apply_fn, _, _ = models.functional(model)
+  (_, (batched, _)), _ = value_and_grad(params, volume, ONES)
+  one = jax.jit(jax.vmap(lambda x: apply_fn(params, x[None])[0]))(volume)
+  np.testing.assert_allclose(one, batched, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow  # a 2D and a 3D forward pass compiled per variant, depth 2: 3 to 8 s each
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_3d_variant_on_identical_slices_is_its_2d_variant(name):
