@@ -4,6 +4,7 @@ forms, in fresh processes.
 
     PYTHONPATH=. python benchmarks/model_init.py --base_width=8 --depth=3
     PYTHONPATH=. python benchmarks/model_init.py --base_width=64 --depth=4 --repeats=1
+    PYTHONPATH=. python benchmarks/model_init.py --spatial_dims=3 --models=unet,resunet
 
 A model built eagerly compiles one random draw per parameter shape the first time it meets
 it; `models.get_model` records the draws, makes them in one compiled call and replays them
@@ -43,6 +44,7 @@ flags.DEFINE_list("forms", ["seed", "rngs"], "Seed forms: seed (seed=0, RBG stre
 flags.DEFINE_integer("base_width", 8, "Base width (the demo's: 8; the paper's: 64).")
 flags.DEFINE_integer("depth", 3, "Depth (the demo's: 3; the paper's: 4).")
 flags.DEFINE_integer("repeats", 3, "Fresh processes per variant; medians are reported.")
+flags.DEFINE_integer("spatial_dims", 2, "2 (slices, 3x3 kernels) or 3 (volumes, 3x3x3).")
 
 _CHILD = r"""
 import hashlib, json, sys, time
@@ -51,8 +53,8 @@ import jax, numpy as np
 from flax import nnx
 from tracin_jax import models
 imported = time.perf_counter() - wall0
-name, width, depth, form, variant = sys.argv[1:6]
-kwargs = dict(base_width=int(width), depth=int(depth))
+name, width, depth, form, variant, spatial_dims = sys.argv[1:7]
+kwargs = dict(base_width=int(width), depth=int(depth), spatial_dims=int(spatial_dims))
 if variant == "before":
   import math
   from tracin_jax import draws
@@ -77,7 +79,7 @@ digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in leaves)).hexdi
 print(json.dumps({"seconds": wall, "cpu": cpu, "import": imported, "digest": digest,
                   "params": models.count_params(model),
                   "sizes": len({x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
-                                if x.ndim == 4})}))
+                                if x.ndim >= 4})}))
 """
 
 VARIANTS = ("before", "eager", "together")
@@ -87,7 +89,7 @@ def _build(name: str, form: str, variant: str) -> dict:
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
   out = subprocess.run(
       [sys.executable, "-c", _CHILD, name, str(FLAGS.base_width), str(FLAGS.depth), form,
-       variant], env=env, capture_output=True, text=True, check=True)
+       variant, str(FLAGS.spatial_dims)], env=env, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,8 +98,8 @@ def main(argv):
   from tracin_jax import models  # pylint: disable=g-import-not-at-top
   names = FLAGS.models or models.list_models()
   load_before = os.getloadavg()
-  print(f"base width {FLAGS.base_width}, depth {FLAGS.depth}; fresh processes, no compilation "
-        f"cache; medians of {FLAGS.repeats}; load {load_before[0]:.1f} "
+  print(f"{FLAGS.spatial_dims}D, base width {FLAGS.base_width}, depth {FLAGS.depth}; fresh "
+        f"processes, no compilation cache; medians of {FLAGS.repeats}; load {load_before[0]:.1f} "
         f"(1-min average, {os.cpu_count()} cores)")
   print(f"{'model':<16}{'form':<6}{'params':>10}{'sizes':>7}  {'before s':>8}{'(cpu)':>7}  "
         f"{'eager s':>8}{'(cpu)':>7}  {'together s':>10}{'(cpu)':>7}  {'speed-up':>8}  "

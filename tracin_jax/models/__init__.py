@@ -1,11 +1,13 @@
 """Segmentation models (Flax NNX), chosen by name.
 
 `get_model(name, ...)` builds one of `list_models()`: "unet" (the paper's), "resunet",
-"attention_unet", "deepseg", its random draws made together (`build`). `functional(model)`
-gives the pure `(apply_fn, params, state)` view that influence computations transform.
-See `tracin_jax.models.unet` for the architecture.
+"attention_unet", "deepseg", its random draws made together (`build`), for slices
+[N, H, W, C] (`spatial_dims=2`, the default) or volumes [N, D, H, W, C] (`spatial_dims=3`).
+`functional(model)` gives the pure `(apply_fn, params, state)` view that influence
+computations transform. See `tracin_jax.models.unet` for the architecture.
 """
 
+from tracin_jax.models.layers import SPATIAL_DIMS
 from tracin_jax.models.unet import (
     LAST_HIDDEN,
     AttentionUNet,
@@ -24,6 +26,7 @@ from tracin_jax.models.unet import (
 
 __all__ = [
     "LAST_HIDDEN",
+    "SPATIAL_DIMS",
     "AttentionUNet",
     "DeepSeg",
     "ResUNet",

@@ -5,12 +5,16 @@ convolutions, optionally residual), `Upsample` (transposed convolution or neares
 followed by a convolution) and `AttentionGate`. A variant is a choice of their arguments,
 never a copy of them.
 
-Layout is NHWC throughout: images and feature maps are [N, H, W, C].
+Every block works in 2D or 3D, chosen by `spatial_dims` (2, the default, or 3): one code
+path by spatial rank, the kernels 3x3 or 3x3x3, the pooling and upsampling 2x2 or 2x2x2.
+Layout is channels-last throughout: images and feature maps are [N, H, W, C] in 2D,
+volumes [N, D, H, W, C] in 3D (D the axial slices); [N, *spatial, C] below stands for both.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,25 @@ from tracin_jax import draws
 
 NORMS: tuple[str, ...] = ("group", "batch", "none")
 UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "resize")
+SPATIAL_DIMS: tuple[int, ...] = (2, 3)
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+  """Returns `spatial_dims` if it is 2 (images [N, H, W, C]) or 3 (volumes [N, D, H, W, C]).
+
+  Raises:
+    ValueError: for anything else (another number, a bool, a float, a string).
+  """
+  if (isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral)
+      or spatial_dims not in SPATIAL_DIMS):
+    raise ValueError(f"spatial_dims must be 2 (images [N, H, W, C]) or 3 (volumes "
+                     f"[N, D, H, W, C]), got {spatial_dims!r}")
+  return int(spatial_dims)
+
+
+def window(size: int, spatial_dims: int) -> tuple[int, ...]:
+  """The square (cubic) window `(size,) * spatial_dims`: (3, 3) in 2D, (3, 3, 3) in 3D."""
+  return (size,) * check_spatial_dims(spatial_dims)
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], *,
@@ -59,43 +82,51 @@ def _apply(layer: nnx.Module | None, x: jax.Array) -> jax.Array:
 
 
 def max_pool2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling with stride 2: [N, H, W, C] -> [N, H/2, W/2, C] (H, W even).
+  """Max pooling over 2x2 (2x2x2) windows with stride 2, for any spatial rank:
+  [N, H, W, C] -> [N, H/2, W/2, C], [N, D, H, W, C] -> [N, D/2, H/2, W/2, C] (sizes even).
 
   A reshape and a max rather than `reduce_window`: the same values, and its gradient is a
   cheap elementwise mask on XLA:CPU instead of a select-and-scatter.
   """
-  n, h, w, c = x.shape
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  n, *spatial, c = x.shape
+  split = [n, *(d for size in spatial for d in (size // 2, 2)), c]
+  return x.reshape(split).max(axis=tuple(range(2, 2 * len(spatial) + 1, 2)))
 
 
 def upsample_nearest2(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour 2x upsampling: [N, H, W, C] -> [N, 2H, 2W, C]."""
-  n, h, w, c = x.shape
-  x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
-  return x.reshape(n, 2 * h, 2 * w, c)
+  """Nearest-neighbour 2x upsampling along every spatial axis:
+  [N, H, W, C] -> [N, 2H, 2W, C], [N, D, H, W, C] -> [N, 2D, 2H, 2W, C]."""
+  n, *spatial, c = x.shape
+  # x[:, :, None, :, None, :] in 2D: a new axis of 2 after each spatial axis.
+  x = x[(slice(None), *(i for _ in spatial for i in (slice(None), None)), slice(None))]
+  x = jnp.broadcast_to(x, (n, *(d for size in spatial for d in (size, 2)), c))
+  return x.reshape(n, *(2 * size for size in spatial), c)
 
 
 class ConvBlock(nnx.Module):
-  """Two 3x3 convolutions, each followed by a norm; ReLU after each.
+  """Two 3x3 (3x3x3) convolutions, each followed by a norm; ReLU after each.
 
-  With `residual=True` the input (projected by a 1x1 convolution when the widths differ) is
-  added before the second ReLU, as in a ResNet basic block; this is the only difference
-  between the plain and the residual variants.
+  With `residual=True` the input (projected by a 1x1 (1x1x1) convolution when the widths
+  differ) is added before the second ReLU, as in a ResNet basic block; this is the only
+  difference between the plain and the residual variants.
 
-  Maps [N, H, W, in_channels] -> [N, H, W, out_channels]; the output is non-negative.
+  Maps [N, *spatial, in_channels] -> [N, *spatial, out_channels] (`spatial_dims` spatial
+  axes, zero-padded "SAME" convolutions); the output is non-negative.
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, norm: str,
-               residual: bool = False, norm_groups: int = 8, rngs: nnx.Rngs):
+               residual: bool = False, norm_groups: int = 8, spatial_dims: int = 2,
+               rngs: nnx.Rngs):
     # A bias before a norm with a learned offset is redundant: keep it only without norm.
     use_bias = norm == "none"
-    self.conv1 = conv(in_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
+    k3, k1 = window(3, spatial_dims), window(1, spatial_dims)
+    self.conv1 = conv(in_channels, out_channels, k3, use_bias=use_bias, rngs=rngs)
     self.norm1 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
-    self.conv2 = conv(out_channels, out_channels, (3, 3), use_bias=use_bias, rngs=rngs)
+    self.conv2 = conv(out_channels, out_channels, k3, use_bias=use_bias, rngs=rngs)
     self.norm2 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
     self.residual = residual
     self.shortcut = (
-        conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        conv(in_channels, out_channels, k1, rngs=rngs)
         if residual and in_channels != out_channels else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,25 +138,31 @@ class ConvBlock(nnx.Module):
 
 
 class Upsample(nnx.Module):
-  """2x spatial upsampling that also changes the width: [N, H, W, Cin] -> [N, 2H, 2W, Cout].
+  """2x spatial upsampling that also changes the width: [N, H, W, Cin] -> [N, 2H, 2W, Cout]
+  in 2D, [N, D, H, W, Cin] -> [N, 2D, 2H, 2W, Cout] in 3D.
 
   mode "transpose": the original UNet's 2x2 up-convolution, a transposed convolution with a
-    2x2 kernel and stride 2. Its windows do not overlap, so output pixel (2i + a, 2j + b) is
-    x[i, j] @ kernel[:, a, b, :] + bias: one matrix product followed by depth-to-space.
-    It is computed that way (`kernel` [Cin, 2, 2, Cout], `bias` [Cout]) because XLA:CPU
-    takes about 5x longer for the gradient of `lax.conv_transpose` than for this product.
-  mode "resize": nearest-neighbour 2x resize followed by a 3x3 convolution (the Keras
+    2x2 (2x2x2) kernel and stride 2. Its windows do not overlap, so output pixel
+    (2i + a, 2j + b) is x[i, j] @ kernel[:, a, b, :] + bias (voxel (2i + a, 2j + b, 2k + e)
+    is x[i, j, k] @ kernel[:, a, b, e, :] + bias): one matrix product followed by
+    depth-to-space. It is computed that way (`kernel` [Cin, 2, 2, Cout] or
+    [Cin, 2, 2, 2, Cout], `bias` [Cout]) because XLA:CPU takes about 5x longer for the
+    gradient of `lax.conv_transpose` than for this product.
+  mode "resize": nearest-neighbour 2x resize followed by a 3x3 (3x3x3) convolution (the Keras
     `UpSampling2D` + `Conv2D` decoder of DeepSeg).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, mode: str, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, out_channels: int, *, mode: str,
+               spatial_dims: int = 2, rngs: nnx.Rngs):
+    check_spatial_dims(spatial_dims)
     if mode == "transpose":
       # fan_in = in_channels: each output pixel sees one input pixel.
-      init = draws.lecun_normal(in_axis=0, out_axis=(1, 2, 3))
-      self.kernel = nnx.Param(init(rngs.params(), (in_channels, 2, 2, out_channels)))
+      init = draws.lecun_normal(in_axis=0, out_axis=tuple(range(1, spatial_dims + 2)))
+      self.kernel = nnx.Param(init(rngs.params(), (in_channels, *window(2, spatial_dims),
+                                                   out_channels)))
       self.bias = nnx.Param(jnp.zeros((out_channels,)))
     elif mode == "resize":
-      self.conv = conv(in_channels, out_channels, (3, 3), rngs=rngs)
+      self.conv = conv(in_channels, out_channels, window(3, spatial_dims), rngs=rngs)
     else:
       raise ValueError(f"unknown upsampling mode {mode!r}; expected one of {UPSAMPLE_MODES}")
     self.mode = mode
@@ -133,27 +170,33 @@ class Upsample(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mode == "resize":
       return self.conv(upsample_nearest2(x))
-    n, h, w, _ = x.shape
-    y = jnp.einsum("nhwc,cabo->nhawbo", x, self.kernel[...])
-    return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...]
+    n, *spatial, _ = x.shape
+    # "nhwc,cabo->nhawbo" in 2D, "ndhwc,cabeo->ndahbweo" in 3D: each input axis followed by
+    # its offset within the 2x window.
+    axes, offsets = "dhw"[-len(spatial):], "abe"[:len(spatial)]
+    interleaved = "".join(a + o for a, o in zip(axes, offsets))
+    y = jnp.einsum(f"n{axes}c,c{offsets}o->n{interleaved}o", x, self.kernel[...])
+    return y.reshape(n, *(2 * size for size in spatial), -1) + self.bias[...]
 
 
 class AttentionGate(nnx.Module):
   """Additive attention gate on a skip connection (Oktay et al., Attention U-Net, 2018).
 
-  alpha = sigmoid(psi(relu(W_skip skip + W_gate gate))), a [N, H, W, 1] map in (0, 1);
+  alpha = sigmoid(psi(relu(W_skip skip + W_gate gate))), a [N, *spatial, 1] map in (0, 1);
   the gate returns skip * alpha. Here the gating signal is the decoder's upsampled features,
-  already at the skip's resolution, so all three maps are 1x1 convolutions. Computed per
-  pixel and per example: no statistics across the batch.
+  already at the skip's resolution, so all three maps are 1x1 (1x1x1) convolutions.
+  Computed per pixel (voxel) and per example: no statistics across the batch.
   """
 
   def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int, *,
-               rngs: nnx.Rngs):
-    self.w_skip = conv(skip_channels, inter_channels, (1, 1), use_bias=False, rngs=rngs)
-    self.w_gate = conv(gate_channels, inter_channels, (1, 1), rngs=rngs)
-    self.psi = conv(inter_channels, 1, (1, 1), rngs=rngs)
+               spatial_dims: int = 2, rngs: nnx.Rngs):
+    k1 = window(1, spatial_dims)
+    self.w_skip = conv(skip_channels, inter_channels, k1, use_bias=False, rngs=rngs)
+    self.w_gate = conv(gate_channels, inter_channels, k1, rngs=rngs)
+    self.psi = conv(inter_channels, 1, k1, rngs=rngs)
 
   def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
-    """skip: [N, H, W, Cs]; gate: [N, H, W, Cg]. Returns skip scaled by alpha: [N, H, W, Cs]."""
+    """skip: [N, *spatial, Cs]; gate: [N, *spatial, Cg]. Returns skip scaled by alpha:
+    [N, *spatial, Cs]."""
     alpha = jax.nn.sigmoid(self.psi(jax.nn.relu(self.w_skip(skip) + self.w_gate(gate))))
     return skip * alpha

@@ -1,13 +1,22 @@
-"""2D UNet variants for multiclass segmentation, registered by name.
+"""UNet variants for multiclass segmentation, in 2D or 3D, registered by name.
 
     model = get_model("unet", base_width=16, depth=4)        # nnx.Module
     logits = model(images)                                   # [N, H, W, 4] -> [N, H, W, 4]
     logits, hidden = model(images, return_hidden=True)       # hidden: [N, H, W, base_width]
     apply_fn, params, state = functional(model)              # pure function of the params
+    volumes = get_model("unet", spatial_dims=3)     # [N, D, H, W, 4] -> [N, D, H, W, 4]
 
 The four variants ("unet", "resunet", "attention_unet", "deepseg") are one class, `UNet`,
 whose subclasses only change three class constants: residual blocks, attention gates on the
 skip connections, and how the decoder upsamples. All blocks come from `layers.py`.
+
+Spatial rank. `spatial_dims=2` (the default, the paper's) takes axial slices [N, H, W, C];
+`spatial_dims=3` takes whole volumes [N, D, H, W, C] (D the axial slices), with the same
+architecture by rank: 3x3x3 kernels, 2x2x2 pooling and upsampling, 1x1x1 heads and gates.
+A 3D 3x3x3 kernel has 3 times the 2D one's parameters, a 2x2x2 up-convolution 2 times, a
+1x1x1 kernel as many. On a volume whose slices are all the same image, a 3D model whose
+3x3x3 kernels hold the 2D kernels in their centre depth plane (the 2x2x2 ones in both
+planes) computes the 2D model's output on every slice (`tests/models/volume_test.py`).
 
 Architecture. `depth` down-sampling levels; level i has width base_width * 2**i and the
 bottleneck base_width * 2**depth. Each encoder level is a `ConvBlock` (two 3x3 conv + norm +
@@ -37,7 +46,8 @@ from flax import nnx
 
 from tracin_jax import draws
 from tracin_jax.models import layers
-from tracin_jax.models.layers import NORMS, AttentionGate, ConvBlock, Upsample, max_pool2
+from tracin_jax.models.layers import (NORMS, AttentionGate, ConvBlock, Upsample,
+                                     check_spatial_dims, max_pool2)
 from tracin_jax.types import Array, Params, State
 
 LAST_HIDDEN = "last_hidden"
@@ -83,30 +93,32 @@ def apply_channel_mask(hidden: Array, channel_mask: Array) -> Array:
   """Multiplies feature maps by a per-channel mask.
 
   Args:
-    hidden: [N, H, W, C] feature maps.
+    hidden: [N, *spatial, C] feature maps ([N, H, W, C] or [N, D, H, W, C]).
     channel_mask: [C] (the same mask for every example) or [N, C] (one per example).
 
   Returns:
-    [N, H, W, C]: hidden * mask, broadcast over H and W.
+    [N, *spatial, C]: hidden * mask, broadcast over the spatial axes.
 
   Raises:
     ValueError: if the mask's shape is neither [C] nor [N, C].
   """
   mask = jnp.asarray(channel_mask, hidden.dtype)
-  n, _, _, c = hidden.shape
+  n, *spatial, c = hidden.shape
   if mask.shape == (c,):
     return hidden * mask
   if mask.shape == (n, c):
-    return hidden * mask[:, None, None, :]
+    return hidden * mask[(slice(None), *(None for _ in spatial), slice(None))]
   raise ValueError(
       f"channel_mask has shape {mask.shape}; expected [C]=({c},) or [N, C]=({n}, {c})")
 
 
 @register_model("unet")
 class UNet(nnx.Module):
-  """The standard 2D UNet (Ronneberger et al., 2015) that the paper uses.
+  """The standard UNet (Ronneberger et al., 2015) that the paper uses, in 2D (the paper's)
+  or in 3D, the same network by spatial rank (as Cicek et al.'s 3D U-Net, 2016, extends it).
 
-  Plain `ConvBlock`s, 2x2 transposed convolutions to upsample, skips concatenated as they are.
+  Plain `ConvBlock`s, 2x2 (2x2x2) transposed convolutions to upsample, skips concatenated
+  as they are.
 
   Attributes:
     LAST_HIDDEN: "last_hidden", the attribute name of the last hidden layer (a `ConvBlock`);
@@ -114,7 +126,8 @@ class UNet(nnx.Module):
       that key of `nnx.state(model)`.
     last_hidden_channels: C, the number of feature maps of the last hidden layer
       (= base_width).
-    depth, base_width, norm, num_classes, in_channels: the constructor's arguments.
+    depth, base_width, norm, num_classes, in_channels, spatial_dims: the constructor's
+      arguments.
   """
 
   LAST_HIDDEN: ClassVar[str] = LAST_HIDDEN
@@ -125,14 +138,14 @@ class UNet(nnx.Module):
 
   def __init__(self, *, base_width: int = 16, depth: int = 4, norm: str = "group",
                num_classes: int = 4, in_channels: int = 4, norm_groups: int = 8,
-               background_bias: float = 0.0, rngs: nnx.Rngs):
+               background_bias: float = 0.0, spatial_dims: int = 2, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
       base_width: width of the first level and of the last hidden layer; it doubles at each
         level down.
-      depth: number of 2x2 down-sampling levels (>= 1); H and W must be divisible by
-        2**depth.
+      depth: number of 2x2 (2x2x2) down-sampling levels (>= 1); H and W (and D) must be
+        divisible by 2**depth.
       norm: "group" (default, per-example), "batch" or "none"; see the module docstring.
       num_classes: K, the number of output logits per pixel (background included).
       in_channels: input channels (4 MRI modalities: T1, T1Gd, T2, FLAIR).
@@ -141,10 +154,13 @@ class UNet(nnx.Module):
         p_bg of about e^b / (e^b + K - 1) at initialisation. A Dice loss that excludes the
         background (eq 2) barely pushes a uniform start towards background on the small
         tumour classes; a prior of 3 lets training start from a mostly-background prediction.
+      spatial_dims: 2 for slices [N, H, W, in_channels] (3x3 kernels), 3 for volumes
+        [N, D, H, W, in_channels] (3x3x3 kernels); see the module docstring.
       rngs: random streams for the initialisation.
 
     Raises:
-      ValueError: for a non-positive width, depth or class count, or an unknown norm.
+      ValueError: for a non-positive width, depth or class count, an unknown norm, or a
+        `spatial_dims` other than 2 or 3.
     """
     for arg, value in (("base_width", base_width), ("depth", depth),
                        ("num_classes", num_classes), ("in_channels", in_channels),
@@ -153,6 +169,7 @@ class UNet(nnx.Module):
         raise ValueError(f"{arg} must be >= 1, got {value}")
     if norm not in NORMS:
       raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    self.spatial_dims = check_spatial_dims(spatial_dims)
     self.base_width = base_width
     self.depth = depth
     self.norm = norm
@@ -164,7 +181,7 @@ class UNet(nnx.Module):
 
     def block(c_in: int, c_out: int) -> ConvBlock:
       return ConvBlock(c_in, c_out, norm=norm, residual=self.residual,
-                       norm_groups=norm_groups, rngs=rngs)
+                       norm_groups=norm_groups, spatial_dims=spatial_dims, rngs=rngs)
 
     self.encoder = nnx.List(
         [block(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:depth - 1]],
@@ -173,42 +190,53 @@ class UNet(nnx.Module):
     # Decoder levels from coarse to fine: depth - 1, ..., 1, then 0 (the last hidden layer).
     levels = list(reversed(range(depth)))
     self.up = nnx.List(
-        [Upsample(widths[i + 1], widths[i], mode=self.upsample, rngs=rngs) for i in levels])
+        [Upsample(widths[i + 1], widths[i], mode=self.upsample, spatial_dims=spatial_dims,
+                  rngs=rngs) for i in levels])
     self.gates = (
-        nnx.List([AttentionGate(widths[i], widths[i], max(widths[i] // 2, 1), rngs=rngs)
+        nnx.List([AttentionGate(widths[i], widths[i], max(widths[i] // 2, 1),
+                                spatial_dims=spatial_dims, rngs=rngs)
                   for i in levels])
         if self.attention else None)
     self.decoder = nnx.List([block(2 * widths[i], widths[i]) for i in levels[:-1]])
     self.last_hidden = block(2 * widths[0], widths[0])
-    self.head = layers.conv(widths[0], num_classes, (1, 1), rngs=rngs)
+    self.head = layers.conv(widths[0], num_classes, layers.window(1, spatial_dims),
+                            rngs=rngs)
     if background_bias:
       self.head.bias[...] = self.head.bias[...].at[0].set(background_bias)
 
   def _check_input(self, images: Array) -> None:
-    if images.ndim != 4 or images.shape[-1] != self.in_channels:
-      raise ValueError(
-          f"images must be [N, H, W, {self.in_channels}], got shape {tuple(images.shape)}")
-    _, h, w, _ = images.shape
+    c = self.in_channels
+    if images.ndim != self.spatial_dims + 2 or images.shape[-1] != c:
+      want = (f"[N, H, W, {c}] (a model of spatial_dims=2; volumes [N, D, H, W, {c}] need "
+              "spatial_dims=3)" if self.spatial_dims == 2 else
+              f"[N, D, H, W, {c}] (a model of spatial_dims=3; slices [N, H, W, {c}] need "
+              "spatial_dims=2)")
+      raise ValueError(f"images must be {want}, got shape {tuple(images.shape)}")
+    spatial = images.shape[1:-1]
     factor = 2**self.depth
-    if h % factor or w % factor:
+    if any(size % factor for size in spatial):
+      what = "image size" if self.spatial_dims == 2 else "volume size (D x H x W)"
       raise ValueError(
-          f"image size {h}x{w} is not divisible by 2**depth = {factor} (depth={self.depth}); "
-          f"crop or resize the images to a multiple of {factor}, or lower the depth")
+          f"{what} {'x'.join(map(str, spatial))} of images of shape {tuple(images.shape)} is "
+          f"not divisible by 2**depth = {factor} (depth={self.depth}); crop, pad or resize "
+          f"them to a multiple of {factor}, or lower the depth")
 
   def __call__(self, images: Array, *, channel_mask: Array | None = None,
                return_hidden: bool = False) -> Array | tuple[Array, Array]:
-    """Class logits for every pixel.
+    """Class logits for every pixel (voxel).
 
     Args:
-      images: [N, H, W, in_channels] float32, H and W divisible by 2**depth.
+      images: [N, H, W, in_channels] float32 (spatial_dims=2) or [N, D, H, W, in_channels]
+        (spatial_dims=3), every spatial size divisible by 2**depth.
       channel_mask: None, [C] or [N, C] with C = last_hidden_channels; multiplies the last
         hidden layer's feature maps before the head (0 masks a feature map out).
       return_hidden: also return the last hidden layer's feature maps.
 
     Returns:
-      logits [N, H, W, num_classes] float32; with `return_hidden`, (logits, hidden) where
-      hidden [N, H, W, C] are the features after the last hidden layer's ReLU, *before* the
-      channel mask is applied (the mask only changes the logits).
+      logits [N, *spatial, num_classes] float32 ([N, H, W, K] or [N, D, H, W, K]); with
+      `return_hidden`, (logits, hidden) where hidden [N, *spatial, C] are the features after
+      the last hidden layer's ReLU, *before* the channel mask is applied (the mask only
+      changes the logits).
 
     Raises:
       ValueError: for images of the wrong rank, channel count or size, or a mask of the
@@ -243,7 +271,8 @@ class ResUNet(UNet):
 @register_model("attention_unet")
 class AttentionUNet(UNet):
   """Attention U-Net (Oktay et al., 2018): additive attention gates scale each skip
-  connection by a [N, H, W, 1] map computed from the skip and the upsampled decoder features.
+  connection by a [N, *spatial, 1] map computed from the skip and the upsampled decoder
+  features.
   """
 
   attention = True
@@ -252,7 +281,8 @@ class AttentionUNet(UNet):
 @register_model("deepseg")
 class DeepSeg(UNet):
   """DeepSeg-style encoder-decoder (Zeineldin et al., 2020): the decoder upsamples by a
-  nearest-neighbour resize followed by a 3x3 convolution instead of a transposed convolution.
+  nearest-neighbour resize followed by a 3x3 (3x3x3) convolution instead of a transposed
+  convolution.
 
   The original's dropout is left out so that the model is a deterministic function of its
   parameters, as influence scores need; it uses the norm chosen here (default GroupNorm)
@@ -263,8 +293,8 @@ class DeepSeg(UNet):
 
 
 def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "group",
-              num_classes: int = 4, in_channels: int = 4, seed: int = 0,
-              rngs: nnx.Rngs | None = None, **kwargs: Any) -> UNet:
+              num_classes: int = 4, in_channels: int = 4, spatial_dims: int = 2,
+              seed: int = 0, rngs: nnx.Rngs | None = None, **kwargs: Any) -> UNet:
   """Builds the model registered under `name`.
 
   The parameters are those of the plain construction, `cls(..., rngs=rngs)`, bit for bit,
@@ -277,6 +307,7 @@ def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "g
   Args:
     name: one of `list_models()`.
     base_width, depth, norm, num_classes, in_channels: see `UNet.__init__`.
+    spatial_dims: 2 (slices [N, H, W, C], the default) or 3 (volumes [N, D, H, W, C]).
     seed: initialisation seed, used when `rngs` is None: the streams are then
       `nnx.Rngs(jax.random.key(seed, impl="rbg"))`, so `seed=s` and `rngs=nnx.Rngs(s)`
       (threefry, JAX's default) give different parameters. RBG was chosen when each draw
@@ -293,8 +324,8 @@ def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "g
   """
   cls = get_model_cls(name)
   return build(lambda r: cls(base_width=base_width, depth=depth, norm=norm,
-                             num_classes=num_classes, in_channels=in_channels, rngs=r,
-                             **kwargs),
+                             num_classes=num_classes, in_channels=in_channels,
+                             spatial_dims=spatial_dims, rngs=r, **kwargs),
                _default_rngs(seed) if rngs is None else rngs)
 
 
@@ -348,9 +379,9 @@ def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
   taken from an evaluation-mode view (`nnx.view(..., use_running_average=True)`); `model`
   itself is left as it is. The returned function merges them back on each call, so it can
   be `jax.jit`-ed, `jax.grad`-ed with respect to `params` and `jax.vmap`-ped over examples
-  (each example as a batch of one, [1, H, W, C]); with GroupNorm or eval-mode BatchNorm each
-  example's output does not depend on the rest of the batch. Later updates of `model` are
-  not seen: call again.
+  (each example as a batch of one, [1, H, W, C] or [1, D, H, W, C]); with GroupNorm or
+  eval-mode BatchNorm each example's output does not depend on the rest of the batch. Later
+  updates of `model` are not seen: call again.
 
   The state is returned, and passed, explicitly: models of several checkpoints share one
   `apply_fn` (one compiled function) and each passes its own state, as TracIn does with
@@ -361,7 +392,7 @@ def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
       apply_fn(params, images, state=None, channel_mask=None, return_hidden=False) computes
         `model(images, channel_mask=channel_mask, return_hidden=return_hidden)` with the
         given params and state (None: the state `model` had when `functional` was called):
-        logits [N, H, W, K] (and hidden [N, H, W, C] with return_hidden). `return_hidden`
+        logits [N, *spatial, K] (and hidden [N, *spatial, C] with return_hidden). `return_hidden`
         changes the output structure: keep it static under jit
         (`jax.jit(apply_fn, static_argnames="return_hidden")` or a closure).
       params: an `nnx.State` pytree of the parameter arrays.
