@@ -2,6 +2,7 @@
 
 import logging
 
+import layouts_test
 import nibabel
 import numpy as np
 import pytest
@@ -279,3 +280,32 @@ def test_the_back_mapping_writes_the_inputs_affine_and_shape(oblique, tmp_path):
   assert overlap > 0.8
   with pytest.raises(Exception, match="own directory"):  # never beside the inputs
     volumes.write_nifti(labels, sample, files.directory / "x.nii.gz", kind="labels")
+
+
+LAYOUT_CONFIG = volumes.VolumeConfig(spacing=2.0, size=(4, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def reference_2019(tmp_path_factory):
+  root = layouts_test.write_cohort(tmp_path_factory.mktemp("v2019"), "brats2019", num=1)
+  return volumes.load_cases(root, LAYOUT_CONFIG, progress=False)[0]
+
+
+@pytest.mark.parametrize("layout", ["brats2020", "brats2021", "brats2023"])
+def test_every_layout_gives_the_2019_volumes(tmp_path, reference_2019, layout):
+  root = layouts_test.write_cohort(tmp_path, layout, num=1)
+  got, skipped = volumes.load_cases(root, LAYOUT_CONFIG, progress=False)
+  assert skipped == [] and got.record.layout.tolist() == [layout]
+  np.testing.assert_array_equal(got.images, reference_2019.images)
+  np.testing.assert_array_equal(got.labels, reference_2019.labels)
+  assert {0, 2, 3} <= set(np.unique(got.labels))  # ET (2023's 3, else 4) is class 3
+
+
+def test_a_case_without_seg_loads_unlabelled(tmp_path, reference_2019):
+  case_dir = layouts_test.write_case(tmp_path, "brats2021", 1, drop=("seg",))
+  files = brats.case_files(case_dir)
+  with pytest.raises(brats.BratsDataError, match="seg"):
+    volumes.load_case(files, LAYOUT_CONFIG)
+  got = volumes.load_case(files, LAYOUT_CONFIG, require_labels=False)
+  assert (got.labels == -1).all()
+  np.testing.assert_array_equal(got.images, reference_2019.images)
