@@ -459,20 +459,26 @@ def _take_z(array: np.ndarray, zs: np.ndarray) -> np.ndarray:
   return array[:, :, zs]
 
 
-def normalise(volume: np.ndarray, brain: np.ndarray, zs: np.ndarray) -> np.ndarray:
+def normalise(volume: np.ndarray, brain: np.ndarray, zs: np.ndarray,
+              box: tuple[int, int, int, int] | None = None) -> np.ndarray:
   """Robust min-max of one modality to [-1, 1] on slices zs, from the whole brain's stats.
 
   Args:
     volume: [X, Y, Z] one modality.
     brain: [X, Y, Z] bool brain mask.
     zs: the axial slices to return.
+    box: (x0, y0, x1, y1), the in-plane part to return; default the whole plane. The
+      statistics are the whole brain's either way.
 
   Returns:
-    [X, Y, len(zs)] float32 in [-1, 1]; -1 outside the brain. A modality that is constant
-    inside the brain maps to -1 there too.
+    [X, Y, len(zs)] (or [x1 - x0, y1 - y0, len(zs)]) float32 in [-1, 1]; -1 outside the
+    brain. A modality that is constant inside the brain maps to -1 there too.
   """
   lo, hi = np.percentile(volume[brain], PERCENTILES)
   scale = 2.0 / (hi - lo) if hi > lo else 0.0
+  if box is not None:
+    x0, y0, x1, y1 = box
+    volume, brain = volume[x0:x1, y0:y1], brain[x0:x1, y0:y1]
   # In float64: values near float32's limits would overflow (hi - lo) in float32.
   out = (_take_z(volume, zs).astype(np.float64) - lo) * scale
   out = np.clip(out - 1.0, -1.0, 1.0).astype(np.float32)

@@ -320,14 +320,22 @@ def _linear(array: np.ndarray, axis: int, positions: np.ndarray, cval: float) ->
   """Linear interpolation of `array` along `axis` at `positions` (in voxels); samples past
   the ends are `cval` (mixed with the edge voxel within one voxel of it)."""
   array = np.moveaxis(array, axis, 0)
-  pad = np.full((1,) + array.shape[1:], cval, array.dtype)
-  padded = np.concatenate([pad, array, pad])
-  below = np.floor(positions)
-  weight = (positions - below).astype(array.dtype).reshape((-1,) + (1,) * (array.ndim - 1))
-  last = len(padded) - 1
-  lo = np.clip(below.astype(int) + 1, 0, last)
-  hi = np.clip(below.astype(int) + 2, 0, last)
-  out = padded[lo] * (1 - weight) + padded[hi] * weight
+  n = len(array)
+  below = np.floor(positions).astype(int)
+  frac = positions - below
+  weights = []
+  for index, weight in ((below, 1.0 - frac), (below + 1, frac)):
+    inside = (index >= 0) & (index < n)
+    weights.append((np.clip(index, 0, n - 1), np.where(inside, weight, 0.0),
+                    np.where(inside, 0.0, weight)))
+  shape = (-1,) + (1,) * (array.ndim - 1)
+  out = np.zeros((len(positions),) + array.shape[1:], array.dtype)
+  outside = np.zeros(len(positions))
+  for index, weight, missing in weights:
+    out += array[index] * weight.astype(array.dtype).reshape(shape)
+    outside += missing
+  if outside.any():
+    out += (cval * outside).astype(array.dtype).reshape(shape)
   return np.moveaxis(out, 0, axis)
 
 
@@ -403,7 +411,7 @@ def load_case(case: brats.CaseFiles, config: VolumeConfig = VolumeConfig(), *,
   ranges = [_source_range(origin[a], step[a], counts[a], shape[a]) for a in range(3)]
   (x0, x1), (y0, y1), (z0, z1) = ranges
   zs = np.arange(z0, z1)
-  images = np.stack([brats.normalise(v, read.brain, zs)[x0:x1, y0:y1]
+  images = np.stack([brats.normalise(v, read.brain, zs, (x0, y0, x1, y1))
                      for v in read.volumes], axis=-1)  # [x, y, z, 4]
   labels = None
   if read.seg is not None:
