@@ -139,6 +139,7 @@ def test_the_fixed_size_box_is_centred_on_the_brain_and_padded(tmp_path):
 @pytest.mark.parametrize("bad, word", [
     (dict(size=(8, 16)), "size"), (dict(size=(8, 0, 16)), "size"),
     (dict(spacing=0.0), "spacing"), (dict(spacing=float("nan")), "spacing"),
+    (dict(spacing=True), "spacing"),
     (dict(groups=("XGG",)), "groups")])
 def test_bad_settings_are_refused_naming_them(bad, word):
   with pytest.raises(ValueError, match=word):

@@ -24,8 +24,9 @@ alike), read and checked by `brats.read_case`. Per case, in this order:
    centres (from 1 mm to 2 mm: the mean of the 2 x 2 x 2 source voxels), labels by nearest
    neighbour (the source voxel holding the sample voxel's centre, as the slices' resize
    picks). Without resampling (`spacing=None`, or the source's spacing) the values are
-   the source's, so a volume's axial slices equal `brats.load_case`'s slices of the same box
-   (`PreprocessConfig(num_slices=D, crop_size=H)` on a square box).
+   the source's: a volume's axial slices are `brats.load_case`'s slices of the same voxels.
+   (The slices' in-plane crop is centred on the plane, the volume's box on the brain; the
+   two agree where the brain's centre of mass rounds to the plane's centre.)
 5. Labels to class indices, as the layout says (`layouts.to_classes`).
 
 A sample's `VolumeRecord` says where it came from: the source grid's shape and affine (the
@@ -108,8 +109,10 @@ class VolumeConfig:
                                     choices=constants.GROUPS)
 
   def __post_init__(self):
-    if self.spacing is not None and not (isinstance(self.spacing, (int, float))
-                                         and np.isfinite(self.spacing) and self.spacing > 0):
+    number = (isinstance(self.spacing, (int, float, np.integer, np.floating))
+              and not isinstance(self.spacing, (bool, np.bool_)))
+    if self.spacing is not None and not (number and np.isfinite(self.spacing)
+                                         and self.spacing > 0):
       raise ValueError(f"spacing must be None or a positive number of mm, got "
                        f"{self.spacing!r}.")
     if self.size is not None:
@@ -237,9 +240,10 @@ class VolumeSet:
     return self.subset(np.isin(self.case_ids.astype(str), np.asarray(list(cases), str)))
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes an uncompressed .npz (no pickle) and its checksum sidecar, atomically."""
+    """Writes an uncompressed .npz (no pickle; labels as int8) and its checksum sidecar,
+    atomically."""
     with outputs.atomic_path(path, unique=True, checksum=True) as tmp:
-      np.savez(tmp, images=self.images, labels=self.labels,
+      np.savez(tmp, images=self.images, labels=self.labels.astype(np.int8),  # -1..3
                case_ids=np.asarray(self.case_ids, dtype=str), **self.record.arrays())
 
   @classmethod
@@ -251,7 +255,8 @@ class VolumeSet:
     """
     outputs.verify(path)
     with np.load(path, allow_pickle=False) as f:
-      return cls(f["images"], f["labels"], f["case_ids"], VolumeRecord.from_arrays(f))
+      return cls(f["images"], f["labels"].astype(np.int32), f["case_ids"],
+                 VolumeRecord.from_arrays(f))
 
   @classmethod
   def concatenate(cls, sets: list["VolumeSet"]) -> "VolumeSet":
@@ -591,5 +596,7 @@ def write_nifti(volume: np.ndarray, volumes: "VolumeSet | VolumeRecord",
     The path written.
   """
   record = _one_record(volumes)
+  # The writer reads the record's source, volume shape and affine only, which a volume's
+  # record has as a slice's does: one "slice" stands for the sample.
   grid = patient_space.SliceGrid(record, np.zeros(1, np.int32), (0, 0))
   return patient_space.write_nifti(volume, grid, path, kind=kind, description=description)
