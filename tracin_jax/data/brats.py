@@ -459,20 +459,26 @@ def _take_z(array: np.ndarray, zs: np.ndarray) -> np.ndarray:
   return array[:, :, zs]
 
 
-def _normalise(volume: np.ndarray, brain: np.ndarray, zs: np.ndarray) -> np.ndarray:
+def normalise(volume: np.ndarray, brain: np.ndarray, zs: np.ndarray,
+              box: tuple[int, int, int, int] | None = None) -> np.ndarray:
   """Robust min-max of one modality to [-1, 1] on slices zs, from the whole brain's stats.
 
   Args:
     volume: [X, Y, Z] one modality.
     brain: [X, Y, Z] bool brain mask.
     zs: the axial slices to return.
+    box: (x0, y0, x1, y1), the in-plane part to return; default the whole plane. The
+      statistics are the whole brain's either way.
 
   Returns:
-    [X, Y, len(zs)] float32 in [-1, 1]; -1 outside the brain. A modality that is constant
-    inside the brain maps to -1 there too.
+    [X, Y, len(zs)] (or [x1 - x0, y1 - y0, len(zs)]) float32 in [-1, 1]; -1 outside the
+    brain. A modality that is constant inside the brain maps to -1 there too.
   """
   lo, hi = np.percentile(volume[brain], PERCENTILES)
   scale = 2.0 / (hi - lo) if hi > lo else 0.0
+  if box is not None:
+    x0, y0, x1, y1 = box
+    volume, brain = volume[x0:x1, y0:y1], brain[x0:x1, y0:y1]
   # In float64: values near float32's limits would overflow (hi - lo) in float32.
   out = (_take_z(volume, zs).astype(np.float64) - lo) * scale
   out = np.clip(out - 1.0, -1.0, 1.0).astype(np.float32)
@@ -516,34 +522,44 @@ def _resize(images: np.ndarray, labels: np.ndarray, size: int):
   return images.astype(np.float32), labels[ix][:, iy]
 
 
-def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
-              notes: list[str] | None = None, slices=None,
-              require_labels: bool = True) -> SliceSet:
-  """Reads and preprocesses one case.
+@dataclasses.dataclass(frozen=True)
+class CaseVolumes:
+  """One case's volumes as read and checked, before any preprocessing.
+
+  Attributes:
+    volumes: the four modalities (order `constants.MODALITIES`), each [X, Y, Z] as stored.
+    seg: [X, Y, Z] the segmentation in the layout's labels, or None (none read).
+    brain: [X, Y, Z] bool, voxels where any modality is nonzero.
+    affine: [4, 4] float64, the T1 file's affine.
+    layout: the case's layout.
+    notes: warnings about its files, one line each (not yet logged).
+  """
+
+  volumes: list[np.ndarray]
+  seg: np.ndarray | None
+  brain: np.ndarray
+  affine: np.ndarray
+  layout: layouts.Layout
+  notes: tuple[str, ...]
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return self.brain.shape
+
+
+def read_case(case: CaseFiles, *, require_labels: bool = True) -> CaseVolumes:
+  """Reads one case's files and checks them (steps 1 and 2 of the preprocessing).
 
   Args:
-    case: the case's files, from `list_cases`, `case_files` or `case_from_files`.
-    config: preprocessing settings.
-    notes: where warnings about the case go (an all-zero modality, an affine that differs
-      from the T1's, a seg file named irregularly, slices centred on the brain for want of
-      a tumour), one line each; default: logged.
-    slices: the axial slices kept: None, `config.num_slices` consecutive slices around the
-      centre `config.slice_center` chooses; "all", every one; or a sequence of axial
-      indices, in that order. Normalisation uses the whole brain whichever are kept.
-    require_labels: a case without a seg file is an error (training); if False, such a case
-      loads with labels -1 (no ground truth).
+    case: the case's files.
+    require_labels: a case without a seg file is an error; if False its seg is None.
 
   Returns:
-    A SliceSet of the kept slices: images [n, H, W, 4] float32 in [-1, 1] (background -1),
-    labels [n, H, W] int32 in {0, 1, 2, 3} (or -1), with H = W = image_size or crop_size
-    (or the volume's in-plane size when both are None), and its `PreprocessRecord`.
+    Its `CaseVolumes`; the warnings `load_case` gives are in `notes`.
 
   Raises:
-    BratsDataError: a missing, unreadable or inconsistent file, naming the case and file;
-      a slice index outside the volume, naming it and the volume's depth.
-    ValueError: `slices` is not None, "all" or a sequence of ints.
+    BratsDataError: a missing, unreadable or inconsistent file, naming the case and file.
   """
-  slices = _as_slices(slices)
   layout = layouts.get_layout(case.layout)
   kinds = _file_kinds() if require_labels or case.has_seg else constants.MODALITIES
   read = [_read_volume(case, kind) for kind in kinds]
@@ -575,6 +591,41 @@ def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
   if not brain.any():
     raise BratsDataError(
         f"case {case.case_id}: every modality is zero everywhere (files in {case.directory}).")
+  return CaseVolumes(volumes, seg, brain, affine, layout, tuple(found))
+
+
+def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
+              notes: list[str] | None = None, slices=None,
+              require_labels: bool = True) -> SliceSet:
+  """Reads and preprocesses one case.
+
+  Args:
+    case: the case's files, from `list_cases`, `case_files` or `case_from_files`.
+    config: preprocessing settings.
+    notes: where warnings about the case go (an all-zero modality, an affine that differs
+      from the T1's, a seg file named irregularly, slices centred on the brain for want of
+      a tumour), one line each; default: logged.
+    slices: the axial slices kept: None, `config.num_slices` consecutive slices around the
+      centre `config.slice_center` chooses; "all", every one; or a sequence of axial
+      indices, in that order. Normalisation uses the whole brain whichever are kept.
+    require_labels: a case without a seg file is an error (training); if False, such a case
+      loads with labels -1 (no ground truth).
+
+  Returns:
+    A SliceSet of the kept slices: images [n, H, W, 4] float32 in [-1, 1] (background -1),
+    labels [n, H, W] int32 in {0, 1, 2, 3} (or -1), with H = W = image_size or crop_size
+    (or the volume's in-plane size when both are None), and its `PreprocessRecord`.
+
+  Raises:
+    BratsDataError: a missing, unreadable or inconsistent file, naming the case and file;
+      a slice index outside the volume, naming it and the volume's depth.
+    ValueError: `slices` is not None, "all" or a sequence of ints.
+  """
+  slices = _as_slices(slices)
+  read = read_case(case, require_labels=require_labels)
+  volumes, seg, brain, shape, affine, layout = (read.volumes, read.seg, read.brain,
+                                                read.shape, read.affine, read.layout)
+  found = list(read.notes)
   zs = _slice_indices(case, brain, seg, config, slices, found)
   for note in found:
     if notes is None:
@@ -583,7 +634,7 @@ def load_case(case: CaseFiles, config: PreprocessConfig = PreprocessConfig(), *,
       notes.append(note)
   box = _crop_box(case, shape, config.crop_size)
 
-  images = np.stack([_normalise(v, brain, zs) for v in volumes], axis=-1)  # [X, Y, n, 4]
+  images = np.stack([normalise(v, brain, zs) for v in volumes], axis=-1)  # [X, Y, n, 4]
   if seg is None:
     labels = np.full(shape[:2] + (len(zs),), -1, np.int32)  # no ground truth
   else:
@@ -644,16 +695,41 @@ def _default_workers() -> int:
 def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: bool,
           progress: bool, num_workers: int | None
           ) -> tuple[SliceSet, list[tuple[str, str]], list[str]]:
-  """Loads cases on a thread pool (gzip inflation and numpy release the GIL), in order.
+  """Loads cases' slices on a thread pool, in order (see `map_cases`).
 
   Returns:
     (slices, skipped (case id, reason), notes: warnings about accepted cases, one line each).
+  """
+  loaded, skipped, notes = map_cases(
+      lambda case, notes: load_case(case, config, notes=notes), cases, skip_bad=skip_bad,
+      progress=progress, num_workers=num_workers)
+  return SliceSet.concatenate(loaded), skipped, notes
+
+
+def map_cases(load, cases: Sequence[CaseFiles], *, skip_bad: bool, progress: bool,
+              num_workers: int | None) -> tuple[list, list[tuple[str, str]], list[str]]:
+  """Applies `load(case, notes)` to every case on a thread pool (gzip inflation and numpy
+  release the GIL), keeping the order.
+
+  Args:
+    load: reads one case; appends its warnings to `notes` (a list); raises BratsDataError.
+    cases: the cases.
+    skip_bad: skip (and note) a case whose `load` raises BratsDataError instead of raising.
+    progress: write a one-line progress counter to stderr.
+    num_workers: threads (default min(4, CPUs)).
+
+  Returns:
+    (loaded: what `load` returned, case by case, skipped ones left out; skipped: (case id,
+    reason) of each; notes: warnings, one line each).
+
+  Raises:
+    BratsDataError: a bad case unless skip_bad; no case could be loaded.
   """
 
   def load_one(case):
     notes = []
     try:
-      return load_case(case, config, notes=notes), None, notes
+      return load(case, notes), None, notes
     except BratsDataError as e:
       if not skip_bad:
         raise
@@ -663,10 +739,10 @@ def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: boo
   bar = ProgressBar(len(cases), "loading cases", enabled=progress)
   pool = concurrent.futures.ThreadPoolExecutor(num_workers or _default_workers())
   try:
-    for case, (slices, reason, case_notes) in zip(cases, pool.map(load_one, cases)):
+    for case, (result, reason, case_notes) in zip(cases, pool.map(load_one, cases)):
       notes += case_notes
-      if slices is not None:
-        loaded.append(slices)
+      if result is not None:
+        loaded.append(result)
       else:
         skipped.append((case.case_id, reason))
       bar.update(1, skipped=len(skipped))
@@ -676,7 +752,7 @@ def _load(cases: Sequence[CaseFiles], config: PreprocessConfig, *, skip_bad: boo
   if not loaded:
     raise BratsDataError(
         f"None of the {len(cases)} cases could be loaded; first reason: {skipped[0][1]}")
-  return SliceSet.concatenate(loaded), skipped, notes
+  return loaded, skipped, notes
 
 
 def split_cases(

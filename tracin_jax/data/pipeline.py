@@ -1,11 +1,13 @@
-"""Grain input pipelines over a `SliceSet`: shuffled, augmented training and ordered eval.
+"""Grain input pipelines over a `SliceSet` or a `VolumeSet`: shuffled, augmented training
+and ordered eval.
 
 An example is a dict::
 
   {"image": [H, W, 4] float32 in [-1, 1], "label": [H, W] int32, "index": int32}
 
-where `index` is the example's position in the SliceSet (so `slices.ids[index]` gives its
-(case id, slice index)); batches stack these along a new first axis.
+(for a `tracin_jax.data.volumes.VolumeSet`: "image" [D, H, W, 4], "label" [D, H, W]) where
+`index` is the example's position in the set (so `slices.ids[index]` gives its (case id,
+slice index)); batches stack these along a new first axis.
 
 Training (`train_dataset`, `train_batches`): one epoch at a time. The order is
 `MapDataset.source(...).seed(seed).shuffle().random_map(augment).repeat()` cut at the
@@ -23,7 +25,12 @@ alike:
   (default 1/8: +-24 px at 192, the offsets a random 192 crop of the 240 plane allows);
   pixels shifted in are background (image -1, label 0);
 * mirroring: left-right, which is the first image axis (H) for slices taken as
-  `volume[:, :, z]` from BraTS' LPS-stored volumes.
+  `volume[:, :, z]` from BraTS' LPS-stored volumes (`AugmentConfig.mirror_axes` adds
+  the other axes, each flipped on its own draw).
+
+In 3D (examples [D, H, W, C]) each is the same idea by rank: the displacement field is a
+3D tensor-product spline, images trilinear; the random crop translates along D, H and W;
+left-right is then the second axis (H), D the axial (superior-inferior) one.
 
 The augmentations are pure numpy functions of (image, label, rng), exposed for tests and
 notebooks. Iteration uses threads only (`grain.ReadOptions`); no worker processes, which
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import grain
 import numpy as np
@@ -42,8 +49,17 @@ from scipy import ndimage
 
 from tracin_jax.data.slices import SliceSet
 
-# The image axis that is anatomical left-right (x of the NIfTI volume).
+if TYPE_CHECKING:
+  from tracin_jax.data.volumes import VolumeSet
+
+# The image axis that is anatomical left-right (x of the NIfTI volume) in a slice [H, W].
 LEFT_RIGHT_AXIS = 0
+# The spatial axis of each anatomical direction, by the example's spatial rank: a slice is
+# [H, W] = (x, y) of the volume, a volume sample [D, H, W] = (z, x, y).
+ANATOMICAL_AXES = {
+    2: {"left_right": 0, "anterior_posterior": 1},
+    3: {"superior_inferior": 0, "left_right": 1, "anterior_posterior": 2},
+}
 # Fill values for pixels that come from outside the image.
 IMAGE_BACKGROUND = -1.0
 LABEL_BACKGROUND = 0
@@ -61,6 +77,9 @@ class AugmentConfig:
     elastic_sigma: standard deviation of the control-point displacements, as a fraction
       of the image side (0.02 at 192 px: about 4 px).
     max_shift: largest translation of the random crop, as a fraction of the image side.
+    mirror_axes: the anatomical axes mirrored, each with probability p_mirror on its own
+      draw: "left_right" (the paper's), "anterior_posterior", and in 3D
+      "superior_inferior" (`ANATOMICAL_AXES`).
   """
 
   p_elastic: float = 0.5
@@ -69,6 +88,26 @@ class AugmentConfig:
   elastic_grid: int = 5
   elastic_sigma: float = 0.02
   max_shift: float = 0.125
+  mirror_axes: tuple[str, ...] = ("left_right",)
+
+  def __post_init__(self):
+    axes = (self.mirror_axes,) if isinstance(self.mirror_axes, str) else tuple(
+        self.mirror_axes)
+    unknown = [a for a in axes if a not in ANATOMICAL_AXES[3]]
+    if unknown or len(set(axes)) != len(axes):
+      raise ValueError(f"mirror_axes must be distinct names of {sorted(ANATOMICAL_AXES[3])}, "
+                       f"got {self.mirror_axes!r}.")
+    object.__setattr__(self, "mirror_axes", axes)
+
+
+def _axis(name: str, rank: int) -> int:
+  """The spatial axis of an anatomical direction in an example of spatial rank `rank`."""
+  if rank not in ANATOMICAL_AXES:
+    raise ValueError(f"examples are [H, W] or [D, H, W] (spatial rank 2 or 3), got rank {rank}.")
+  if name not in ANATOMICAL_AXES[rank]:
+    raise ValueError(f"mirror_axes: {name!r} is not an axis of a {rank}D example "
+                     f"({', '.join(ANATOMICAL_AXES[rank])}).")
+  return ANATOMICAL_AXES[rank][name]
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,25 +126,46 @@ def _spline_basis(n: int, grid: int) -> np.ndarray:
   return basis
 
 
+def smooth_displacement(shape: tuple[int, ...], coarse: np.ndarray) -> np.ndarray:
+  """The cubic-spline upsampling of control-point displacements to every pixel or voxel.
+
+  Args:
+    shape: the spatial shape, (H, W) or (D, H, W).
+    coarse: [rank, grid, ..., grid] displacements at the control points (rank = len(shape)).
+
+  Returns:
+    [rank, *shape] float64: per axis, the tensor-product cubic spline of `coarse`
+    (`ndimage.map_coordinates(order=3, mode="nearest")` of it on the pixel grid).
+  """
+  grid = coarse.shape[1]
+  if len(shape) == 2:
+    h, w = shape
+    return _spline_basis(h, grid) @ coarse @ _spline_basis(w, grid).T
+  field = coarse
+  for a, n in enumerate(shape):  # one separable factor per spatial axis
+    field = np.moveaxis(np.tensordot(_spline_basis(n, grid), field, axes=(1, a + 1)), 0, a + 1)
+  return field
+
+
 def elastic_deform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
                    grid: int = 5, sigma: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
   """Warps image and label with one smooth random displacement field.
 
   Args:
-    image: [H, W, C] float32.
-    label: [H, W] int.
+    image: [H, W, C] (or [D, H, W, C]) float32.
+    label: [H, W] (or [D, H, W]) int.
     rng: the random generator.
     grid: control points per side of the coarse field.
     sigma: displacement standard deviation, as a fraction of the mean side.
 
   Returns:
-    (image [H, W, C] float32, bilinear; label [H, W], nearest neighbour). Samples from
-    outside the image are background.
+    (image float32, bilinear (trilinear in 3D); label, nearest neighbour), shaped as given.
+    Samples from outside the image are background.
   """
-  h, w = label.shape
-  coarse = rng.normal(0.0, sigma * (h + w) / 2, size=(2, grid, grid))
-  displacement = _spline_basis(h, grid) @ coarse @ _spline_basis(w, grid).T  # [2, H, W]
-  coords = np.mgrid[:h, :w] + displacement
+  shape = label.shape
+  coarse = rng.normal(0.0, sigma * sum(shape) / len(shape), size=(len(shape),)
+                      + (grid,) * len(shape))
+  coords = np.mgrid[tuple(slice(n) for n in shape)] + smooth_displacement(shape, coarse)
   warped = np.empty_like(image)
   for c in range(image.shape[-1]):
     ndimage.map_coordinates(image[..., c], coords, output=warped[..., c], order=1,
@@ -117,29 +177,33 @@ def elastic_deform(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
 
 def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
                 max_shift: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
-  """Pads by `max_shift` of each side and crops back to [H, W] at a random offset.
+  """Pads by `max_shift` of each side and crops back to the label's shape at a random offset.
 
   Args:
-    image: [H, W, C]; label: [H, W].
+    image: [H, W, C] (or [D, H, W, C]); label: [H, W] (or [D, H, W]).
     rng: the random generator.
     max_shift: the largest translation, as a fraction of each side.
 
   Returns:
-    (image, label) translated by the same random whole-pixel offset (dx, dy), each in
-    [-pad, pad]; pixels shifted in are background.
+    (image, label) translated by the same random whole-pixel offset, one per spatial axis,
+    each in [-pad, pad]; pixels shifted in are background.
   """
-  h, w = label.shape
-  px, py = int(round(max_shift * h)), int(round(max_shift * w))
-  ox, oy = rng.integers(0, 2 * px + 1), rng.integers(0, 2 * py + 1)
-  pad = ((px, px), (py, py))
+  shape = label.shape
+  pads = [int(round(max_shift * n)) for n in shape]
+  offsets = [rng.integers(0, 2 * p + 1) for p in pads]  # x then y (then z): the 2D draws
+  pad = tuple((p, p) for p in pads)
   image = np.pad(image, pad + ((0, 0),), constant_values=IMAGE_BACKGROUND)
   label = np.pad(label, pad, constant_values=LABEL_BACKGROUND)
-  return image[ox:ox + h, oy:oy + w], label[ox:ox + h, oy:oy + w]
+  window = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+  return image[window], label[window]
 
 
-def mirror(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Flips image [H, W, C] and label [H, W] left-right (axis `LEFT_RIGHT_AXIS`)."""
-  return np.flip(image, LEFT_RIGHT_AXIS), np.flip(label, LEFT_RIGHT_AXIS)
+def mirror(image: np.ndarray, label: np.ndarray,
+           axis: str = "left_right") -> tuple[np.ndarray, np.ndarray]:
+  """Flips image [H, W, C] and label [H, W] (or [D, H, W, C] and [D, H, W]) along one
+  anatomical axis (`ANATOMICAL_AXES`; default left-right, `LEFT_RIGHT_AXIS` of a slice)."""
+  a = _axis(axis, label.ndim)
+  return np.flip(image, a), np.flip(label, a)
 
 
 def augment_example(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
@@ -147,23 +211,29 @@ def augment_example(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   """Elastic deformation, random crop and mirror, each with its probability, in that order.
 
   Args:
-    image: [H, W, C] float32.
-    label: [H, W] int32.
-    rng: the random generator; the three coin flips are drawn first, so whether an
-      augmentation applies does not depend on the others' draws.
+    image: [H, W, C] (or [D, H, W, C]) float32.
+    label: [H, W] (or [D, H, W]) int32.
+    rng: the random generator; the coin flips (elastic, crop, then one per mirror axis)
+      are drawn first, so whether an augmentation applies does not depend on the others'
+      draws.
     config: probabilities and strengths.
 
   Returns:
-    (image [H, W, C] float32, label [H, W] int32), contiguous.
+    (image float32, label int32), shaped as given, contiguous.
   """
-  flips = rng.random(3) < (config.p_elastic, config.p_crop, config.p_mirror)
+  mirrors = config.mirror_axes
+  for name in mirrors:
+    _axis(name, label.ndim)
+  flips = rng.random(2 + len(mirrors)) < (config.p_elastic, config.p_crop) + (
+      config.p_mirror,) * len(mirrors)
   if flips[0]:
     image, label = elastic_deform(image, label, rng, grid=config.elastic_grid,
                                   sigma=config.elastic_sigma)
   if flips[1]:
     image, label = random_crop(image, label, rng, max_shift=config.max_shift)
-  if flips[2]:
-    image, label = mirror(image, label)
+  for name, flip in zip(mirrors, flips[2:]):
+    if flip:
+      image, label = mirror(image, label, name)
   return (np.ascontiguousarray(image, dtype=np.float32),
           np.ascontiguousarray(label, dtype=np.int32))
 
@@ -171,7 +241,7 @@ def augment_example(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
 class _SliceSource:
   """Random-access source of examples (a grain RandomAccessDataSource)."""
 
-  def __init__(self, slices: SliceSet):
+  def __init__(self, slices: SliceSet | VolumeSet):
     self._slices = slices
 
   def __len__(self) -> int:
@@ -185,12 +255,12 @@ class _SliceSource:
     }
 
 
-def eval_dataset(slices: SliceSet) -> grain.MapDataset:
+def eval_dataset(slices: SliceSet | VolumeSet) -> grain.MapDataset:
   """The examples in SliceSet order, unaugmented: `len(ds)` and `ds[i]` random access."""
   return grain.MapDataset.source(_SliceSource(slices))
 
 
-def train_dataset(slices: SliceSet, *, seed: int, epoch: int, augment: bool = True,
+def train_dataset(slices: SliceSet | VolumeSet, *, seed: int, epoch: int, augment: bool = True,
                   augment_config: AugmentConfig = AugmentConfig()) -> grain.MapDataset:
   """One training epoch as a random-access dataset of `len(slices)` examples.
 
@@ -223,7 +293,7 @@ def _batches(ds: grain.MapDataset, batch_size: int, drop_remainder: bool,
   return iter(ds.to_iter_dataset(options).batch(batch_size, drop_remainder=drop_remainder))
 
 
-def train_batches(slices: SliceSet, batch_size: int, *, seed: int, epoch: int,
+def train_batches(slices: SliceSet | VolumeSet, batch_size: int, *, seed: int, epoch: int,
                   augment: bool = True, augment_config: AugmentConfig = AugmentConfig(),
                   drop_remainder: bool = False,
                   num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
@@ -236,14 +306,15 @@ def train_batches(slices: SliceSet, batch_size: int, *, seed: int, epoch: int,
     num_threads: threads preparing examples ahead of the consumer (no processes).
 
   Yields:
-    {"image": [B, H, W, 4] float32, "label": [B, H, W] int32, "index": [B] int32}.
+    {"image": [B, H, W, 4] float32, "label": [B, H, W] int32, "index": [B] int32}; from
+    a VolumeSet, "image" [B, D, H, W, 4] and "label" [B, D, H, W].
   """
   ds = train_dataset(slices, seed=seed, epoch=epoch, augment=augment,
                      augment_config=augment_config)
   return _batches(ds, batch_size, drop_remainder, num_threads)
 
 
-def eval_batches(slices: SliceSet, batch_size: int, *,
+def eval_batches(slices: SliceSet | VolumeSet, batch_size: int, *,
                  num_threads: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Batches of all examples in SliceSet order, unaugmented; the last one may be short."""
   return _batches(eval_dataset(slices), batch_size, False, num_threads)
