@@ -163,6 +163,28 @@ def test_batch_norm_in_eval_mode_is_per_example(images):
   assert not np.allclose(model(other_batch)[0], model(images)[0], atol=1e-3)
 
 
+def test_models_of_one_architecture_share_one_apply_fn(model, images, outputs,
+                                                      functional_view):
+  # So that what is compiled for one checkpoint serves every other model of its
+  # architecture (random networks, retrainings, later stages). Each call with another
+  # model's params is that model.
+  name = next(n for n in VARIANTS if models.get_model_cls(n) is type(model))
+  other = models.get_model(name, base_width=WIDTH, depth=DEPTH, seed=7)
+  apply_fn, _, _ = models.functional(model)
+  other_fn, other_params, _ = models.functional(other)
+  assert other_fn is apply_fn
+  np.testing.assert_allclose(functional_view[0](other_params, images), other(images),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(other(images), outputs[0], atol=1e-3)
+  wider = models.get_model(name, base_width=2 * WIDTH, depth=DEPTH, seed=0)
+  assert models.functional(wider)[0] is not apply_fn
+  # A model with state of its own (BatchNorm's running statistics) keeps its own function:
+  # its default state is its own.
+  batch = [models.get_model(name, base_width=WIDTH, depth=DEPTH, norm="batch",
+                            seed=s) for s in (0, 1)]
+  assert models.functional(batch[0])[0] is not models.functional(batch[1])[0]
+
+
 def test_transpose_upsample_is_a_transposed_convolution():
   up = layers.Upsample(6, 5, mode="transpose", rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
   up.bias[...] = jnp.arange(5.0)

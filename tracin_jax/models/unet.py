@@ -381,7 +381,9 @@ def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
   be `jax.jit`-ed, `jax.grad`-ed with respect to `params` and `jax.vmap`-ped over examples
   (each example as a batch of one, [1, H, W, C] or [1, D, H, W, C]); with GroupNorm or
   eval-mode BatchNorm each example's output does not depend on the rest of the batch. Later
-  updates of `model` are not seen: call again.
+  updates of `model` are not seen: call again. Models of one architecture without state
+  besides their parameters (GroupNorm or no norm) get the same `apply_fn` object, so that
+  what is compiled for one serves them all.
 
   The state is returned, and passed, explicitly: models of several checkpoints share one
   `apply_fn` (one compiled function) and each passes its own state, as TracIn does with
@@ -401,6 +403,22 @@ def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
   eval_view = nnx.view(model, use_running_average=True, deterministic=True,
                        raise_if_not_found=False)
   graphdef, params, own_state = nnx.split(eval_view, nnx.Param, ...)
+  if jax.tree.leaves(own_state):  # its default state is its own: a function of its own
+    return _apply_fn(graphdef, own_state), params, own_state
+  if graphdef not in _SHARED_APPLY:
+    _SHARED_APPLY[graphdef] = _apply_fn(graphdef, own_state)
+  return _SHARED_APPLY[graphdef], params, own_state
+
+
+# One apply_fn per architecture for models with no state besides their parameters (GroupNorm,
+# no norm): every checkpoint, random network and retrained model of an architecture, in
+# every stage of a process, then shares the functions compiled for it (a loss built on it by
+# `segmentation.make_region_losses` is the same object too, and so are its compiled
+# per-example gradients). A graph definition holds no arrays, only the structure.
+_SHARED_APPLY: dict[Any, Callable[..., Any]] = {}
+
+
+def _apply_fn(graphdef, own_state: State) -> Callable[..., Any]:
 
   def apply_fn(params: Params, images: Array, state: State | None = None,
                channel_mask: Array | None = None,
@@ -408,7 +426,7 @@ def functional(model: nnx.Module) -> tuple[Callable[..., Any], Params, State]:
     module = nnx.merge(graphdef, params, own_state if state is None else state)
     return module(images, channel_mask=channel_mask, return_hidden=return_hidden)
 
-  return apply_fn, params, own_state
+  return apply_fn
 
 
 def count_params(params: Params | nnx.Module) -> int:
