@@ -6,7 +6,8 @@
 
 For each model (`--models`: "demo" is the demo's UNet, base width 8, depth 3, GroupNorm,
 96 px; "large" is base 16, depth 4, 128 px; "nonorm" is base 16, depth 3, 96 px without
-normalisation, the convolutions then with biases) it builds the Flax model, writes the same
+normalisation, the convolutions then with biases; "volume" is a 3D UNet, base 8, depth 2, on
+16^3-voxel volumes, 3x3x3 convolutions) it builds the Flax model, writes the same
 network in PyTorch (the same layers: 3x3 convolutions, GroupNorm with the same groups and
 epsilon, ReLU, 2x2 max pooling, 2x2 stride-2 transposed convolutions, a 1x1 head), copies
 the weights over and checks that the logits agree. Both frameworks then compute the same
@@ -73,7 +74,8 @@ from tracin_jax.influence import grads as grads_lib
 from tracin_jax.influence import segmentation
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["demo", "large"], "Models to run: demo, large, nonorm.")
+flags.DEFINE_list("models", ["demo", "large"], "Models to run: demo, large, nonorm, volume "
+                  "(a 3D UNet on 16^3 volumes; the Captum methods are left out there).")
 flags.DEFINE_integer("train", 32, "Train images.")
 flags.DEFINE_integer("test", 8, "Test images.")
 flags.DEFINE_integer("checkpoints", 2, "TracIn checkpoints.")
@@ -90,7 +92,13 @@ MODEL_CONFIGS = {
     "large": dict(base_width=16, depth=4, size=128, norm="group"),
     "nonorm": dict(base_width=16, depth=3, size=96, norm="none"),
     "quick": dict(base_width=4, depth=2, size=16, norm="group"),
+    # A 3D UNet (3x3x3 convolutions, 2x2x2 pooling and up-convolutions) on 16^3 volumes.
+    "volume": dict(base_width=8, depth=2, size=16, norm="group", spatial_dims=3),
 }
+# What works on volumes: Captum's TracInCP takes one module's input as a batch of 2D items
+# here, and its hook mode knows only Conv2d and Linear layers.
+VOLUME_METHODS = ("tracin_jax", "tracin_jax_loop", "tracin_jax_vmap", "tracin_jax_threads",
+                  "jax_naive", "torch_func", "torch_loop", "jax_bound", "torch_bound")
 K = common.K  # region losses per example (the tumour classes)
 NORM_GROUPS = 8  # the UNet's default: GroupNorm with gcd(width, 8) groups
 SMOOTH = segmentation.DEFAULT_SMOOTH
@@ -100,18 +108,22 @@ SMOOTH = segmentation.DEFAULT_SMOOTH
 
 
 def torch_unet(base_width: int, depth: int, norm: str, num_classes: int = 4,
-               in_channels: int = 4):
-  """The Flax `models.UNet` ("unet" variant) written in PyTorch, NCHW."""
+               in_channels: int = 4, spatial_dims: int = 2):
+  """The Flax `models.UNet` ("unet" variant) written in PyTorch, NCHW (NCDHW in 3D)."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
+
+  conv = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+  conv_transpose = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+  max_pool = {2: nn.functional.max_pool2d, 3: nn.functional.max_pool3d}[spatial_dims]
 
   class Block(nn.Module):
 
     def __init__(self, c_in, c_out):
       super().__init__()
       bias = norm == "none"
-      self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
-      self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias)
+      self.conv1 = conv(c_in, c_out, 3, padding=1, bias=bias)
+      self.conv2 = conv(c_out, c_out, 3, padding=1, bias=bias)
       if norm == "group":
         groups = math.gcd(c_out, NORM_GROUPS)
         self.norm1 = nn.GroupNorm(groups, c_out, eps=1e-6)
@@ -133,17 +145,17 @@ def torch_unet(base_width: int, depth: int, norm: str, num_classes: int = 4,
       self.bottleneck = Block(widths[depth - 1], widths[depth])
       levels = list(reversed(range(depth)))
       self.up = nn.ModuleList(
-          [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in levels])
+          [conv_transpose(widths[i + 1], widths[i], 2, stride=2) for i in levels])
       self.decoder = nn.ModuleList([Block(2 * widths[i], widths[i]) for i in levels[:-1]])
       self.last_hidden = Block(2 * widths[0], widths[0])
-      self.head = nn.Conv2d(widths[0], num_classes, 1)
+      self.head = conv(widths[0], num_classes, 1)
 
     def forward(self, x):
       skips = []
       for block in self.encoder:
         x = block(x)
         skips.append(x)
-        x = nn.functional.max_pool2d(x, 2)
+        x = max_pool(x, 2)
       x = self.bottleneck(x)
       for i, (up, block) in enumerate(zip(self.up, [*self.decoder, self.last_hidden])):
         x = up(x)
@@ -163,9 +175,11 @@ def torch_state_dict(params) -> dict[str, np.ndarray]:
     *module, name = keys
     if name == "kernel":
       name = "weight"
-      # conv [kh, kw, in, out] -> [out, in, kh, kw]; transposed conv [in, 2, 2, out] ->
-      # [in, out, 2, 2]
-      x = x.transpose(0, 3, 1, 2) if module[0] == "up" else x.transpose(3, 2, 0, 1)
+      # conv [*window, in, out] -> [out, in, *window]; transposed conv [in, *2s, out] ->
+      # [in, out, *2s] (2D and 3D)
+      r = x.ndim
+      x = (x.transpose(0, r - 1, *range(1, r - 1)) if module[0] == "up" else
+           x.transpose(r - 1, r - 2, *range(r - 2)))
     elif name == "scale":
       name = "weight"
     out[".".join([*module, name])] = np.ascontiguousarray(x)
@@ -173,15 +187,16 @@ def torch_state_dict(params) -> dict[str, np.ndarray]:
 
 
 def torch_region_losses(logits, target, region):
-  """The region losses for one example: logits [C, H, W], target [H, W] int64,
-  region [C-1, H, W] float -> [C-1] (as `make_region_losses`)."""
+  """The region losses for one example: logits [C, *spatial], target [*spatial] int64,
+  region [C-1, *spatial] float -> [C-1] (as `make_region_losses`)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   probs = torch.softmax(logits, dim=0)[1:]
-  classes = torch.arange(1, logits.shape[0], device=logits.device)[:, None, None]
+  space = tuple(range(1, logits.ndim))
+  classes = torch.arange(1, logits.shape[0], device=logits.device).reshape(-1, *[1] * len(space))
   y = (target[None] == classes).to(probs.dtype)
-  intersection = (region * probs * y).sum(dim=(1, 2))
-  denominator = (region * probs).sum(dim=(1, 2)) + (region * y).sum(dim=(1, 2))
+  intersection = (region * probs * y).sum(dim=space)
+  denominator = (region * probs).sum(dim=space) + (region * y).sum(dim=space)
   return 1.0 - 2.0 * intersection / (denominator + SMOOTH)
 
 
@@ -196,31 +211,34 @@ class Setup:
 
     config = MODEL_CONFIGS[name]
     self.name, self.config = name, config
+    dims = config.get("spatial_dims", 2)
     model = models.get_model("unet", base_width=config["base_width"], depth=config["depth"],
-                             norm=config["norm"], seed=seed)
+                             norm=config["norm"], spatial_dims=dims, seed=seed)
     self.apply_fn, params, _ = models.functional(model)
     self.loss_fn = segmentation.make_region_losses(self.apply_fn)
     self.p = grads_lib.parameter_count(params)
     rng = np.random.default_rng(seed)
     self.checkpoints = common.perturbed_checkpoints(params, n_checkpoints, rng)
-    size = config["size"]
+    space = (config["size"],) * dims
 
     def data(n):
-      return {"image": rng.uniform(-1, 1, (n, size, size, 4)).astype(np.float32),
-              "target": rng.integers(0, 4, (n, size, size)).astype(np.int32),
-              "region": rng.random((n, size, size, K)) < 0.3}
+      return {"image": rng.uniform(-1, 1, (n, *space, 4)).astype(np.float32),
+              "target": rng.integers(0, 4, (n, *space)).astype(np.int32),
+              "region": rng.random((n, *space, K)) < 0.3}
 
     self.train, self.test = data(n_train), data(n_test)
-    self.net = torch_unet(config["base_width"], config["depth"], config["norm"]).eval()
+    self.net = torch_unet(config["base_width"], config["depth"], config["norm"],
+                          spatial_dims=dims).eval()
+    first = (0, dims + 1, *range(1, dims + 1))  # channels-last -> channels-first
     self.torch_checkpoints = [
         ({k: torch.tensor(v) for k, v in torch_state_dict(p).items()}, lr)
         for p, lr in self.checkpoints]
     self.net.load_state_dict(self.torch_checkpoints[0][0])
 
     def to_torch(d):
-      return {"image": torch.from_numpy(d["image"].transpose(0, 3, 1, 2).copy()),
+      return {"image": torch.from_numpy(d["image"].transpose(first).copy()),
               "target": torch.from_numpy(d["target"].astype(np.int64)),
-              "region": torch.from_numpy(d["region"].transpose(0, 3, 1, 2).astype(np.float32))}
+              "region": torch.from_numpy(d["region"].transpose(first).astype(np.float32))}
 
     self.torch_train, self.torch_test = to_torch(self.train), to_torch(self.test)
     self.tmpdir = tempfile.TemporaryDirectory()
@@ -232,7 +250,8 @@ class Setup:
     images = self.test["image"]
     ours = np.asarray(self.apply_fn(self.checkpoints[0][0], jnp.asarray(images)))
     with torch.no_grad():
-      theirs = self.net(self.torch_test["image"]).numpy().transpose(0, 2, 3, 1)
+      theirs = self.net(self.torch_test["image"]).numpy()
+      theirs = np.moveaxis(theirs, 1, -1)
     return float(np.abs(ours - theirs).max() / np.abs(ours).max())
 
 
@@ -422,8 +441,11 @@ def run_model(name: str, method_names: list[str], n_train: int, n_test: int,
               n_checkpoints: int, repeats: int, seed: int) -> None:
   s = Setup(name, n_train, n_test, n_checkpoints, seed)
   c = s.config
+  if c.get("spatial_dims", 2) == 3:
+    method_names = [m for m in method_names if m in VOLUME_METHODS]
+  size = "^".join([str(c["size"]), str(c.get("spatial_dims", 2))])
   print(f"\n## {name}: unet base_width={c['base_width']} depth={c['depth']} norm={c['norm']}, "
-        f"{c['size']} px, P={s.p}; {n_train} train x {n_test} test images, K={K}, "
+        f"{size} px, P={s.p}; {n_train} train x {n_test} test images, K={K}, "
         f"{n_checkpoints} checkpoints; medians of {repeats}", flush=True)
   logit_error = s.check_logits()
   print(f"logits: PyTorch vs Flax, max relative difference {logit_error:.1e}", flush=True)
