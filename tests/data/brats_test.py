@@ -334,7 +334,7 @@ def synthetic_cohort(tmp_path_factory):
   if not hasattr(synthetic, "generate_cohort"):
     pytest.skip("tracin_jax.data.synthetic.generate_cohort is not there yet")
   root = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate_cohort(root, 2, 0)
+  synthetic.generate_cohort(root, 2, 0, workers=1)  # in this process: no spawned imports
   return root
 
 
