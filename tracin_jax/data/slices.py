@@ -184,15 +184,20 @@ class SliceSet:
         None if any(r is None for r in records) else PreprocessRecord.concatenate(records))
 
 
-def fingerprint(*sets: SliceSet) -> str:
-  """A hash of the slices' contents (images, labels) and ids, in order (16 hex digits)."""
+def fingerprint(*sets) -> str:
+  """A hash of the slices' contents (images, labels) and ids, in order (16 hex digits).
+
+  Sets of volumes (`volumes.VolumeSet`, one example per case, no slice index) hash their
+  case ids in place of the (case, slice) ids.
+  """
   h = hashlib.sha256()
   for s in sets:
     for a in (s.images, s.labels):
       a = np.ascontiguousarray(a)
       h.update(f"{a.dtype.str}:{a.shape}".encode())
       h.update(a.tobytes())
-    h.update("|".join(f"{c}:{z}" for c, z in s.ids).encode())
+    ids = s.ids if hasattr(s, "ids") else [(c, "volume") for c in s.cases]
+    h.update("|".join(f"{c}:{z}" for c, z in ids).encode())
   return h.hexdigest()[:16]
 
 

@@ -39,6 +39,7 @@ class ReportStage(base.StageBase):
   """An HTML report of the run, from the other stages' manifests."""
 
   name, config_cls, needs = "report", ReportConfig, ()
+  supports_volumes = True
 
   def _others(self, context: base.Context) -> dict[str, tuple[str, str]]:
     found = {}
