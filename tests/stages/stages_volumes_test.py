@@ -19,11 +19,15 @@ from tracin_jax import settings
 from tracin_jax.cli import config_flags
 from tracin_jax.data import constants
 from tracin_jax.data import volumes
+from tracin_jax.influence import figures
 from tracin_jax.stages import base
 from tracin_jax.training import train as train_lib
 from tracin_jax.training.checkpoints import CheckpointStore
 
 ADAM_EPOCHS, SGD_EPOCHS = 2, 1
+# TracIn of the head's parameters only, and no gradient store: the stage's path on volumes
+# at a fraction of the full network's compile.
+INFLUENCE_FLAGS = {"influence_params": "head", "nostore": None, "num_local_panels": 2}
 
 
 def _config(workdir, cache, data_dir=None, **flags):
@@ -35,7 +39,7 @@ def _config(workdir, cache, data_dir=None, **flags):
           "--adam_learning_rate=1e-2", "--noaugment"]
   if data_dir is not None:
     argv.append(f"--data_dir={data_dir}")
-  argv += [f"--{k}={v}" for k, v in flags.items()]
+  argv += [f"--{k}" if v is None else f"--{k}={v}" for k, v in flags.items()]
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 
   fv = absl_flags.FlagValues()
@@ -77,10 +81,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run3d(tmp_path_factory, data_dir):
-  """The tiny 3D run (train, then the report): its config, results and workdir."""
+  """The tiny 3D run (train, influence, then the report): its config, results and
+  workdir."""
   base_dir = tmp_path_factory.mktemp("run3d")
-  config = _config(base_dir / "run", base_dir / "cache", data_dir)
-  results = experiment.run(config, ["train"], progress=False)
+  config = _config(base_dir / "run", base_dir / "cache", data_dir, **INFLUENCE_FLAGS)
+  results = experiment.run(config, ["train", "influence"], progress=False)
   return config, results, base_dir / "run"
 
 
@@ -127,10 +132,10 @@ def test_volume_sides_must_divide_by_two_to_the_depth(tmp_path, flags, message):
 def test_stages_without_volumes_are_refused_by_name_before_any_work(tmp_path):
   config = _config(tmp_path / "w", tmp_path / "c")
   with pytest.raises(settings.SettingsError) as e:
-    experiment.run(config, ["train", "influence", "validate"], progress=False)
+    experiment.run(config, ["train", "saliency", "validate"], progress=False)
   assert str(e.value) == (
-      "--stages=train,influence,validate: influence, validate not supported yet with "
-      "--spatial_dims=3 (volumes); run train,report.")
+      "--stages=train,saliency,validate: saliency, validate not supported yet with "
+      "--spatial_dims=3 (volumes); run train,influence,report.")
   assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
 
 
@@ -181,10 +186,51 @@ def test_the_finished_3d_run_is_reused_and_other_data_are_refused(run3d, caplog)
   config, _, workdir = run3d
   before = (workdir / "checkpoints").stat().st_mtime_ns, (workdir / "metrics.json").read_bytes()
   with caplog.at_level(logging.INFO, logger="tracin_jax"):
-    experiment.run(config, ["train"], progress=False)
-  assert "train: inputs and settings unchanged" in caplog.text
+    experiment.run(config, ["train", "influence"], progress=False)
+  for name in ("train", "influence"):  # the influence stage's results read back from volumes
+    assert f"{name}: inputs and settings unchanged" in caplog.text
   assert before == ((workdir / "checkpoints").stat().st_mtime_ns,
                     (workdir / "metrics.json").read_bytes())
   other = _config(workdir, config.data.cache_dir, config.data.data_dir, volume_spacing=3)
   with pytest.raises(train_lib.RunMismatchError, match="image shape|data"):
     experiment.run(other, ["train"], progress=False)
+
+
+@pytest.mark.slow
+def test_the_3d_influence_stage_explains_validation_volumes_by_training_volumes(run3d):
+  config, results, workdir = run3d
+  train_set, val_set = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  n_train, n_val = len(train_set), len(val_set)
+  out = workdir / "influence"
+  with np.load(out / "train_influence.npz") as f:
+    assert f["scores"].shape == (3, n_train, 3 * n_train)
+    assert f["train_case_ids"].tolist() == train_set.cases
+    assert f["train_slice_indices"].tolist() == [volumes.NO_SLICE] * n_train
+  with np.load(out / "test_influence.npz") as f:
+    assert f["scores"].shape == (3, n_val, 3 * n_train)
+    assert f["test_case_ids"].tolist() == val_set.cases
+  result = results["influence"]
+  assert result.train_regions.shape == (n_train, 16, 16, 16, 3)
+  names = list(result.class_names)
+  explanations = json.loads((out / "proponents.json").read_text())["explanations"]
+  assert explanations and all(e["proponents"] for e in explanations)
+  for e in explanations:  # every slice named is the one its region's figure draws
+    a = val_set.cases.index(e["case"])
+    assert e["slice"] == figures.representative_slice(
+        result.val_regions[a][..., names.index(e["class"])])
+    for entry in e["proponents"] + e["opponents"]:
+      b = train_set.cases.index(entry["case"])
+      region = result.train_regions[b][..., names.index(entry["class"])]
+      assert region.any() and entry["slice"] == figures.representative_slice(region)
+  manifest = base.read_manifest(workdir, "influence")
+  drawn = manifest["headline"]["local_panel_slices"]
+  assert drawn and set(drawn) <= set(val_set.cases)
+  panels = [f["path"] for f in manifest["figures"] if "/local_" in f["path"]]
+  assert len(panels) == len(drawn)
+  for case in drawn:  # named by the slice of the volume's regions' largest cross-section
+    a = val_set.cases.index(case)
+    z = figures.representative_slice(result.val_regions[a].any(axis=-1))
+    assert f"influence/local_{case}_{z}.png" in panels
+    assert (workdir / f"influence/local_{case}_{z}.png").stat().st_size > 0
+  for name in ("train_influence.png", "proponent_classes.png", "self_influence.png"):
+    assert (out / name).stat().st_size > 0

@@ -185,19 +185,15 @@ class SliceSet:
 
 
 def fingerprint(*sets) -> str:
-  """A hash of the slices' contents (images, labels) and ids, in order (16 hex digits).
-
-  Sets of volumes (`volumes.VolumeSet`, one example per case, no slice index) hash their
-  case ids in place of the (case, slice) ids.
-  """
+  """A hash of the slices' (or volumes') contents (images, labels) and ids, in order (16
+  hex digits); a `volumes.VolumeSet`'s ids are (case, -1)."""
   h = hashlib.sha256()
   for s in sets:
     for a in (s.images, s.labels):
       a = np.ascontiguousarray(a)
       h.update(f"{a.dtype.str}:{a.shape}".encode())
       h.update(a.tobytes())
-    ids = s.ids if hasattr(s, "ids") else [(c, "volume") for c in s.cases]
-    h.update("|".join(f"{c}:{z}" for c, z in ids).encode())
+    h.update("|".join(f"{c}:{z}" for c, z in s.ids).encode())
   return h.hexdigest()[:16]
 
 
