@@ -144,7 +144,7 @@ def test_the_3d_flagfiles_are_packaged_and_valid(tmp_path, name):
   config, stages = config_flags.from_flagfile(
       experiment.ExperimentConfig, name, f"--workdir={tmp_path / 'w'}",
       f"--cache_dir={tmp_path / 'c'}")
-  assert config.train.model.spatial_dims == 3 and stages == ["train"]
+  assert config.train.model.spatial_dims == 3 and stages[0] == "train"
   experiment.check_config(config)
   experiment.check_volume_stages(config, stages)
 
@@ -234,3 +234,5 @@ def test_the_3d_influence_stage_explains_validation_volumes_by_training_volumes(
     assert (workdir / f"influence/local_{case}_{z}.png").stat().st_size > 0
   for name in ("train_influence.png", "proponent_classes.png", "self_influence.png"):
     assert (out / name).stat().st_size > 0
+  index = (workdir / "report" / "index.html").read_text()  # the report's index shows them
+  assert all(path in index for path in panels + ["influence/train_influence.png"])
