@@ -20,7 +20,9 @@ from tracin_jax import settings
 from tracin_jax import data as data_lib
 from tracin_jax import stages as stages_lib
 from tracin_jax.data import brats
+from tracin_jax.data import volumes as volumes_lib
 from tracin_jax.data.slices import SliceSet
+from tracin_jax.data.volumes import VolumeSet
 from tracin_jax.settings import setting
 
 logger = logging.getLogger("tracin_jax")
@@ -34,7 +36,8 @@ class DataConfig:
   """Where the data come from and how they are split.
 
   With `data_dir=None` the embedded synthetic cohort (`synthetic_cases` cases from
-  `synthetic_seed`) is generated once under `cache_dir` and reused.
+  `synthetic_seed`) is generated once under `cache_dir` and reused. `preprocess` makes the
+  axial slices of a 2D run, `volumes` the whole volumes of a 3D run (`--spatial_dims=3`).
   """
 
   data_dir: str | None = setting(
@@ -45,6 +48,7 @@ class DataConfig:
   cache_dir: str | None = setting(
       None, "Cache of cohorts and slices (unset: $TRACIN_JAX_CACHE or ~/.cache/tracin_jax).")
   preprocess: brats.PreprocessConfig = brats.PreprocessConfig()
+  volumes: volumes_lib.VolumeConfig = volumes_lib.VolumeConfig()
   val_fraction: float = setting(52 / 259, "Validation share of the patients.", minimum=0.0,
                                 maximum=1.0, exclusive=True)
   num_val: int | None = setting(None, "Validation patients (overrides --val_fraction).",
@@ -92,11 +96,19 @@ def _experiment_config_cls() -> type:
 ExperimentConfig = _experiment_config_cls()
 
 
-def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, SliceSet]:
-  """Loads (through the slice cache) and splits the data by patient.
+def load_data(config: DataConfig, *, spatial_dims: int = 2,
+              progress: bool = True) -> tuple[SliceSet, SliceSet] | tuple[VolumeSet, VolumeSet]:
+  """Loads (through the slice or volume cache) and splits the data by patient.
+
+  Args:
+    config: the data's settings.
+    spatial_dims: 2: axial slices (`config.preprocess`); 3: one volume per case
+      (`config.volumes`), cached beside the slices.
+    progress: show progress bars.
 
   Returns:
-    (train slices, validation slices).
+    (train slices, validation slices), or with `spatial_dims=3` (train volumes, validation
+    volumes).
   """
   from tracin_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
@@ -109,11 +121,16 @@ def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, S
         root, config.synthetic_cases, config.synthetic_seed, progress=progress)
   else:
     root = pathlib.Path(config.data_dir)
-    _check_split(config, len(brats.list_cases(root, config.preprocess.groups)),
-                 f"in {root}")
-  slices, skipped = brats.load_cached(
-      root, config.preprocess, cache_dir / "slices", skip_bad=config.skip_bad_cases,
-      progress=progress)
+    groups = config.volumes.groups if spatial_dims == 3 else config.preprocess.groups
+    _check_split(config, len(brats.list_cases(root, groups)), f"in {root}")
+  if spatial_dims == 3:
+    slices, skipped = volumes_lib.load_cached(
+        root, config.volumes, cache_dir / "slices", skip_bad=config.skip_bad_cases,
+        progress=progress)
+  else:
+    slices, skipped = brats.load_cached(
+        root, config.preprocess, cache_dir / "slices", skip_bad=config.skip_bad_cases,
+        progress=progress)
   if skipped:
     logger.info(f"{len(skipped)} case(s) skipped: {', '.join(c for c, _ in skipped)}.")
   _check_split(config, len(slices.cases), "after skipping bad cases" if skipped else "loaded")
@@ -121,9 +138,10 @@ def load_data(config: DataConfig, *, progress: bool = True) -> tuple[SliceSet, S
       slices.cases, num_val=config.num_val, val_fraction=config.val_fraction,
       seed=config.split_seed)
   train_set, val_set = slices.select_cases(train_ids), slices.select_cases(val_ids)
-  logger.info(f"Data ({config.name}): {len(train_ids)} train cases ({len(train_set)} slices), "
-              f"{len(val_ids)} validation cases ({len(val_set)} slices), images "
-              f"{slices.images.shape[1]}x{slices.images.shape[2]}.")
+  unit = "volumes" if spatial_dims == 3 else "slices"
+  shape = "x".join(str(n) for n in slices.images.shape[1:-1])
+  logger.info(f"Data ({config.name}): {len(train_ids)} train cases ({len(train_set)} {unit}), "
+              f"{len(val_ids)} validation cases ({len(val_set)} {unit}), images {shape}.")
   return train_set, val_set
 
 
@@ -141,7 +159,28 @@ def check_stages(names: Sequence[str]) -> list[str]:
   return [s for s in known if s in names]
 
 
-def make_context(config: ExperimentConfig, train_set: SliceSet, val_set: SliceSet, *,
+def _takes_volumes(name: str) -> bool:
+  return bool(getattr(stages_lib.get_stage(name), "supports_volumes", False))
+
+
+def check_volume_stages(config: ExperimentConfig, names: Sequence[str]) -> None:
+  """Refuses, before any work, the stages that do not take volumes yet in a 3D run.
+
+  Raises:
+    SettingsError: `--spatial_dims=3` with a stage whose `supports_volumes` is false.
+  """
+  if config.train.model.spatial_dims != 3:
+    return
+  refused = [n for n in names if not _takes_volumes(n)]
+  if refused:
+    supported = [n for n in stages_lib.list_stages() if _takes_volumes(n)]
+    raise settings.SettingsError(
+        f"--stages={','.join(names)}: {', '.join(refused)} not supported yet with "
+        f"--spatial_dims=3 (volumes); run {','.join(supported)}.")
+
+
+def make_context(config: ExperimentConfig, train_set: SliceSet | VolumeSet,
+                 val_set: SliceSet | VolumeSet, *,
                  progress: bool = True) -> stages_lib.Context:
   """The context every stage of the run receives."""
   return stages_lib.Context(
@@ -188,10 +227,22 @@ def check_config(config: ExperimentConfig) -> None:
   pre = data.preprocess
   for flag, size in (("--image_size", pre.image_size),
                      ("--crop_size", pre.crop_size if pre.image_size is None else None)):
-    if size is not None and size % multiple:
+    if size is not None and size % multiple and train.model.spatial_dims == 2:
       raise settings.SettingsError(
           f"{flag}={size}: must be a multiple of 2**depth = {multiple} (--depth="
           f"{train.model.depth}), e.g. {max(multiple, size // multiple * multiple)}.")
+  box = data.volumes.size
+  if train.model.spatial_dims == 3:
+    if box is None:
+      raise settings.SettingsError(
+          f"--volume_size: required with --spatial_dims=3 (D,H,W, each a multiple of 2**depth "
+          f"= {multiple}): the whole volumes' sides are not known before they are read.")
+    bad = [n for n in box if n % multiple]
+    if bad:
+      fixed = ",".join(str(max(multiple, n // multiple * multiple)) for n in box)
+      raise settings.SettingsError(
+          f"--volume_size={','.join(map(str, box))}: each side must be a multiple of 2**depth "
+          f"= {multiple} (--depth={train.model.depth}), e.g. {fixed}.")
   epochs = train.num_epochs
   adam = train.optimizer.adam_epochs
   chosen = config.influence.checkpoint_epochs or ()
@@ -269,12 +320,14 @@ def run(config: ExperimentConfig, stages: Sequence[str], *,
   except ValueError as e:
     raise settings.SettingsError(str(e)) from None
   check_config(config)
+  check_volume_stages(config, names)
   workdir = pathlib.Path(config.workdir)
   existed = ({workdir, *(p for p in workdir.rglob("*") if p.is_dir())}
              if workdir.is_dir() else set())
   try:
     t0 = time.perf_counter()
-    train_set, val_set = load_data(config.data, progress=progress)
+    train_set, val_set = load_data(config.data, spatial_dims=config.train.model.spatial_dims,
+                                   progress=progress)
     logger.info(f"[data ready in {time.perf_counter() - t0:.0f} s]")
     context = make_context(config, train_set, val_set, progress=progress)
     for name in names:

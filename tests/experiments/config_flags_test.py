@@ -125,7 +125,7 @@ def test_a_misspelt_flagfile_is_one_line_listing_the_packaged_ones(value, what):
   with pytest.raises(settings.SettingsError) as e:
     config_flags.resolve_flagfile(value)
   assert str(e.value) == (f"--flagfile={value}: {what} (packaged flagfiles: demo, smoke, "
-                          "brats19_paper)")
+                          "brats19_paper, demo3d, smoke3d)")
 
 
 def test_stages_all_is_every_stage_in_run_order():

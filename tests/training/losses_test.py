@@ -59,3 +59,28 @@ def test_per_case_dice_averages_over_patients_and_regions():
   # WT for case a: truth {1,2,3} 3 px, pred 2 px overlap 2 -> 0.8; case b 2/3.
   assert d["WT"] == pytest.approx((0.8 + 2 / 3) / 2)
   assert d["TC"] == pytest.approx((2 * 1 / 3 + 1.0) / 2)
+
+
+def test_dice_loss_of_volumes_is_that_of_their_slices_stacked():
+  """Rank 3: the soft Dice sums over every example and voxel, so a batch of volumes scores
+  as the stack of their axial slices (weights repeated per slice), in float64."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 2, 4, 5, 4))
+  labels = rng.integers(0, 4, size=(3, 2, 4, 5)).astype(np.int32)
+  weights = np.array([1.0, 0.0, 1.0])
+  with jax.enable_x64(True):
+    loss3, dice3 = losses.dice_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                    jnp.asarray(weights))
+    loss2, dice2 = losses.dice_loss(jnp.asarray(logits.reshape(6, 4, 5, 4)),
+                                    jnp.asarray(labels.reshape(6, 4, 5)),
+                                    jnp.asarray(np.repeat(weights, 2)))
+    assert dice3.dtype == jnp.float64
+  np.testing.assert_allclose(dice3, dice2, rtol=1e-12)
+  np.testing.assert_allclose(loss3, loss2, rtol=1e-12)
+  # And by hand, over the weighted volumes only.
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  p = (e / e.sum(-1, keepdims=True))[weights > 0]
+  kept = labels[weights > 0]
+  expected = [(2 * (p[..., c] * (kept == c)).sum() + losses.DICE_SMOOTH)
+              / (p[..., c].sum() + (kept == c).sum() + losses.DICE_SMOOTH) for c in (1, 2, 3)]
+  np.testing.assert_allclose(dice3, expected, rtol=1e-12)

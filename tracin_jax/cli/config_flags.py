@@ -25,7 +25,7 @@ from tracin_jax import settings
 from tracin_jax import stages as stages_lib
 
 # The packaged flagfiles, in the order the help lists them; each is `CONFIGS/<name>.flags`.
-FLAGFILES = ("demo", "smoke", "brats19_paper")
+FLAGFILES = ("demo", "smoke", "brats19_paper", "demo3d", "smoke3d")
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # `--stages=all`: every stage, in run order.
 ALL_STAGES = "all"

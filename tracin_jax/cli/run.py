@@ -8,7 +8,7 @@ stages (`tracin_jax.experiment.run`). Examples:
   tracin-jax run --flagfile=brats19_paper \
       --data_dir=/data/MICCAI_BraTS_2019_Data_Training --workdir=runs/brats19
 
-A flagfile is a file or a packaged one by name (demo, smoke, brats19_paper; they are in
+A flagfile is a file or a packaged one by name (demo, smoke, brats19_paper, demo3d, smoke3d; in
 tracin_jax/configs/); the run's relative paths, such as the demo's workdir runs/demo, are
 relative to the current directory. `python -m experiments.run` (from the repository's root)
 is the same command.

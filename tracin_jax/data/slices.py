@@ -184,8 +184,9 @@ class SliceSet:
         None if any(r is None for r in records) else PreprocessRecord.concatenate(records))
 
 
-def fingerprint(*sets: SliceSet) -> str:
-  """A hash of the slices' contents (images, labels) and ids, in order (16 hex digits)."""
+def fingerprint(*sets) -> str:
+  """A hash of the slices' (or volumes') contents (images, labels) and ids, in order (16
+  hex digits); a `volumes.VolumeSet`'s ids are (case, -1)."""
   h = hashlib.sha256()
   for s in sets:
     for a in (s.images, s.labels):

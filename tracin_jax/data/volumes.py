@@ -71,6 +71,8 @@ LABEL_BACKGROUND = 0
 # The sample's axes (D, H, W) are the source's (z, x, y): a sample is `volume.transpose(
 # SAMPLE_AXES)`, and its axis k is the source's axis SAMPLE_AXES[k].
 SAMPLE_AXES = (2, 0, 1)
+# The slice index of a volume (`VolumeSet.ids`): it has none.
+NO_SLICE = -1
 
 # Each field of a VolumeRecord: (dtype, shape of one sample's entry).
 _RECORD_FIELDS = {
@@ -228,6 +230,17 @@ class VolumeSet:
   def cases(self) -> list[str]:
     """Case ids in order."""
     return [str(c) for c in self.case_ids]
+
+  @property
+  def slice_indices(self) -> np.ndarray:
+    """[N] int32, all -1: a volume is its case's one example and has no slice index (the
+    slices' `SliceSet.slice_indices`; a figure names the axial slice it draws)."""
+    return np.full(len(self), NO_SLICE, np.int32)
+
+  @property
+  def ids(self) -> list[tuple[str, int]]:
+    """(case, -1) of every sample, as `SliceSet.ids` gives (case, slice)."""
+    return [(str(c), NO_SLICE) for c in self.case_ids]
 
   def subset(self, index) -> "VolumeSet":
     """The samples selected by an integer index array or a boolean mask."""

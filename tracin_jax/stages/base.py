@@ -12,6 +12,8 @@ A stage is a class registered by name (`register_stage`), with
     manifest listing them (the stage's `writes` declare each once, with its description);
   * `load(context) -> result`: the same result, read back from a finished run's files
     (the inverse of `write`);
+  * optionally `supports_volumes`: whether it runs on volumes (`--spatial_dims=3`); by
+    default not, and a 3D run naming it is refused before any work;
   * optionally `check(context)`: raises `StageError` (or another user error) if the stage
     cannot run in this workdir, before anything there is touched.
 
@@ -98,7 +100,8 @@ class Context:
 
   Attributes:
     workdir: the run's directory.
-    train_set, val_set: the training and validation slices (with their case and slice ids).
+    train_set, val_set: the training and validation slices (with their case and slice ids),
+      or volumes (`VolumeSet`, one per case) in a run with `--spatial_dims=3`.
     data_name: "synthetic cohort" or "BraTS data in <dir>".
     synthetic: whether the data are the synthetic cohort.
     configs: every stage's config by stage name (a stage's `load` may need another's).
@@ -269,6 +272,9 @@ class StageBase:
   config_cls: ClassVar[type] = type(None)
   needs: ClassVar[tuple[str, ...]] = ()
   writes: ClassVar[tuple[Output, ...]] = ()  # the files and figures it writes, declared once
+  # Whether it takes volumes (a run with --spatial_dims=3); one that does not is refused
+  # before any work of such a run.
+  supports_volumes: ClassVar[bool] = False
 
   def __init__(self, config: Any = None):
     self.config = self.config_cls() if config is None else config

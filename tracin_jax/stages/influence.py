@@ -240,6 +240,7 @@ class InfluenceStage(base.StageBase):
   """TracIn of every validation and training region against every training region."""
 
   name, config_cls, needs = "influence", InfluenceConfig, ("train",)
+  supports_volumes = True
   writes = (_TRAIN_SCORES, _TEST_SCORES, _GLOBALS, _PROPONENTS, _MATRICES, _CLASSES, _SELF,
             _LOCAL, _STORE)
 
@@ -319,7 +320,8 @@ class InfluenceStage(base.StageBase):
     return InfluenceOutputs(
         train_blocks, test_blocks, presence_train, presence_val, config.threshold,
         CLASS_NAMES, list(epochs), [c.learning_rate for c in checkpoints],
-        _global_explainers(test_blocks, train_set, config), final_apply, final.params,
+        _global_explainers(test_blocks, train_set, config, train_regions), final_apply,
+        final.params,
         final.state, train_regions, val_regions, self.manifest(), store=store)
 
   def _log_settings(self, context: base.Context, checkpoints, epochs: list[int],
@@ -383,7 +385,8 @@ class InfluenceStage(base.StageBase):
     self._write_local_panels(context, manifest, result)
     if result.store is not None:  # built by `compute`: listed here
       store = store_lib.open_store(context.stage_dir(self.name) / _STORE.path())
-      self.list_output(context, manifest, _STORE, description=_store_description(store))
+      self.list_output(context, manifest, _STORE, description=_store_description(
+          store, _unit(context.train_set)))
       manifest.headline["store"] = result.store
     manifest.headline.update({
         "checkpoint_epochs": list(result.epochs),
@@ -431,6 +434,8 @@ class InfluenceStage(base.StageBase):
     explanations = rankings.explain(
         result.test_blocks, context.val_set.ids, context.train_set.ids, result.class_names,
         k=config.top_k, global_columns=[g["column"] for g in globals_])
+    if _volumes(context.val_set):
+      _record_drawn_slices(explanations, context, result)
     outputs.write_json(self.list_output(context, manifest, _PROPONENTS, k=config.top_k), {
         "dataset": context.data_name, "k": config.top_k,
         "checkpoint_epochs": list(result.epochs), "threshold": result.threshold,
@@ -466,15 +471,23 @@ class InfluenceStage(base.StageBase):
     `rankings.local_explanation_examples` picks."""
     k, val_set = self.config.top_k, context.val_set
     global_columns = [g["column"] for g in result.global_explainers]
+    drawn = {}
     for a in rankings.local_explanation_examples(result.val_regions,
                                                  self.config.num_local_panels,
                                                  val_set.case_ids):
       case, z = val_set.ids[a]
+      if _volumes(val_set):  # named by the slice of its regions' largest cross-section
+        z = figures.representative_slice(result.val_regions[a].any(axis=-1))
+        drawn[case] = {name: figures.representative_slice(result.val_regions[a][..., i])
+                       for i, name in enumerate(result.class_names)
+                       if result.presence_test[a, i]}
       figures.plot_local_explanation(
           a, result.test_blocks, val_set, result.val_regions, context.train_set,
           result.train_regions, result.class_names,
           self.list_output(context, manifest, _LOCAL, case=case, z=z, k=k), k=k,
           global_columns=global_columns, title_suffix=context.suffix)
+    if drawn:  # which axial slice each volume's rows show, per class
+      manifest.headline["local_panel_slices"] = drawn
 
   def store_settings(self) -> dict[str, Any]:
     """The `build_store` settings of this configuration."""
@@ -508,7 +521,7 @@ class InfluenceStage(base.StageBase):
       store = store_lib.build_store(path, loss_fn, checkpoints, train_ex, progress=progress,
                                     **kwargs)
     report_ = store.last_build
-    context.log(f"Gradient store {path}: {_store_description(store)}; "
+    context.log(f"Gradient store {path}: {_store_description(store, _unit(train_set))}; "
                 f"{report_.blocks_built} blocks built, {report_.blocks_reused} reused in "
                 f"{report_.seconds:.1f} s.")
     return store
@@ -526,20 +539,45 @@ class InfluenceStage(base.StageBase):
       raise base.StageError(str(e)) from None
 
 
+def _volumes(examples) -> bool:
+  """Whether the examples are volumes [N, D, H, W, C] (a run with --spatial_dims=3)."""
+  return examples.images.ndim == 5
+
+
+def _record_drawn_slices(explanations: list[dict[str, Any]], context: base.Context,
+                         result: InfluenceOutputs) -> None:
+  """Sets each explanation's and each of its entries' "slice" to the axial slice a figure
+  draws of that volume's region (`figures.representative_slice`: its largest
+  cross-section), in place; volumes have no slice of their own."""
+  names = list(result.class_names)
+  test_index = {c: a for a, c in enumerate(context.val_set.cases)}
+  train_index = {c: b for b, c in enumerate(context.train_set.cases)}
+  for e in explanations:
+    e["slice"] = figures.representative_slice(
+        result.val_regions[test_index[e["case"]]][..., names.index(e["class"])])
+    for entry in e["proponents"] + e["opponents"]:
+      entry["slice"] = figures.representative_slice(
+          result.train_regions[train_index[entry["case"]]][..., names.index(entry["class"])])
+
+
 def _class_counts(presence: np.ndarray) -> str:
   """The regions present per class of presence [n, K], as "NCR/NET 3, ED 5, ET 2"."""
   return ", ".join(f"{n} {int(c)}" for n, c in zip(CLASS_NAMES, presence.sum(0)))
 
 
-def _global_explainers(test_blocks: np.ndarray, train_set,
-                       config: InfluenceConfig) -> list[dict[str, Any]]:
+def _global_explainers(test_blocks: np.ndarray, train_set, config: InfluenceConfig,
+                       train_regions: np.ndarray | None = None) -> list[dict[str, Any]]:
   """`rankings.global_explainers` of test_blocks [K, n_val, K * n_train], each with its
-  training slice's case, slice and class name."""
+  training slice's case, slice and class name (a training volume's slice: the one its
+  region is drawn at, from `train_regions` [n_train, D, H, W, K])."""
   globals_ = rankings.global_explainers(test_blocks, top=config.global_top,
                                       min_fraction=config.global_fraction)
   for g in globals_:
     g["case"], g["slice"] = train_set.ids[g["train_index"]]
     g["class"] = CLASS_NAMES[g["train_class"]]
+    if train_regions is not None and _volumes(train_set):  # the drawn slice of its region
+      g["slice"] = figures.representative_slice(
+          train_regions[g["train_index"]][..., g["train_class"]])
   return globals_
 
 
@@ -549,10 +587,14 @@ def _store_headline(store: store_lib.GradientStore) -> dict[str, Any]:
           "seconds": round(store.last_build.seconds, 1)}
 
 
-def _store_description(store: store_lib.GradientStore) -> str:
+def _unit(examples) -> str:
+  return "volumes" if _volumes(examples) else "slices"
+
+
+def _store_description(store: store_lib.GradientStore, unit: str = "slices") -> str:
   spec = store.meta["projection"]
   kind = "exact gradients" if spec is None else f"{spec['kind']} projection to d = {spec['dim']}"
-  return (f"{store.num_examples} slices x {store.num_outputs} regions x "
+  return (f"{store.num_examples} {unit} x {store.num_outputs} regions x "
           f"{len(store.learning_rates)} checkpoints, {kind}, {store.nbytes() / 1e6:.1f} MB")
 
 

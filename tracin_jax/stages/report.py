@@ -39,6 +39,7 @@ class ReportStage(base.StageBase):
   """An HTML report of the run, from the other stages' manifests."""
 
   name, config_cls, needs = "report", ReportConfig, ()
+  supports_volumes = True
 
   def _others(self, context: base.Context) -> dict[str, tuple[str, str]]:
     found = {}
@@ -62,13 +63,18 @@ class ReportStage(base.StageBase):
     return ReportOutputs(context.workdir / self.name / report_lib.INDEX, self.manifest())
 
   def write(self, context: base.Context, result: ReportOutputs) -> base.Manifest:
-    influence = (context.need("influence")
-                 if base.read_manifest(context.workdir, "influence") else None)
     manifest = self.manifest()
     self.list_output(context, manifest, self.writes[0])
-    index = report_lib.build_report(
-        context.workdir, train_set=context.train_set, val_set=context.val_set,
-        influence=influence, max_pages=self.config.pages, top=self.config.top)
+    if context.val_set.images.ndim == 5:  # volumes: the index, its figures and tables only
+      context.log("Report of a run on volumes: the index with every stage's figures and "
+                  "tables; per-image pages are drawn for slices only.")
+      index = report_lib.build_report(context.workdir, max_pages=0, top=self.config.top)
+    else:
+      influence = (context.need("influence")
+                   if base.read_manifest(context.workdir, "influence") else None)
+      index = report_lib.build_report(
+          context.workdir, train_set=context.train_set, val_set=context.val_set,
+          influence=influence, max_pages=self.config.pages, top=self.config.top)
     context.log(f"Wrote {index} ({len(list((index.parent / 'images').glob('*.html')))} "
                 "image pages).")
     return manifest

@@ -37,6 +37,7 @@ class TrainStage(base.StageBase):
   """Adam then plain SGD, an Orbax checkpoint per epoch; resumes an interrupted run."""
 
   name, config_cls, needs = "train", train_lib.TrainConfig, ()
+  supports_volumes = True
 
   def fingerprint(self, context: base.Context) -> str:
     record = train_lib.run_record(self.config, context.train_set, context.val_set)

@@ -35,11 +35,12 @@ def soft_dice(probs: jax.Array, target: jax.Array, axes, smooth: float = DICE_SM
 def dice_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
   """Training loss of eq 2: L = 1 - (1/3) sum_{i=1..3} D_i, background excluded.
 
-  The soft Dice of each class is computed over the whole batch (all examples and pixels).
+  The soft Dice of each class is computed over the whole batch (all examples and pixels or
+  voxels): slices and volumes alike, by the rank of `labels`.
 
   Args:
-    logits: [N, H, W, 4] float32.
-    labels: [N, H, W] int32 in {0, 1, 2, 3}.
+    logits: [N, H, W, 4] (slices) or [N, D, H, W, 4] (volumes) float32.
+    labels: [N, H, W] or [N, D, H, W] int32 in {0, 1, 2, 3}.
     weights: optional [N] float32 example weights in {0, 1}: examples with weight 0 (padding)
       contribute nothing.
 
@@ -50,9 +51,9 @@ def dice_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = 
   probs = jax.nn.softmax(logits, axis=-1)
   onehot = jax.nn.one_hot(labels, num_classes, dtype=probs.dtype)
   if weights is not None:
-    w = weights.astype(probs.dtype)[:, None, None, None]
+    w = weights.astype(probs.dtype).reshape((-1,) + (1,) * (probs.ndim - 1))
     probs, onehot = probs * w, onehot * w
-  dice = soft_dice(probs[..., 1:], onehot[..., 1:], axes=(0, 1, 2))
+  dice = soft_dice(probs[..., 1:], onehot[..., 1:], axes=tuple(range(probs.ndim - 1)))
   return 1.0 - jnp.mean(dice), dice
 
 
@@ -83,12 +84,13 @@ def region_masks(classes: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def per_case_dice(pred: np.ndarray, truth: np.ndarray, case_ids) -> dict[str, float]:
-  """Hard Dice per class and region, computed per patient over its slices, then averaged.
+  """Hard Dice per class and region, computed per patient over its slices (or its one
+  volume), then averaged.
 
   Args:
-    pred: [N, H, W] predicted classes.
-    truth: [N, H, W] true classes.
-    case_ids: [N] the patient of each slice.
+    pred: [N, H, W] (or [N, D, H, W]) predicted classes.
+    truth: the true classes, shaped as `pred`.
+    case_ids: [N] the patient of each slice or volume.
 
   Returns:
     {"NCR/NET", "ED", "ET", "WT", "TC"} -> mean over patients of the hard Dice; an empty

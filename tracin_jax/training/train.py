@@ -32,6 +32,7 @@ from tracin_jax import rundir
 from tracin_jax.data import constants
 from tracin_jax.data import pipeline
 from tracin_jax.data.slices import SliceSet
+from tracin_jax.data.volumes import VolumeSet
 from tracin_jax.progress import ProgressBar
 from tracin_jax.settings import setting
 from tracin_jax.training import losses
@@ -46,6 +47,10 @@ logger = logging.getLogger("tracin_jax")
 CONFIG_FILE = rundir.TRAIN_CONFIG_FILE
 METRICS_FILE = rundir.METRICS_FILE
 CURVES_FILE = rundir.CURVES_FILE
+
+
+# What a run trains on: axial slices (spatial_dims 2) or whole volumes (spatial_dims 3).
+Examples = SliceSet | VolumeSet
 
 
 class RunMismatchError(errors.UserError, RuntimeError):
@@ -73,6 +78,10 @@ class ModelConfig:
   background_bias: float = setting(
       3.0, "Initial background logit of the head (a prior against predicting tumour "
       "everywhere).")
+  spatial_dims: int = setting(
+      2, "Spatial rank of the examples: 2 trains on axial slices, 3 on whole volumes (the "
+      "3D model; --volume_spacing and --volume_size give the volumes' grid).",
+      choices=(2, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +102,13 @@ class TrainConfig:
     return self.optimizer.adam_epochs + self.sgd_epochs
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The settings as a dict; `model.spatial_dims` only when it is 3, so that the record
+    (and fingerprint) of a 2D run is the one it had before volumes existed and finished
+    runs are still reused."""
+    d = dataclasses.asdict(self)
+    if d["model"]["spatial_dims"] == 2:
+      del d["model"]["spatial_dims"]
+    return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -113,16 +128,28 @@ class TrainResult:
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
-  """The registered model `config.name` with fresh parameters from `seed`."""
+  """The registered model `config.name` (2D or 3D by `config.spatial_dims`) with fresh
+  parameters from `seed`."""
   return models.get_model(
       config.name, base_width=config.base_width, depth=config.depth, norm=config.norm,
-      background_bias=config.background_bias, rngs=nnx.Rngs(seed))
+      background_bias=config.background_bias, spatial_dims=config.spatial_dims,
+      rngs=nnx.Rngs(seed))
 
 
 def build_model_and_optimizer(config: TrainConfig, tx) -> tuple[nnx.Module, nnx.Optimizer]:
   """The run's model (fresh parameters from `config.seed`) and its optimizer over `tx`."""
   model = build_model(config.model, config.seed)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def check_rank(config: ModelConfig, examples: Examples) -> None:
+  """Raises ValueError unless the examples' spatial rank is `config.spatial_dims`."""
+  rank = examples.labels.ndim - 1
+  if rank != config.spatial_dims:
+    given = "volumes [N, D, H, W, C]" if rank == 3 else "slices [N, H, W, C]"
+    wanted = "volumes" if config.spatial_dims == 3 else "slices"
+    raise ValueError(f"--spatial_dims={config.spatial_dims}: the examples are {given}; "
+                     f"give {wanted}, or --spatial_dims={rank}.")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -153,22 +180,25 @@ def eval_view(model: nnx.Module) -> nnx.Module:
 
 
 def predict_classes(model: nnx.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-  """Argmax classes [N, H, W] int32 of `images` [N, H, W, 4], in evaluation mode."""
+  """Argmax classes [N, H, W] int32 of `images` [N, H, W, 4] (volumes: [N, D, H, W] of
+  [N, D, H, W, 4]), in evaluation mode."""
   view = eval_view(model)
   out = []
   for index, valid in batching.padded_batches(len(images), batch_size):  # one compiled shape
     out.append(np.asarray(_predict(view, jnp.asarray(images[index])))[:valid])
-  return np.concatenate(out) if out else np.zeros(images.shape[:3], np.int32)
+  return np.concatenate(out) if out else np.zeros(images.shape[:-1], np.int32)
 
 
-def evaluate(model: nnx.Module, slices: SliceSet, batch_size: int = 32) -> dict[str, float]:
-  """Hard Dice per class and region, per patient then averaged (see losses.per_case_dice)."""
+def evaluate(model: nnx.Module, slices: Examples, batch_size: int = 32) -> dict[str, float]:
+  """Hard Dice per class and region, per patient then averaged (see losses.per_case_dice);
+  a volume is its patient's one example."""
   pred = predict_classes(model, slices.images, batch_size)
   return losses.per_case_dice(pred, slices.labels, slices.case_ids)
 
 
-def run_record(config: TrainConfig, train_set: SliceSet, val_set: SliceSet) -> dict[str, Any]:
-  """What identifies a training run: its settings, cases, number of slices and image shape."""
+def run_record(config: TrainConfig, train_set: Examples, val_set: Examples) -> dict[str, Any]:
+  """What identifies a training run: its settings, cases, number of slices (or volumes)
+  and image shape."""
   return {
       "config": config.to_dict(),
       "train_cases": train_set.cases,
@@ -178,13 +208,13 @@ def run_record(config: TrainConfig, train_set: SliceSet, val_set: SliceSet) -> d
   }
 
 
-def data_record(train_set: SliceSet, val_set: SliceSet) -> dict[str, Any]:
+def data_record(train_set: Examples, val_set: Examples) -> dict[str, Any]:
   """`run_record`'s facts plus a content hash of the slices a run trains and validates on."""
   return {"data": data_fingerprint(train_set, val_set)}
 
 
-def data_fingerprint(train_set: SliceSet, val_set: SliceSet) -> str:
-  """A hash of the training and validation slices: images, labels and ids."""
+def data_fingerprint(train_set: Examples, val_set: Examples) -> str:
+  """A hash of the training and validation slices (or volumes): images, labels and ids."""
   return slices_lib.fingerprint(train_set, val_set)
 
 
@@ -277,7 +307,7 @@ def check_run(workdir: pathlib.Path, record: dict[str, Any], *, has_checkpoints:
   return True
 
 
-def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
+def train(config: TrainConfig, train_set: Examples, val_set: Examples,
           workdir: str | os.PathLike, *, progress: bool = True,
           stop_after_epoch: int | None = None, dataset: str = "",
           log=logger.info) -> TrainResult:
@@ -285,8 +315,9 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
 
   Args:
     config: the run's settings.
-    train_set: training slices.
-    val_set: validation slices (evaluated at each epoch end).
+    train_set: training slices, or volumes (a `VolumeSet`) with `config.model.spatial_dims`
+      = 3.
+    val_set: validation slices or volumes (evaluated at each epoch end).
     workdir: the run's directory.
     progress: show a progress bar per epoch.
     stop_after_epoch: stop after this epoch (as an interruption would); for tests.
@@ -304,6 +335,7 @@ def train(config: TrainConfig, train_set: SliceSet, val_set: SliceSet,
   workdir = pathlib.Path(workdir)
   if len(train_set) == 0:
     raise ValueError("train_set is empty: nothing to train on.")
+  check_rank(config.model, train_set)
   identity = dict(run_record(config, train_set, val_set), **data_record(train_set, val_set))
   store = CheckpointStore(workdir)
   try:

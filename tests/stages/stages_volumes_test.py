@@ -1,0 +1,238 @@
+"""The run on volumes (`--spatial_dims=3`): settings, refusals and a tiny 3D run end to end.
+
+The end-to-end run trains a tiny 3D UNet on five small BraTS-2019 cases written here
+(48 x 48 x 24 voxels of 1 mm, 16^3 volumes of 2 mm), through `experiment.run` as the
+command line does; one module-scoped run serves every test that reads it.
+"""
+
+import json
+import logging
+import pathlib
+
+import nibabel
+import numpy as np
+import pytest
+import tiny_run
+
+from tracin_jax import experiment
+from tracin_jax import settings
+from tracin_jax.cli import config_flags
+from tracin_jax.data import constants
+from tracin_jax.data import volumes
+from tracin_jax.influence import figures
+from tracin_jax.stages import base
+from tracin_jax.training import train as train_lib
+from tracin_jax.training.checkpoints import CheckpointStore
+
+ADAM_EPOCHS, SGD_EPOCHS = 2, 1
+# TracIn of the head's parameters only, and no gradient store: the stage's path on volumes
+# at a fraction of the full network's compile.
+INFLUENCE_FLAGS = {"influence_params": "head", "nostore": None, "num_local_panels": 2}
+
+
+def _config(workdir, cache, data_dir=None, **flags):
+  """The ExperimentConfig of the tiny 3D run (flags as on the command line)."""
+  argv = [f"--workdir={workdir}", f"--cache_dir={cache}", "--spatial_dims=3",
+          "--volume_spacing=2", "--volume_size=16,16,16", "--num_val=2", "--base_width=4",
+          "--depth=2", "--batch_size=2", "--eval_batch_size=2",
+          f"--adam_epochs={ADAM_EPOCHS}", f"--sgd_epochs={SGD_EPOCHS}",
+          "--adam_learning_rate=1e-2", "--noaugment"]
+  if data_dir is not None:
+    argv.append(f"--data_dir={data_dir}")
+  argv += [f"--{k}" if v is None else f"--{k}={v}" for k, v in flags.items()]
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+
+  fv = absl_flags.FlagValues()
+  config_flags.define_app_flags(fv)
+  holder = config_flags.define_flags(experiment.ExperimentConfig, fv)
+  fv(["test", *argv])
+  return holder.value()
+
+
+def _write_case(root: pathlib.Path, name: str, seed: int) -> None:
+  """A 1 mm case 48 x 48 x 24 (box brain, a nested tumour placed by `seed`) in the 2019
+  layout."""
+  rng = np.random.default_rng(seed)
+  shape = (48, 48, 24)
+  brain = np.zeros(shape, bool)
+  brain[6:42, 6:42, 2:22] = True
+  x, y = rng.integers(12, 26, size=2)
+  seg = np.zeros(shape, np.uint8)
+  seg[x:x + 12, y:y + 12, 6:18] = 2
+  seg[x + 2:x + 10, y + 2:y + 10, 8:16] = 4
+  seg[x + 4:x + 8, y + 4:y + 8, 10:14] = 1
+  case_dir = root / "HGG" / name
+  case_dir.mkdir(parents=True)
+  for k, m in enumerate(constants.MODALITIES):
+    v = np.where(brain, rng.uniform(100, 120, shape) * (k + 1), 0).astype(np.float32)
+    v += 80.0 * (k + 1) * np.isin(seg, ((1, 2), (4,), (2,), (1, 2, 4))[k])
+    nibabel.Nifti1Image(v, constants.BRATS_AFFINE).to_filename(case_dir / f"{name}_{m}.nii.gz")
+  nibabel.Nifti1Image(seg, constants.BRATS_AFFINE).to_filename(
+      case_dir / f"{name}_{constants.SEG_SUFFIX}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("brats3d")
+  for i in range(5):
+    _write_case(root, f"BraTS19_V3_{i}", seed=i)
+  return root
+
+
+@pytest.fixture(scope="module")
+def run3d(tmp_path_factory, data_dir):
+  """The tiny 3D run (train, influence, then the report): its config, results and
+  workdir."""
+  base_dir = tmp_path_factory.mktemp("run3d")
+  config = _config(base_dir / "run", base_dir / "cache", data_dir, **INFLUENCE_FLAGS)
+  results = experiment.run(config, ["train", "influence"], progress=False)
+  return config, results, base_dir / "run"
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_a_2d_run_keeps_its_record_and_fingerprint():
+  """spatial_dims is left out of a 2D run's record: finished 2D runs are still reused."""
+  record = train_lib.run_record(tiny_run.CONFIG, tiny_run.TRAIN, tiny_run.VAL)
+  assert "spatial_dims" not in record["config"]["model"]
+  key = base.inputs_key({"record": record,
+                         "data": train_lib.data_fingerprint(tiny_run.TRAIN, tiny_run.VAL)})
+  assert key == "686d8856d38b2004"  # the train stage's fingerprint before volumes existed
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_train_config_round_trips_its_rank(dims):
+  config = train_lib.TrainConfig(model=train_lib.ModelConfig(spatial_dims=dims))
+  d = config.to_dict()
+  assert ("spatial_dims" in d["model"]) == (dims == 3)
+  assert train_lib.TrainConfig.from_dict(json.loads(json.dumps(d))) == config
+
+
+def test_slices_given_to_a_3d_model_are_refused_naming_spatial_dims(tmp_path):
+  config = train_lib.TrainConfig(model=train_lib.ModelConfig(spatial_dims=3))
+  with pytest.raises(ValueError, match=r"--spatial_dims=3: the examples are slices"):
+    train_lib.train(config, tiny_run.TRAIN, tiny_run.VAL, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"volume_size": "16,18,16"}, r"--volume_size=16,18,16: each side must be a multiple of "
+                                  r"2\*\*depth = 4 \(--depth=2\), e\.g\. 16,16,16\.$"),
+    ({"volume_size": "16,20,16", "depth": 3},
+     r"--volume_size=16,20,16: each side .* = 8 \(--depth=3\), e\.g\. 16,16,16\.$"),
+    ({"volume_size": ""}, r"--volume_size: required with --spatial_dims=3"),
+])
+def test_volume_sides_must_divide_by_two_to_the_depth(tmp_path, flags, message):
+  experiment.check_config(_config(tmp_path / "w", tmp_path / "c"))  # 16,16,16 at depth 2
+  with pytest.raises(settings.SettingsError, match=message):
+    experiment.check_config(_config(tmp_path / "w", tmp_path / "c", **flags))
+
+
+def test_stages_without_volumes_are_refused_by_name_before_any_work(tmp_path):
+  config = _config(tmp_path / "w", tmp_path / "c")
+  with pytest.raises(settings.SettingsError) as e:
+    experiment.run(config, ["train", "saliency", "validate"], progress=False)
+  assert str(e.value) == (
+      "--stages=train,saliency,validate: saliency, validate not supported yet with "
+      "--spatial_dims=3 (volumes); run train,influence,report.")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("name", ["demo3d", "smoke3d", "experiments/configs/demo3d.flags"])
+def test_the_3d_flagfiles_are_packaged_and_valid(tmp_path, name):
+  config, stages = config_flags.from_flagfile(
+      experiment.ExperimentConfig, name, f"--workdir={tmp_path / 'w'}",
+      f"--cache_dir={tmp_path / 'c'}")
+  assert config.train.model.spatial_dims == 3 and stages[0] == "train"
+  experiment.check_config(config)
+  experiment.check_volume_stages(config, stages)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@pytest.mark.slow
+def test_the_3d_run_trains_on_volumes_and_writes_what_a_2d_run_does(run3d):
+  config, results, workdir = run3d
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  for split in ("train", "validation"):
+    assert set(metrics[split]) == {"NCR/NET", "ED", "ET", "WT", "TC"}
+    assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
+  assert metrics["num_train_cases"] == 3 and metrics["num_val_cases"] == 2
+  assert results["train"].metrics == metrics
+  assert (workdir / "training_curves.png").stat().st_size > 0
+  store = CheckpointStore(workdir, create=False)
+  try:
+    assert store.epochs() == list(range(1, ADAM_EPOCHS + SGD_EPOCHS + 1))
+  finally:
+    store.close()
+  record = train_lib.load_record(workdir)
+  assert record["config"]["model"]["spatial_dims"] == 3
+  assert record["image_shape"] == [16, 16, 16, 4] and record["num_train_slices"] == 3
+  manifest = base.read_manifest(workdir, "train")
+  assert manifest["headline"]["validation_dice"] == metrics["validation"]
+  assert (workdir / "report" / "index.html").is_file()
+  # The model is the 3D one: it maps a volume to a volume of logits.
+  model, _ = train_lib.load_model(workdir)
+  train_set, _ = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  assert isinstance(train_set, volumes.VolumeSet)
+  pred = train_lib.predict_classes(model, train_set.images[:1], 1)
+  assert pred.shape == (1, 16, 16, 16)
+
+
+@pytest.mark.slow
+def test_the_finished_3d_run_is_reused_and_other_data_are_refused(run3d, caplog):
+  config, _, workdir = run3d
+  before = (workdir / "checkpoints").stat().st_mtime_ns, (workdir / "metrics.json").read_bytes()
+  with caplog.at_level(logging.INFO, logger="tracin_jax"):
+    experiment.run(config, ["train", "influence"], progress=False)
+  for name in ("train", "influence"):  # the influence stage's results read back from volumes
+    assert f"{name}: inputs and settings unchanged" in caplog.text
+  assert before == ((workdir / "checkpoints").stat().st_mtime_ns,
+                    (workdir / "metrics.json").read_bytes())
+  other = _config(workdir, config.data.cache_dir, config.data.data_dir, volume_spacing=3)
+  with pytest.raises(train_lib.RunMismatchError, match="image shape|data"):
+    experiment.run(other, ["train"], progress=False)
+
+
+@pytest.mark.slow
+def test_the_3d_influence_stage_explains_validation_volumes_by_training_volumes(run3d):
+  config, results, workdir = run3d
+  train_set, val_set = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  n_train, n_val = len(train_set), len(val_set)
+  out = workdir / "influence"
+  with np.load(out / "train_influence.npz") as f:
+    assert f["scores"].shape == (3, n_train, 3 * n_train)
+    assert f["train_case_ids"].tolist() == train_set.cases
+    assert f["train_slice_indices"].tolist() == [volumes.NO_SLICE] * n_train
+  with np.load(out / "test_influence.npz") as f:
+    assert f["scores"].shape == (3, n_val, 3 * n_train)
+    assert f["test_case_ids"].tolist() == val_set.cases
+  result = results["influence"]
+  assert result.train_regions.shape == (n_train, 16, 16, 16, 3)
+  names = list(result.class_names)
+  explanations = json.loads((out / "proponents.json").read_text())["explanations"]
+  assert explanations and all(e["proponents"] for e in explanations)
+  for e in explanations:  # every slice named is the one its region's figure draws
+    a = val_set.cases.index(e["case"])
+    assert e["slice"] == figures.representative_slice(
+        result.val_regions[a][..., names.index(e["class"])])
+    for entry in e["proponents"] + e["opponents"]:
+      b = train_set.cases.index(entry["case"])
+      region = result.train_regions[b][..., names.index(entry["class"])]
+      assert region.any() and entry["slice"] == figures.representative_slice(region)
+  manifest = base.read_manifest(workdir, "influence")
+  drawn = manifest["headline"]["local_panel_slices"]
+  assert drawn and set(drawn) <= set(val_set.cases)
+  panels = [f["path"] for f in manifest["figures"] if "/local_" in f["path"]]
+  assert len(panels) == len(drawn)
+  for case in drawn:  # named by the slice of the volume's regions' largest cross-section
+    a = val_set.cases.index(case)
+    z = figures.representative_slice(result.val_regions[a].any(axis=-1))
+    assert f"influence/local_{case}_{z}.png" in panels
+    assert (workdir / f"influence/local_{case}_{z}.png").stat().st_size > 0
+  for name in ("train_influence.png", "proponent_classes.png", "self_influence.png"):
+    assert (out / name).stat().st_size > 0
+  index = (workdir / "report" / "index.html").read_text()  # the report's index shows them
+  assert all(path in index for path in panels + ["influence/train_influence.png"])
