@@ -137,11 +137,20 @@ class PreprocessConfig:
       value = getattr(self, name)
       if value is not None and value < 1:
         raise ValueError(f"{name} must be None or >= 1, got {value}.")
-    groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
-    unknown = [g for g in groups if g not in constants.GROUPS]
-    if unknown or not groups:
-      raise ValueError(f"groups must be a non-empty subset of {constants.GROUPS}, got {groups}.")
-    object.__setattr__(self, "groups", groups)
+    object.__setattr__(self, "groups", check_groups(self.groups))
+
+
+def check_groups(groups: str | Sequence[str]) -> tuple[str, ...]:
+  """The cohort groups as a tuple (one name or several), each one of `constants.GROUPS`.
+
+  Raises:
+    ValueError: for an unknown group or none.
+  """
+  groups = (groups,) if isinstance(groups, str) else tuple(groups)
+  unknown = [g for g in groups if g not in constants.GROUPS]
+  if unknown or not groups:
+    raise ValueError(f"groups must be a non-empty subset of {constants.GROUPS}, got {groups}.")
+  return groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -845,11 +854,7 @@ def load_cached(
   if npz_path.is_file():
     hit = _read_cache(npz_path, json_path)
     if hit is not None:
-      slices, meta = hit
-      _log.info("BraTS cache hit: %s", npz_path)
-      for note in meta.get("notes", []):
-        _log.warning(note)
-      return slices, [tuple(s) for s in meta["skipped"]]
+      return replay_cache_hit("BraTS", npz_path, *hit)
 
   slices, skipped, notes = _load(cases, config, skip_bad=skip_bad, progress=progress,
                                  num_workers=num_workers)
@@ -873,6 +878,15 @@ def load_cached(
   os.replace(tmp_npz, npz_path)
   _log.info("BraTS cache written: %s", npz_path)
   return slices, skipped
+
+
+def replay_cache_hit(kind: str, path: pathlib.Path, samples, meta: dict):
+  """(samples, skipped cases) of a cache hit, its loading warnings repeated (slices or
+  volumes: `meta` is the entry's JSON sidecar)."""
+  _log.info("%s cache hit: %s", kind, path)
+  for note in meta.get("notes", []):
+    _log.warning(note)
+  return samples, [tuple(s) for s in meta["skipped"]]
 
 
 def _sha256(path: pathlib.Path) -> str:

@@ -9,20 +9,60 @@ import os
 
 import numpy as np
 
-# Each field of a PreprocessRecord: (dtype, shape of one sample's entry).
-_RECORD_FIELDS = {
-    "volume_shape": (np.int32, (3,)),
-    "crop_box": (np.int32, (4,)),
-    "affine": (np.float64, (4, 4)),
-    "layout": (str, ()),
-    "source": (str, ()),
-}
-# Prefix of the record's arrays in a saved .npz.
+# Prefix of a record's arrays in a saved .npz.
 _RECORD_PREFIX = "record_"
 
 
+class SampleRecord:
+  """Per-sample arrays of declared dtypes and shapes: the base of `PreprocessRecord` (slices)
+  and `volumes.VolumeRecord` (volumes), each a frozen dataclass whose `FIELDS` maps every
+  field to (dtype, shape of one sample's entry)."""
+
+  FIELDS: dict = {}
+
+  def __post_init__(self):
+    n = len(self.volume_shape)
+    for name, (dtype, shape) in self.FIELDS.items():
+      value = np.asarray(getattr(self, name), dtype=dtype)
+      if value.shape != (n,) + shape:
+        raise ValueError(f"{type(self).__name__}.{name} has shape {value.shape}, expected "
+                         f"{(n,) + shape}.")
+      object.__setattr__(self, name, value)
+
+  def __len__(self) -> int:
+    return len(self.volume_shape)
+
+  def subset(self, index):
+    """The samples selected by an integer index array or a boolean mask."""
+    index = np.asarray(index)
+    return type(self)(**{name: getattr(self, name)[index] for name in self.FIELDS})
+
+  @classmethod
+  def concatenate(cls, records: list):
+    return cls(**{name: np.concatenate([getattr(r, name) for r in records])
+                  for name in cls.FIELDS})
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The fields by name, as stored in a sample set's .npz (with the `record_` prefix)."""
+    return {_RECORD_PREFIX + name: getattr(self, name) for name in self.FIELDS}
+
+  @classmethod
+  def from_arrays(cls, arrays):
+    """The record stored in `arrays` (a mapping such as an open .npz) by `arrays()`; None if
+    it holds none. Raises ValueError if it holds only some of its fields."""
+    keys = [_RECORD_PREFIX + name for name in cls.FIELDS]
+    present = [k for k in keys if k in arrays]
+    if not present:
+      return None
+    if len(present) != len(keys):
+      missing = sorted(set(keys) - set(present))
+      raise ValueError(f"part of a preprocessing record is stored: {', '.join(missing)} "
+                       "missing.")
+    return cls(**{name: arrays[_RECORD_PREFIX + name] for name in cls.FIELDS})
+
+
 @dataclasses.dataclass(frozen=True)
-class PreprocessRecord:
+class PreprocessRecord(SampleRecord):
   """How each sample was cut from its source volume, to put a map on a slice back on the scan.
 
   A sample's image [H, W] is the in-plane box `crop_box` of axial slice z (the SliceSet's
@@ -41,23 +81,19 @@ class PreprocessRecord:
       is copied when writing back.
   """
 
+  FIELDS = {
+      "volume_shape": (np.int32, (3,)),
+      "crop_box": (np.int32, (4,)),
+      "affine": (np.float64, (4, 4)),
+      "layout": (str, ()),
+      "source": (str, ()),
+  }
+
   volume_shape: np.ndarray
   crop_box: np.ndarray
   affine: np.ndarray
   layout: np.ndarray
   source: np.ndarray
-
-  def __post_init__(self):
-    n = len(self.volume_shape)
-    for name, (dtype, shape) in _RECORD_FIELDS.items():
-      value = np.asarray(getattr(self, name), dtype=dtype)
-      if value.shape != (n,) + shape:
-        raise ValueError(f"PreprocessRecord.{name} has shape {value.shape}, expected "
-                         f"{(n,) + shape}.")
-      object.__setattr__(self, name, value)
-
-  def __len__(self) -> int:
-    return len(self.volume_shape)
 
   @classmethod
   def of_case(cls, num: int, *, volume_shape, crop_box, affine, layout: str,
@@ -68,34 +104,6 @@ class PreprocessRecord:
                affine=np.tile(np.asarray(affine, np.float64), (num, 1, 1)),
                layout=np.asarray([layout] * num, dtype=str),
                source=np.asarray([str(source)] * num, dtype=str))
-
-  def subset(self, index) -> "PreprocessRecord":
-    """The samples selected by an integer index array or a boolean mask."""
-    index = np.asarray(index)
-    return PreprocessRecord(**{name: getattr(self, name)[index] for name in _RECORD_FIELDS})
-
-  @classmethod
-  def concatenate(cls, records: list["PreprocessRecord"]) -> "PreprocessRecord":
-    return cls(**{name: np.concatenate([getattr(r, name) for r in records])
-                  for name in _RECORD_FIELDS})
-
-  def arrays(self) -> dict[str, np.ndarray]:
-    """The fields by name, as stored in a SliceSet's .npz (with the `record_` prefix)."""
-    return {_RECORD_PREFIX + name: getattr(self, name) for name in _RECORD_FIELDS}
-
-  @classmethod
-  def from_arrays(cls, arrays) -> "PreprocessRecord | None":
-    """The record stored in `arrays` (a mapping such as an open .npz) by `arrays()`; None if
-    it holds none. Raises ValueError if it holds only some of its fields."""
-    keys = [_RECORD_PREFIX + name for name in _RECORD_FIELDS]
-    present = [k for k in keys if k in arrays]
-    if not present:
-      return None
-    if len(present) != len(keys):
-      missing = sorted(set(keys) - set(present))
-      raise ValueError(f"part of a preprocessing record is stored: {', '.join(missing)} "
-                       "missing.")
-    return cls(**{name: arrays[_RECORD_PREFIX + name] for name in _RECORD_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)

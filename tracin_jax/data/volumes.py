@@ -59,6 +59,7 @@ from tracin_jax.data import brats
 from tracin_jax.data import constants
 from tracin_jax.data import layouts
 from tracin_jax.data import patient_space
+from tracin_jax.data import slices
 from tracin_jax.settings import setting
 
 _log = logging.getLogger(__name__)
@@ -74,16 +75,6 @@ SAMPLE_AXES = (2, 0, 1)
 # The slice index of a volume (`VolumeSet.ids`): it has none.
 NO_SLICE = -1
 
-# Each field of a VolumeRecord: (dtype, shape of one sample's entry).
-_RECORD_FIELDS = {
-    "volume_shape": (np.int32, (3,)),
-    "origin": (np.float64, (3,)),
-    "step": (np.float64, (3,)),
-    "affine": (np.float64, (4, 4)),
-    "layout": (str, ()),
-    "source": (str, ()),
-}
-_RECORD_PREFIX = "record_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +115,11 @@ class VolumeConfig:
         raise ValueError(f"size must be None or three positive ints (D, H, W), got "
                          f"{self.size!r}.")
       object.__setattr__(self, "size", tuple(int(n) for n in size))
-    groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
-    unknown = [g for g in groups if g not in constants.GROUPS]
-    if unknown or not groups:
-      raise ValueError(f"groups must be a non-empty subset of {constants.GROUPS}, got {groups}.")
-    object.__setattr__(self, "groups", groups)
+    object.__setattr__(self, "groups", brats.check_groups(self.groups))
 
 
 @dataclasses.dataclass(frozen=True)
-class VolumeRecord:
+class VolumeRecord(slices.SampleRecord):
   """Where each sample lies on its source volume, to put a map on it back on the scan.
 
   Along each source axis a (x, y, z), the sample's voxel i (on the sample's axis that is a,
@@ -151,40 +138,21 @@ class VolumeRecord:
     source: [N] str, the absolute path of the case's T1 file.
   """
 
+  FIELDS = {
+      "volume_shape": (np.int32, (3,)),
+      "origin": (np.float64, (3,)),
+      "step": (np.float64, (3,)),
+      "affine": (np.float64, (4, 4)),
+      "layout": (str, ()),
+      "source": (str, ()),
+  }
+
   volume_shape: np.ndarray
   origin: np.ndarray
   step: np.ndarray
   affine: np.ndarray
   layout: np.ndarray
   source: np.ndarray
-
-  def __post_init__(self):
-    n = len(self.volume_shape)
-    for name, (dtype, shape) in _RECORD_FIELDS.items():
-      value = np.asarray(getattr(self, name), dtype=dtype)
-      if value.shape != (n,) + shape:
-        raise ValueError(f"VolumeRecord.{name} has shape {value.shape}, expected "
-                         f"{(n,) + shape}.")
-      object.__setattr__(self, name, value)
-
-  def __len__(self) -> int:
-    return len(self.volume_shape)
-
-  def subset(self, index) -> "VolumeRecord":
-    index = np.asarray(index)
-    return VolumeRecord(**{name: getattr(self, name)[index] for name in _RECORD_FIELDS})
-
-  @classmethod
-  def concatenate(cls, records: list["VolumeRecord"]) -> "VolumeRecord":
-    return cls(**{name: np.concatenate([getattr(r, name) for r in records])
-                  for name in _RECORD_FIELDS})
-
-  def arrays(self) -> dict[str, np.ndarray]:
-    return {_RECORD_PREFIX + name: getattr(self, name) for name in _RECORD_FIELDS}
-
-  @classmethod
-  def from_arrays(cls, arrays) -> "VolumeRecord":
-    return cls(**{name: arrays[_RECORD_PREFIX + name] for name in _RECORD_FIELDS})
 
   def sample_affine(self, i: int = 0) -> np.ndarray:
     """[4, 4] float64: sample i's voxel (d, h, w) to world (mm), through the source grid."""
@@ -509,10 +477,7 @@ def load_cached(root: str | os.PathLike, config: VolumeConfig,
       for path in (npz_path, json_path):
         outputs.remove(path)
     else:
-      _log.info("volume cache hit: %s", npz_path)
-      for note in meta.get("notes", []):
-        _log.warning(note)
-      return volumes, [tuple(s) for s in meta["skipped"]]
+      return brats.replay_cache_hit("volume", npz_path, volumes, meta)
 
   volumes, skipped, notes = _load(cases, config, skip_bad=skip_bad, progress=progress,
                                   num_workers=num_workers)
