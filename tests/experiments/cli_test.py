@@ -71,7 +71,7 @@ def test_a_misspelt_flagfile_is_one_clean_line(capsys):
   for cli in (run_cli.cli, explain_cli.cli):
     assert cli(["tracin-jax", "--flagfile=nosuch.flags"]) == 1
     assert _one_line(capsys) == ("error: --flagfile=nosuch.flags: no such file (packaged "
-                                 "flagfiles: demo, smoke, brats19_paper)")
+                                 "flagfiles: demo, smoke, brats19_paper, demo3d, smoke3d)")
 
 
 def test_the_packaged_flagfile_is_read_from_any_directory(runs, tmp_path, monkeypatch):
