@@ -28,8 +28,13 @@ ADAM_EPOCHS, SGD_EPOCHS = 2, 1
 # TracIn of the head's parameters only, and no gradient store: the stage's path on volumes
 # at a fraction of the full network's compile.
 INFLUENCE_FLAGS = {"influence_params": "head", "nostore": None, "num_local_panels": 2}
-# Every method on one volume at a few steps and samples: the stage's path, not its numbers.
-SALIENCY_FLAGS = {"saliency_num_images": 1, "ig_steps": 2, "guided_ig_steps": 2,
+# A gradient, a path and a layer method on one volume at a few steps and samples: the
+# stage's path on volumes, not its numbers (the methods' 3D maps are checked in
+# tests/saliency/saliency_volume_test.py).
+SALIENCY_FLAGS = {"saliency_num_images": 1, "saliency_methods":
+                  "vanilla_gradient,integrated_gradients,grad_cam",
+                  "randomisation_methods": "vanilla_gradient,grad_cam",
+                  "ig_steps": 2, "guided_ig_steps": 2,
                   "smoothgrad_samples": 2, "instance_samples": 2, "instance_max_voxels": 4,
                   "context_dilations": 2, "deletion_steps": 3, "deletion_patch": 4,
                   "saliency_rings": 1}
