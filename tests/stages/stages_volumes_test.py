@@ -8,6 +8,7 @@ command line does; one module-scoped run serves every test that reads it.
 import json
 import logging
 import pathlib
+import types
 
 import nibabel
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import tiny_run
 
 from tracin_jax import experiment
+from tracin_jax import rundir
 from tracin_jax import settings
 from tracin_jax.cli import config_flags
 from tracin_jax.data import constants
@@ -284,7 +286,7 @@ def test_the_3d_saliency_stage_explains_a_volume_keyed_by_its_case(saliency3d):
     assert g["slice"] == volumes.NO_SLICE and g["case"] == case
     assert g["axial_slice"] == int(np.argmax(regions.sum(axis=(1, 2))))
     assert (workdir / g["path"]).stat().st_size > 0
-    assert "_z" not in g["path"]
+    assert g["path"] == "saliency/" + rundir.saliency_file("grid", case, z, g["class"])
   rows = json.loads((out / "instances.json").read_text())["instances"]
   for r in rows:  # 3D lesions: a centroid in three coordinates, shares summing to one
     assert len(r["centroid"]) == 3 and r["slice"] == volumes.NO_SLICE
@@ -299,6 +301,23 @@ def test_the_3d_saliency_stage_explains_a_volume_keyed_by_its_case(saliency3d):
   for m in config.saliency.randomisation_methods:
     assert len(rand["methods"][m]["spearman"]) == len(rand["methods"][m]["layers"]) > 1
   assert (workdir / "report" / "index.html").is_file()
+  assert manifest["settings"]["instance_max_voxels"] == 4  # the volumes' cap, recorded
+
+
+def test_a_2d_saliency_stage_keeps_its_fingerprint():
+  """The volumes' voxel cap is left out on slices: finished 2D saliency stages are reused."""
+  from tracin_jax.stages import saliency as stage  # pylint: disable=g-import-not-at-top
+
+  need = lambda name: types.SimpleNamespace(manifest=types.SimpleNamespace(fingerprint="abc"))
+  context = types.SimpleNamespace(
+      need=need, data_fingerprint=lambda: "data", data_name="tiny",
+      val_set=types.SimpleNamespace(images=np.zeros((1, 4, 4, 4))))
+  one = stage.SaliencyStage(stage.SaliencyConfig())
+  assert one.fingerprint(context) == "a347c0d62527890c"  # as before volumes had the stage
+  other = stage.SaliencyStage(stage.SaliencyConfig(instance_max_voxels=7))
+  assert other.fingerprint(context) == "a347c0d62527890c"
+  context.val_set = types.SimpleNamespace(images=np.zeros((1, 4, 4, 4, 4)))
+  assert one.fingerprint(context) != other.fingerprint(context)
 
 
 def test_ies_max_on_volumes_keeps_a_seeded_subsample_of_the_lesion_voxels():

@@ -26,6 +26,12 @@ and, over all chosen images:
     level;
   - `randomisation.png` / `randomisation.json`: cascading parameter randomisation of every
     method (first image), from the head down.
+On volumes (`--spatial_dims=3`) each explained image is a validation volume, named by its
+case alone (`maps_<case>.npz`, `grid_<case>_<class>.png`); the maps, lesions (26-connected),
+faithfulness patches (cubes) and randomisation are 3D, and each figure draws the axial slice
+`figures.axial_slice` picks, recorded as `axial_slice` in the manifest. Instance SmoothGrad's
+max aggregation there takes the maximum over at most `--instance_max_voxels` of each
+lesion's voxels.
 `compute` explains the images, saving each image's work in `parts/` (reused when the run is
 resumed), and returns every map, row and curve; `write` draws and writes them (recomputing
 only the information flow, which no file keeps); `load` reads them back from those files.
@@ -186,12 +192,7 @@ class SaliencyOutputs:
   manifest: base.Manifest
 
 
-def tag(case: str, z: int) -> str:
-  """The file-name part of an explained image: `<case>_z<slice>` for a slice, `<case>` for a
-  volume (slice NO_SLICE)."""
-  if int(z) == volumes_lib.NO_SLICE:
-    return rundir.safe_name(case)
-  return rundir.slice_tag(case, z)
+tag = rundir.image_tag  # <case>_z<slice>; a volume's (slice NO_SLICE): <case>
 
 
 def image_name(case: str, z: int) -> str:
@@ -560,6 +561,18 @@ class SaliencyStage(base.StageBase):
   writes = (_FLOW, _GRID, _TRACIN, _MAPS, _INSTANCES_JSON, _INSTANCES_CSV, _SHARES_FIGURE,
             _CONTEXT_JSON, _CONTEXT_FIGURE, _FAITHFULNESS_JSON, _FAITHFULNESS_CSV,
             _RANDOMISATION_JSON, _RANDOMISATION_FIGURE)
+
+  def fingerprint(self, context: base.Context) -> str:
+    """As every stage's, but a run on slices leaves out the settings of volumes only, so
+    finished 2D runs keep their fingerprint."""
+    settings = outputs.plain(self.config)
+    if context.val_set.images.ndim != 5:
+      for f in VOLUME_INSTANCE_SETTINGS:
+        settings.pop(f)
+    return base.inputs_key({
+        "needs": {name: context.need(name).manifest.fingerprint for name in self.needs},
+        "settings": settings, "data": context.data_fingerprint(),
+        "data_name": context.data_name})
 
   # ---------------------------------------------------------------------------- compute
 
