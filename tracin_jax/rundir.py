@@ -98,6 +98,12 @@ def slice_tag(case_id: str, z: int) -> str:
   return f"{safe_name(case_id)}_z{int(z)}"
 
 
+def image_tag(case_id: str, z: int) -> str:
+  """A file-name-safe name of an explained image: `slice_tag` for a slice, the case alone
+  for a volume (z = -1, `volumes.NO_SLICE`: a volume has no slice of its own)."""
+  return safe_name(case_id) if int(z) == -1 else slice_tag(case_id, z)
+
+
 def class_file(name: str) -> str:
   """A class name as it appears in file names ("NCR/NET" -> "NCR-NET")."""
   return name.replace("/", "-")
@@ -111,8 +117,9 @@ def local_panel(case_id: str, z: int, variant: str | None = None) -> str:
 
 def saliency_file(kind: str, case_id: str, z: int, class_name: str | None = None,
                   suffix: str = ".png") -> str:
-  """A per-image file of the saliency stage: `grid`, `tracin`, `information_flow`, `maps`."""
-  name = f"{kind}_{slice_tag(case_id, z)}"
+  """A per-image file of the saliency stage: `grid`, `tracin`, `information_flow`, `maps`
+  (a volume's, z = -1, named by its case alone)."""
+  name = f"{kind}_{image_tag(case_id, z)}"
   return f"{name}_{class_file(class_name)}{suffix}" if class_name else f"{name}{suffix}"
 
 

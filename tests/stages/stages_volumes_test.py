@@ -8,6 +8,7 @@ command line does; one module-scoped run serves every test that reads it.
 import json
 import logging
 import pathlib
+import types
 
 import nibabel
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import tiny_run
 
 from tracin_jax import experiment
+from tracin_jax import rundir
 from tracin_jax import settings
 from tracin_jax.cli import config_flags
 from tracin_jax.data import constants
@@ -28,6 +30,16 @@ ADAM_EPOCHS, SGD_EPOCHS = 2, 1
 # TracIn of the head's parameters only, and no gradient store: the stage's path on volumes
 # at a fraction of the full network's compile.
 INFLUENCE_FLAGS = {"influence_params": "head", "nostore": None, "num_local_panels": 2}
+# A gradient, a path and a layer method on one volume at a few steps and samples: the
+# stage's path on volumes, not its numbers (the methods' 3D maps are checked in
+# tests/saliency/saliency_volume_test.py).
+SALIENCY_FLAGS = {"saliency_num_images": 1, "saliency_methods":
+                  "vanilla_gradient,integrated_gradients,grad_cam",
+                  "randomisation_methods": "vanilla_gradient,grad_cam",
+                  "ig_steps": 2, "guided_ig_steps": 2,
+                  "smoothgrad_samples": 2, "instance_samples": 2, "instance_max_voxels": 4,
+                  "context_dilations": 2, "deletion_steps": 3, "deletion_patch": 4,
+                  "saliency_rings": 1}
 
 
 def _config(workdir, cache, data_dir=None, **flags):
@@ -132,10 +144,10 @@ def test_volume_sides_must_divide_by_two_to_the_depth(tmp_path, flags, message):
 def test_stages_without_volumes_are_refused_by_name_before_any_work(tmp_path):
   config = _config(tmp_path / "w", tmp_path / "c")
   with pytest.raises(settings.SettingsError) as e:
-    experiment.run(config, ["train", "saliency", "validate"], progress=False)
+    experiment.run(config, ["train", "validate"], progress=False)
   assert str(e.value) == (
-      "--stages=train,saliency,validate: saliency, validate not supported yet with "
-      "--spatial_dims=3 (volumes); run train,influence,report.")
+      "--stages=train,validate: validate not supported yet with "
+      "--spatial_dims=3 (volumes); run train,influence,saliency,report.")
   assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
 
 
@@ -236,3 +248,86 @@ def test_the_3d_influence_stage_explains_validation_volumes_by_training_volumes(
     assert (out / name).stat().st_size > 0
   index = (workdir / "report" / "index.html").read_text()  # the report's index shows them
   assert all(path in index for path in panels + ["influence/train_influence.png"])
+
+
+@pytest.fixture(scope="module")
+def saliency3d(run3d):
+  """The saliency stage on the tiny 3D run (train and influence reused)."""
+  config, _, workdir = run3d
+  config = _config(workdir, config.data.cache_dir, config.data.data_dir, **INFLUENCE_FLAGS,
+                   **SALIENCY_FLAGS)
+  results = experiment.run(config, ["train", "influence", "saliency"], progress=False)
+  return config, results, workdir
+
+
+@pytest.mark.slow
+def test_the_3d_saliency_stage_explains_a_volume_keyed_by_its_case(saliency3d):
+  config, results, workdir = saliency3d
+  result, influence = results["saliency"], results["influence"]
+  _, val_set = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  (case, z), = result.images
+  assert z == volumes.NO_SLICE and case in val_set.cases
+  methods = config.saliency.methods
+  maps, = result.maps
+  assert maps.maps.shape == (len(methods), 3, 16, 16, 16, 4)
+  assert np.isfinite(maps.maps).all() and np.abs(maps.maps).max() > 0
+  out = workdir / "saliency"
+  with np.load(out / f"maps_{case}.npz") as f:  # named by the case alone
+    np.testing.assert_array_equal(f["maps"], maps.maps)
+    assert f["instance_masks"].shape[1:] == (16, 16, 16)
+    assert f["instance_maps"].shape[1:] == (16, 16, 16, 4)
+  manifest = base.read_manifest(workdir, "saliency")
+  val_regions = influence.val_regions[val_set.cases.index(case)]
+  grids = [f for f in manifest["figures"] if f.get("kind") == "saliency_grid"]
+  assert grids
+  names = list(influence.class_names)
+  for g in grids:  # drawn at the region's largest axial slice, recorded
+    regions = val_regions[..., names.index(g["class"])]
+    assert g["slice"] == volumes.NO_SLICE and g["case"] == case
+    assert g["axial_slice"] == int(np.argmax(regions.sum(axis=(1, 2))))
+    assert (workdir / g["path"]).stat().st_size > 0
+    assert g["path"] == "saliency/" + rundir.saliency_file("grid", case, z, g["class"])
+  rows = json.loads((out / "instances.json").read_text())["instances"]
+  for r in rows:  # 3D lesions: a centroid in three coordinates, shares summing to one
+    assert len(r["centroid"]) == 3 and r["slice"] == volumes.NO_SLICE
+    assert np.isclose(sum(r["share"]), 1.0) or not np.isfinite(r["share"]).all()
+  faith = json.loads((out / "faithfulness.json").read_text())["rows"]
+  assert {r["method"] for r in faith} == set(methods) | {"random"}
+  assert all(np.isfinite(r["deletion_auc"]) for r in faith)
+  path = [r for r in faith if r["method"] in ("integrated_gradients",)]
+  assert path and all(r["completeness_error"] is not None for r in path)
+  rand = json.loads((out / "randomisation.json").read_text())
+  assert rand["image"] == [case, volumes.NO_SLICE]
+  for m in config.saliency.randomisation_methods:
+    assert len(rand["methods"][m]["spearman"]) == len(rand["methods"][m]["layers"]) > 1
+  assert (workdir / "report" / "index.html").is_file()
+  assert manifest["settings"]["instance_max_voxels"] == 4  # the volumes' cap, recorded
+
+
+def test_a_2d_saliency_stage_keeps_its_fingerprint():
+  """The volumes' voxel cap is left out on slices: finished 2D saliency stages are reused."""
+  from tracin_jax.stages import saliency as stage  # pylint: disable=g-import-not-at-top
+
+  need = lambda name: types.SimpleNamespace(manifest=types.SimpleNamespace(fingerprint="abc"))
+  context = types.SimpleNamespace(
+      need=need, data_fingerprint=lambda: "data", data_name="tiny",
+      val_set=types.SimpleNamespace(images=np.zeros((1, 4, 4, 4))))
+  one = stage.SaliencyStage(stage.SaliencyConfig())
+  assert one.fingerprint(context) == "a347c0d62527890c"  # as before volumes had the stage
+  other = stage.SaliencyStage(stage.SaliencyConfig(instance_max_voxels=7))
+  assert other.fingerprint(context) == "a347c0d62527890c"
+  context.val_set = types.SimpleNamespace(images=np.zeros((1, 4, 4, 4, 4)))
+  assert one.fingerprint(context) != other.fingerprint(context)
+
+
+def test_ies_max_on_volumes_keeps_a_seeded_subsample_of_the_lesion_voxels():
+  from tracin_jax.saliency import instances as inst_lib  # pylint: disable=g-import-not-at-top
+  from tracin_jax.stages import saliency as stage  # pylint: disable=g-import-not-at-top
+
+  mask = np.zeros((4, 4, 4), bool)
+  mask[1:3, 1:4, :] = True
+  inst = inst_lib.Instance(1, "TP", mask, int(mask.sum()), 0.5, index=2)
+  cut = stage._subsampled(inst, 5, 0)  # pylint: disable=protected-access
+  assert cut.mask.sum() == 5 and not (cut.mask & ~mask).any()
+  np.testing.assert_array_equal(cut.mask, stage._subsampled(inst, 5, 0).mask)  # pylint: disable=protected-access
+  assert stage._subsampled(inst, 100, 0) is inst  # pylint: disable=protected-access

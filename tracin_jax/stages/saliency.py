@@ -26,6 +26,12 @@ and, over all chosen images:
     level;
   - `randomisation.png` / `randomisation.json`: cascading parameter randomisation of every
     method (first image), from the head down.
+On volumes (`--spatial_dims=3`) each explained image is a validation volume, named by its
+case alone (`maps_<case>.npz`, `grid_<case>_<class>.png`); the maps, lesions (26-connected),
+faithfulness patches (cubes) and randomisation are 3D, and each figure draws the axial slice
+`figures.axial_slice` picks, recorded as `axial_slice` in the manifest. Instance SmoothGrad's
+max aggregation there takes the maximum over at most `--instance_max_voxels` of each
+lesion's voxels.
 `compute` explains the images, saving each image's work in `parts/` (reused when the run is
 resumed), and returns every map, row and curve; `write` draws and writes them (recomputing
 only the information flow, which no file keeps); `load` reads them back from those files.
@@ -50,6 +56,7 @@ from tracin_jax import rundir
 from tracin_jax import saliency as sal
 from tracin_jax.data import constants
 from tracin_jax.data import slices as slices_lib
+from tracin_jax.data import volumes as volumes_lib
 from tracin_jax.influence import layout
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.topk import top_k
@@ -73,6 +80,7 @@ MAPS_SETTINGS = ("methods", "layer", "preset", "ig_steps", "guided_ig_steps",
 CURVE_SETTINGS = ("deletion_patch", "deletion_steps")
 INSTANCE_SETTINGS = ("instance_samples", "instance_noise_level", "instance_aggregation",
                      "min_instance_size", "layer", "preset", "seed")
+VOLUME_INSTANCE_SETTINGS = ("instance_max_voxels",)  # keyed on volumes only
 RANDOMISATION_SETTINGS = ("randomisation_methods", "layer", "preset", "ig_steps",
                           "guided_ig_steps", "smoothgrad_samples", "seed")
 # The settings a reference preset replaces by its own (they apply to "default" only).
@@ -112,6 +120,10 @@ class SaliencyConfig:
   instance_aggregation: str = setting(
       "max", "Instance SmoothGrad aggregation: max (per voxel, the preset; one backward "
       "pass per voxel and sample) or mean.", choices=("max", "mean"))
+  instance_max_voxels: int = setting(
+      64, "Volumes only: instance SmoothGrad's max aggregation takes the maximum over at "
+      "most this many of the lesion's voxels (a seeded subsample; every voxel costs one "
+      "backward pass per sample). Slices use every pixel.", minimum=1)
   min_instance_size: int = setting(
       inst_lib.DEFAULT_MIN_SIZE, "Smallest lesion kept, in pixels (components of at most 5 "
       "are dropped by default).", minimum=1)
@@ -143,10 +155,10 @@ class ImageMaps:
   """The maps of one explained image (the arrays of its `maps_<image>.npz`).
 
   Attributes:
-    maps: [M, K, H, W, C] float32, per method and class (the Grad-CAM family broadcast over
-      the channels).
-    instance_maps: [n, H, W, C] float32 instance SmoothGrad, one per instance.
-    instance_masks: [n, H, W] bool, the instances.
+    maps: [M, K, *spatial, C] float32, per method and class (the Grad-CAM family broadcast
+      over the channels); spatial is H, W for a slice, D, H, W for a volume.
+    instance_maps: [n, *spatial, C] float32 instance SmoothGrad, one per instance.
+    instance_masks: [n, *spatial] bool, the instances.
   """
 
   maps: np.ndarray
@@ -159,7 +171,8 @@ class SaliencyOutputs:
   """The saliency stage's result.
 
   Attributes:
-    images: the explained validation slices, as (case, slice).
+    images: the explained validation images, as (case, slice); slice NO_SLICE (-1) for a
+      volume.
     maps: each explained image's maps, in the order of `images`.
     instances: one row per instance (the entries of `instances.json`).
     curves: one perilesional context curve per instance (the entries of
@@ -179,7 +192,23 @@ class SaliencyOutputs:
   manifest: base.Manifest
 
 
-tag = rundir.slice_tag
+tag = rundir.image_tag  # <case>_z<slice>; a volume's (slice NO_SLICE): <case>
+
+
+def image_name(case: str, z: int) -> str:
+  """An explained image as `--saliency_images` names it: case:slice, or the case alone for a
+  volume."""
+  return str(case) if int(z) == volumes_lib.NO_SLICE else f"{case}:{z}"
+
+
+def _where(z: int) -> str:
+  """The text after a slice's case, " slice <z>"; nothing for a volume."""
+  return "" if int(z) == volumes_lib.NO_SLICE else f" slice {z}"
+
+
+def _spatial_axes(a: np.ndarray) -> tuple[int, ...]:
+  """The axes after the first of a [K, *spatial] array."""
+  return tuple(range(1, np.ndim(a)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -188,7 +217,7 @@ def _probabilities_fn(apply_fn):
 
 
 def predict(apply_fn, params, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-  """Softmax probabilities [N, H, W, K] in batches."""
+  """Softmax probabilities [N, *spatial, K] in batches."""
   fn = _probabilities_fn(apply_fn)
   return np.concatenate([np.asarray(fn(params, images[i:i + batch_size]))
                          for i in range(0, len(images), batch_size)])
@@ -224,12 +253,14 @@ def choose_images(val_ids: Sequence[tuple[str, int]], presence: np.ndarray,
 def _resolve_images(config: SaliencyConfig, val_ids) -> list[int] | None:
   if config.images is None:
     return None
-  index = {f"{c}:{z}": a for a, (c, z) in enumerate(val_ids)}
+  index = {image_name(c, z): a for a, (c, z) in enumerate(val_ids)}
   missing = [s for s in config.images if s not in index]
   if missing:
     examples = ", ".join(list(index)[:4])
+    what = ("volumes (case" if val_ids and val_ids[0][1] == volumes_lib.NO_SLICE
+            else "slices (case:slice")
     raise base.StageError(f"--saliency_images: {', '.join(missing)} not among the validation "
-                          f"slices (case:slice, e.g. {examples}).")
+                          f"{what}, e.g. {examples}).")
   return [index[s] for s in config.images]
 
 
@@ -432,7 +463,9 @@ def _log_findings(context: base.Context, rows: list[dict[str, Any]],
 def _image_fields(case: str, z: int, class_name: str | None = None) -> dict[str, Any]:
   """The template fields of one image's (and class's) outputs: `image` and `class_file` as
   `rundir.saliency_file` puts them in file names, `case`, `z` and `cname` for the text."""
-  fields = {"image": tag(case, z), "case": case, "z": z}
+  volume = int(z) == volumes_lib.NO_SLICE
+  fields = {"image": tag(case, z), "case": case, "z": z, "where": _where(z),
+            "dims": "D, H, W" if volume else "H, W"}
   if class_name is not None:
     fields.update(cname=class_name, class_file=rundir.class_file(class_name))
   return fields
@@ -442,19 +475,19 @@ def _image_fields(case: str, z: int, class_name: str | None = None) -> dict[str,
 # `rundir.saliency_file` (filled by `_image_fields`).
 _FLOW = base.Output(
     "information_flow_{image}.png", "Grad-CAM at every convolutional block of the UNet for "
-    "each class of {case} slice {z}, each layer scaled to its own maximum (information "
+    "each class of {case}{where}, each layer scaled to its own maximum (information "
     "flow).", figure=True)
 _GRID = base.Output(
-    "grid_{image}_{class_file}.png", "Saliency of the {cname} region of {case} slice {z}: "
+    "grid_{image}_{class_file}.png", "Saliency of the {cname} region of {case}{where}: "
     "rows the methods, columns the modalities, the region outlined and the ground truth "
     "dashed; one colour scale per method.", figure=True)
 _TRACIN = base.Output(
-    "tracin_{image}_{class_file}.png", "The {cname} region of {case} slice {z} explained "
+    "tracin_{image}_{class_file}.png", "The {cname} region of {case}{where} explained "
     "twice: its saliency maps (summed |map| over modalities) and its top {top} TracIn "
     "proponents and opponents (global explainers marked GE).", figure=True)
 _MAPS = base.Output(
-    "maps_{image}.npz", "maps of {case} slice {z}: maps [M, K, H, W, C] (methods x "
-    "classes), instance_maps [n, H, W, C] and instance_masks")
+    "maps_{image}.npz", "maps of {case}{where}: maps [M, K, {dims}, C] (methods x "
+    "classes), instance_maps [n, {dims}, C] and instance_masks")
 _INSTANCES_JSON = base.Output(
     f"{INSTANCES_FILE}.json", "each lesion: class, TP/FP/FN, size, probability, the modality "
     "that drove it, and instance SmoothGrad per modality (sum, mean, signed peak, |peak|) "
@@ -485,10 +518,28 @@ _RANDOMISATION_FIGURE = base.Output(
     "method's maps change).", figure=True)
 
 
-def _find_all_instances(ex: _Explainer, val: slices_lib.SliceSet,
+def _label(case: str, z: int) -> str:
+  """An explained image in the log: `<case> z<slice>`, or the case of a volume."""
+  return str(case) if int(z) == volumes_lib.NO_SLICE else f"{case} z{z}"
+
+
+def _subsampled(inst: inst_lib.Instance, max_voxels: int, seed: int) -> inst_lib.Instance:
+  """The instance with its mask cut to at most `max_voxels` of its voxels (a seeded
+  uniform subsample), for instance SmoothGrad's max aggregation on volumes."""
+  where = np.flatnonzero(inst.mask)
+  if len(where) <= max_voxels:
+    return inst
+  keep = np.random.default_rng([seed, inst.index]).choice(where, max_voxels, replace=False)
+  mask = np.zeros(inst.mask.size, bool)
+  mask[keep] = True
+  return dataclasses.replace(inst, mask=mask.reshape(inst.mask.shape))
+
+
+def _find_all_instances(ex: _Explainer, val: slices_lib.SliceSet | volumes_lib.VolumeSet,
                         min_size: int) -> list[list[inst_lib.Instance]]:
   """Every validation image's lesions under the model (TP, FP and FN against the truth)."""
-  probs = predict(ex.m.apply_fn, ex.m.params, val.images)
+  probs = predict(ex.m.apply_fn, ex.m.params, val.images,
+                  batch_size=16 if val.images.ndim == 4 else 2)
   pred = probs.argmax(-1)
   return [inst_lib.find_instances(pred[a], val.labels[a], CLASSES, probabilities=probs[a],
                                   min_size=min_size)
@@ -505,10 +556,23 @@ class SaliencyStage(base.StageBase):
   """Saliency maps of a few validation images beside their TracIn explanations."""
 
   name, config_cls, needs = "saliency", SaliencyConfig, ("influence",)
+  supports_volumes = True
 
   writes = (_FLOW, _GRID, _TRACIN, _MAPS, _INSTANCES_JSON, _INSTANCES_CSV, _SHARES_FIGURE,
             _CONTEXT_JSON, _CONTEXT_FIGURE, _FAITHFULNESS_JSON, _FAITHFULNESS_CSV,
             _RANDOMISATION_JSON, _RANDOMISATION_FIGURE)
+
+  def fingerprint(self, context: base.Context) -> str:
+    """As every stage's, but a run on slices leaves out the settings of volumes only, so
+    finished 2D runs keep their fingerprint."""
+    settings = outputs.plain(self.config)
+    if context.val_set.images.ndim != 5:
+      for f in VOLUME_INSTANCE_SETTINGS:
+        settings.pop(f)
+    return base.inputs_key({
+        "needs": {name: context.need(name).manifest.fingerprint for name in self.needs},
+        "settings": settings, "data": context.data_fingerprint(),
+        "data_name": context.data_name})
 
   # ---------------------------------------------------------------------------- compute
 
@@ -520,9 +584,11 @@ class SaliencyStage(base.StageBase):
     ex = self._explainer(context)
     found_all = _find_all_instances(ex, context.val_set, self.config.min_instance_size)
     chosen = self._choose(context, inputs, found_all)
+    volume = context.val_set.images.ndim == 5
     parts = {kind: self._parts(context, inputs, kind, fields) for kind, fields in (
         ("maps", MAPS_SETTINGS), ("faithfulness", MAPS_SETTINGS + CURVE_SETTINGS),
-        ("instances", INSTANCE_SETTINGS), ("randomisation", RANDOMISATION_SETTINGS))}
+        ("instances", INSTANCE_SETTINGS + (VOLUME_INSTANCE_SETTINGS if volume else ())),
+        ("randomisation", RANDOMISATION_SETTINGS))}
     ids = [context.val_set.ids[a] for a in chosen]
     maps, rows, curves, faith = [], [], [], []
     for step, a in enumerate(chosen):
@@ -533,8 +599,8 @@ class SaliencyStage(base.StageBase):
       rows += image_rows
       curves += image_curves
       faith += image_faith
-      context.log(f"saliency: image {step + 1}/{len(chosen)} ({ids[step][0]} "
-                  f"z{ids[step][1]}) done in {time.perf_counter() - t0:.0f} s.")
+      context.log(f"saliency: image {step + 1}/{len(chosen)} ({_label(*ids[step])}) done "
+                  f"in {time.perf_counter() - t0:.0f} s.")
     rows, faith = strict(rows), strict(faith)
     _log_findings(context, rows, faith)
     randomisation = self._randomisation_check(context, ex, inputs, parts["randomisation"],
@@ -555,9 +621,11 @@ class SaliencyStage(base.StageBase):
       counts = [{s: sum(i.status == s for i in found) for s in ("FP", "FN")}
                 for found in found_all]
       chosen = choose_images(val.ids, inputs.presence_test, counts,
-                             inputs.val_regions.sum(axis=(1, 2, 3)), config.num_images)
-    context.log(f"Saliency for {len(chosen)} validation slices: "
-                + ", ".join(f"{val.ids[a][0]} z{val.ids[a][1]}" for a in chosen)
+                             inputs.val_regions.reshape(len(val), -1).sum(1),
+                             config.num_images)
+    what = "slices" if val.ids[0][1] != volumes_lib.NO_SLICE else "volumes"
+    context.log(f"Saliency for {len(chosen)} validation {what}: "
+                + ", ".join(_label(*val.ids[a]) for a in chosen)
                 + f"; methods {', '.join(config.methods)}.")
     return chosen
 
@@ -578,21 +646,22 @@ class SaliencyStage(base.StageBase):
     config, val = self.config, context.val_set
     case, z = val.ids[a]
     name, image = tag(case, z), val.images[a]
-    regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, H, W]
-    present = regions.any(axis=(1, 2))
+    regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, *spatial]
+    present = regions.any(axis=_spatial_axes(regions))
     x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
     target = sal.masked_class_sums(CLASSES, regions)
+    label = _label(case, z)
     maps = parts["maps"].get(f"{name}_maps", lambda: ex.maps(x, target),
-                             label=f"{case} z{z}: {len(config.methods)} methods x "
+                             label=f"{label}: {len(config.methods)} methods x "
                              f"{len(CLASSES)} classes")
     truth = np.stack([val.labels[a] == c for c in CLASSES])
     faith = parts["faithfulness"].get(f"{name}_faithfulness", lambda: {"rows": strict(
         _faithfulness(ex, x, target, maps, truth, present, config, config.seed))},
-                                      label=f"{case} z{z}: faithfulness")["rows"]
+                                      label=f"{label}: faithfulness")["rows"]
     for r in faith:
       r.update(case=case, slice=int(z))
     inst_maps = parts["instances"].get(f"{name}_instances", lambda: self._instance_maps(
-        ex, image, found), label=f"{case} z{z}: {len(found)} instances")
+        ex, image, found), label=f"{label}: {len(found)} instances")
     rows = _table_rows(found, inst_maps, self._instance_cams(ex, image, found), (case, z),
                        config, lambda i: i.probability)
     curves = [self._context_curve(ex, image, inst, (case, z)) for inst in found]
@@ -604,6 +673,8 @@ class SaliencyStage(base.StageBase):
     c = self.config
     if not found:
       return np.zeros((0,) + image.shape, np.float32)
+    if image.ndim == 4 and c.instance_aggregation == "max":  # a volume: the voxels capped
+      found = [_subsampled(inst, c.instance_max_voxels, c.seed) for inst in found]
     return np.concatenate([np.asarray(inst_lib.instance_smoothgrad(
         ex.m.apply_fn, ex.m.params, image, [inst], key=c.seed, num_samples=c.instance_samples,
         noise_level=c.instance_noise_level, aggregation=c.instance_aggregation,
@@ -647,13 +718,14 @@ class SaliencyStage(base.StageBase):
   def _randomisation(self, ex: _Explainer, image, regions) -> dict[str, Any]:
     x = np.broadcast_to(image[None], (len(CLASSES),) + image.shape)
     target = sal.masked_class_sums(CLASSES, regions)
-    present = regions.any(axis=(1, 2))
+    present = regions.any(axis=_spatial_axes(regions))
+    spatial = {} if image.ndim == 3 else {"spatial_ndim": image.ndim - 1}
     order = ex.m.param_groups_in_call_order(x)
     methods = {}
     for name in self.config.randomisation_methods:
       res = sal.parameter_randomisation(lambda prm, name=name: ex.method(name, x, target, prm),
                                         ex.m.params, self.config.seed, layer_order=order,
-                                        channel_reduce="abs_sum")
+                                        channel_reduce="abs_sum", **spatial)
       with warnings.catch_warnings():  # a constant map has no rank correlation: NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         methods[name] = {"layers": list(res.layers),
@@ -685,8 +757,8 @@ class SaliencyStage(base.StageBase):
     saliency beside TracIn) and its maps."""
     (case, z), val = ids, context.val_set
     a = val.ids.index((case, z))
-    regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, H, W]
-    present = regions.any(axis=(1, 2))
+    regions = np.moveaxis(inputs.val_regions[a], -1, 0)  # [K, *spatial]
+    present = regions.any(axis=_spatial_axes(regions))
     self._write_flow(context, manifest, ex, val.images[a], regions, ids)
     truth = np.stack([val.labels[a] == c for c in CLASSES])
     for n in range(len(CLASSES)):
@@ -701,7 +773,7 @@ class SaliencyStage(base.StageBase):
   def _write_flow(self, context: base.Context, manifest: base.Manifest, ex: _Explainer,
                   image: np.ndarray, regions: np.ndarray, ids: tuple[str, int]) -> None:
     """Grad-CAM at every convolutional block for each class present (drawn, not kept)."""
-    present = regions.any(axis=(1, 2))
+    present = regions.any(axis=_spatial_axes(regions))
     if not present.any():
       return
     case, z = ids
@@ -709,10 +781,16 @@ class SaliencyStage(base.StageBase):
     layer_maps = ex.flow(x, sal.masked_class_sums(CLASSES, regions))
     flows = {CLASS_NAMES[n]: {ln: v[n] for ln, v in layer_maps.items()}
              for n in range(len(CLASSES)) if present[n]}
+    options, about = {}, {}
+    if image.ndim == 4:  # a volume: the axial slice of the regions' union, recorded
+      first = next(iter(next(iter(flows.values())).values()))
+      options["slice_index"] = figures.axial_slice(regions.any(0), [first])
+      about = {"about": {"case": str(case), "axial_slice": options["slice_index"]}}
     figures.plot_information_flow(
         image, flows, {CLASS_NAMES[n]: regions[n] for n in range(len(CLASSES))},
-        self.list_output(context, manifest, _FLOW, **_image_fields(case, z)),
-        title=f"Information flow: Grad-CAM at every block, {case} slice {z}{context.suffix}")
+        self.list_output(context, manifest, _FLOW, **about, **_image_fields(case, z)),
+        title=f"Information flow: Grad-CAM at every block, {case}{_where(z)}{context.suffix}",
+        **options)
 
   def _write_class(self, context: base.Context, manifest: base.Manifest, inputs, a: int,
                    n: int, region: np.ndarray, maps: np.ndarray, truth: np.ndarray) -> None:
@@ -724,19 +802,27 @@ class SaliencyStage(base.StageBase):
     grid = {LABELS[m]: (maps[k, n, ..., 0] if m in NO_CHANNELS else maps[k, n])
             for k, m in enumerate(config.methods)}
     about = {"kind": rundir.SALIENCY_GRID, "case": str(case), "slice": int(z), "class": cname}
+    options, tracin_about = {}, {}
+    if image.ndim == 4:  # a volume: the region's largest axial slice, recorded
+      options["slice_index"] = figures.axial_slice(region, list(grid.values()))
+      about["axial_slice"] = options["slice_index"]
+      tracin_about = {"about": {"case": str(case), "class": cname,
+                                "axial_slice": options["slice_index"]}}
     figures.plot_method_grid(
         image, grid, region, CHANNELS,
         self.list_output(context, manifest, _GRID, about=about, **fields), truth=truth,
         colour=colour,
-        title=f"{cname} region of {case} slice {z}: saliency per modality{context.suffix}"
-        "\noutlined: the explained region (p > threshold); dashed white: ground truth")
+        title=f"{cname} region of {case}{_where(z)}: saliency per modality{context.suffix}"
+        "\noutlined: the explained region (p > threshold); dashed white: ground truth",
+        **options)
     self._beside_tracin(inputs, a, n, image, region, maps, context.train_set,
                         self.list_output(context, manifest, _TRACIN, top=config.tracin_top,
-                                         **fields),
-                        title=f"{cname} region of {case} slice {z}: saliency and TracIn"
-                        f"{context.suffix}", colour=colour)
+                                         **tracin_about, **fields),
+                        title=f"{cname} region of {case}{_where(z)}: saliency and TracIn"
+                        f"{context.suffix}", colour=colour, **options)
 
-  def _beside_tracin(self, inputs, a, n, image, region, maps, train, path, *, title, colour):
+  def _beside_tracin(self, inputs, a, n, image, region, maps, train, path, *, title, colour,
+                     **options):
     config = self.config
     n_train = len(train)
     scores = inputs.test_blocks[n, a]
@@ -753,11 +839,11 @@ class SaliencyStage(base.StageBase):
         tc, tz = train.ids[b]
         mark = " GE" if int(col) in ge else ""
         neighbours.append({"image": train.images[b], "regions": only, "kind": kind,
-                           "label": f"{CLASS_NAMES[j]}{mark}\n{tc} z{tz}\n{score:.3g}"})
+                           "label": f"{CLASS_NAMES[j]}{mark}\n{_label(tc, tz)}\n{score:.3g}"})
     shown = {LABELS[m]: np.abs(maps[config.methods.index(m), n]).sum(-1)
              for m in BESIDE_TRACIN if m in config.methods}
     figures.plot_tracin_beside_saliency(image, region, shown, neighbours, path, title=title,
-                                        colour=colour)
+                                        colour=colour, **options)
 
   def _write_instances(self, context: base.Context, manifest: base.Manifest,
                        rows: list[dict[str, Any]]) -> None:
@@ -805,7 +891,7 @@ class SaliencyStage(base.StageBase):
     figures.plot_randomisation(
         {LABELS[k]: v for k, v in randomisation["methods"].items()},
         self.list_output(context, manifest, _RANDOMISATION_FIGURE),
-        title=f"Cascading randomisation of the model, {case} slice {z}{context.suffix}")
+        title=f"Cascading randomisation of the model, {case}{_where(z)}{context.suffix}")
 
   # ---------------------------------------------------------------------------- load
 
