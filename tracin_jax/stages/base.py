@@ -289,8 +289,14 @@ class StageBase:
     """
     return inputs_key({
         "needs": {name: context.need(name).manifest.fingerprint for name in self.needs},
-        "settings": outputs.plain(self.config), "data": context.data_fingerprint(),
+        "settings": self.fingerprint_settings(context), "data": context.data_fingerprint(),
         "data_name": context.data_name})
+
+  def fingerprint_settings(self, context: Context) -> dict:
+    """The settings that `fingerprint` keys on: all of them by default (a stage leaves out
+    those that cannot change its outputs on this context's data)."""
+    del context
+    return outputs.plain(self.config)
 
   def manifest(self) -> Manifest:
     """An empty manifest of this stage with its settings; `run_stage` adds the fingerprint

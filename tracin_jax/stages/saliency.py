@@ -562,17 +562,14 @@ class SaliencyStage(base.StageBase):
             _CONTEXT_JSON, _CONTEXT_FIGURE, _FAITHFULNESS_JSON, _FAITHFULNESS_CSV,
             _RANDOMISATION_JSON, _RANDOMISATION_FIGURE)
 
-  def fingerprint(self, context: base.Context) -> str:
-    """As every stage's, but a run on slices leaves out the settings of volumes only, so
-    finished 2D runs keep their fingerprint."""
-    settings = outputs.plain(self.config)
+  def fingerprint_settings(self, context: base.Context) -> dict:
+    """Every setting, but a run on slices leaves out those of volumes only, so finished 2D
+    runs keep their fingerprint."""
+    settings = super().fingerprint_settings(context)
     if context.val_set.images.ndim != 5:
       for f in VOLUME_INSTANCE_SETTINGS:
         settings.pop(f)
-    return base.inputs_key({
-        "needs": {name: context.need(name).manifest.fingerprint for name in self.needs},
-        "settings": settings, "data": context.data_fingerprint(),
-        "data_name": context.data_name})
+    return settings
 
   # ---------------------------------------------------------------------------- compute
 
