@@ -1,31 +1,31 @@
-"""A 3D UNet's forward and backward pass on whole volumes, against the 2D UNet on the same
-voxels as slices, in one run.
+"""A 3D UNet's forward and backward pass on whole volumes, its 3x3x3 convolutions computed
+directly and depth-stacked, against the 2D UNet on the same voxels as slices, in one run.
 
     PYTHONPATH=. python benchmarks/volume_model.py
-    PYTHONPATH=. python benchmarks/volume_model.py --volume=32,64,64 --batch=2 --repeats=5
+    PYTHONPATH=. python benchmarks/volume_model.py --volume=24,32,32 --depth=2   # demo3d's
 
 The models are randomly initialised (`models.get_model(name, ..., seed=0)`), GroupNorm,
-`--base_width` and `--depth` (the demo's 8 and 3 by default). The 3D model
-(`spatial_dims=3`) takes `--batch` random volumes [N, D, H, W, 4]; the baseline, the 2D
-model of the same width and depth, takes the same voxels as N * D slices [N * D, H, W, 4].
-For each: the forward pass (logits) and the forward and backward pass (the gradient of the
-mean cross-entropy against random labels with respect to every parameter), each jitted.
-Each runs once to compile (the warm-up, reported), then `--repeats` timed calls, the four
-taking turns (`benchmarks.common.time_in_turns`); medians, with the machine's load
-(`os.getloadavg()`) before and after: the numbers are only comparable at a similar load.
-A 3D 3x3x3 convolution does 3 times the work of a 2D 3x3 one per voxel, so the ratio 3D / 2D
-would be near 3 where the convolutions dominate.
+`--base_width` and `--depth` (the demo's 8 and 3 by default). The 3D models
+(`spatial_dims=3`) take `--batch` random volumes [N, D, H, W, 4]: "3D direct" computes each
+3x3x3 convolution as one 3D `lax.conv_general_dilated`, "3D stacked" (`conv3d="stacked"`,
+`models.layers.DepthStackedConv`) as one 2D convolution over the three depth-shifted copies
+stacked as channels (the same model and parameters; their losses and gradients are compared
+and the largest difference printed). The baseline, the 2D model of the same width and depth,
+takes the same voxels as N * D slices [N * D, H, W, 4]. For each: the forward pass (logits)
+and the forward and backward pass (the gradient of the mean cross-entropy against random
+labels with respect to every parameter), each jitted. Each runs once to compile (the
+warm-up, reported), then `--repeats` timed calls, all taking turns
+(`benchmarks.common.time_in_turns`); medians, with the machine's load (`os.getloadavg()`)
+before and after: the numbers are only comparable at a similar load. A 3D 3x3x3
+convolution does 3 times the work of a 2D 3x3 one per voxel, so the ratio 3D / 2D would be
+near 3 where the convolutions dominate.
 
-Measured 2026-12-02 (2 cores, jax 0.10.2, load 3.4 before, 2.8 after), the defaults: 3D UNet
-(351,484 parameters) forward 0.56 s, forward and backward 1.75 s (first call, compilation
-included, 1.2 s and 5.0 s); the 2D UNet on the same 64 slices 0.094 s and 0.28 s: 3D / 2D
-5.9x and 6.2x, not 3x. XLA:CPU's 3D convolutions are the slow part: in a separate
-experiment one 3x3x3 convolution (8 -> 8 channels, [2, 32, 64, 64]) computed as a 2D 3x3
-convolution over the three depth-shifted copies stacked as channels (the same products and
-sums) took 0.21 s forward and backward against 1.36 s for `lax.conv_general_dilated` in 3D,
-and this UNet with all its 3x3x3 convolutions computed so 0.50 s against 1.91 s (gradients
-equal to 8e-6). The models keep the plain 3D convolution: LoGra captures a kernel only where
-a convolution uses it directly.
+Measured 2026-12-02 (2 cores, jax 0.10.2, load 3.4 before, 2.8 after), the defaults, before
+the stacked form existed: 3D UNet (351,484 parameters) forward 0.56 s, forward and backward
+1.75 s (first call, compilation included, 1.2 s and 5.0 s); the 2D UNet on the same 64
+slices 0.094 s and 0.28 s: 3D / 2D 5.9x and 6.2x, not 3x: XLA:CPU runs 3D convolutions on
+its own loop and 2D ones through its fast kernels. The stacked form's figures are in the
+README ("3D volumes").
 """
 
 from __future__ import annotations
@@ -72,26 +72,35 @@ def main(argv):
   labels = rng.integers(0, 4, (n, d, h, w)).astype(np.int32)
   inputs = {3: (volumes, labels), 2: (volumes.reshape(n * d, h, w, 4), labels.reshape(-1, h, w))}
   fns = {}
-  for rank in (3, 2):
+  for rank, conv3d in ((3, "direct"), (3, "stacked"), (2, "direct")):
     model = models.get_model(FLAGS.model, base_width=FLAGS.base_width, depth=FLAGS.depth,
-                             spatial_dims=rank, seed=0)
+                             spatial_dims=rank, seed=0,
+                             **({"conv3d": conv3d} if rank == 3 else {}))
     params, forward, value_and_grad = _steps(model)
     x, y = (jax.device_put(a) for a in inputs[rank])
-    print(f"{rank}D {FLAGS.model}: {models.count_params(params):,} parameters; "
+    name = f"3D {conv3d}" if rank == 3 else "2D"
+    print(f"{name} {FLAGS.model}: {models.count_params(params):,} parameters; "
           f"x {list(x.shape)}")
-    fns[f"{rank}D forward"] = lambda f=forward, p=params, x=x: f(p, x)
-    fns[f"{rank}D forward+backward"] = lambda f=value_and_grad, p=params, x=x, y=y: f(p, x, y)
+    fns[f"{name} forward"] = lambda f=forward, p=params, x=x: f(p, x)
+    fns[f"{name} forward+backward"] = lambda f=value_and_grad, p=params, x=x, y=y: f(p, x, y)
   timings = common.time_in_turns(fns, FLAGS.repeats)
   print(f"{'':<22}{'compile+first s':>16}{'median s':>10}")
   for name in fns:
     print(f"{name:<22}{timings.warmup[name]:>16.2f}{timings.seconds[name]:>10.3f}")
   for what in ("forward", "forward+backward"):
-    ratio = timings.seconds[f"3D {what}"] / timings.seconds[f"2D {what}"]
-    print(f"3D / 2D {what}: {ratio:.2f}x (the same voxels)")
-  loss_3d = float(timings.results["3D forward+backward"][0])
-  print(f"3D loss {loss_3d:.4f} (finite: {np.isfinite(loss_3d)}); medians of "
-        f"{FLAGS.repeats}; {common.load_average()}")
-
+    for conv3d in ("direct", "stacked"):
+      ratio = timings.seconds[f"3D {conv3d} {what}"] / timings.seconds[f"2D {what}"]
+      print(f"3D {conv3d} / 2D {what}: {ratio:.2f}x (the same voxels)")
+    speedup = (timings.seconds[f"3D direct {what}"] / timings.seconds[f"3D stacked {what}"])
+    print(f"3D stacked against direct, {what}: {speedup:.2f}x faster")
+  (loss_d, grads_d), (loss_s, grads_s) = (timings.results[f"3D {c} forward+backward"]
+                                          for c in ("direct", "stacked"))
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) /
+                    max(float(np.max(np.abs(np.asarray(a)))), 1e-30))
+              for a, b in zip(jax.tree.leaves(grads_d), jax.tree.leaves(grads_s)))
+  print(f"3D loss direct {float(loss_d):.6f}, stacked {float(loss_s):.6f}; gradients differ "
+        f"by at most {worst:.1e} of each leaf's largest; medians of {FLAGS.repeats}; "
+        f"{common.load_average()}")
 
 if __name__ == "__main__":
   app.run(main)

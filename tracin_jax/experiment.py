@@ -232,6 +232,11 @@ def check_config(config: ExperimentConfig) -> None:
           f"{flag}={size}: must be a multiple of 2**depth = {multiple} (--depth="
           f"{train.model.depth}), e.g. {max(multiple, size // multiple * multiple)}.")
   box = data.volumes.size
+  if train.model.conv3d != "direct" and train.model.spatial_dims != 3:
+    raise settings.SettingsError(
+        f"--conv3d={train.model.conv3d}: computes a 3D model's 3x3x3 convolutions; it needs "
+        f"--spatial_dims=3 (this run trains on slices, --spatial_dims="
+        f"{train.model.spatial_dims}).")
   if train.model.spatial_dims == 3:
     if box is None:
       raise settings.SettingsError(

@@ -387,3 +387,64 @@ def test_bad_volume_shape_raises_naming_it(unet3d):
     model(np.zeros((1, D, SIZE, SIZE, 3)))
   with pytest.raises(ValueError, match=r"images must be \[N, H, W, 4\] .*need spatial_dims=3"):
     flat(np.zeros((1, D, SIZE, SIZE, 4)))
+
+
+# --------------------------------------------------------------------------------------------
+# conv3d="stacked": the same layers computed as 2D convolutions of depth-stacked channels.
+
+
+def test_depth_stacked_conv_is_the_3d_convolution_in_float64():
+  with jax.enable_x64(True):
+    x = np.random.default_rng(3).standard_normal((2, 3, 5, 4, 3))  # D = 3: both borders
+    make = lambda mode: layers.conv(3, 2, (3, 3, 3), use_bias=True, conv3d=mode,
+                                    param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    direct, stacked = make("direct"), make("stacked")
+    assert type(stacked) is layers.DepthStackedConv and type(direct) is nnx.Conv
+    k = np.asarray(direct.kernel[...])
+    np.testing.assert_array_equal(stacked.kernel[...], k)  # the same draws
+    bias = np.asarray([0.5, -0.25])
+    for layer in (direct, stacked):
+      layer.bias[...] = jnp.asarray(bias)
+    graph_d, params_d = nnx.split(direct)
+    graph_s, _ = nnx.split(stacked)
+
+    def outputs(params, x):  # both layers on the direct one's parameters, and a VJP of each
+      out_d, vjp_d = jax.vjp(lambda p, x: nnx.merge(graph_d, p)(x), params, x)
+      out_s, vjp_s = jax.vjp(lambda p, x: nnx.merge(graph_s, p)(x), params, x)
+      cotangent = jnp.cos(out_d)
+      return out_d, out_s, vjp_d(cotangent), vjp_s(cotangent)
+
+    got_direct, got_stacked, grads_d, grads_s = jax.jit(outputs)(params_d, jnp.asarray(x))
+    for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_d)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # A plain sum over the 27 offsets, zero outside the volume.
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)])
+    want = sum(np.einsum("ndhwc,co->ndhwo", padded[:, a:a + 3, b:b + 5, e:e + 4], k[a, b, e])
+               for a in range(3) for b in range(3) for e in range(3)) + bias
+    np.testing.assert_allclose(got_stacked, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got_direct, want, rtol=1e-12, atol=1e-12)
+
+
+def test_stacked_3d_unet_has_the_direct_parameters_and_outputs(unet3d, volume):
+  model, value_and_grad, params = unet3d
+  stacked = models.get_model("unet", base_width=WIDTH, depth=DEPTH, spatial_dims=3,
+                             conv3d="stacked", seed=0)
+  kinds = {type(m).__name__ for _, m in nnx.iter_graph(stacked) if isinstance(m, nnx.Conv)}
+  assert kinds == {"DepthStackedConv", "Conv"}  # the 1x1x1 head stays direct
+  apply_fn, params_s, _ = models.functional(stacked)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_s)):
+    np.testing.assert_array_equal(a, b)
+  (_, (logits_d, _)), _ = value_and_grad(params, volume, ONES)
+  np.testing.assert_allclose(jax.jit(apply_fn)(params, volume), logits_d, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_conv3d_is_checked():
+  with pytest.raises(ValueError, match=r"conv3d='stacked' .* needs spatial_dims=3 \(volumes\), "
+                     r"got spatial_dims=2"):
+    models.get_model("unet", base_width=2, depth=1, conv3d="stacked")
+  with pytest.raises(ValueError, match=r"conv3d must be one of \('direct', 'stacked'\), got "
+                     r"'fast'"):
+    models.get_model("unet", base_width=2, depth=1, spatial_dims=3, conv3d="fast")
+  with pytest.raises(ValueError, match="stride-1 'SAME' convolutions only"):
+    layers.conv(2, 2, (3, 3, 3), strides=2, conv3d="stacked", rngs=nnx.Rngs(0))

@@ -14,6 +14,7 @@ import nibabel
 import numpy as np
 import pytest
 import tiny_run
+from flax import nnx
 
 from tracin_jax import experiment
 from tracin_jax import rundir
@@ -119,6 +120,24 @@ def test_the_train_config_round_trips_its_rank(dims):
   d = config.to_dict()
   assert ("spatial_dims" in d["model"]) == (dims == 3)
   assert train_lib.TrainConfig.from_dict(json.loads(json.dumps(d))) == config
+
+
+def test_conv3d_is_recorded_only_when_stacked(tmp_path):
+  stacked = train_lib.TrainConfig(model=train_lib.ModelConfig(spatial_dims=3, conv3d="stacked"))
+  d = stacked.to_dict()
+  assert d["model"]["conv3d"] == "stacked"
+  assert train_lib.TrainConfig.from_dict(json.loads(json.dumps(d))) == stacked
+  direct = train_lib.TrainConfig(model=train_lib.ModelConfig(spatial_dims=3))
+  assert "conv3d" not in direct.to_dict()["model"]  # 3D runs before the setting: reused
+  model = nnx.eval_shape(lambda: train_lib.build_model(stacked.model))  # shapes only
+  assert model.conv3d == "stacked" and type(model.encoder[0].conv1).__name__ == (
+      "DepthStackedConv")
+  experiment.check_config(_config(tmp_path / "w", tmp_path / "c", conv3d="stacked"))
+  with pytest.raises(settings.SettingsError, match=r"^--conv3d=stacked: computes a 3D model's "
+                     r"3x3x3 convolutions; it needs --spatial_dims=3 \(this run trains on "
+                     r"slices, --spatial_dims=2\)\.$"):
+    experiment.check_config(_config(tmp_path / "w", tmp_path / "c", spatial_dims=2,
+                                    conv3d="stacked"))
 
 
 def test_slices_given_to_a_3d_model_are_refused_naming_spatial_dims(tmp_path):

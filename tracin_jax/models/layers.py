@@ -9,6 +9,17 @@ Every block works in 2D or 3D, chosen by `spatial_dims` (2, the default, or 3): 
 path by spatial rank, the kernels 3x3 or 3x3x3, the pooling and upsampling 2x2 or 2x2x2.
 Layout is channels-last throughout: images and feature maps are [N, H, W, C] in 2D,
 volumes [N, D, H, W, C] in 3D (D the axial slices); [N, *spatial, C] below stands for both.
+
+How a 3x3x3 convolution is computed (`conv3d`, 3D only): "direct" is one 3D
+`lax.conv_general_dilated`; "stacked" (`DepthStackedConv`) is one 2D 3x3 convolution of the
+three depth-shifted copies of the input stacked as channels, [N * D, H, W, 3 C], with the
+same kernel rearranged to [3, 3, 3 C, Cout]: the same products and sums, the same parameters
+(a checkpoint of either opens in the other), results equal to rounding. XLA:CPU runs 2D
+convolutions through its fast kernels and 3D ones mostly on its own loop, so "stacked" is
+several times faster there (`benchmarks/volume_model.py`). "direct" stays the default: the
+layer-wise methods that read a convolution's kernel where a `conv_general_dilated` uses it
+(LoGra's factors) see a stacked kernel only through its rearrangement and treat it as a
+plain parameter.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from tracin_jax import draws
 NORMS: tuple[str, ...] = ("group", "batch", "none")
 UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "resize")
 SPATIAL_DIMS: tuple[int, ...] = (2, 3)
+CONV3D_MODES: tuple[str, ...] = ("direct", "stacked")
 
 
 def check_spatial_dims(spatial_dims: int) -> int:
@@ -45,12 +57,63 @@ def window(size: int, spatial_dims: int) -> tuple[int, ...]:
   return (size,) * check_spatial_dims(spatial_dims)
 
 
+def check_conv3d(conv3d: str, spatial_dims: int) -> str:
+  """Returns `conv3d` if it is one of `CONV3D_MODES` and fits `spatial_dims`.
+
+  Raises:
+    ValueError: an unknown mode, "stacked" for a 2D model (it rearranges 3D kernels), or
+      a `spatial_dims` other than 2 or 3.
+  """
+  check_spatial_dims(spatial_dims)
+  if conv3d not in CONV3D_MODES:
+    raise ValueError(f"conv3d must be one of {CONV3D_MODES}, got {conv3d!r}")
+  if conv3d == "stacked" and spatial_dims != 3:
+    raise ValueError("conv3d='stacked' computes 3x3x3 convolutions: it needs spatial_dims=3 "
+                     f"(volumes), got spatial_dims={spatial_dims}")
+  return conv3d
+
+
+class DepthStackedConv(nnx.Conv):
+  """A 3x3x3, stride-1, "SAME" `nnx.Conv` computed as one 2D convolution.
+
+  Output voxel (d, h, w) is sum over a, b, e in {0, 1, 2} of x[d + a - 1, h + b - 1,
+  w + e - 1] @ kernel[a, b, e] (zero outside the volume). Stacking x[d - 1], x[d], x[d + 1]
+  (zero-padded in depth) as 3 C channels of one slice turns the sum over a into part of a
+  2D 3x3 convolution's sum over input channels, with the kernel [3, 3, 3, C, Cout] read as
+  [3, 3, 3 C, Cout] (axes b, e, then a and C). Parameters, initialisation and results are
+  those of `nnx.Conv`; only the computation differs. Maps [N, D, H, W, C] ->
+  [N, D, H, W, Cout].
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    n, d, h, w, c = inputs.shape
+    padded = jnp.pad(inputs, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    stacked = jnp.concatenate([padded[:, a:a + d] for a in range(3)], axis=-1)
+    y = jax.lax.conv_general_dilated(
+        stacked.reshape(n * d, h, w, 3 * c).astype(kernel.dtype),
+        kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, -1),
+        (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=self.precision)
+    y = y.reshape(n, d, h, w, -1)
+    return y if self.bias is None else y + self.bias[...]
+
+
 def conv(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], *,
-         rngs: nnx.Rngs, **kwargs) -> nnx.Conv:
+         rngs: nnx.Rngs, conv3d: str = "direct", **kwargs) -> nnx.Conv:
   """`nnx.Conv` with its default initialisation (LeCun normal kernel, zero bias), drawn by
-  `tracin_jax.draws`: the same values, compiled several times faster on XLA:CPU."""
-  return nnx.Conv(in_channels, out_channels, kernel_size,
-                  kernel_init=draws.lecun_normal(), rngs=rngs, **kwargs)
+  `tracin_jax.draws`: the same values, compiled several times faster on XLA:CPU.
+
+  With `conv3d="stacked"` a 3x3x3 kernel gives a `DepthStackedConv` (the same layer,
+  computed as a 2D convolution); other kernel sizes stay `nnx.Conv`.
+  """
+  stacked = conv3d == "stacked" and tuple(kernel_size) == (3, 3, 3)
+  if stacked and (kwargs.get("strides", 1) not in (1, (1, 1, 1))
+                  or kwargs.get("padding", "SAME") != "SAME"):
+    raise ValueError("conv3d='stacked' takes stride-1 'SAME' convolutions only")
+  cls = DepthStackedConv if stacked else nnx.Conv
+  return cls(in_channels, out_channels, kernel_size,
+             kernel_init=draws.lecun_normal(), rngs=rngs, **kwargs)
 
 
 def make_norm(norm: str, channels: int, *, norm_groups: int,
@@ -116,13 +179,16 @@ class ConvBlock(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, norm: str,
                residual: bool = False, norm_groups: int = 8, spatial_dims: int = 2,
-               rngs: nnx.Rngs):
+               conv3d: str = "direct", rngs: nnx.Rngs):
     # A bias before a norm with a learned offset is redundant: keep it only without norm.
     use_bias = norm == "none"
     k3, k1 = window(3, spatial_dims), window(1, spatial_dims)
-    self.conv1 = conv(in_channels, out_channels, k3, use_bias=use_bias, rngs=rngs)
+    check_conv3d(conv3d, spatial_dims)
+    self.conv1 = conv(in_channels, out_channels, k3, use_bias=use_bias, conv3d=conv3d,
+                      rngs=rngs)
     self.norm1 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
-    self.conv2 = conv(out_channels, out_channels, k3, use_bias=use_bias, rngs=rngs)
+    self.conv2 = conv(out_channels, out_channels, k3, use_bias=use_bias, conv3d=conv3d,
+                      rngs=rngs)
     self.norm2 = make_norm(norm, out_channels, norm_groups=norm_groups, rngs=rngs)
     self.residual = residual
     self.shortcut = (
@@ -153,8 +219,8 @@ class Upsample(nnx.Module):
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, mode: str,
-               spatial_dims: int = 2, rngs: nnx.Rngs):
-    check_spatial_dims(spatial_dims)
+               spatial_dims: int = 2, conv3d: str = "direct", rngs: nnx.Rngs):
+    check_conv3d(conv3d, spatial_dims)
     if mode == "transpose":
       # fan_in = in_channels: each output pixel sees one input pixel.
       init = draws.lecun_normal(in_axis=0, out_axis=tuple(range(1, spatial_dims + 2)))
@@ -162,7 +228,8 @@ class Upsample(nnx.Module):
                                                    out_channels)))
       self.bias = nnx.Param(jnp.zeros((out_channels,)))
     elif mode == "resize":
-      self.conv = conv(in_channels, out_channels, window(3, spatial_dims), rngs=rngs)
+      self.conv = conv(in_channels, out_channels, window(3, spatial_dims), conv3d=conv3d,
+                       rngs=rngs)
     else:
       raise ValueError(f"unknown upsampling mode {mode!r}; expected one of {UPSAMPLE_MODES}")
     self.mode = mode

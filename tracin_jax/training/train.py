@@ -82,6 +82,12 @@ class ModelConfig:
       2, "Spatial rank of the examples: 2 trains on axial slices, 3 on whole volumes (the "
       "3D model; --volume_spacing and --volume_size give the volumes' grid).",
       choices=(2, 3))
+  conv3d: str = setting(
+      "direct", "How a 3D model computes its 3x3x3 convolutions: direct (one 3D convolution) "
+      "or stacked (one 2D convolution over the three depth-shifted copies stacked as "
+      "channels: the same model and parameters, several times faster on CPU; LoGra "
+      "projects such kernels as plain parameters). Only with --spatial_dims=3.",
+      choices=models.layers.CONV3D_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +108,14 @@ class TrainConfig:
     return self.optimizer.adam_epochs + self.sgd_epochs
 
   def to_dict(self) -> dict[str, Any]:
-    """The settings as a dict; `model.spatial_dims` only when it is 3, so that the record
-    (and fingerprint) of a 2D run is the one it had before volumes existed and finished
-    runs are still reused."""
+    """The settings as a dict; `model.spatial_dims` only when it is 3 and `model.conv3d`
+    only when it is not "direct", so that the record (and fingerprint) of a run is the one it
+    had before these settings existed and finished runs are still reused."""
     d = dataclasses.asdict(self)
     if d["model"]["spatial_dims"] == 2:
       del d["model"]["spatial_dims"]
+    if d["model"]["conv3d"] == "direct":
+      del d["model"]["conv3d"]
     return d
 
   @classmethod
@@ -133,7 +141,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
   return models.get_model(
       config.name, base_width=config.base_width, depth=config.depth, norm=config.norm,
       background_bias=config.background_bias, spatial_dims=config.spatial_dims,
-      rngs=nnx.Rngs(seed))
+      conv3d=config.conv3d, rngs=nnx.Rngs(seed))
 
 
 def build_model_and_optimizer(config: TrainConfig, tx) -> tuple[nnx.Module, nnx.Optimizer]:
