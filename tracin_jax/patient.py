@@ -228,7 +228,7 @@ def plot_check(out_dir: str | pathlib.Path, grid, z: int, path: str | pathlib.Pa
 
   The scan is the case's FLAIR where its folder can be read (else its T1, else nothing).
   `where` names the slice on a line of the title of its own (default: "axial slice z" after
-  the title).
+  the title, on its line).
   """
   import nibabel  # pylint: disable=g-import-not-at-top
   from tracin_jax.influence import figures  # pylint: disable=g-import-not-at-top
@@ -262,8 +262,8 @@ def plot_check(out_dir: str | pathlib.Path, grid, z: int, path: str | pathlib.Pa
   axes[2].set_title(f"{CLASS_NAMES[-1]}: top proponents' support (read back)", fontsize=9)
   for ax in axes:
     ax.axis("off")
-  where = f", axial slice {z}" if where is None else f"\n{where}"
-  fig.suptitle(f"{title}{where}: the NIfTI outputs on the input scan (storage "
+  where = f", axial slice {z}: " if where is None else f"\n{where}\n"
+  fig.suptitle(f"{title}{where}the NIfTI outputs on the input scan (storage "
                "order, as the run's other figures)", fontsize=10)
   fig.tight_layout()
   outputs.save_figure(fig, path)

@@ -425,7 +425,7 @@ def test_the_3d_export_stage_writes_each_volume_on_its_input_scan(export3d):
     one = next(c for c in export.cases if c.case_id == f["case"])
     d = figures.representative_slice(one.predicted[0] > 0)
     assert f["axial_slice"] == d and f["slice"] == patient.scan_slice(one.grid, d)
-    assert f"axial slice {f['slice']} of 24 (the volume's axial slice {d} of 16:" in \
+    assert f"axial slice {f['slice']} of 24 (the volume's slice {d} of 16:" in \
         f["caption"]
 
 

@@ -262,7 +262,7 @@ def _largest_slice(one: CaseExport) -> tuple[int, str]:
     d = _representative(one)
     z = patient.scan_slice(one.grid, d)
     depth = int(one.grid.record.volume_shape[0][2])
-    return z, (f"axial slice {z} of {depth} (the volume's axial slice {d} of "
+    return z, (f"axial slice {z} of {depth} (the volume's slice {d} of "
                f"{one.grid.shape[0]}: its largest predicted tumour)")
   sizes = (one.predicted > 0).sum(axis=(1, 2))
   z = int(one.grid.slice_indices[int(np.argmax(sizes))])
