@@ -445,6 +445,7 @@ def test_the_3d_report_has_a_page_per_volume_with_its_exported_files(export3d):
     d = figures.representative_slice(influence.val_regions[a].any(-1))
     assert f"<h1>{case}, axial slice {d} of 16" in text  # the figures' slice, named
     assert f'href="images/{page.name}"' in index
+    assert f"{case}<br>axial slice {d} of 16" in index  # not the volume's slice -1
     assert (page.parent / page.stem / "modalities.png").stat().st_size > 0
     tag = rundir.safe_name(case)
     for name in (patient.PREDICTION_FILE, patient.influence_file("ET"), "check.png"):

@@ -218,10 +218,12 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
   regions = influence.val_regions[a]
   volume = np.ndim(regions) == 4  # [D, H, W, K]
   image, truth, shown = val_set.images[a], val_set.labels[a], regions
-  heading = f"{case} slice {z}"
+  where = f"slice {z}"
+  heading = f"{case} {where}"
   if volume:
     d = representative_slice(regions.any(-1))
-    heading = f"{case}, axial slice {d} of {regions.shape[0]}"
+    where = f"axial slice {d} of {regions.shape[0]}"
+    heading = f"{case}, {where}"
     image, truth, shown = image[d], truth[d], regions[d]
   _modalities(folder / "modalities.png", image, shown, truth, heading)
   _save_rgb(folder / "thumb.png", overlay(image, shown))
@@ -251,9 +253,9 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
             thumb.parent.mkdir(parents=True, exist_ok=True)
             _thumbnail(thumb, train_image, train_regions, j)
             made.add((b, j))
-          where = f"{tc}, axial slice {tz}" if volume else f"{tc} z{tz}"
+          named = f"{tc}, axial slice {tz}" if volume else f"{tc} z{tz}"
           entry[kind].append({"src": f"train/{thumb.name}", "case": tc, "slice": int(tz),
-                              "where": where, "alt": where if volume else f"{tc} slice {tz}",
+                              "where": named, "alt": named if volume else f"{tc} slice {tz}",
                               "class": influence.class_names[j], "score": fmt(score, 4),
                               "ge": int(col) in ge})
       grid = saliency["grids"].get((str(case), int(z), cname)) if saliency else None
@@ -261,7 +263,7 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
         entry["saliency"].append({"src": f"../../{grid['path']}", "caption": grid["caption"]})
     classes.append(entry)
   return {"name": name, "case": case, "slice": int(z), "index": a, "classes": classes,
-          "heading": heading, "unit": "voxels" if volume else "px",
+          "heading": heading, "where": where, "unit": "voxels" if volume else "px",
           "exported": (exported or {}).get(str(case)),
           "modalities": f"{name}/modalities.png", "thumb": f"{PAGES}/{name}/thumb.png",
           "href": f"{PAGES}/{name}.html",
