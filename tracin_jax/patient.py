@@ -29,7 +29,9 @@ chosen saliency methods map the slices with the largest predicted tumour, and
   - `viewer.html`: the scan and every output above in an interactive viewer (NiiVue,
     offline; `case_viewer`).
 
-The run's validation cases get the same files from the `export` stage.
+The run's validation cases get the same files from the `export` stage; on volumes
+(`--spatial_dims=3`) each is its validation volume put back on its scan
+(`write_case_outputs` of its `volume_grid`, through `tracin_jax.data.volumes`).
 """
 
 from __future__ import annotations
@@ -86,23 +88,25 @@ def influence_support(entries: Sequence[Mapping[str, Any]], regions: np.ndarray,
   Args:
     entries: `tracin_jax.influence.rankings.explain`'s entries of one image (each with
       "class" and "proponents": [{case, slice, class, score}, ...]).
-    regions: [H, W, K] bool, the image's predicted regions.
-    train_ids: (case, slice) of every training slice, in the store's order.
-    train_regions: [n_train, H, W, K] bool, the training slices' regions.
+    regions: [H, W, K] bool, the image's predicted regions; a volume's [D, H, W, K].
+    train_ids: (case, slice) of every training slice, in the store's order (a volume's
+      slice: -1, `volumes.NO_SLICE`).
+    train_regions: [n_train, H, W, K] bool, the training slices' regions (volumes':
+      [n_train, D, H, W, K]).
 
   Returns:
-    [H, W, K] float32 in [0, 1].
+    [H, W, K] float32 in [0, 1] (a volume's [D, H, W, K]).
   """
   index = {(str(c), int(z)): b for b, (c, z) in enumerate(train_ids)}
   support = np.zeros(regions.shape, np.float32)
   for entry in entries:
     i = CLASS_NAMES.index(entry["class"])
-    total, cover = 0.0, np.zeros(regions.shape[:2], np.float64)
+    total, cover = 0.0, np.zeros(regions.shape[:-1], np.float64)
     for p in entry["proponents"]:
       if not p["score"] > 0:
         continue
       b, j = index[(str(p["case"]), int(p["slice"]))], CLASS_NAMES.index(p["class"])
-      cover += p["score"] * train_regions[b, :, :, j]
+      cover += p["score"] * train_regions[b, ..., j]
       total += p["score"]
     if total > 0:
       support[..., i] = (cover / total * regions[..., i]).astype(np.float32)
@@ -118,6 +122,35 @@ def plane(method: str, maps: np.ndarray) -> np.ndarray:
   return maps[..., 0] if method in methods.NO_CHANNELS else np.abs(maps).sum(-1)
 
 
+def is_volume(case) -> bool:
+  """Whether a case's grid (or sample set) is a volume's: its record a
+  `volumes.VolumeRecord` (see `volume_grid`)."""
+  from tracin_jax.data import volumes  # pylint: disable=g-import-not-at-top
+
+  return isinstance(getattr(case, "record", None), volumes.VolumeRecord)
+
+
+def volume_grid(sample) -> patient_space.SliceGrid:
+  """The grid of one preprocessed volume (a `volumes.VolumeSet` of one case), as the slices'
+  `SliceGrid`: its `VolumeRecord`, one "slice" index -1 (`volumes.NO_SLICE`: the volume
+  stands for its case) and its shape (D, H, W)."""
+  from tracin_jax.data import volumes  # pylint: disable=g-import-not-at-top
+
+  if len(sample) != 1:
+    raise patient_space.PatientSpaceError(
+        f"{len(sample)} volumes given; give one case's (VolumeSet.select_cases).")
+  return patient_space.SliceGrid(sample.record, np.full(1, volumes.NO_SLICE, np.int32),
+                                 tuple(int(d) for d in sample.images.shape[1:4]))
+
+
+def scan_slice(grid: patient_space.SliceGrid, d: int) -> int:
+  """The scan's axial index of a volume's axial slice d (the source slice holding its
+  centre, `volumes.VolumeRecord`'s geometry), clipped to the scan."""
+  record = grid.record
+  z = np.floor(record.origin[0][2] + (d + 0.5) * record.step[0][2])
+  return int(np.clip(z, 0, int(record.volume_shape[0][2]) - 1))
+
+
 def write_case_outputs(case, out_dir: str | pathlib.Path, *,
                        predicted: np.ndarray | None = None,
                        influence: np.ndarray | None = None,
@@ -126,49 +159,76 @@ def write_case_outputs(case, out_dir: str | pathlib.Path, *,
 
   Args:
     case: the case's slices (a SliceSet with its preprocessing record) or their
-      `patient_space.SliceGrid`; every array below has one entry per slice.
+      `patient_space.SliceGrid`; or one case's volume (a `volumes.VolumeSet` of one sample,
+      or its `volume_grid`). Every array below has one entry per slice (a volume: one).
     out_dir: the case's directory of outputs (made; never the inputs' directory).
-    predicted: [n, H, W] int predicted classes (0 background, 1..3), or None.
-    influence: [n, H, W, K] `influence_support`, or None.
+    predicted: [n, H, W] int predicted classes (0 background, 1..3), or None; a volume's
+      [1, D, H, W].
+    influence: [n, H, W, K] `influence_support`, or None; a volume's [1, D, H, W, K].
     saliency: method -> [n, H, W, K, C] maps per slice and class (or [n, H, W, K], already
-      one value per pixel); slices a method did not map hold zeros.
+      one value per pixel); slices a method did not map hold zeros. A volume's
+      [1, D, H, W, K, C] (or [1, D, H, W, K]).
 
   Returns:
     {"path", "description"} of each file written.
   """
   out_dir = pathlib.Path(out_dir)
   layout = str(case.record.layout[0])
-  zs = [int(z) for z in case.slice_indices]
-  where = f"axial slices {zs[0]}..{zs[-1]}" if len(zs) > 1 else f"axial slice {zs[0]}"
+  if is_volume(case):
+    from tracin_jax.data import volumes  # pylint: disable=g-import-not-at-top
+
+    record, rank = case.record, 3
+    if not isinstance(case, patient_space.SliceGrid):
+      case = volume_grid(case)
+    for name, array in (("predicted", predicted), ("influence", influence),
+                        *((f"saliency[{m!r}]", v) for m, v in (saliency or {}).items())):
+      if array is not None and np.shape(array)[:4] != (1, *case.shape):
+        raise patient_space.PatientSpaceError(
+            f"write_case_outputs: {name} has shape {list(np.shape(array))}; expected "
+            f"[1, {', '.join(map(str, case.shape))}, ...] (the case's one volume, "
+            "[1, D, H, W]).")
+    where = "the whole volume (the model's box on the scan)"
+    to_volume = lambda maps, kind="map": volumes.to_volume(maps[0], record, kind=kind)
+    write_nifti = lambda volume, path, kind, description: volumes.write_nifti(
+        volume, record, path, kind=kind, description=description)
+  else:
+    rank = 2
+    zs = [int(z) for z in case.slice_indices]
+    where = f"axial slices {zs[0]}..{zs[-1]}" if len(zs) > 1 else f"axial slice {zs[0]}"
+    to_volume = lambda maps, kind="map": patient_space.to_volume(maps, case, kind=kind)
+    write_nifti = lambda volume, path, kind, description: patient_space.write_nifti(
+        volume, case, path, kind=kind, description=description)
   written = []
 
   def write(name, volume, kind, description):
-    path = patient_space.write_nifti(volume, case, out_dir / name, kind=kind,
-                                     description=description)
+    path = write_nifti(volume, out_dir / name, kind, description)
     written.append({"path": str(path), "description": description})
 
   if predicted is not None:
-    labels = patient_space.to_volume(np.asarray(predicted, np.int16), case, kind="labels")
+    labels = to_volume(np.asarray(predicted, np.int16), kind="labels")
     write(PREDICTION_FILE, layouts.to_layout_labels(labels, layout), "labels",
           f"predicted segmentation ({layouts.label_description(layout)}), {where}")
   if influence is not None:
     for i, name in enumerate(CLASS_NAMES):
-      write(influence_file(name), patient_space.to_volume(influence[..., i], case), "map",
+      write(influence_file(name), to_volume(influence[..., i]), "map",
             f"{name}: support of the top TracIn proponents per voxel, {where}")
   for method, maps in (saliency or {}).items():
     for i, name in enumerate(CLASS_NAMES):
-      plane_i = plane(method, maps[:, :, :, i]) if np.ndim(maps) == 5 else maps[..., i]
-      write(saliency_file(method, name), patient_space.to_volume(plane_i, case), "map",
+      with_channels = np.ndim(maps) == rank + 3  # [n, *spatial, K, C]
+      plane_i = plane(method, maps[..., i, :]) if with_channels else maps[..., i]
+      write(saliency_file(method, name), to_volume(plane_i), "map",
             f"{name}: {method} saliency of the predicted region, {where}")
   return written
 
 
 def plot_check(out_dir: str | pathlib.Path, grid, z: int, path: str | pathlib.Path, *,
-               title: str = "") -> None:
+               title: str = "", where: str | None = None) -> None:
   """The scan's axial slice z with the prediction and the ET influence, both read back from
   the NIfTI files in `out_dir`: what a viewer shows when it opens them on the scan.
 
   The scan is the case's FLAIR where its folder can be read (else its T1, else nothing).
+  `where` names the slice on a line of the title of its own (default: "axial slice z" after
+  the title, on its line).
   """
   import nibabel  # pylint: disable=g-import-not-at-top
   from tracin_jax.influence import figures  # pylint: disable=g-import-not-at-top
@@ -202,7 +262,8 @@ def plot_check(out_dir: str | pathlib.Path, grid, z: int, path: str | pathlib.Pa
   axes[2].set_title(f"{CLASS_NAMES[-1]}: top proponents' support (read back)", fontsize=9)
   for ax in axes:
     ax.axis("off")
-  fig.suptitle(f"{title}, axial slice {z}: the NIfTI outputs on the input scan (storage "
+  where = f", axial slice {z}: " if where is None else f"\n{where}\n"
+  fig.suptitle(f"{title}{where}the NIfTI outputs on the input scan (storage "
                "order, as the run's other figures)", fontsize=10)
   fig.tight_layout()
   outputs.save_figure(fig, path)
@@ -399,11 +460,13 @@ def _chosen_slices(loaded: SliceSet, regions: np.ndarray,
 
 def read_grid(path: str | pathlib.Path) -> tuple[patient_space.SliceGrid, np.ndarray]:
   """A case's `grid.npz` (the export stage's, `explain_case`'s): (its slice grid, the
-  indices into it of the explained slices)."""
+  indices into it of the explained slices); a volume's: (its `volume_grid`, [0])."""
   from tracin_jax.data.slices import PreprocessRecord  # pylint: disable=g-import-not-at-top
+  from tracin_jax.data.volumes import VolumeRecord  # pylint: disable=g-import-not-at-top
 
   with np.load(path, allow_pickle=False) as f:
-    grid = patient_space.SliceGrid(PreprocessRecord.from_arrays(f), f["slice_indices"],
+    kind = VolumeRecord if "record_origin" in f else PreprocessRecord
+    grid = patient_space.SliceGrid(kind.from_arrays(f), f["slice_indices"],
                                    tuple(int(d) for d in f["shape"]))
     return grid, np.asarray(f["explained"])
 
@@ -414,9 +477,39 @@ def grid_arrays(grid: patient_space.SliceGrid, explained: np.ndarray) -> dict[st
           "explained": np.asarray(explained), **grid.record.arrays()}
 
 
-def _crop(volume: np.ndarray, box, step: int, zs: tuple[int, int]) -> np.ndarray:
-  x0, y0, x1, y1 = box
-  return np.ascontiguousarray(volume[x0:x1:step, y0:y1:step, zs[0]:zs[1]])
+def _window(grid: patient_space.SliceGrid, explained: Sequence[int], margin: int
+            ) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+  """Where a case's viewer reads its scan: (the (x, y, z) slices of the scan's voxels it
+  shows, at the model's resolution (every step-th voxel), its affine (voxel to world)).
+
+  Slices: the crop box in-plane, the explained slices with `margin` slices either side.
+  A volume: the model's box (clipped to the scan), every step-th voxel on each axis."""
+  record = grid.record
+  shape = [int(n) for n in record.volume_shape[0]]
+  if is_volume(grid):
+    from tracin_jax.data import volumes  # pylint: disable=g-import-not-at-top
+
+    counts = {a: grid.shape[k] for k, a in enumerate(volumes.SAMPLE_AXES)}
+    window = []
+    for a in range(3):
+      origin, step = float(record.origin[0][a]), float(record.step[0][a])
+      start = int(np.clip(origin, 0, shape[a] - 1))
+      stop = int(np.clip(origin + counts[a] * step, start + 1, shape[a]))
+      window.append(slice(start, stop, max(1, int(round(step)))))
+  else:
+    box = [int(v) for v in record.crop_box[0]]
+    step = max(1, round((box[2] - box[0]) / grid.shape[0]))
+    shown = [int(grid.slice_indices[a]) for a in explained]
+    window = [slice(box[0], box[2], step), slice(box[1], box[3], step),
+              slice(max(0, min(shown) - margin), min(shape[2], max(shown) + margin + 1))]
+  affine = np.asarray(record.affine[0]) @ np.array(
+      [[window[0].step, 0, 0, window[0].start], [0, window[1].step, 0, window[1].start],
+       [0, 0, window[2].step or 1, window[2].start], [0, 0, 0, 1.0]])
+  return tuple(window), affine
+
+
+def _crop(volume: np.ndarray, window: tuple[slice, slice, slice]) -> np.ndarray:
+  return np.ascontiguousarray(volume[window])
 
 
 def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
@@ -426,14 +519,15 @@ def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
   prediction, the ground truth where the folder has one (hidden), the influence support and
   every saliency map, inside the crop box and the explained slices (with `margin` slices
   either side), at the model's in-plane resolution (every step-th voxel), with the scan's
-  own affine; None where the scan cannot be read.
+  own affine; None where the scan cannot be read. A volume's (`volume_grid`): inside the
+  model's box, at the model's resolution on every axis.
 
   Args:
     out_dir: the case's outputs (`write_case_outputs`).
     grid: the slice grid the outputs were written from (its record names the scan).
     explained: indices into the grid of the explained slices.
     z: the axial slice the viewer opens at (default the explained slice with the most
-      predicted tumour).
+      predicted tumour; a volume's: its axial slice with the most).
     margin: slices shown beyond the explained ones.
   """
   from tracin_jax.report import viewer  # pylint: disable=g-import-not-at-top
@@ -442,21 +536,26 @@ def case_viewer(out_dir: str | pathlib.Path, grid: patient_space.SliceGrid,
                         tuple(int(a) for a in explained), margin)
   if found is None:
     return None
-  volumes, zs, predicted = found
-  shown = [int(grid.slice_indices[a]) for a in explained]
-  sizes = {s: int((predicted[..., s - zs[0]] > 0).sum()) for s in shown}
-  here = max(shown, key=lambda s: sizes[s]) if z is None else int(z)
-  found = np.argwhere(predicted[..., here - zs[0]] > 0)
+  volumes, window, predicted = found
+  zs = range(window[2].start, window[2].stop, window[2].step or 1)
+  sizes = (predicted > 0).sum(axis=(0, 1))  # per shown axial slice
+  if is_volume(grid) or z is None:
+    shown = (range(len(zs)) if is_volume(grid) else
+             [zs.index(int(grid.slice_indices[a])) for a in explained])
+    here = max(shown, key=lambda k: sizes[k])  # the first of the largest
+  else:
+    here = zs.index(int(z))
+  found = np.argwhere(predicted[..., here] > 0)
   centre = found.mean(0) if len(found) else (np.array(predicted.shape[:2]) - 1) / 2
-  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]),
-                                       float(here - zs[0])],
-                       slice_names=[f"axial slice {s}" for s in range(*zs)])
+  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]), float(here)],
+                       slice_names=[f"axial slice {s}" for s in zs])
 
 
 def _case_volumes(out_dir: str, grid: patient_space.SliceGrid, explained: tuple[int, ...],
                   margin: int):
-  """(the viewer's volumes, its axial range, the prediction on it) of `case_viewer`, read
-  once per case and kept for the report's other pages of the case (`_VOLUMES`)."""
+  """(the viewer's volumes, its window on the scan (`_window`), the prediction on it) of
+  `case_viewer`, read once per case and kept for the report's other pages of the case
+  (`_VOLUMES`)."""
   key = (out_dir, tuple(str(s) for s in grid.record.source[:1]), explained, margin,
          (pathlib.Path(out_dir) / PREDICTION_FILE).stat().st_mtime_ns
          if (pathlib.Path(out_dir) / PREDICTION_FILE).exists() else 0)
@@ -482,19 +581,13 @@ def _read_case_volumes(out_dir: pathlib.Path, grid: patient_space.SliceGrid,
     scans = {kind: nibabel.load(case.path(kind)) for kind in constants.MODALITIES}
   except (brats.BratsDataError, OSError, nibabel.filebasedimages.ImageFileError):
     return None
-  box = [int(v) for v in record.crop_box[0]]
-  step = max(1, round((box[2] - box[0]) / grid.shape[0]))
-  shown = [int(grid.slice_indices[a]) for a in explained]
-  depth = int(record.volume_shape[0][2])
-  zs = (max(0, min(shown) - margin), min(depth, max(shown) + margin + 1))
-  affine = np.asarray(record.affine[0]) @ np.array(
-      [[step, 0, 0, box[0]], [0, step, 0, box[1]], [0, 0, 1, zs[0]], [0, 0, 0, 1.0]])
+  window, affine = _window(grid, explained, margin)
 
   def read(path):
-    return _crop(np.asarray(nibabel.load(path).dataobj), box, step, zs)
+    return _crop(np.asarray(nibabel.load(path).dataobj), window)
 
   volumes = [viewer.ViewerVolume(name, _crop(np.asarray(scans[kind].dataobj, np.float32),
-                                             box, step, zs), affine, "image",
+                                             window), affine, "image",
                                  visible=kind == "flair")
              for kind, name in zip(constants.MODALITIES, constants.MODALITY_NAMES)]
   volumes.insert(0, volumes.pop(3))  # FLAIR first: the background the viewer opens with
@@ -516,4 +609,4 @@ def _read_case_volumes(out_dir: pathlib.Path, grid: patient_space.SliceGrid,
         volumes.append(viewer.ViewerVolume(title, data, affine, "overlay",
                                            visible=not any(v.kind == "overlay"
                                                            for v in volumes)))
-  return volumes, zs, predicted
+  return volumes, window, predicted

@@ -8,6 +8,7 @@ command line does; one module-scoped run serves every test that reads it.
 import json
 import logging
 import pathlib
+import re
 import types
 
 import nibabel
@@ -17,10 +18,13 @@ import tiny_run
 from flax import nnx
 
 from tracin_jax import experiment
+from tracin_jax import patient
 from tracin_jax import rundir
 from tracin_jax import settings
 from tracin_jax.cli import config_flags
 from tracin_jax.data import constants
+from tracin_jax.data import layouts
+from tracin_jax.data import patient_space
 from tracin_jax.data import volumes
 from tracin_jax.influence import figures
 from tracin_jax.stages import base
@@ -41,6 +45,8 @@ SALIENCY_FLAGS = {"saliency_num_images": 1, "saliency_methods":
                   "smoothgrad_samples": 2, "instance_samples": 2, "instance_max_voxels": 4,
                   "context_dilations": 2, "deletion_steps": 3, "deletion_patch": 4,
                   "saliency_rings": 1}
+# Both validation volumes exported, with the saliency stage's gradient and layer methods.
+EXPORT_FLAGS = {"export_cases": 2, "export_methods": "vanilla_gradient,grad_cam"}
 
 
 def _config(workdir, cache, data_dir=None, **flags):
@@ -166,7 +172,7 @@ def test_stages_without_volumes_are_refused_by_name_before_any_work(tmp_path):
     experiment.run(config, ["train", "validate"], progress=False)
   assert str(e.value) == (
       "--stages=train,validate: validate not supported yet with "
-      "--spatial_dims=3 (volumes); run train,influence,saliency,report.")
+      "--spatial_dims=3 (volumes); run train,influence,saliency,export,report.")
   assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
 
 
@@ -350,3 +356,145 @@ def test_ies_max_on_volumes_keeps_a_seeded_subsample_of_the_lesion_voxels():
   assert cut.mask.sum() == 5 and not (cut.mask & ~mask).any()
   np.testing.assert_array_equal(cut.mask, stage._subsampled(inst, 5, 0).mask)  # pylint: disable=protected-access
   assert stage._subsampled(inst, 100, 0) is inst  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------- export, report
+
+
+@pytest.fixture(scope="module")
+def export3d(saliency3d):
+  """The export stage on the tiny 3D run (train, influence and saliency reused), then the
+  report with a page per validation volume."""
+  config, _, workdir = saliency3d
+  config = _config(workdir, config.data.cache_dir, config.data.data_dir, **INFLUENCE_FLAGS,
+                   **SALIENCY_FLAGS, **EXPORT_FLAGS)
+  results = experiment.run(config, ["train", "influence", "saliency", "export"],
+                           progress=False)
+  return config, results, workdir
+
+
+def _model_grid(volume: np.ndarray, record: volumes.VolumeRecord, shape) -> np.ndarray:
+  """Labels [X, Y, Z] on the scan resampled onto the sample's [D, H, W] grid by the
+  loader's own nearest-neighbour rule (`volumes.resample`)."""
+  counts = [0, 0, 0]
+  for k, a in enumerate(volumes.SAMPLE_AXES):
+    counts[a] = shape[k]
+  dummy = np.zeros(volume.shape + (1,), np.float32)
+  _, labels = volumes.resample(dummy, volume.astype(np.int32), record.origin[0],
+                               record.step[0], counts)
+  return labels.transpose(volumes.SAMPLE_AXES)
+
+
+@pytest.mark.slow
+def test_the_3d_export_stage_writes_each_volume_on_its_input_scan(export3d):
+  """Every file is on the case's 48 x 48 x 24 input grid with its T1's affine; the
+  prediction, read back and resampled to the model's 16^3 grid by nearest neighbour, is the
+  stage's prediction exactly (2 mm voxels of whole 1 mm source voxels: no voxel may
+  differ); the influence support is 0 outside the predicted regions."""
+  config, results, workdir = export3d
+  export, influence = results["export"], results["influence"]
+  _, val_set = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  assert sorted(c.case_id for c in export.cases) == sorted(val_set.cases)
+  names = list(influence.class_names)
+  supported = 0
+  for one in export.cases:
+    a = val_set.cases.index(one.case_id)
+    sample = val_set.subset([a])
+    record = sample.record
+    folder = workdir / "export" / rundir.safe_name(one.case_id)
+    expected = {patient.PREDICTION_FILE, "grid.npz", "check.png"}
+    expected |= {patient.influence_file(c) for c in names}
+    expected |= {patient.saliency_file(m, c) for m in ("vanilla_gradient", "grad_cam")
+                 for c in names}
+    assert expected == {p.name for p in folder.iterdir()}
+    t1 = nibabel.load(str(record.source[0]))
+    for path in folder.glob("*.nii.gz"):
+      written = nibabel.load(path)
+      assert written.shape == t1.shape == (48, 48, 24), path.name
+      np.testing.assert_array_equal(written.affine, t1.affine)
+    labels = np.asarray(nibabel.load(folder / patient.PREDICTION_FILE).dataobj)
+    layout = str(record.layout[0])
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}  # the 2019 layout's own labels
+    back = _model_grid(layouts.to_classes(labels, layout), record, one.grid.shape)
+    assert one.predicted.shape == (1, 16, 16, 16)
+    np.testing.assert_array_equal(back, one.predicted[0])
+    regions = influence.val_regions[a]  # [D, H, W, K]
+    assert one.influence.shape == (1, 16, 16, 16, 3)
+    assert not one.influence[0][~regions].any()  # on the model's grid: inside the regions
+    for i, cname in enumerate(names):
+      support = np.asarray(nibabel.load(folder / patient.influence_file(cname)).dataobj)
+      # On the scan, trilinear: at most the region's own trilinear image, 0 where it is 0.
+      cover = volumes.to_volume(regions[..., i].astype(np.float32), record)
+      assert support.min() >= 0 and (support <= cover + 1e-6).all()
+      assert not support[cover == 0].any()
+      supported += int(support.max() > 0)
+    for method in ("vanilla_gradient", "grad_cam"):
+      sal = np.asarray(nibabel.load(folder / patient.saliency_file(method, names[0])).dataobj)
+      assert np.isfinite(sal).all()
+    assert (folder / "check.png").stat().st_size > 0
+    grid, explained = patient.read_grid(folder / "grid.npz")  # what `load` reads back
+    assert patient.is_volume(grid) and grid.shape == (16, 16, 16)
+    assert explained.tolist() == [0]
+    np.testing.assert_array_equal(grid.record.origin, record.origin)
+  assert supported  # some region's top proponents cover some of its voxels
+  manifest = base.read_manifest(workdir, "export")
+  checks = [f for f in manifest["figures"] if f.get("kind") == rundir.EXPORT_CHECK]
+  assert len(checks) == len(export.cases)
+  for f in checks:  # the scan's slice through the volume's largest predicted tumour
+    one = next(c for c in export.cases if c.case_id == f["case"])
+    d = figures.representative_slice(one.predicted[0] > 0)
+    assert f["axial_slice"] == d and f["slice"] == patient.scan_slice(one.grid, d)
+    assert f"axial slice {f['slice']} of 24 (the volume's slice {d} of 16:" in \
+        f["caption"]
+
+
+@pytest.mark.slow
+def test_the_3d_report_has_a_page_per_volume_with_its_exported_files(export3d):
+  config, results, workdir = export3d
+  _, val_set = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  influence = results["influence"]
+  pages = sorted((workdir / "report" / "images").glob("val*.html"))
+  assert len(pages) == len(val_set)
+  index = (workdir / "report" / "index.html").read_text()
+  overlays = 0
+  for page in pages:
+    text = page.read_text()
+    a = int(page.stem[3:])
+    case = val_set.cases[a]
+    d = figures.representative_slice(influence.val_regions[a].any(-1))
+    assert f"<h1>{case}, axial slice {d} of 16" in text  # the figures' slice, named
+    assert f'href="images/{page.name}"' in index
+    assert f"{case}<br>axial slice {d} of 16" in index  # not the volume's slice -1
+    assert (page.parent / page.stem / "modalities.png").stat().st_size > 0
+    tag = rundir.safe_name(case)
+    for name in (patient.PREDICTION_FILE, patient.influence_file("ET"), "check.png"):
+      assert f'"../../export/{tag}/{name}"' in text
+      assert (workdir / "export" / tag / name).is_file()
+    thumbs = set(re.findall(r'src="(train/[^"]+)"', text))
+    assert thumbs and all((page.parent / t).stat().st_size > 0 for t in thumbs)
+    assert re.search(r"BraTS19_V3_\d, axial slice \d+<br>", text)  # proponents' slices
+    viewers = [json.loads(m) for m in re.findall(
+        r'<script type="application/json" id="[^"]*" class="viewer-data">(.*?)</script>', text,
+        re.S)]
+    assert len(viewers) == 1 and "the NIfTI outputs on the patient" in text
+    shown = {v["name"] for v in viewers[0]["volumes"]}
+    assert {"FLAIR", "prediction", "ground truth"} <= shown
+    supported = any(np.asarray(nibabel.load(workdir / "export" / tag / patient.influence_file(
+        c)).dataobj).any() for c in influence.class_names)
+    heats = {n for n in shown if n.startswith("TracIn support")}
+    assert bool(heats) == supported  # the case's nonzero support maps are its overlays
+    overlays += len(heats)
+  assert overlays and (workdir / "report" / "static" / "viewer.js").is_file()
+
+
+def test_volume_outputs_of_the_wrong_shape_are_refused_by_name(data_dir, tmp_path):
+  config = _config(tmp_path / "w", tmp_path / "c", data_dir)
+  _, val_set = experiment.load_data(config.data, spatial_dims=3, progress=False)
+  with pytest.raises(patient_space.PatientSpaceError, match=r"2 volumes given"):
+    patient.volume_grid(val_set)
+  grid = patient.volume_grid(val_set.subset([0]))
+  assert grid.shape == (16, 16, 16) and patient.is_volume(grid)
+  with pytest.raises(patient_space.PatientSpaceError,
+                     match=r"influence has shape \[1, 16, 16, 8, 3\]; expected \[1, 16, 16, 16"):
+    patient.write_case_outputs(grid, tmp_path / "out", influence=np.zeros((1, 16, 16, 8, 3)))
+  assert not (tmp_path / "out").exists()

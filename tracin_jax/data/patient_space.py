@@ -47,7 +47,9 @@ class SliceGrid:
   Attributes:
     record: the slices' preprocessing record (`tracin_jax.data.slices.PreprocessRecord`).
     slice_indices: [n] the axial index of each slice.
-    shape: (H, W), the slices' in-plane size.
+    shape: (H, W), the slices' in-plane size. (`tracin_jax.patient.volume_grid` gives a
+      volume's grid in this form: its `volumes.VolumeRecord`, slice_indices [-1] and shape
+      (D, H, W).)
   """
 
   record: Any

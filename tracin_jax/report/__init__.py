@@ -11,7 +11,11 @@ class, its top TracIn proponents and opponents as thumbnails (global explainers 
 its saliency grids, and an interactive viewer of the whole case (`viewer`: NiiVue, bundled;
 its volumes embedded in the page). Pages open offline from the file system: styles are inline,
 images are files beside them (figures are linked where their stage wrote them), the viewer's
-scripts are in `report/static/`, once. Templates are Jinja2 with autoescaping, so case names
+scripts are in `report/static/`, once. A page of a case the export stage wrote links
+its NIfTI files and shows its check figure; its viewer shows those files on the scan. On
+volumes (a run with `--spatial_dims=3`) a page is a validation volume's, its figures drawn at
+the axial slice of its regions' largest cross-section (`representative_slice`), named "axial
+slice z of D", each proponent's and opponent's thumbnail at its own region's. Templates are Jinja2 with autoescaping, so case names
 and every other string from the data are escaped (and reach the viewer's scripts as JSON
 data only).
 """
@@ -40,6 +44,7 @@ from tracin_jax.influence import layout
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.figures import new_figure
 from tracin_jax.influence.figures import overlay
+from tracin_jax.influence.figures import representative_slice
 from tracin_jax.influence.topk import top_k
 from tracin_jax.report import viewer
 
@@ -196,20 +201,32 @@ def choose_pages(val_ids: Sequence[tuple[str, int]], val_regions: np.ndarray,
 
 def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
           val_set: SliceSet, saliency: dict[str, Any] | None, top: int,
-          made: set[tuple[int, int]], blocks: np.ndarray) -> dict[str, Any]:
+          made: set[tuple[int, int]], blocks: np.ndarray,
+          exported: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
   """Writes the images of validation image a's page; returns its template values.
 
   `blocks` [K, 1, K * n_train] are the image's scores (a query of the gradient store, or
   the influence stage's own row); the page also says how many of each region's top
-  proponents the influence stage's exact scores share."""
+  proponents the influence stage's exact scores share. A volume's images are its axial
+  slice of its regions' largest cross-section, a training region's thumbnail its own
+  region's (`representative_slice`). `exported`: the export stage's files of each case
+  (`_exported`)."""
   case, z = val_set.ids[a]
   name = f"val{a:04d}"
   folder = report_dir / PAGES / name
   folder.mkdir(parents=True, exist_ok=True)
   regions = influence.val_regions[a]
-  _modalities(folder / "modalities.png", val_set.images[a], regions, val_set.labels[a],
-              f"{case} slice {z}")
-  _save_rgb(folder / "thumb.png", overlay(val_set.images[a], regions))
+  volume = np.ndim(regions) == 4  # [D, H, W, K]
+  image, truth, shown = val_set.images[a], val_set.labels[a], regions
+  where = f"slice {z}"
+  heading = f"{case} {where}"
+  if volume:
+    d = representative_slice(regions.any(-1))
+    where = f"axial slice {d} of {regions.shape[0]}"
+    heading = f"{case}, {where}"
+    image, truth, shown = image[d], truth[d], regions[d]
+  _modalities(folder / "modalities.png", image, shown, truth, heading)
+  _save_rgb(folder / "thumb.png", overlay(image, shown))
   n_train = len(train_set)
   ge = {int(g["column"]) for g in influence.global_explainers}
   classes = []
@@ -227,12 +244,18 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
             continue
           j, b = layout.split_column(int(col), n_train)
           thumb = report_dir / PAGES / "train" / f"train{b:05d}_{j}.png"
+          tc, tz = train_set.ids[b]
+          train_image, train_regions = train_set.images[b], influence.train_regions[b]
+          if volume:  # the training region's own largest axial slice
+            tz = representative_slice(train_regions[..., j])
+            train_image, train_regions = train_image[tz], train_regions[tz]
           if (b, j) not in made:
             thumb.parent.mkdir(parents=True, exist_ok=True)
-            _thumbnail(thumb, train_set.images[b], influence.train_regions[b], j)
+            _thumbnail(thumb, train_image, train_regions, j)
             made.add((b, j))
-          tc, tz = train_set.ids[b]
+          named = f"{tc}, axial slice {tz}" if volume else f"{tc} z{tz}"
           entry[kind].append({"src": f"train/{thumb.name}", "case": tc, "slice": int(tz),
+                              "where": named, "alt": named if volume else f"{tc} slice {tz}",
                               "class": influence.class_names[j], "score": fmt(score, 4),
                               "ge": int(col) in ge})
       grid = saliency["grids"].get((str(case), int(z), cname)) if saliency else None
@@ -240,9 +263,28 @@ def _page(report_dir: pathlib.Path, a: int, influence, train_set: SliceSet,
         entry["saliency"].append({"src": f"../../{grid['path']}", "caption": grid["caption"]})
     classes.append(entry)
   return {"name": name, "case": case, "slice": int(z), "index": a, "classes": classes,
+          "heading": heading, "where": where, "unit": "voxels" if volume else "px",
+          "exported": (exported or {}).get(str(case)),
           "modalities": f"{name}/modalities.png", "thumb": f"{PAGES}/{name}/thumb.png",
           "href": f"{PAGES}/{name}.html",
           "saliency": any(c["saliency"] for c in classes)}
+
+
+def _exported(record: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+  """The export stage's outputs by case, as a page links them (from its manifest):
+  {"files": [{"href", "name", "description"}], "figures": [{"src", "caption"}]}."""
+  if not record:
+    return {}
+  out = {}
+  for case in record.get("headline", {}).get("cases", []):
+    prefix = f"{rundir.EXPORT}/{rundir.safe_name(case)}/"
+    files = [{"href": f"../../{f['path']}", "name": f["path"][len(prefix):],
+              "description": f["description"]}
+             for f in record.get("files", []) if f["path"].startswith(prefix)]
+    figures = [{"src": f"../../{f['path']}", "caption": f["caption"]}
+               for f in record.get("figures", []) if f["path"].startswith(prefix)]
+    out[str(case)] = {"files": files, "figures": figures}
+  return out
 
 
 def _saliency_overlays(workdir: pathlib.Path, case: str, z: int, classes: Sequence[str],
@@ -268,8 +310,11 @@ def case_viewer(workdir: str | os.PathLike, a: int, influence, val_set: SliceSet
   the centre of its predicted regions.
 
   Predicted regions may overlap (each is its class's p > threshold): a pixel takes the last
-  class whose region holds it (ET over ED over NCR/NET)."""
+  class whose region holds it (ET over ED over NCR/NET). A volume's: its axial slices,
+  opening at the slice of its regions' largest cross-section."""
   case, z = val_set.ids[a]
+  if np.ndim(influence.val_regions[a]) == 4:
+    return _volume_viewer(workdir, a, influence, val_set)
   order = sorted((i for i, (c, _) in enumerate(val_set.ids) if c == case),
                  key=lambda i: val_set.ids[i][1])
   here = order.index(a)
@@ -293,10 +338,33 @@ def case_viewer(workdir: str | os.PathLike, a: int, influence, val_set: SliceSet
                        slice_names=[f"{case} slice {s}" for s in slices], orientation=False)
 
 
+def _volume_viewer(workdir: str | os.PathLike, a: int, influence, val_set) -> viewer.Viewer:
+  """`case_viewer` of validation volume a: its axial slices as the stack of a case's."""
+  case, z = val_set.ids[a]
+  regions = np.asarray(influence.val_regions[a])  # [D, H, W, K]
+  predicted = np.zeros(regions.shape[:3], np.uint8)
+  for j in range(regions.shape[-1]):
+    predicted[regions[..., j]] = j + 1
+  present = [bool(regions[..., j].any()) for j in range(regions.shape[-1])]
+  heats = _saliency_overlays(pathlib.Path(workdir), case, z, list(influence.class_names),
+                             present)  # [D, H, W] each
+  depth = regions.shape[0]
+  volumes = viewer.slice_volumes(val_set.images[a], predicted=predicted,
+                                 truth=val_set.labels[a], overlays=heats,
+                                 slice_indices=list(range(depth)))
+  here = representative_slice(regions.any(-1))
+  found = np.argwhere(regions[here].any(-1))
+  centre = found.mean(0) if len(found) else (np.array(regions.shape[1:3]) - 1) / 2
+  return viewer.Viewer(volumes, focus=[float(centre[0]), float(centre[1]), float(here)],
+                       slice_names=[f"{case}, axial slice {s} of {depth}"
+                                    for s in range(depth)], orientation=False)
+
+
 def export_viewer(workdir: str | os.PathLike, case: str, z: int) -> viewer.Viewer | None:
   """The viewer of a case the export stage wrote: its NIfTI outputs read back, on the
-  patient's scan (`tracin_jax.patient.case_viewer`), opening at slice z; None where the
-  stage did not export the case or its scan cannot be read."""
+  patient's scan (`tracin_jax.patient.case_viewer`), opening at slice z (a volume's, z -1:
+  at its largest predicted tumour); None where the stage did not export the case or its
+  scan cannot be read."""
   from tracin_jax import patient  # pylint: disable=g-import-not-at-top
 
   folder = pathlib.Path(workdir) / rundir.EXPORT / rundir.safe_name(case)
@@ -317,11 +385,12 @@ def _page_viewer(workdir: pathlib.Path, a: int, influence, val_set: SliceSet,
     chosen = given(case, z)
   elif given is not None:
     chosen = given.get((case, z))
-  title = f"{case} slice {z}: the case in 3D"
+  name = f"{case} slice {z}" if int(z) != -1 else str(case)  # -1: a volume
+  title = f"{name}: the case in 3D" if int(z) != -1 else f"{name}: the volume"
   if chosen is None:
     chosen = export_viewer(workdir, case, z)
     if chosen is not None:
-      title = (f"{case} slice {z}: the NIfTI outputs on the patient's scan (in the scan's "
+      title = (f"{name}: the NIfTI outputs on the patient's scan (in the scan's "
                "own orientation, as ITK-SNAP or 3D Slicer shows it)")
   if chosen is None:
     chosen = case_viewer(workdir, a, influence, val_set)
@@ -338,8 +407,10 @@ def _page_viewer(workdir: pathlib.Path, a: int, influence, val_set: SliceSet,
 def _page_scores(workdir: pathlib.Path, influence, val_set: SliceSet,
                  chosen: Sequence[int], top: int) -> dict[str, Any]:
   """The pages' scores: queries of the run's gradient store where it has one (each image
-  explained as a new one would be), else the influence stage's own rows."""
-  if chosen and explain.has_store(workdir):
+  explained as a new one would be), else the influence stage's own rows; a volume's: the
+  influence stage's rows (exact, where a query would compile the volumes' gradients again)."""
+  volumes = val_set.images.ndim == 5
+  if chosen and explain.has_store(workdir) and not volumes:
     blocks, seconds = [], []
     for a in chosen:
       result = explain.explain_image(workdir, val_set.images[a], name=f"val{a}", k=top,
@@ -355,6 +426,9 @@ def _page_scores(workdir: pathlib.Path, influence, val_set: SliceSet,
     return {"blocks": blocks, "text": text}
   text = ("Scores from the influence stage (the run has no gradient store: "
           "--nostore).")
+  if volumes:
+    text = ("Scores from the influence stage (exact TracIn of the validation volume, its "
+            "row of the stage's scores).")
   return {"blocks": [influence.test_blocks[:, a:a + 1] for a in chosen], "text": text}
 
 
@@ -367,7 +441,7 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
 
   Args:
     workdir: the run's directory; stages that did not run there are absent, not errors.
-    train_set, val_set: the run's slices (for the per-image pages' images).
+    train_set, val_set: the run's slices, or volumes (for the per-image pages' images).
     influence: the influence stage's result (`runs.InfluenceResults`), for the per-image
       pages; None: read from the workdir where the stage ran there and the slices are
       given (else the index only).
@@ -404,8 +478,9 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
                           saliency["images"] if saliency else [], max_pages)
     made: set[tuple[int, int]] = set()
     source = _page_scores(workdir, influence, val_set, chosen, top)
-    pages = [_page(report_dir, a, influence, train_set, val_set, saliency, top, made, blocks)
-             for a, blocks in zip(chosen, source["blocks"])]
+    exported = _exported(by_name.get(rundir.EXPORT))
+    pages = [_page(report_dir, a, influence, train_set, val_set, saliency, top, made, blocks,
+                   exported) for a, blocks in zip(chosen, source["blocks"])]
     template = _ENV.get_template("image.html")
     copied = False
     for k, (p, a) in enumerate(zip(pages, chosen)):
@@ -415,10 +490,11 @@ def build_report(workdir: str | os.PathLike, *, train_set: SliceSet | None = Non
         copied = True
       html = template.render(
           viewer=block,
-          title=f"{p['case']} slice {p['slice']}", threshold=fmt(influence.threshold, 2),
+          title=p["heading"], threshold=fmt(influence.threshold, 2),
           prev=f"{pages[k - 1]['name']}.html" if k else None,
           next=f"{pages[k + 1]['name']}.html" if k + 1 < len(pages) else None,
-          **{key: p[key] for key in ("case", "slice", "index", "classes", "modalities")},
+          **{key: p[key] for key in ("case", "slice", "index", "classes", "modalities",
+                                     "heading", "unit", "exported")},
           source=source["text"], top=top, **common)
       outputs.write_text(report_dir / PAGES / f"{p['name']}.html", html)
 

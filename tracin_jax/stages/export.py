@@ -17,6 +17,14 @@ input's grid with its T1 file's affine and header, the crop and resize undone:
     and the influence read back from the written files, drawn on it.
 Open the input scan and these files together in ITK-SNAP, 3D Slicer or NiiVue: they line up.
 The report's image pages show them in their viewer.
+
+On volumes (`--spatial_dims=3`) each exported case is its validation volume, put back on
+the scan through its `volumes.VolumeRecord` (`volumes.to_volume` and `write_nifti`: the box
+and the resampling undone, labels by nearest neighbour, maps trilinear, 0 outside the box):
+the prediction and the influence support cover the whole volume, the saliency maps are the
+saliency stage's 3D maps, and the check figure draws the scan's axial slice through the
+volume's slice with the most predicted tumour. `--export_full_volume` does not apply (the
+volume is the model's whole box).
 """
 
 from __future__ import annotations
@@ -66,11 +74,16 @@ class CaseExport:
 
   Attributes:
     case_id: the case.
-    grid: where the predicted slices lie on the scan (`patient_space.SliceGrid`).
-    predicted: [n, H, W] int8 predicted classes on the grid's slices.
-    explained: [m] indices into the grid's slices that influence and saliency cover.
-    influence: [m, H, W, K] float32 support of the top proponents (`influence_support`).
-    saliency: method -> [m, H, W, K] float32 (summed |map| over the modalities).
+    grid: where the predicted slices lie on the scan (`patient_space.SliceGrid`; a
+      volume's `patient.volume_grid`).
+    predicted: [n, H, W] int8 predicted classes on the grid's slices (a volume's
+      [1, D, H, W]).
+    explained: [m] indices into the grid's slices that influence and saliency cover (a
+      volume's [0]).
+    influence: [m, H, W, K] float32 support of the top proponents (`influence_support`; a
+      volume's [1, D, H, W, K]).
+    saliency: method -> [m, H, W, K] float32 (summed |map| over the modalities; a volume's
+      [1, D, H, W, K]).
     files: {"path", "description"} of the case's files, workdir-relative.
   """
 
@@ -94,7 +107,7 @@ class ExportOutputs:
 _VOLUME = base.Output("{case}/{name}", "{description}")
 _GRID = base.Output("{case}/" + GRID_FILE, "{case}: the exported arrays on the model's grid "
                     "and the preprocessing record that puts them on the scan")
-_CHECK = base.Output(rundir.EXPORT_CHECK_FIGURE, "{case}, axial slice {z}: the scan with the "
+_CHECK = base.Output(rundir.EXPORT_CHECK_FIGURE, "{case}, {where}: the scan with the "
                      "prediction and the ET influence read back from the NIfTI outputs",
                      figure=True)
 
@@ -130,6 +143,7 @@ class ExportStage(base.StageBase):
 
   name, config_cls, needs = "export", ExportConfig, ("influence", "saliency")
   writes = (_VOLUME, _GRID, _CHECK)
+  supports_volumes = True
 
   def check(self, context: base.Context) -> None:
     if context.val_set.record is None:
@@ -149,6 +163,9 @@ class ExportStage(base.StageBase):
     if skipped:
       context.log(f"export: {', '.join(skipped)} not among the saliency stage's methods; "
                   "not exported.")
+    if self.config.full_volume and patient.is_volume(context.val_set):
+      context.log("export: --export_full_volume does not apply to volumes (each is the "
+                  "model's whole box of its scan); ignored.")
     out = [self._case(context, influence, sal, case, methods, ran) for case in chosen]
     return ExportOutputs(out, self.manifest())
 
@@ -158,7 +175,9 @@ class ExportStage(base.StageBase):
     val = context.val_set
     rows = [a for a, c in enumerate(val.case_ids) if str(c) == case]
     case_slices = val.subset(np.asarray(rows))
-    scan = _scan_slices(context, case_slices, self.config.full_volume)
+    volume = patient.is_volume(case_slices)  # one volume, slice index NO_SLICE
+    scan = case_slices if volume else _scan_slices(context, case_slices,
+                                                   self.config.full_volume)
     _, predicted = segmentation.predict_regions_and_labels(
         influence.apply_fn, influence.params, scan.images, influence.threshold,
         batch_size=self.config.batch_size, state=influence.state)
@@ -178,8 +197,8 @@ class ExportStage(base.StageBase):
         i = [int(s) for s in case_slices.slice_indices].index(int(z))
         for m in methods:  # maps.maps: [M, K, H, W, C]
           saliency[m][i] = np.moveaxis(patient.plane(m, maps.maps[ran.index(m)]), 0, -1)
-    return CaseExport(case, patient_space.SliceGrid.of(scan), predicted.astype(np.int8),
-                      explained, support, saliency)
+    grid = patient.volume_grid(scan) if volume else patient_space.SliceGrid.of(scan)
+    return CaseExport(case, grid, predicted.astype(np.int8), explained, support, saliency)
 
   def write(self, context: base.Context, result: ExportOutputs) -> base.Manifest:
     manifest = self.manifest()
@@ -206,11 +225,14 @@ class ExportStage(base.StageBase):
                        name=pathlib.Path(f["path"]).name, description=description)
       one.files.append(manifest.files[-1])
     _save_grid(self.list_output(context, manifest, _GRID, case=tag), one)
-    z = _largest_slice(one)
-    path = self.list_output(context, manifest, _CHECK, case=one.case_id, tag=tag, z=z,
-                            about={"kind": rundir.EXPORT_CHECK, "case": one.case_id,
-                                   "slice": z})
-    patient.plot_check(out_dir, one.grid, z, path, title=f"{one.case_id}{context.suffix}")
+    z, where = _largest_slice(one)
+    about = {"kind": rundir.EXPORT_CHECK, "case": one.case_id, "slice": z}
+    if patient.is_volume(one.grid):
+      about["axial_slice"] = _representative(one)
+    path = self.list_output(context, manifest, _CHECK, case=one.case_id, tag=tag,
+                            where=where, about=about)
+    patient.plot_check(out_dir, one.grid, z, path, title=f"{one.case_id}{context.suffix}",
+                       where=where)
 
   def load(self, context: base.Context) -> ExportOutputs:
     record = base.read_manifest(context.workdir, self.name)
@@ -225,10 +247,26 @@ class ExportStage(base.StageBase):
     return ExportOutputs(cases, manifest)
 
 
-def _largest_slice(one: CaseExport) -> int:
-  """The axial index of the grid's slice with the most predicted tumour."""
+def _representative(one: CaseExport) -> int:
+  """A volume's axial slice d with the most predicted tumour
+  (`figures.representative_slice`: the middle one where none is predicted)."""
+  from tracin_jax.influence import figures  # pylint: disable=g-import-not-at-top
+
+  return figures.representative_slice(one.predicted[0] > 0)
+
+
+def _largest_slice(one: CaseExport) -> tuple[int, str]:
+  """(the scan's axial index of the grid's slice with the most predicted tumour, its name
+  in titles); a volume's: the scan's slice through the volume's such slice."""
+  if patient.is_volume(one.grid):
+    d = _representative(one)
+    z = patient.scan_slice(one.grid, d)
+    depth = int(one.grid.record.volume_shape[0][2])
+    return z, (f"axial slice {z} of {depth} (the volume's slice {d} of "
+               f"{one.grid.shape[0]}: its largest predicted tumour)")
   sizes = (one.predicted > 0).sum(axis=(1, 2))
-  return int(one.grid.slice_indices[int(np.argmax(sizes))])
+  z = int(one.grid.slice_indices[int(np.argmax(sizes))])
+  return z, f"axial slice {z}"
 
 
 def _save_grid(path: pathlib.Path, one: CaseExport) -> None:

@@ -2,7 +2,7 @@
 
 Reads the manifests of the stages that ran in the workdir (a stage that did not run is
 absent from the report, not an error) and, where the influence stage ran, writes a page per
-explained validation image (`tracin_jax.report`).
+explained validation image (`tracin_jax.report`; on volumes, per validation volume).
 """
 
 from __future__ import annotations
@@ -65,16 +65,11 @@ class ReportStage(base.StageBase):
   def write(self, context: base.Context, result: ReportOutputs) -> base.Manifest:
     manifest = self.manifest()
     self.list_output(context, manifest, self.writes[0])
-    if context.val_set.images.ndim == 5:  # volumes: the index, its figures and tables only
-      context.log("Report of a run on volumes: the index with every stage's figures and "
-                  "tables; per-image pages are drawn for slices only.")
-      index = report_lib.build_report(context.workdir, max_pages=0, top=self.config.top)
-    else:
-      influence = (context.need("influence")
-                   if base.read_manifest(context.workdir, "influence") else None)
-      index = report_lib.build_report(
-          context.workdir, train_set=context.train_set, val_set=context.val_set,
-          influence=influence, max_pages=self.config.pages, top=self.config.top)
+    influence = (context.need("influence")
+                 if base.read_manifest(context.workdir, "influence") else None)
+    index = report_lib.build_report(
+        context.workdir, train_set=context.train_set, val_set=context.val_set,
+        influence=influence, max_pages=self.config.pages, top=self.config.top)
     context.log(f"Wrote {index} ({len(list((index.parent / 'images').glob('*.html')))} "
                 "image pages).")
     return manifest

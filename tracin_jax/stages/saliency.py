@@ -835,8 +835,13 @@ class SaliencyStage(base.StageBase):
         only[..., j] = inputs.train_regions[b][..., j]
         tc, tz = train.ids[b]
         mark = " GE" if int(col) in ge else ""
-        neighbours.append({"image": train.images[b], "regions": only, "kind": kind,
-                           "label": f"{CLASS_NAMES[j]}{mark}\n{_label(tc, tz)}\n{score:.3g}"})
+        neighbour = {"image": train.images[b], "regions": only, "kind": kind}
+        where = _label(tc, tz)
+        if int(tz) == volumes_lib.NO_SLICE:  # a volume: drawn and named at its region's
+          neighbour["slice"] = figures.axial_slice(only[..., j])  # largest axial slice
+          where = f"{tc}, slice {neighbour['slice']}"
+        neighbours.append({**neighbour,
+                           "label": f"{CLASS_NAMES[j]}{mark}\n{where}\n{score:.3g}"})
     shown = {LABELS[m]: np.abs(maps[config.methods.index(m), n]).sum(-1)
              for m in BESIDE_TRACIN if m in config.methods}
     figures.plot_tracin_beside_saliency(image, region, shown, neighbours, path, title=title,
