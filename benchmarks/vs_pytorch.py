@@ -7,7 +7,9 @@
 For each model (`--models`: "demo" is the demo's UNet, base width 8, depth 3, GroupNorm,
 96 px; "large" is base 16, depth 4, 128 px; "nonorm" is base 16, depth 3, 96 px without
 normalisation, the convolutions then with biases; "volume" is a 3D UNet, base 8, depth 2, on
-16^3-voxel volumes, 3x3x3 convolutions) it builds the Flax model, writes the same
+16^3-voxel volumes, 3x3x3 convolutions; "volume_stacked" the same model with
+`conv3d="stacked"`, its 3x3x3 convolutions computed as 2D ones over depth-stacked channels,
+against the same PyTorch network) it builds the Flax model, writes the same
 network in PyTorch (the same layers: 3x3 convolutions, GroupNorm with the same groups and
 epsilon, ReLU, 2x2 max pooling, 2x2 stride-2 transposed convolutions, a 1x1 head), copies
 the weights over and checks that the logits agree. Both frameworks then compute the same
@@ -75,7 +77,8 @@ from tracin_jax.influence import segmentation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["demo", "large"], "Models to run: demo, large, nonorm, volume "
-                  "(a 3D UNet on 16^3 volumes; the Captum methods are left out there).")
+                  "(a 3D UNet on 16^3 volumes; the Captum methods are left out there), "
+                  "volume_stacked (the same, conv3d='stacked').")
 flags.DEFINE_integer("train", 32, "Train images.")
 flags.DEFINE_integer("test", 8, "Test images.")
 flags.DEFINE_integer("checkpoints", 2, "TracIn checkpoints.")
@@ -94,6 +97,8 @@ MODEL_CONFIGS = {
     "quick": dict(base_width=4, depth=2, size=16, norm="group"),
     # A 3D UNet (3x3x3 convolutions, 2x2x2 pooling and up-convolutions) on 16^3 volumes.
     "volume": dict(base_width=8, depth=2, size=16, norm="group", spatial_dims=3),
+    "volume_stacked": dict(base_width=8, depth=2, size=16, norm="group", spatial_dims=3,
+                           conv3d="stacked"),
 }
 # What works on volumes: Captum's TracInCP takes one module's input as a batch of 2D items
 # here, and its hook mode knows only Conv2d and Linear layers.
@@ -213,7 +218,8 @@ class Setup:
     self.name, self.config = name, config
     dims = config.get("spatial_dims", 2)
     model = models.get_model("unet", base_width=config["base_width"], depth=config["depth"],
-                             norm=config["norm"], spatial_dims=dims, seed=seed)
+                             norm=config["norm"], spatial_dims=dims, seed=seed,
+                             **({"conv3d": config["conv3d"]} if "conv3d" in config else {}))
     self.apply_fn, params, _ = models.functional(model)
     self.loss_fn = segmentation.make_region_losses(self.apply_fn)
     self.p = grads_lib.parameter_count(params)
