@@ -33,9 +33,9 @@ metagradient is the derivative at w = 1 of the first kind of removal, and predic
 second only as far as the two agree to first order.
 
 The replay is the run's: plain SGD after the last Adam checkpoint at a constant learning
-rate, so the optimizer state carries only step counters; an optimizer with state that
-matters (momentum) has it threaded through the steps and differentiated like the
-parameters. Memory grows with T times the parameters and optimizer state, plus one step's
+rate, so the run's optimizer state is carried through the steps unused (its Adam moments
+stand still, its step counters count); an optimizer whose state matters (momentum) has it
+threaded through the steps and differentiated like the parameters. Memory grows with T times the parameters and optimizer state, plus one step's
 activations (times `chunk_size`): this is for small models.
 
   - `metagradient(step_fn, params, opt_state, batches, weights, f)`: the generic core, for
@@ -43,7 +43,8 @@ activations (times `chunk_size`): this is for small models.
     weighted loss and an optax optimizer; `stack_batches` the [T, B, ...] batches);
   - `metagradients(...)`: the same for R outputs, `f -> [R]`, with progress;
   - `run_metagradients(retrainer, f)`: this project's runs, built on a `Retrainer`: the
-    replay of its SGD phase with nothing removed, with the run's own training step.
+    replay of its SGD phase with nothing removed, by the run's training step with
+    `weighted_dice_loss` for its loss.
 """
 
 from __future__ import annotations
