@@ -29,7 +29,8 @@ WORKER_GROUPS = {
     "tiny_run": ("tests/explain_test.py", "tests/report/html_report_test.py",
                  "tests/stages/influence_params_test.py", "tests/stages/lds_stage_test.py",
                  "tests/stages/saliency_stage_test.py", "tests/stages/stages_test.py",
-                 "tests/training/retrain_test.py", "tests/training/train_test.py"),
+                 "tests/training/metagradient_test.py", "tests/training/retrain_test.py",
+                 "tests/training/train_test.py"),
     "reliability": ("tests/reliability/bad_inputs_test.py",),
 }
 _GROUP_OF = {path: name for name, paths in WORKER_GROUPS.items() for path in paths}

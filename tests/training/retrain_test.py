@@ -119,3 +119,49 @@ def test_retraining_from_an_adam_epoch_replays_but_refuses_removals(full_run):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="inside the Adam phase"):
     early([3])
+
+
+def _epochs(batches):
+  """{epoch: (index [n], images [n, ...]) in the order the batches give them}."""
+  out = {}
+  for b in batches:
+    index, images = out.get(b["epoch"], (np.zeros(0, np.int64), None))
+    out[b["epoch"]] = (np.concatenate([index, b["index"]]),
+                       b["image"] if images is None else np.concatenate([images, b["image"]]))
+  return out
+
+
+def test_another_order_replays_the_same_examples_and_draws_in_another_order(full_run,
+                                                                          retrainer):
+  workdir, result = full_run
+  other = Retrainer(workdir, TRAIN, order_seed=1)
+  assert other.order_seed == 1 and retrainer.order_seed is None
+  run, reordered = _epochs(retrainer.batches()), _epochs(other.batches())
+  for epoch in retrainer.epochs:
+    (index, images), (index2, images2) = run[epoch], reordered[epoch]
+    assert not np.array_equal(index, index2)  # another order ...
+    assert sorted(index2.tolist()) == list(range(len(TRAIN)))  # ... of the same examples
+    by_example = {int(i): img for i, img in zip(index, images)}
+    for i, img in zip(index2, images2):  # each with the run's augmentation draw
+      np.testing.assert_array_equal(img, by_example[int(i)])
+  # Another seed, another order; the batches keep the run's size; removal still works.
+  assert not np.array_equal(_epochs(Retrainer(workdir, TRAIN, order_seed=2).batches())[3][0],
+                            reordered[3][0])
+  assert [len(b["index"]) for b in other.batches([4])] == [B, B, 3] * 2
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(_params(other()), _params(result.model)))
+
+
+def test_order_seed_none_is_the_runs_batches_bit_for_bit(full_run, retrainer):
+  workdir, _ = full_run
+  default = Retrainer(workdir, TRAIN, order_seed=None, cache_bytes=0)
+  for epoch in default.epochs:
+    mine = [b for b in default.batches() if b["epoch"] == epoch]
+    run = list(pipeline.train_batches(TRAIN, B, seed=CONFIG.seed, epoch=epoch,
+                                      augment=CONFIG.augment))
+    assert len(mine) == len(run)
+    for a, b in zip(mine, run):
+      for key in ("image", "label", "index"):
+        np.testing.assert_array_equal(a[key], b[key])
+  with pytest.raises(ValueError, match="order_seed must be None"):
+    Retrainer(workdir, TRAIN, order_seed=-1)

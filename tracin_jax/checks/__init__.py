@@ -3,6 +3,8 @@
   - `checks.stats`: the statistics every check reports (Spearman's rho, means with
     intervals, paired tests, the bootstrap);
   - `checks.lds`: the linear datamodeling score (retraining on random subsets);
+  - `checks.ceiling`: the LDS's noise ceiling (the same subsets retrained with another data
+    order) and an LDS as a fraction of it;
   - `checks.removal`: the removal test (retraining without a region's top proponents, top
     opponents or random slices).
 

@@ -20,6 +20,13 @@ constant, so the few updates an epoch loses do not shift any schedule.
 
 The batches of the replayed epochs are prepared once and kept in memory when they fit in
 `cache_bytes`, so a series of retrainings pays the augmentation only once.
+
+Another data order (`order_seed`): the noise ceiling of the LDS compares two retrainings of
+the same subset that differ only in the order of the examples. With `order_seed` given, each
+replayed epoch holds the same examples with the same augmentation draw each had in the run
+(the run's augmented image and label of that example in that epoch), in another order: the
+run's sequence of the epoch permuted by a permutation drawn from `(order_seed, epoch)`, then
+cut into batches as above. The default, `order_seed=None`, is the run's own order.
 """
 
 from __future__ import annotations
@@ -50,10 +57,12 @@ class Retrainer:
     from_epoch: the checkpoint the replay starts from (default: the last Adam epoch).
     epochs: the replayed epochs, `from_epoch + 1 ... config.num_epochs`.
     num_steps: the number of updates replayed.
+    order_seed: None (the run's order) or the seed of the replayed epochs' other order.
   """
 
   def __init__(self, workdir: str | os.PathLike, train_set: SliceSet, *,
-               from_epoch: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
+               from_epoch: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+               order_seed: int | None = None):
     """Loads the run in `workdir` and checks that `train_set` is its training set.
 
     Args:
@@ -63,11 +72,21 @@ class Retrainer:
         (`config.optimizer.adam_epochs`), i.e. the whole SGD phase is replayed.
       cache_bytes: keep the replayed batches in memory when they take at most this many
         bytes; otherwise they are prepared again for every retraining.
+      order_seed: None replays the run's order; an int replays each epoch's examples (with
+        their augmentation draws) in another order, a permutation drawn from
+        `(order_seed, epoch)`.
 
     Raises:
       FileNotFoundError: no run or no checkpoint of `from_epoch` in `workdir`.
-      ValueError: `train_set` is not the run's training set, or `from_epoch` is out of range.
+      ValueError: `train_set` is not the run's training set, `from_epoch` is out of range,
+        or `order_seed` is not None or a non-negative int.
     """
+    if order_seed is not None and (isinstance(order_seed, bool)
+                                   or not isinstance(order_seed, (int, np.integer))
+                                   or order_seed < 0):
+      raise ValueError(f"order_seed must be None (the run's order) or a non-negative int, "
+                       f"got {order_seed!r}.")
+    self.order_seed = None if order_seed is None else int(order_seed)
     self.workdir = pathlib.Path(workdir)
     record = train_lib.load_record(self.workdir)
     self.config = train_lib.TrainConfig.from_dict(record["config"])
@@ -108,12 +127,27 @@ class Retrainer:
                    if total <= cache_bytes else None)
 
   def _run_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The run's batches of `epoch`: (images [b, H, W, 4], labels [b, H, W], index [b])."""
+    """The run's batches of `epoch`: (images [b, H, W, 4], labels [b, H, W], index [b]);
+    with `order_seed`, the same examples and draws in batches of the permuted order."""
     c = self.config
-    for batch in pipeline.train_batches(self.train_set, c.batch_size, seed=c.seed,
-                                        epoch=epoch, augment=c.augment):
-      yield (np.asarray(batch["image"]), np.asarray(batch["label"]),
-             np.asarray(batch["index"], np.int64))
+    parts = ((np.asarray(batch["image"]), np.asarray(batch["label"]),
+              np.asarray(batch["index"], np.int64))
+             for batch in pipeline.train_batches(self.train_set, c.batch_size, seed=c.seed,
+                                                 epoch=epoch, augment=c.augment))
+    if self.order_seed is None:
+      yield from parts
+      return
+    images, labels, index = (np.concatenate(a) for a in zip(*parts))
+    order = np.random.default_rng([self.order_seed, epoch]).permutation(len(index))
+    images, labels, index = images[order], labels[order], index[order]
+    for start in range(0, len(index), c.batch_size):
+      end = start + c.batch_size
+      yield images[start:end], labels[start:end], index[start:end]
+
+  def start(self) -> tuple[nnx.Module, nnx.Optimizer]:
+    """A fresh copy of the model and optimizer at `from_epoch`, where every replay starts
+    (training mode; changing them leaves the retrainer's start as it is)."""
+    return nnx.merge(self._graphdef, self._start, copy=True)
 
   def _check_removed(self, removed: Sequence[int]) -> np.ndarray:
     removed = np.unique(np.asarray(list(removed), np.int64))
@@ -137,7 +171,8 @@ class Retrainer:
 
     Yields:
       {"image": [B, H, W, 4], "label": [B, H, W], "index": [B] int, "epoch": int}: each
-      epoch's examples in the run's order with `removed` deleted, in batches of the run's
+      epoch's examples in the run's order (or `order_seed`'s) with `removed` deleted, in
+      batches of the run's
       size B; an epoch's last batch may be shorter (training pads it with zero-weight
       copies, `train.pad_batch`).
     """
@@ -179,9 +214,9 @@ class Retrainer:
       ValueError: an index out of range, or every example removed.
     """
     removed = self._check_removed(removed)
-    # copy=True: merge would otherwise share the start state's Variables, and training would
-    # move the start of the next retraining.
-    model, optimizer = nnx.merge(self._graphdef, self._start, copy=True)
+    # A copy: sharing the start state's Variables, training would move the start of the next
+    # retraining.
+    model, optimizer = self.start()
     size = self.config.batch_size
     per_epoch = train_lib.steps_per_epoch(len(self.train_set) - len(removed), size)
     bar = ProgressBar(len(self.epochs) * per_epoch, desc, enabled=progress)
