@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 import tiny_run
-from flax import nnx
 
 from tracin_jax import models
 from tracin_jax.influence import segmentation
@@ -206,29 +205,17 @@ def run_case(full_run):
   return retrainer, f, result
 
 
-@pytest.mark.slow  # two reverse passes through the UNet's training steps: ~35 s compiling
-def test_run_metagradients_equal_the_generic_core_on_the_plain_step(run_case):
-  """The run-level convenience against `metagradients` with a step written from pure
-  functions (`models.functional`, the run's optax chain, `stack_batches`)."""
+@pytest.mark.slow  # a reverse pass through the UNet's training steps: ~20 s compiling
+def test_run_metagradients_replay_the_run(run_case):
+  """The run-level convenience: its forward pass is the run's own replay, and its rows have
+  the structure of batch-Dice weights. (The gradient itself is the generic core's, checked
+  against finite differences of retraining on the toy above.)"""
   retrainer, f, result = run_case
   values, grads = mg.run_metagradients(retrainer, f)
   assert grads.shape == (2, len(tiny_run.TRAIN))
   # Its forward pass is the run's replay: the outputs of the run's final model.
   _, params, state = models.functional(result.model)
   np.testing.assert_allclose(values, f(params, state), rtol=1e-5)
-
-  model, optimizer = retrainer.start()
-  apply_fn, params, _ = models.functional(model)
-  params = nnx.as_pure(params)
-  tx = optimizer.tx
-  step = mg.make_step(lambda p, batch, w: mg.weighted_dice_loss(
-      apply_fn(p, batch["image"]), batch["label"], w), tx)
-  opt_state = nnx.as_pure(optimizer.opt_state)
-  batches = mg.stack_batches(retrainer.batches(), tiny_run.CONFIG.batch_size)
-  ref_values, ref = mg.metagradients(step, params, opt_state, batches,
-                                     jnp.ones(len(tiny_run.TRAIN)), lambda p: f(p, None))
-  np.testing.assert_allclose(values, ref_values, rtol=1e-5)
-  np.testing.assert_allclose(grads, ref, rtol=1e-5, atol=1e-7 * np.abs(ref).max())
-  assert np.all(np.abs(ref).max(axis=1) > 0)
+  assert np.all(np.isfinite(grads)) and np.all(np.abs(grads).max(axis=1) > 0)
   # As on the toy, the weights sit inside each batch's Dice sums: the rows sum to about 0.
   np.testing.assert_array_less(np.abs(grads.sum(1)), 1e-4 * np.abs(grads).sum(1))
