@@ -117,18 +117,20 @@ def test_seeded_ensembles_and_projections_are_reproducible_and_averaged(x64):
   x, y, w, x_test = least_squares(3)
   train, test = as_data(x, y), as_data(x_test, np.zeros(N_TEST))
   p0, p1, p2 = ({"w": jnp.asarray(w + shift)} for shift in (0.0, 0.1, -0.2))
-  proj = projection_lib.Projection(4, "dense", seed=5)
-  run = lambda models, projection: trak_lib.trak(squared_loss, models, train, test,
-                                                 damping=0.1, projection=projection,
-                                                 vectorize="vmap")
+  proj = projection_lib.Projection(4, "countsketch", seed=5)
+  # Features x whatever w (compiled once for every test here); Q = -residual depends on w.
+  run = lambda models, projection: trak_lib.trak(
+      output, models, train, test, q_fn=minus_residual, damping=0.1, projection=projection,
+      vectorize="vmap")
   scores = run([[p0, p1], [p2]], proj)
   np.testing.assert_array_equal(scores, run([[p0, p1], [p2]], proj))
-  assert not np.allclose(scores, run([[p0, p1], [p2]], projection_lib.Projection(4, "dense",
-                                                                                 seed=6)))
+  assert not np.allclose(scores, run([[p0, p1], [p2]], projection_lib.Projection(
+      4, "countsketch", seed=6)))
   # Entry e (over models and their checkpoints) is projected with seed + 10000 e; a
   # model's checkpoints are averaged, then the models.
   single = [run([[p]], projection_lib.Projection(
-      4, "dense", seed=5 + trak_lib.PROJECTION_SEED_STRIDE * e)) for e, p in enumerate((p0, p1, p2))]
+      4, "countsketch", seed=5 + trak_lib.PROJECTION_SEED_STRIDE * e))
+            for e, p in enumerate((p0, p1, p2))]
   np.testing.assert_allclose(scores, ((single[0] + single[1]) / 2 + single[2]) / 2, rtol=1e-10)
 
 
