@@ -1,7 +1,8 @@
 """TRAK (Park et al. 2023, "TRAK: Attributing Model Behavior at Scale") for any JAX model.
 
-    scores = trak(loss_fn, [[params_seed0], [params_seed1]], train, test, damping=1e-3,
-                  projection=Projection(2048, seed=0))   # [n_test, K, n_train, K]
+    scores = trak_influence(loss_fn, [[params_seed0], [params_seed1]], train, test,
+                            damping=1e-3, projection=Projection(2048, seed=0))
+    # [n_test, K, n_train, K]
 
 For each model m (independently trained seeds; each may bring several checkpoints, every
 checkpoint treated as the original's separate "model id"):
@@ -150,7 +151,7 @@ def _solve(phi, x, damping, form):
   return w.T
 
 
-def trak(loss_fn: LossFn, models: Sequence[Sequence[Params]], train, test, *,
+def trak_influence(loss_fn: LossFn, models: Sequence[Sequence[Params]], train, test, *,
          damping: float = 0.0, projection: projection_lib.Projection | None = None,
          q_fn: Callable | None = None, form: str = "auto", batch_size: int | None = None,
          vectorize: str = "auto") -> np.ndarray:
@@ -221,7 +222,7 @@ def choose_damping(evaluate: Callable[[float], float],
                    grid: Sequence[float] = DEFAULT_DAMPING_GRID) -> tuple[float, dict]:
   """The damping of a grid that scores best on tuning data.
 
-      best, table = choose_damping(lambda l: lds_on_tuning_subsets(trak(..., damping=l)))
+      best, table = choose_damping(lambda l: lds_on_tuning_subsets(trak_influence(..., damping=l)))
 
   Args:
     evaluate: `evaluate(damping) -> score`, higher is better (e.g. the LDS on separately
@@ -249,4 +250,4 @@ def choose_damping(evaluate: Callable[[float], float],
 
 
 __all__ = ["DEFAULT_DAMPING_GRID", "FORMS", "PROJECTION_SEED_STRIDE", "choose_damping",
-           "features", "kernel_scores", "trak"]
+           "features", "kernel_scores", "trak_influence"]
