@@ -271,8 +271,9 @@ def pixel_logits(params, images):
 PIXEL_FISHER = ekfac.sampled_cross_entropy(pixel_logits)
 
 
-@jax.jit
-def _sampled_losses(params, example, keys):
+@functools.partial(jax.jit, static_argnums=2)
+def _sampled_losses(params, example, num_keys):
+  keys = jax.random.split(jax.random.PRNGKey(0), num_keys)
   return jax.vmap(lambda key: PIXEL_FISHER(params, example, key))(keys)
 
 
@@ -281,8 +282,7 @@ def test_labels_are_sampled_from_the_models_softmax(x64):
   frequencies over 2000 keys match softmax(logits) (binomial tolerance)."""
   params = {"w": jnp.asarray([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])}
   example = {"image": jnp.asarray([[[0.8, -0.4]]])}
-  losses = np.asarray(_sampled_losses(params, example,
-                                      jax.random.split(jax.random.PRNGKey(0), 2000)))
+  losses = np.asarray(_sampled_losses(params, example, 2000))
   logits = np.asarray(example["image"][0, 0]) @ np.asarray(params["w"])
   probs = np.exp(logits) / np.exp(logits).sum()
   drawn = np.argmin(np.abs(losses[:, None] + np.log(probs)[None]), axis=1)

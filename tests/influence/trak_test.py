@@ -87,8 +87,8 @@ def test_the_exact_hessian_influence_is_the_closed_form_and_tracks_leave_one_out
 def test_trak_with_one_model_and_no_projection_is_the_exact_hessian_influence(x64):
   x, y, w, x_test = least_squares(1)
   scores = trak_lib.trak_influence(output, [[{"w": jnp.asarray(w)}]], as_data(x, y),
-                         as_data(x_test, np.zeros(N_TEST)), damping=0.0, q_fn=minus_residual,
-                         vectorize="vmap")
+                                   as_data(x_test, np.zeros(N_TEST)), damping=0.0,
+                                   q_fn=minus_residual, vectorize="vmap")
   assert scores.shape == (N_TEST, 1, N, 1)
   # Including train example b changes the test output by minus its removal's change.
   removal = x_test @ exact_hessian_removal(x, y, w).T  # [n_test, n]
@@ -99,8 +99,9 @@ def test_the_two_forms_agree_and_solve_the_regularised_system(x64):
   x, y, w, x_test = least_squares(2)
   plain = x_test @ np.linalg.inv(x.T @ x + 0.5 * np.eye(D)) @ x.T
   by_form = [trak_lib.trak_influence(output, [[{"w": jnp.asarray(w)}]], as_data(x, y),
-                           as_data(x_test, np.zeros(N_TEST)), damping=0.5, form=form,
-                           vectorize="vmap") for form in ("features", "kernel", "auto")]
+                                     as_data(x_test, np.zeros(N_TEST)), damping=0.5,
+                                     form=form, vectorize="vmap")
+             for form in ("features", "kernel", "auto")]
   np.testing.assert_allclose(by_form[0][:, 0, :, 0], plain, rtol=1e-9, atol=1e-12)
   assert np.abs(by_form[0]).max() > 1e-3
   np.testing.assert_allclose(by_form[1], by_form[0], rtol=1e-8, atol=1e-12)
@@ -138,7 +139,8 @@ def test_exact_influence_beats_tracin_beats_random_by_the_lds(x64):
   x, y, w, x_test = least_squares(4)
   train, test = as_data(x, y), as_data(x_test, np.zeros(N_TEST))
   params = [[{"w": jnp.asarray(w)}]]
-  exact = trak_lib.trak_influence(output, params, train, test, q_fn=minus_residual, vectorize="vmap")
+  exact = trak_lib.trak_influence(output, params, train, test, q_fn=minus_residual,
+                                  vectorize="vmap")
   q = -(x @ w - y)
   tracin = core.influence(output, [(params[0][0], 1.0)], train, test, vectorize="vmap") * q[
       None, None, :, None]
@@ -178,4 +180,5 @@ def test_bad_arguments_are_named(x64, kwargs, match):
   args = dict(models=[[{"w": jnp.asarray(w)}]], vectorize="vmap")
   args.update(kwargs)
   with pytest.raises((ValueError, TypeError), match=match):
-    trak_lib.trak_influence(output, train=as_data(x, y), test=as_data(x_test, np.zeros(N_TEST)), **args)
+    trak_lib.trak_influence(output, train=as_data(x, y), test=as_data(x_test, np.zeros(N_TEST)),
+                            **args)

@@ -14,29 +14,33 @@ inverse of the layer's eigenvalue-corrected Kronecker-factored Fisher plus a dam
   patch in the kernel's (spatial..., c_in) order, `projection.conv_patches`), a 1 appended
   for the bias; S = E[g g^T] over the gradients g of the Fisher's loss with respect to the
   layer's pre-activation outputs; both averaged over examples, outputs and positions.
-  The Fisher is E over examples of the sum over its outputs (the K losses, or a Fisher
-  function's M outputs) of vec(G) vec(G)^T: for a vector output the Gauss-Newton matrix.
 * Eigendecompositions A = Q_A diag Q_A^T and S = Q_S diag Q_S^T. Only their eigenvectors
-  are used: the eigenvalues are the corrected ones, Lambda = the mean over examples of
-  the sum over the Fisher's outputs of (Q_A^T G Q_S)^2, G the per-example gradient of the layer as a matrix [in + 1, out]
-  (the kernel's gradient `logra.Layer.gradient_matrix`, the bias's as its last row; the
-  transpose of the papers' [out, in + 1]). So the scale of A and S does not matter.
+  are used: the eigenvalues are the corrected ones, Lambda = the mean over examples of the
+  sum over the Fisher's outputs of (Q_A^T G Q_S)^2 (elementwise), G the layer's
+  per-example gradient as a matrix [in + 1, out] (the kernel's gradient as
+  `logra.Layer.gradient_matrix` lays it out, the bias's as its last row: the transpose of
+  the papers' [out, in + 1]). So the scale of A and S does not matter.
 * P(G) = Q_A ((Q_A^T G Q_S) / (Lambda + damping)) Q_S^T; the damping defaults to
   0.1 x the mean of the layer's Lambda (Kronfluence's default).
 
-The Fisher is a mean (not a sum) over the fitting examples, as in Kronfluence: for a model
-trained on the n fitting examples with the summed loss, the first-order change of a test
-loss when train example b is removed is scores / n.
+The Fisher so approximated is, per layer, the mean over the fitting examples of the sum
+over the Fisher's outputs (the K losses, or a Fisher function's M outputs) of
+vec(G) vec(G)^T: for a vector output the Gauss-Newton matrix. Where it has exactly the
+Kronecker structure (a dense layer whose output gradients do not depend on its inputs, as
+in least squares) EK-FAC is exact (tested). It is a mean, not a sum, as in Kronfluence:
+for a model trained on the n fitting examples with the summed loss, the first-order change
+of a test loss when train example b is removed is scores / n.
 
 Which layers. Layers are found as LoGra finds them (`tracin_jax.influence.logra.capture`:
 a parameter used once, as a `conv_general_dilated` kernel of any rank, strides, padding
 and dilation, with one feature group, or as a `dot_general` weight); a Flax NNX
 `nnx.Linear` (kernel [in, out]) or `nnx.Conv` (kernel [*window, in, out]) is one. A layer's
 bias is the parameter at the same path with "kernel" replaced by "bias" (NNX's naming), of
-shape [out], checked on the first fitting example to be added to the layer's outputs
-(otherwise it is left out, with a warning). Every other parameter (GroupNorm scales and
-offsets, embeddings used twice, unpaired biases) is left out of the scores: `Factors.left_out`
-names them.
+shape [out], checked on every fitting example to be added to the layer's outputs (its
+gradient the sum over positions of the output gradients; otherwise it is left out, with a
+warning). Every other parameter (GroupNorm scales and offsets, a weight used twice, biases
+of another shape, such as the UNet's `Upsample` bias added after its depth-to-space) is
+left out of the scores: `Factors.left_out` names them.
 
 Two Fishers. `fisher="empirical"`: the gradients of the loss's own K outputs at the data's
 labels (each output one sample). The true Fisher: a callable `fisher_fn(params, example,
@@ -149,7 +153,8 @@ class LayerFactors:
     a: [in (+ 1), in (+ 1)] E[a a^T] over input patches (the 1 for the bias last).
     s: [out, out] E[g g^T] over output gradients.
     q_a, q_s: their eigenvectors (columns).
-    eigenvalues: [in (+ 1), out] the corrected eigenvalues E[(Q_A^T G Q_S)^2].
+    eigenvalues: [in (+ 1), out] the corrected eigenvalues: the mean over examples of the
+      sum over the Fisher's outputs of (Q_A^T G Q_S)^2.
   """
 
   name: str
