@@ -9,18 +9,19 @@ turns after one compiling call each (medians of `--repeats`):
 * tracin: `influence` (exact gradients, one checkpoint);
 * trak: `trak_influence` with one model, CountSketch to `--dim` and `--damping`;
 * ekfac_fit: `ekfac_factors` on the train examples (empirical Fisher): two passes of
-  per-example layer inputs and output gradients;
+  per-example layer inputs and output gradients, one compiled call per example ("loop",
+  the default on CPU); ekfac_fit_vmap: the same, one vmapped call per block;
 * ekfac_scores: `ekfac_influence` with those factors (the test side preconditioned, the
   train side's gradients multiplied block by block).
 
 Prints seconds, the ratio to tracin, the share of parameters EK-FAC preconditions, the
 load (`os.getloadavg()`) and the peak memory.
 
-Measured (2-core CPU, load 5.5-6 from other work; the command above, demo UNet base 8
-depth 3, 121,276 parameters, 99.4% of them in EK-FAC's 18 layers): tracin 0.163 s, trak
-1.19x, ekfac_fit 9.3x (1.52 s: its two vmapped passes over per-example patches and output
-gradients), ekfac_scores 1.39x; first calls (compilation) 18.3 s for tracin's "auto",
-19.8 s for the fit.
+Measured (2-core CPU; the command above, demo UNet base 8 depth 3, 121,276 parameters,
+99.4% of them in EK-FAC's 18 layers), load 3.1-5.3 from other work: tracin 0.107 s, trak
+1.14x, ekfac_fit 3.9x (0.42 s: two passes, each a forward and K backward passes per
+example), ekfac_fit_vmap 4.2x, ekfac_scores 1.19x. The fit's statistics are summed on the
+device: combining each example's ~90 arrays eagerly had made it 12x (1.29 s, load 5-5.6).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(argv):
   test = common.region_examples(FLAGS.n_test, FLAGS.size, seed=1)
   projection = projection_lib.Projection(FLAGS.dim, "countsketch", seed=0)
   start = time.perf_counter()
-  fitted = ekfac.ekfac_factors(loss_fn, params, train)  # compiles; timed again below
+  fitted = ekfac.ekfac_factors(loss_fn, params, train, vectorize="loop")  # compiles
   first_fit = time.perf_counter() - start
   fns = {
       "tracin": lambda: core.influence(loss_fn, [(params, 1.0)], train, test,
@@ -68,7 +69,10 @@ def main(argv):
       "trak": lambda: trak.trak_influence(loss_fn, [[params]], train, test,
                                           damping=FLAGS.damping, projection=projection,
                                           vectorize=FLAGS.vectorize),
-      "ekfac_fit": lambda: ekfac.ekfac_factors(loss_fn, params, train).layers[0].eigenvalues,
+      "ekfac_fit": lambda: ekfac.ekfac_factors(loss_fn, params, train,
+                                               vectorize="loop").layers[0].eigenvalues,
+      "ekfac_fit_vmap": lambda: ekfac.ekfac_factors(loss_fn, params, train,
+                                                    vectorize="vmap").layers[0].eigenvalues,
       "ekfac_scores": lambda: ekfac.ekfac_influence(loss_fn, [(params, 1.0)], train, test,
                                                     factors=[fitted],
                                                     vectorize=FLAGS.vectorize),

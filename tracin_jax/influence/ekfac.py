@@ -252,15 +252,14 @@ def _keys(seed: int, first: int, n: int) -> Array:
 _fold_in = jax.jit(jax.vmap(jax.random.fold_in, (None, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
 def _statistics(spec, leaves, batch, keys, bases):
   """A block's sums of X^T X and dY^T dY per layer, its largest bias gaps (see
   `_layer_data`), and its sums of (Q_A^T G Q_S)^2 in the given bases.
 
-  Both passes run this one program (it compiles once): the first for A and S (with
-  identity bases, its third result unused), the second for the corrected eigenvalues (its
-  first results unused); the two small products per position it adds cost little next to
-  the forward and backward passes.
+  Both passes run it (`_accumulate`, one program): the first for A and S (with identity
+  bases, its third result unused), the second for the corrected eigenvalues (its first
+  results unused); the two small products per position it adds cost little next to the
+  forward and backward passes.
   """
   def one(example, key):
     layer_data, gaps = _layer_data(spec, leaves, example, key, with_gaps=True)
@@ -277,12 +276,28 @@ def _statistics(spec, leaves, batch, keys, bases):
   return total(covariances), jax.tree.map(lambda v: jnp.max(v, axis=0), gaps), total(eigen)
 
 
-def _combine(a, b):
-  """Two blocks' `_statistics` together: sums add, gaps take the larger."""
-  sums_a, gaps_a, eigen_a = a
-  sums_b, gaps_b, eigen_b = b
-  return (jax.tree.map(jnp.add, sums_a, sums_b), jax.tree.map(jnp.maximum, gaps_a, gaps_b),
-          jax.tree.map(jnp.add, eigen_a, eigen_b))
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _accumulate(spec, leaves, batch, keys, bases, total):
+  """`total` with a block's `_statistics` added (sums add, gaps take the larger), on the
+  device: one call per block (or example), nothing combined eagerly."""
+  sums, gaps, eigen = _statistics(spec, leaves, batch, keys, bases)
+  sums_t, gaps_t, eigen_t = total
+  add = lambda t, v: t + v.astype(t.dtype)
+  return (jax.tree.map(add, sums_t, sums),
+          jax.tree.map(lambda t, v: jnp.maximum(t, v.astype(t.dtype)), gaps_t, gaps),
+          jax.tree.map(add, eigen_t, eigen))
+
+
+def _zeros(spec, dtype) -> tuple:
+  """`_accumulate`'s starting total: per layer A [in (+ 1)]^2 and S [out, out], the two
+  gaps, the eigenvalue sums [in (+ 1), out]; all zeros of `dtype`."""
+  sums, gaps, eigen = [], [], []
+  for layer, bias in zip(spec.traced.layers, spec.bias):
+    a, c = layer.in_features + (bias is not None), layer.out_features
+    sums.append((jnp.zeros((a, a), dtype), jnp.zeros((c, c), dtype)))
+    gaps.append((jnp.zeros((), dtype), jnp.zeros((), dtype)))
+    eigen.append(jnp.zeros((a, c), dtype))
+  return sums, gaps, eigen
 
 
 def _fisher_loss(loss_fn: LossFn, fisher) -> tuple[Callable, str]:
@@ -332,7 +347,7 @@ def _bias_leaves(names: list[str], leaves, traced) -> list[int | None]:
 
 def ekfac_factors(loss_fn: LossFn, params: Params, data, *,
                   fisher: str | FisherFn = "empirical", seed: int = 0,
-                  batch_size: int | None = None) -> Factors:
+                  batch_size: int | None = None, vectorize: str = "auto") -> Factors:
   """Fits the EK-FAC factors of a model's dense and convolution layers (see the module
   docstring for the formulas and the layers covered).
 
@@ -350,7 +365,10 @@ def ekfac_factors(loss_fn: LossFn, params: Params, data, *,
       `sampled_cross_entropy(apply_fn)`).
     seed: the seed of the per-example keys given to `fisher_fn` (example i gets
       `fold_in(PRNGKey(seed), i)`, whatever the blocks).
-    batch_size: examples per jitted block (None: `gram.DEFAULT_BATCH_SIZE`).
+    batch_size: examples per block (None: `gram.DEFAULT_BATCH_SIZE`).
+    vectorize: "vmap" (one compiled call per block), "loop" (one compiled batch-1 call per
+      example, summed) or "auto" ("loop" on CPU, "vmap" elsewhere, as
+      `logra.resolve_vectorize`); the same factors up to the order of additions.
 
   Returns:
     The factors.
@@ -362,6 +380,9 @@ def ekfac_factors(loss_fn: LossFn, params: Params, data, *,
   fisher_loss, fisher_name = _fisher_loss(loss_fn, fisher)
   seed = _check_int(seed, "seed")
   block_size = _check_batch_size(batch_size)
+  vectorize = logra.resolve_vectorize(vectorize)
+  if vectorize == "threads":
+    vectorize = "loop"
   data = data_lib.Data(data, "data")
   paths_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in paths_leaves]
@@ -380,8 +401,16 @@ def ekfac_factors(loss_fn: LossFn, params: Params, data, *,
   def statistics(spec_, bases):
     total = None
     for index, block, n_valid in data.blocks(block_size, 0, data.n_blocks(block_size)):
-      part = _statistics(spec_, leaves, block, _keys(seed, index * block_size, n_valid), bases)
-      total = part if total is None else _combine(total, part)
+      keys = _keys(seed, index * block_size, n_valid)
+      if vectorize == "vmap":
+        parts = [(block, keys)]
+      else:
+        parts = ((jax.tree.map(lambda v, b=b: v[b:b + 1], block), keys[b:b + 1])
+                 for b in range(n_valid))
+      for batch, batch_keys in parts:
+        if total is None:
+          total = _zeros(spec_, dtype)
+        total = _accumulate(spec_, leaves, batch, batch_keys, bases, total)
     return total
 
   dtype = grads_lib.gradient_dtype(params)
@@ -548,7 +577,8 @@ def ekfac_influence(loss_fn: LossFn, checkpoints: Checkpoints, train, test, *,
     damping: a number >= 0 added to every corrected eigenvalue, or None for 0.1 x each
       layer's mean.
     batch_size: examples per block.
-    vectorize: as `influence` ("auto", "vmap", "loop", "threads").
+    vectorize: as `influence` ("auto", "vmap", "loop", "threads") for the gradients; the
+      fit takes "vmap" or "loop" ("threads" runs as "loop"; see `ekfac_factors`).
     factors: already fitted factors, one per checkpoint (then `fit`, `fisher` and `seed`
       are not used).
 
@@ -577,7 +607,7 @@ def ekfac_influence(loss_fn: LossFn, checkpoints: Checkpoints, train, test, *,
     params = ckpt.params
     fitted = factors[t] if factors is not None else ekfac_factors(
         loss_fn, params, train if fit is None else fit, fisher=fisher, seed=seed,
-        batch_size=batch_size)
+        batch_size=batch_size, vectorize=vectorize)
 
     def rows(data):
       size = min(block_size, data.n)
