@@ -22,6 +22,11 @@ def squared_loss(params, example):
   return 0.5 * (output(params, example) - example["y"]) ** 2
 
 
+def minus_output(params, example):
+  """1 - f: the loss of a soft-Dice-like output f (its gradient is -x)."""
+  return 1.0 - output(params, example)
+
+
 def minus_residual(params, example):
   """TRAK's Q for f = x . w under the squared loss: -dL/df = -(x . w - y)."""
   return -(output(params, example) - example["y"])
@@ -112,6 +117,16 @@ def test_the_two_forms_agree_and_solve_the_regularised_system(x64):
   for form in ("kernel", "features"):
     np.testing.assert_allclose(trak_lib.kernel_scores(jnp.asarray(x_test), jnp.asarray(few),
                                                       0.5, form), plain, rtol=1e-9)
+
+
+def test_a_loss_of_the_output_gives_the_outputs_scores(x64):
+  """Features of loss = 1 - f are minus those of f on both sides: the signs cancel (the
+  region losses' scores are the Dice's)."""
+  x, y, w, x_test = least_squares(2)
+  args = ([[{"w": jnp.asarray(w)}]], as_data(x, y), as_data(x_test, np.zeros(N_TEST)))
+  np.testing.assert_allclose(
+      trak_lib.trak_influence(minus_output, *args, damping=0.5, vectorize="vmap"),
+      trak_lib.trak_influence(output, *args, damping=0.5, vectorize="vmap"), rtol=1e-12)
 
 
 def test_seeded_ensembles_and_projections_are_reproducible_and_averaged(x64):
