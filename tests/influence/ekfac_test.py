@@ -152,6 +152,7 @@ def test_scores_are_the_layers_explicit_inverse_fishers_summed(x64):
       part += np.einsum("aip,pq,bjq->aibj", g_te.reshape(5, 2, -1), inverse,
                         g_tr.reshape(5, 2, -1))
     expected = expected + learning_rate * part
+  assert np.isfinite(scores).all() and np.abs(scores).max() > 1e-3
   np.testing.assert_allclose(scores, expected, rtol=1e-7, atol=1e-10)
 
 

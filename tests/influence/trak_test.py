@@ -149,6 +149,7 @@ def test_seeded_ensembles_and_projections_are_reproducible_and_averaged(x64):
       output, models, train, test, q_fn=minus_residual, damping=0.1, projection=projection,
       vectorize="vmap")
   scores = run([[p0, p1], [p2]], proj)
+  assert np.isfinite(scores).all() and np.abs(scores).max() > 1e-3
   np.testing.assert_array_equal(scores, run([[p0, p1], [p2]], proj))
   assert not np.allclose(scores, run([[p0, p1], [p2]], projection_lib.Projection(
       4, "countsketch", seed=6)))
