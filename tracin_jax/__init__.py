@@ -10,6 +10,7 @@ Submodules: `data` (BraTS loader, synthetic cohort, pipelines), `models` (UNet v
 `interpret` (global explanation and faithfulness checks), `stages` (the experiment's stages).
 """
 
+from tracin_jax.influence import ekfac_influence
 from tracin_jax.influence import influence
 from tracin_jax.influence import make_region_losses
 from tracin_jax.influence import mask_absent
@@ -19,6 +20,7 @@ from tracin_jax.influence import region_presence
 from tracin_jax.influence import segmentation_influence
 from tracin_jax.influence import self_influence
 from tracin_jax.influence import top_k
+from tracin_jax.influence import trak_influence
 from tracin_jax.types import Checkpoint
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ def __getattr__(name):
 __all__ = [
     "Projection",
     "Checkpoint",
+    "ekfac_influence",
     "influence",
     "make_region_losses",
     "mask_absent",
@@ -45,4 +48,5 @@ __all__ = [
     "self_influence",
     "top_k",
     "tracin_checkpoints",
+    "trak_influence",
 ]

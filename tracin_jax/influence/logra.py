@@ -716,9 +716,72 @@ def _equation(plan_: Plan, path: tuple[int, ...]):
   return eqn
 
 
-def _calls(plan_: Plan) -> frozenset:
-  return frozenset(site.path[:d] for site in plan_.traced.sites
-                   for d in range(1, len(site.path)))
+def layer_signals(traced: _Capture, leaves: Sequence[Array], example: Example,
+                  state: State = None) -> tuple[Array, list, list, list]:
+  """One example's captured layers' inputs and output gradients, from one forward pass and
+  K pullbacks: what LoGra's rows (and EK-FAC's factors, `tracin_jax.influence.ekfac`) are
+  formed from.
+
+  Args:
+    traced: `capture(loss_fn, ...)` (or a plan's `traced`).
+    leaves: `jax.tree.leaves(params)`.
+    example: one example.
+    state: the loss's state, or None.
+
+  Returns:
+    out: [K] the losses.
+    inputs: per captured layer, its operation's other operand (a dense layer's input, a
+      convolution's input, as the traced loss holds them; see `dense_inputs`).
+    output_grads: per captured layer, [K, *out_shape] the gradients of the K losses with
+      respect to the layer operation's output (before any bias is added); see
+      `output_grad_matrix`.
+    rest_grads: per parameter of `traced.rest`, [K, *shape] its gradients.
+  """
+  k = traced.num_outputs
+  sites = {site.path: (i, site) for i, site in enumerate(traced.sites)}
+  calls = frozenset(site.path[:d] for site in traced.sites for d in range(1, len(site.path)))
+  args_tail = [*jax.tree.leaves(example), *jax.tree.leaves(state)]
+
+  def loss(rest_values, probes):
+    values = list(leaves)
+    for i, value in zip(traced.rest, rest_values):
+      values[i] = value
+    inputs = {}
+    (out,) = _evaluate(traced.jaxpr, traced.consts, [*values, *args_tail], (), sites, calls,
+                       probes, inputs)
+    return jnp.reshape(out, (k,)), [inputs[i] for i in range(len(traced.layers))]
+
+  rest_values = [leaves[i] for i in traced.rest]
+  probes = [jnp.zeros(site.out_shape, site.out_dtype) for site in traced.sites]
+  out, pullback, inputs = jax.vjp(loss, rest_values, probes, has_aux=True)
+  rest_grads, probe_grads = jax.vmap(pullback)(jnp.eye(k, dtype=out.dtype))
+  return out, inputs, list(probe_grads), list(rest_grads)
+
+
+def layer_equation(traced: _Capture, i: int):
+  """The jaxpr equation of captured layer i's operation (its parameters: strides, padding,
+  dimension numbers)."""
+  jaxpr, path = traced.jaxpr, traced.sites[i].path
+  for depth, index in enumerate(path):
+    eqn = jaxpr.eqns[index]
+    if depth < len(path) - 1:
+      jaxpr, _ = _inner(eqn)
+  return eqn
+
+
+def dense_inputs(traced: _Capture, i: int, x: Array) -> Array:
+  """Captured dense layer i's input as X [positions, in_features], features in the
+  weight's `in_axes` order, so that its weight gradient is X^T dY."""
+  return _dense_input(traced.layers[i], traced.sites[i], layer_equation(traced, i), x)
+
+
+def output_grad_matrix(traced: _Capture, i: int, dy: Array) -> Array:
+  """Captured layer i's output gradients [K, *out_shape] as dY [K, positions,
+  out_features], positions in the order of `dense_inputs` (a convolution's: its output
+  positions, row-major over the spatial axes)."""
+  layer, site = traced.layers[i], traced.sites[i]
+  m = jax.vmap(lambda g: _output_matrix(layer, site, g, layer.out_features)[0])(dy)
+  return jnp.swapaxes(m, 1, 2) if _output_matrix(layer, site, dy[0], 1)[1] == "fp" else m
 
 
 def example_rows(plan_: Plan, leaves: Sequence[Array], factor_list, example: Example,
@@ -737,23 +800,7 @@ def example_rows(plan_: Plan, leaves: Sequence[Array], factor_list, example: Exa
     rest [K, rest_size]: the rest's formed gradient, raveled in leaf order.
   """
   k = plan_.num_outputs
-  sites = {site.path: (i, site) for i, site in enumerate(plan_.traced.sites)}
-  calls = _calls(plan_)
-  args_tail = [*jax.tree.leaves(example), *jax.tree.leaves(state)]
-
-  def loss(rest_values, probes):
-    values = list(leaves)
-    for i, value in zip(plan_.rest, rest_values):
-      values[i] = value
-    inputs = {}
-    (out,) = _evaluate(plan_.traced.jaxpr, plan_.traced.consts, [*values, *args_tail], (),
-                       sites, calls, probes, inputs)
-    return out, [inputs[i] for i in range(len(plan_.layers))]
-
-  rest_values = [leaves[i] for i in plan_.rest]
-  probes = [jnp.zeros(site.out_shape, site.out_dtype) for site in plan_.traced.sites]
-  out, pullback, inputs = jax.vjp(loss, rest_values, probes, has_aux=True)
-  rest_grads, probe_grads = jax.vmap(pullback)(jnp.eye(k, dtype=out.dtype))
+  out, inputs, probe_grads, rest_grads = layer_signals(plan_.traced, leaves, example, state)
   pieces = []
   for i, (layer, site) in enumerate(zip(plan_.layers, plan_.traced.sites)):
     a, b = factor_list[i]
@@ -886,5 +933,6 @@ def _sharded_rows(plan_: Plan, mesh: jax.sharding.Mesh):
 
 
 __all__ = ["KIND", "Layer", "NotCapturable", "Plan", "allocate", "block_rows", "capture",
-           "example_rows", "factors", "is_logra", "plan", "resolve_vectorize",
+           "dense_inputs", "example_rows", "factors", "is_logra", "layer_equation",
+           "layer_signals", "output_grad_matrix", "plan", "resolve_vectorize",
            "rest_projection"]

@@ -259,14 +259,20 @@ def factored_projection(inputs: Array, output_grads: Array, a: Array, b: Array) 
   return jnp.matmul(left.T, right, precision=jax.lax.Precision.HIGHEST).reshape(-1)
 
 
-def conv_patches(x: Array, kernel_size: tuple[int, ...], padding: str = "SAME") -> Array:
-  """The input patches of a stride-1 convolution of any spatial rank, in a kernel's
+def conv_patches(x: Array, kernel_size: tuple[int, ...], padding="SAME", *,
+                 strides: tuple[int, ...] | None = None,
+                 lhs_dilation: tuple[int, ...] | None = None,
+                 rhs_dilation: tuple[int, ...] | None = None) -> Array:
+  """The input patches of a convolution of any spatial rank, in a kernel's
   (spatial..., c_in) order: (kh, kw, c_in) in 2-D, (kd, kh, kw, c_in) in 3-D.
 
   Args:
     x: [*spatial, C_in] one example's layer input ([H, W, C_in] or [D, H, W, C_in]).
     kernel_size: the window, one size per spatial axis ((kh, kw) or (kd, kh, kw)).
-    padding: "SAME" or "VALID", as the convolution's.
+    padding: "SAME", "VALID" or one (low, high) pair per spatial axis, as the
+      convolution's.
+    strides, lhs_dilation, rhs_dilation: the convolution's, one per spatial axis (None:
+      ones, a stride-1 undilated convolution).
 
   Returns:
     [positions, prod(kernel_size) * C_in]: row p is the patch output position p sees, so
@@ -285,8 +291,10 @@ def conv_patches(x: Array, kernel_size: tuple[int, ...], padding: str = "SAME") 
     raise ValueError(f"conv_patches handles 1 to 3 spatial axes, x {x.shape} has {rank}.")
   letters = "DHW"[-rank:]
   c = x.shape[-1]
+  ones = (1,) * rank
   patches = jax.lax.conv_general_dilated_patches(
-      x[None], kernel_size, (1,) * rank, padding,
+      x[None], kernel_size, tuple(strides or ones), padding,
+      lhs_dilation=tuple(lhs_dilation or ones), rhs_dilation=tuple(rhs_dilation or ones),
       dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
   # Features come out channel-major (c_in, spatial...); reorder to the kernel's (spatial...,
   # c_in).
