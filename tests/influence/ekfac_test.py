@@ -13,16 +13,6 @@ from tracin_jax.influence import ekfac
 from tracin_jax.influence import grads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cheap_compiles():
-  """Most XLA optimisations off while this module compiles: its programs are tiny, only
-  correctness is asserted, against plain computations (NaN would fail every comparison)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
 def split(module):
   graphdef, params = nnx.split(module, nnx.Param)
   return graphdef, jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)

@@ -11,16 +11,6 @@ from tracin_jax.influence import projection as projection_lib
 from tracin_jax.influence import trak as trak_lib
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cheap_compiles():
-  """Most XLA optimisations off while this module compiles: its programs are tiny, only
-  correctness is asserted, against plain computations (NaN would fail every comparison)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
 # ---------------------------------------------------------------- linear least squares, K = 1
 def output(params, example):
   """The linear model's output f = x . w (its gradient is x)."""
