@@ -66,9 +66,13 @@ def test_a_unet_is_initialised_as_with_flax_own_initializer(monkeypatch):
 def test_the_models_build_every_convolution_through_layers_conv():
   """So that every model's parameters are drawn the fast way (and equal to Flax's)."""
   package = pathlib.Path(models.__file__).parent
+  constructors = ("nnx.Conv(", "nnx.ConvTranspose(", "DepthStackedConv(")
   for path in package.glob("*.py"):
-    calls = path.read_text().count("nnx.Conv(") + path.read_text().count("nnx.ConvTranspose(")
-    assert calls == (1 if path.name == "layers.py" else 0), path.name
+    text = path.read_text().replace("class DepthStackedConv(", "")
+    assert sum(text.count(c) for c in constructors) == 0, path.name  # only layers.conv builds
+    # layers.conv: one construction of nnx.Conv or its DepthStackedConv, drawn the fast way.
+    assert text.count("kernel_init=draws.lecun_normal()") == (path.name == "layers.py"), path.name
+  assert layers.DepthStackedConv.__mro__[1] is nnx.Conv
 
 
 # --------------------------------------------------------------------------------------------
