@@ -8,12 +8,20 @@ Park et al. 2023, `tracin_jax.checks.lds`) and by the removal test of the valida
     measured after retraining on it) with a bootstrap interval, its paired difference from
     the paper's TracIn, the removal test at each k (proponents minus random, opponents minus
     random), its global explainers and their region sizes, and the time its scores took;
-  - `lds_table.md`: the same as a Markdown table;
-  - `lds.png`: LDS per variant with intervals, and the removal test beside it;
+    the regions it covers ("all", or a SAMPLED variant's list); with a noise ceiling (below)
+    the ceiling itself ("ceiling") and per variant its LDS as a fraction of it
+    ("ceiling_fraction", `checks.ceiling.lds_fraction`) and its LDS on the ceiling's subsets
+    against either data order ("lds_on_both"); with the metagradient variant, its regions
+    ("sampled_regions") and every variant's LDS on them ("lds_on_sampled");
+  - `lds_table.md`: the same as a Markdown table (the ceiling's and the sampled regions'
+    columns only where they were measured), the ceiling under it;
+  - `lds.png`: LDS per variant with intervals, the noise ceiling as a band, and the removal
+    test beside it;
   - `local_<variant>_<case>_<slice>.png`: the local explanation panel of the influence
     stage's first panel image, with the paper's TracIn and with the best variant;
   - `retraining/<key>/`: every retraining (random subsets and removal sets), saved as it
-    finishes; `scores/<key>/`: every variant's scores, per checkpoint.
+    finishes; `retraining_other_order/<key>/`: the noise ceiling's retrainings, the same
+    way; `scores/<key>/`: every variant's scores, per checkpoint.
 
 The retrainings replay the run's SGD phase (`training.retrain.Retrainer`, from the last Adam
 checkpoint) without the left-out slices; each measures the soft Dice of every present
@@ -21,6 +29,15 @@ validation region (its class on its pixels, against the ground truth, the region
 1 - the loss TracIn explains). They do not depend on the variant, so every variant is scored
 on the same retrainings. A variant's prediction for a subset is the sum of the kept slices'
 scores (a slice's score for a region is the sum over its regions, as in the validate stage).
+Higher scores predict a higher Dice when the slice is kept: TracIn's sign, the metagradient's.
+
+The noise ceiling (`--lds_ceiling_subsets`, default 20, at most M; 0: none): the first of
+those subsets are retrained a second time, with another data order (`Retrainer(order_seed=
+--lds_ceiling_order_seed)`: the same examples and augmentation draws, each epoch permuted),
+and per region the Spearman rho over those subsets of the two orders' soft Dice is the LDS a
+method would score if it predicted one retraining exactly (`checks.ceiling.noise_ceiling`):
+the ceiling, mean over regions with a bootstrap interval. Each variant's LDS is given as a
+fraction of it on the same subsets and regions. The ceiling costs one retraining per subset.
 
 Variants (`VARIANTS`):
   - `tracin`: the paper's TracIn (eq 6) over the influence stage's checkpoints;
@@ -34,7 +51,23 @@ Variants (`VARIANTS`):
   - `projected`: gradients projected to `--lds_projection_dim` numbers (`Projection`);
   - `representation`: the cosine of the regions' last-hidden-layer feature vectors
     (`interpret.features.region_cosine`), no gradient;
-  - `random`: seeded Gaussian scores, the floor.
+  - `random`: seeded Gaussian scores, the floor;
+  - `metagradient` (SAMPLED: not in the default `--lds_variants`): the exact metagradient of
+    the SGD phase (`training.metagradient.run_metagradients`), the score of slice b for
+    region r d(soft Dice of r after the replayed SGD phase)/d(w_b), w_b the weight of slice b
+    in every batch it is in; its outputs are the very soft Dice the retrainings measure
+    (`checks.removal.RegionSoftDice`, the evaluator's region losses). One forward pass and
+    one reverse pass per region, so it is scored on `--lds_metagradient_regions_per_class`
+    present regions per class only (seeded, listed in `lds.json`): on a tiny run it cost
+    about 0.73 retrainings per region, and its memory grows with the replayed steps times
+    the parameters. Its LDS is on its regions; every row also gives its LDS on those
+    regions (`lds_on_sampled`) for a paired comparison, and the metagradient its paired
+    difference from renormalised TracIn there (`minus_renormalised`). It has no global
+    explainers, local panels or removal test (its scores are per slice, for its regions) and
+    is never recommended.
+
+Settings that add nothing (`--lds_ceiling_subsets=0`, no metagradient) are left out of the
+fingerprint, so a stage finished before they existed is still reused.
 """
 
 from __future__ import annotations
@@ -702,11 +735,13 @@ class LdsStage(base.StageBase):
   writes = (
       base.Output(LDS_FILE, "per variant: LDS with bootstrap interval, paired difference "
                   "from TracIn, removal test at each k, global explainers and their region "
-                  "sizes, run time"),
+                  "sizes, run time, the regions it covers, its fraction of the noise "
+                  "ceiling; the noise ceiling"),
       base.Output(TABLE_FILE, "the variants' table in Markdown"),
       base.Output(FIGURE, "LDS of each attribution method on {num_subsets} random "
                   "{fraction:.0%} subsets of the training slices (mean over {num_regions} "
-                  "validation regions, 95% bootstrap interval), and the removal test: Dice "
+                  "validation regions, 95% bootstrap interval; grey band: the noise ceiling, "
+                  "where measured), and the removal test: Dice "
                   "change after removing each region's top-k proponents or opponents, minus "
                   "random removal.", figure=True),
       # `rundir.local_panel`'s name, its fields left to fill.
@@ -867,6 +902,10 @@ def _fmt(c: dict[str, Any]) -> str:
   return f"{_interval(c, 4)} (p {'n/a' if p is None else f'{p:.2g}'})"
 
 
+def _count(n: int, what: str) -> str:
+  return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def _fraction(c: dict[str, Any] | None) -> str:
   if not c or c.get("fraction") is None:
     return "n/a"
@@ -953,7 +992,7 @@ def plot_lds(record: dict[str, Any], path, *, title_suffix: str = "") -> None:
     ax.legend(fontsize=7, loc="best")
   ax.axvline(0, color="k", lw=0.6)
   ax.set_yticks(y, [name if record["variants"][name].get("regions", "all") == "all" else
-                    f"{name} ({len(record['variants'][name]['regions'])} regions)"
+                    f"{name} ({_count(len(record['variants'][name]['regions']), 'region')})"
                     for name in variants])
   ax.set_xlabel("LDS: mean Spearman rho over validation regions (95% bootstrap interval)")
   ax.set_title(f"LDS, {record['num_subsets']} subsets of {record['fraction']:.0%}, "
