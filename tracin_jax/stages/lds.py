@@ -56,15 +56,17 @@ Variants (`VARIANTS`):
     the SGD phase (`training.metagradient.run_metagradients`), the score of slice b for
     region r d(soft Dice of r after the replayed SGD phase)/d(w_b), w_b the weight of slice b
     in every batch it is in; its outputs are the very soft Dice the retrainings measure
-    (`checks.removal.RegionSoftDice`, the evaluator's region losses). One forward pass and
-    one reverse pass per region, so it is scored on `--lds_metagradient_regions_per_class`
-    present regions per class only (seeded, listed in `lds.json`): on a tiny run it cost
-    about 0.73 retrainings per region, and its memory grows with the replayed steps times
-    the parameters. Its LDS is on its regions; every row also gives its LDS on those
-    regions (`lds_on_sampled`) for a paired comparison, and the metagradient its paired
-    difference from renormalised TracIn there (`minus_renormalised`). It has no global
-    explainers, local panels or removal test (its scores are per slice, for its regions) and
-    is never recommended.
+    (`checks.removal.RegionSoftDice`, the evaluator's region losses). One forward pass for
+    all its regions and one reverse pass per region, so it is scored on
+    `--lds_metagradient_regions_per_class` present regions per class only (seeded, listed
+    in `lds.json`): after compiling (about 20 s for the tests' tiny UNet) it cost about 0.73
+    retrainings per region on one tiny run and 1.7 on the tests' (4 regions, one forward
+    pass), so the default 8 per class cost about 17 to 40 retrainings; its memory grows
+    with the replayed steps times the parameters. Its LDS is on its regions; every row also
+    gives its LDS on those regions (`lds_on_sampled`) for a paired comparison, and the
+    metagradient its paired difference from renormalised TracIn there
+    (`minus_renormalised`). It has no global explainers, local panels or removal test (its
+    scores are per slice, for its regions) and is never recommended.
 
 Settings that add nothing (`--lds_ceiling_subsets=0`, no metagradient) are left out of the
 fingerprint, so a stage finished before they existed is still reused.
@@ -126,7 +128,7 @@ VARIANTS = {
 # Variants scored on a sample of the validation regions only (their slice scores are NaN
 # for the others; their rows say which regions they cover).
 SAMPLED = ("metagradient",)
-# Not in the default --lds_variants: it costs about 0.73 retrainings per region.
+# Not in the default --lds_variants: it costs about 0.7 to 1.7 retrainings per region.
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in SAMPLED)
 
 
