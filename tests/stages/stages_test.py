@@ -32,7 +32,7 @@ CONFIGS = {
     "validate": ValidateConfig(regions_per_class=1, num_removed=2, num_random=1,
                                randomisation_examples=6),
     "lds": LdsConfig(num_subsets=2, variants=("tracin", "random"), removal_k=(),
-                     num_bootstrap=10),
+                     num_bootstrap=10, ceiling_subsets=0),
     "report": ReportConfig(pages=3, top=2),
 }
 

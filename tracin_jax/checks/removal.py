@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from tracin_jax import models
+from tracin_jax import outputs
 from tracin_jax.checks import stats
 from tracin_jax.influence import segmentation
 from tracin_jax.interpret import faithfulness
@@ -98,6 +99,20 @@ def removal_jobs(regions, slice_scores: np.ndarray, n_train: int, num_removed: i
   return jobs
 
 
+def _region_examples(apply_fn, val_set, val_regions: np.ndarray, regions):
+  """The slices that hold `regions`, each region's row among them, and their region losses
+  (`make_region_losses`, vmapped over the slices, jitted): what `evaluator` and
+  `region_soft_dice` both measure with."""
+  slices = sorted({a for a, _ in regions})
+  row = {a: s for s, a in enumerate(slices)}
+  examples = {"image": val_set.images[slices],
+              "target": val_set.labels[slices].astype(np.int32),
+              "region": val_regions[slices]}
+  region_losses = jax.jit(jax.vmap(segmentation.make_region_losses(apply_fn),
+                                   in_axes=(None, 0, None)))
+  return examples, row, region_losses
+
+
 def evaluator(apply_fn, val_set, val_regions: np.ndarray, regions) -> Measure:
   """measure(model) -> (region soft Dice [R], slice hard Dice [R]) of the chosen regions
   [(validation index a, class index i)], with the model's own parameters and state.
@@ -113,13 +128,7 @@ def evaluator(apply_fn, val_set, val_regions: np.ndarray, regions) -> Measure:
     val_regions: [n_val, H, W, K] bool, the regions (held fixed over retrainings).
     regions: [(validation index a, class index i)] the R measured regions.
   """
-  slices = sorted({a for a, _ in regions})
-  row = {a: s for s, a in enumerate(slices)}
-  examples = {"image": val_set.images[slices],
-              "target": val_set.labels[slices].astype(np.int32),
-              "region": val_regions[slices]}
-  region_losses = jax.jit(jax.vmap(segmentation.make_region_losses(apply_fn),
-                                   in_axes=(None, 0, None)))
+  examples, row, region_losses = _region_examples(apply_fn, val_set, val_regions, regions)
 
   def measure(model: nnx.Module):
     _, params, state = models.functional(model)
@@ -131,6 +140,38 @@ def evaluator(apply_fn, val_set, val_regions: np.ndarray, regions) -> Measure:
     return soft, hard
 
   return measure
+
+
+class RegionSoftDice:
+  """The soft Dice that `evaluator`'s measure gives, as a differentiable function.
+
+  `soft_dice(params, state) -> [R] float32`: region r's soft Dice, 1 - its region loss
+  computed by the same function as `evaluator`'s (in float32 here, where the measure
+  subtracts in float64), e.g. the outputs `training.metagradient.run_metagradients`
+  differentiates. Two of them are equal (and hash alike) when they have the same
+  `apply_fn` and the same regions of the same slices, so what was compiled for one is
+  reused for the other.
+  """
+
+  def __init__(self, apply_fn, val_set, val_regions: np.ndarray, regions):
+    """Args: as `evaluator`."""
+    self._examples, row, self._region_losses = _region_examples(apply_fn, val_set,
+                                                                val_regions, regions)
+    self._rows = np.array([row[a] for a, _ in regions], np.int32)
+    self._classes = np.array([i for _, i in regions], np.int32)
+    h = hashlib.sha256()
+    outputs.hash_arrays(h, self._rows, self._classes, *(self._examples[k] for k in
+                                                         sorted(self._examples)))
+    self._key = (apply_fn, h.hexdigest())
+
+  def __call__(self, params, state) -> jax.Array:
+    return 1.0 - self._region_losses(params, self._examples, state)[self._rows, self._classes]
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, RegionSoftDice) and self._key == other._key
+
+  def __hash__(self) -> int:
+    return hash(self._key)
 
 
 def _same_params(a, b) -> bool:

@@ -8,12 +8,20 @@ Park et al. 2023, `tracin_jax.checks.lds`) and by the removal test of the valida
     measured after retraining on it) with a bootstrap interval, its paired difference from
     the paper's TracIn, the removal test at each k (proponents minus random, opponents minus
     random), its global explainers and their region sizes, and the time its scores took;
-  - `lds_table.md`: the same as a Markdown table;
-  - `lds.png`: LDS per variant with intervals, and the removal test beside it;
+    the regions it covers ("all", or a SAMPLED variant's list); with a noise ceiling (below)
+    the ceiling itself ("ceiling") and per variant its LDS as a fraction of it
+    ("ceiling_fraction", `checks.ceiling.lds_fraction`) and its LDS on the ceiling's subsets
+    against either data order ("lds_on_both"); with the metagradient variant, its regions
+    ("sampled_regions") and every variant's LDS on them ("lds_on_sampled");
+  - `lds_table.md`: the same as a Markdown table (the ceiling's and the sampled regions'
+    columns only where they were measured), the ceiling under it;
+  - `lds.png`: LDS per variant with intervals, the noise ceiling as a band, and the removal
+    test beside it;
   - `local_<variant>_<case>_<slice>.png`: the local explanation panel of the influence
     stage's first panel image, with the paper's TracIn and with the best variant;
   - `retraining/<key>/`: every retraining (random subsets and removal sets), saved as it
-    finishes; `scores/<key>/`: every variant's scores, per checkpoint.
+    finishes; `retraining_other_order/<key>/`: the noise ceiling's retrainings, the same
+    way; `scores/<key>/`: every variant's scores, per checkpoint.
 
 The retrainings replay the run's SGD phase (`training.retrain.Retrainer`, from the last Adam
 checkpoint) without the left-out slices; each measures the soft Dice of every present
@@ -21,6 +29,15 @@ validation region (its class on its pixels, against the ground truth, the region
 1 - the loss TracIn explains). They do not depend on the variant, so every variant is scored
 on the same retrainings. A variant's prediction for a subset is the sum of the kept slices'
 scores (a slice's score for a region is the sum over its regions, as in the validate stage).
+Higher scores predict a higher Dice when the slice is kept: TracIn's sign, the metagradient's.
+
+The noise ceiling (`--lds_ceiling_subsets`, default 20, at most M; 0: none): the first of
+those subsets are retrained a second time, with another data order (`Retrainer(order_seed=
+--lds_ceiling_order_seed)`: the same examples and augmentation draws, each epoch permuted),
+and per region the Spearman rho over those subsets of the two orders' soft Dice is the LDS a
+method would score if it predicted one retraining exactly (`checks.ceiling.noise_ceiling`):
+the ceiling, mean over regions with a bootstrap interval. Each variant's LDS is given as a
+fraction of it on the same subsets and regions. The ceiling costs one retraining per subset.
 
 Variants (`VARIANTS`):
   - `tracin`: the paper's TracIn (eq 6) over the influence stage's checkpoints;
@@ -34,7 +51,25 @@ Variants (`VARIANTS`):
   - `projected`: gradients projected to `--lds_projection_dim` numbers (`Projection`);
   - `representation`: the cosine of the regions' last-hidden-layer feature vectors
     (`interpret.features.region_cosine`), no gradient;
-  - `random`: seeded Gaussian scores, the floor.
+  - `random`: seeded Gaussian scores, the floor;
+  - `metagradient` (SAMPLED: not in the default `--lds_variants`): the exact metagradient of
+    the SGD phase (`training.metagradient.run_metagradients`), the score of slice b for
+    region r d(soft Dice of r after the replayed SGD phase)/d(w_b), w_b the weight of slice b
+    in every batch it is in; its outputs are the very soft Dice the retrainings measure
+    (`checks.removal.RegionSoftDice`, the evaluator's region losses). One forward pass for
+    all its regions and one reverse pass per region, so it is scored on
+    `--lds_metagradient_regions_per_class` present regions per class only (seeded, listed
+    in `lds.json`): after compiling (about 20 s for the tests' tiny UNet) it cost about 0.73
+    retrainings per region on one tiny run and 1.7 on the tests' (4 regions, one forward
+    pass), so the default 8 per class cost about 17 to 40 retrainings; its memory grows
+    with the replayed steps times the parameters. Its LDS is on its regions; every row also
+    gives its LDS on those regions (`lds_on_sampled`) for a paired comparison, and the
+    metagradient its paired difference from renormalised TracIn there
+    (`minus_renormalised`, where renormalised is scored). It has no global explainers, local panels or removal test (its
+    scores are per slice, for its regions) and is never recommended.
+
+Settings that add nothing (`--lds_ceiling_subsets=0`, no metagradient) are left out of the
+fingerprint, so a stage finished before they existed is still reused.
 """
 
 from __future__ import annotations
@@ -50,6 +85,7 @@ import numpy as np
 
 from tracin_jax import outputs
 from tracin_jax import rundir
+from tracin_jax.checks import ceiling as ceiling_lib
 from tracin_jax.checks import lds as lds_lib
 from tracin_jax.checks import removal
 from tracin_jax.checks import stats
@@ -65,6 +101,7 @@ from tracin_jax.settings import SettingsError
 from tracin_jax.settings import setting
 from tracin_jax.stages import base
 from tracin_jax.stages import influence as influence_stage
+from tracin_jax.training import metagradient as metagradient_lib
 from tracin_jax.training import retrain as retrain_lib
 from tracin_jax.training import train as train_lib
 
@@ -85,7 +122,14 @@ VARIANTS = {
     "representation": "cosine of the regions' last-hidden-layer feature vectors (no "
                       "gradients)",
     "random": "seeded Gaussian scores (the floor)",
+    "metagradient": "the exact metagradient of the SGD phase: d(soft Dice of the region "
+                    "after training)/d(weight of the slice), on a sample of the regions",
 }
+# Variants scored on a sample of the validation regions only (their slice scores are NaN
+# for the others; their rows say which regions they cover).
+SAMPLED = ("metagradient",)
+# Not in the default --lds_variants: it costs about 0.7 to 1.7 retrainings per region.
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in SAMPLED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +144,7 @@ class LdsConfig:
                       "and random sets, the random scores and the projection.",
                       flag="lds_seed")
   variants: tuple[str, ...] = setting(
-      tuple(VARIANTS), "Attribution methods scored (tracin is always scored: the others are "
+      DEFAULT_VARIANTS, "Attribution methods scored (tracin is always scored: the others are "
       "compared with it).", flag="lds_variants", choices=tuple(VARIANTS))
   removal_k: tuple[int, ...] = setting(
       (20, 80), "k of the removal test of each variant (empty: no removal test).",
@@ -123,6 +167,22 @@ class LdsConfig:
                                 flag="lds_projection_dim", minimum=1)
   num_bootstrap: int = setting(1000, "Bootstrap resamples of the LDS intervals.",
                                flag="lds_bootstrap", minimum=0)
+  ceiling_subsets: int = setting(
+      20, "The first this many LDS subsets (at most --lds_subsets) are retrained a second "
+      "time with another data order, for the LDS's noise ceiling (0: no ceiling; else at "
+      "least 3).", flag="lds_ceiling_subsets", minimum=0)
+  ceiling_order_seed: int = setting(
+      1, "Seed of the noise ceiling's second data order.", flag="lds_ceiling_order_seed",
+      minimum=0)
+  metagradient_regions_per_class: int = setting(
+      8, "Validation regions per class (seeded among the present ones) that the "
+      "metagradient variant explains, one reverse pass through the SGD phase each.",
+      flag="lds_metagradient_regions_per_class", minimum=1)
+
+  @property
+  def num_ceiling_subsets(self) -> int:
+    """The subsets the noise ceiling retrains: the first min(ceiling_subsets, M)."""
+    return min(self.ceiling_subsets, self.num_subsets)
 
 
 @dataclasses.dataclass
@@ -153,6 +213,17 @@ def lds_regions(presence: np.ndarray) -> list[tuple[int, int]]:
 def region_rows(slice_scores: np.ndarray, regions) -> np.ndarray:
   """[R, n_train]: each region's score for each training slice (from [K, n_val, n_train])."""
   return np.stack([slice_scores[i, a] for a, i in regions])
+
+
+def sampled_regions(name: str, presence: np.ndarray, config: LdsConfig
+                    ) -> list[tuple[int, int]]:
+  """The validation regions [(a, i)] that the SAMPLED variant `name` explains: for the
+  metagradient, `metagradient_regions_per_class` present regions per class, seeded
+  (`faithfulness.choose_regions` with the stage's seed), from presence [n_val, K] bool."""
+  if name == "metagradient":
+    return faithfulness.choose_regions(presence, config.metagradient_regions_per_class,
+                                       config.seed)
+  raise ValueError(f"unknown sampled variant {name!r}; known: {', '.join(SAMPLED)}.")
 
 
 def global_explainer_stats(blocks: np.ndarray, train_regions: np.ndarray, *, top: int = 20,
@@ -209,12 +280,14 @@ def relative_deviation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def recommend(lds_by_variant: dict[str, dict[str, Any]]) -> str:
-  """The recommended variant: the one with the highest LDS among those whose paired
-  difference from the paper's TracIn has an interval above 0; else TracIn itself."""
+  """The recommended variant: the one with the highest LDS among those scored on every
+  region whose paired difference from the paper's TracIn has an interval above 0; else
+  TracIn itself."""
   best, best_lds = BASELINE, None
   for name, entry in lds_by_variant.items():
     diff = entry.get("minus_tracin") or {}
-    if name in (BASELINE, FLOOR) or diff.get("low") is None or diff["low"] <= 0:
+    if (name in (BASELINE, FLOOR) or entry.get("regions", "all") != "all"
+        or diff.get("low") is None or diff["low"] <= 0):
       continue
     if best_lds is None or entry["lds"]["mean"] > best_lds:
       best, best_lds = name, entry["lds"]["mean"]
@@ -265,8 +338,9 @@ class _Scores:
   """Every variant's validation-train scores, each part saved with the time it took."""
 
   def __init__(self, context: base.Context, inputs, config: LdsConfig, parts: base.Parts, *,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None, retrainer: _Lazy | None = None):
     self.context, self.inputs, self.config, self.parts = context, inputs, config, parts
+    self.retrainer = retrainer
     self.log = context.log if log is None else log
     self.loss_fn = segmentation.make_region_losses(inputs.apply_fn)
     self.train = {"image": context.train_set.images,
@@ -351,7 +425,35 @@ class _Scores:
                                 len(self.train["image"]), inputs.presence_train.shape[1]))
       scores, seconds = self._timed(f"random_seed{config.seed}", compute)
       return self.mask(scores), seconds
-    raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}.")
+    # More variants with scores for every (validation region, training region) pair go
+    # above; those on a sample of the validation regions (SAMPLED) in `sampled`.
+    raise ValueError(f"unknown variant {name!r}; known: "
+                     f"{', '.join(v for v in VARIANTS if v not in SAMPLED)}.")
+
+  def sampled(self, name: str) -> tuple[np.ndarray, list[tuple[int, int]], float]:
+    """A SAMPLED variant's [K, n_val, n_train] slice scores (NaN outside its regions), its
+    regions [(a, i)] and the seconds its scores took."""
+    chosen = sampled_regions(name, self.inputs.presence_test, self.config)
+    if name == "metagradient":
+      # Its outputs are the soft Dice that the retrainings measure (`removal.evaluator`'s
+      # region losses), differentiated through the SGD phase they replay.
+      def compute():
+        soft_dice = removal.RegionSoftDice(self.inputs.apply_fn, self.context.val_set,
+                                             self.inputs.val_regions, chosen)
+        _, grads = metagradient_lib.run_metagradients(
+            self.retrainer.get(), soft_dice, progress=self.context.progress,
+            desc="lds metagradients")
+        return grads  # [R_sampled, n_train]
+      per_class = self.config.metagradient_regions_per_class
+      rows, seconds = self._timed(f"metagradient_{per_class}per_class_seed{self.config.seed}",
+                                  compute)
+    else:
+      raise ValueError(f"unknown sampled variant {name!r}; known: {', '.join(SAMPLED)}.")
+    k, n_val = self.inputs.presence_test.shape[1], len(self.val["image"])
+    scores = np.full((k, n_val, len(self.train["image"])), np.nan)
+    for row, (a, i) in zip(rows, chosen):
+      scores[i, a] = row
+    return scores, chosen, seconds
 
 
 class _Retraining:
@@ -359,12 +461,21 @@ class _Retraining:
   region, and the retrainer, loaded on first use (the random subsets and the removal tests
   share all three)."""
 
-  def __init__(self, context: base.Context, inputs, depends: dict[str, Any], regions):
-    self.parts = base.Parts(context.stage_dir(rundir.LDS) / "retraining",
-                            {**depends, "measured": regions}, what="lds retraining")
-    self.measure = removal.evaluator(inputs.apply_fn, context.val_set, inputs.val_regions,
-                                     regions)
-    self.retrainer = _Lazy(lambda: retrain_lib.Retrainer(context.workdir, context.train_set))
+  def __init__(self, context: base.Context, inputs, depends: dict[str, Any], regions, *,
+               order_seed: int | None = None, measure: removal.Measure | None = None):
+    """`order_seed`: None for the run's data order (`retraining/<key>/`), else another
+    order's (`retraining_other_order/<key>/`, keyed by the seed too); `measure`: one to
+    share (default: made here)."""
+    if order_seed is None:
+      root, key = "retraining", {**depends, "measured": regions}
+    else:
+      root, key = "retraining_other_order", {**depends, "measured": regions,
+                                             "order_seed": order_seed}
+    self.parts = base.Parts(context.stage_dir(rundir.LDS) / root, key, what="lds retraining")
+    self.measure = measure or removal.evaluator(inputs.apply_fn, context.val_set,
+                                                inputs.val_regions, regions)
+    self.retrainer = _Lazy(lambda: retrain_lib.Retrainer(context.workdir, context.train_set,
+                                                         order_seed=order_seed))
     self.progress = context.progress
 
   def retrain_and_measure(self, removed: np.ndarray) -> np.ndarray:
@@ -380,14 +491,21 @@ class _Scored:
     blocks: [K, n_val, K * n_train] validation-train scores, NaN where absent.
     slice_scores: [K, n_val, n_train] each validation region's score for each training slice.
     predicted: [R, M] each LDS region's prediction for each subset (the sum of the kept
-      slices' scores).
+      slices' scores; NaN for a region a SAMPLED variant does not explain).
     seconds: the time the scores took.
+    rows: the indices into the LDS regions of those the variant explains (every one but
+      for SAMPLED variants).
   """
 
-  blocks: dict[str, np.ndarray]
+  blocks: dict[str, np.ndarray | None]
   slice_scores: dict[str, np.ndarray]
   predicted: dict[str, np.ndarray]
   seconds: dict[str, float]
+  rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def sampled(self) -> list[str]:
+    """The variants scored on a sample of the regions only."""
+    return [name for name in self.blocks if self.blocks[name] is None]
 
 
 def _scores_source(context: base.Context, inputs, config: LdsConfig, depends: dict[str, Any],
@@ -413,13 +531,68 @@ def _measure_subsets(context: base.Context, config: LdsConfig, regions, masks: n
 def _score_variants(source: _Scores, variants: list[str], regions, masks: np.ndarray
                     ) -> _Scored:
   scored = _Scored({}, {}, {}, {})
+  where = {region: r for r, region in enumerate(regions)}
   for name in variants:
-    scores, scored.seconds[name] = source.variant(name)
-    scored.blocks[name] = layout.to_class_blocks(scores)
-    scored.slice_scores[name] = faithfulness.slice_scores(scored.blocks[name])
+    if name in SAMPLED:
+      scored.slice_scores[name], chosen, scored.seconds[name] = source.sampled(name)
+      scored.blocks[name] = None
+      scored.rows[name] = np.array([where[region] for region in chosen], int)
+    else:
+      scores, scored.seconds[name] = source.variant(name)
+      scored.blocks[name] = layout.to_class_blocks(scores)
+      scored.slice_scores[name] = faithfulness.slice_scores(scored.blocks[name])
+      scored.rows[name] = np.arange(len(regions))
     scored.predicted[name] = lds_lib.predicted_outputs(
         region_rows(scored.slice_scores[name], regions), masks)
   return scored
+
+
+@dataclasses.dataclass
+class _Ceiling:
+  """The noise ceiling's retrainings: the first `num_subsets` LDS subsets retrained with
+  another data order.
+
+  Attributes:
+    num_subsets: c, the subsets retrained twice.
+    measured: [R, c] soft Dice of the LDS regions after the second order's retrainings.
+    summary: `lds.json`'s "ceiling".
+  """
+
+  num_subsets: int
+  measured: np.ndarray
+  summary: dict[str, Any]
+
+
+def _ceiling(context: base.Context, inputs, config: LdsConfig, regions, masks: np.ndarray,
+             soft: np.ndarray, retraining: _Retraining, depends: dict[str, Any]
+             ) -> _Ceiling | None:
+  """Retrains the first subsets with another data order (or reuses them) and measures the
+  noise ceiling per region; None without a ceiling (`ceiling_subsets` 0)."""
+  c = config.num_ceiling_subsets
+  if c == 0:
+    return None
+  other = _Retraining(context, inputs, depends, regions, order_seed=config.ceiling_order_seed,
+                      measure=retraining.measure)
+  context.log(f"LDS noise ceiling: the first {c} subsets retrained again with data order "
+              f"seed {config.ceiling_order_seed}.")
+  t0 = time.perf_counter()
+  measured = lds_lib.measure_subsets(masks[:c], other.retrain_and_measure, other.parts,
+                                     log=context.log)[:, 0, :].T  # [R, c]
+  seconds = time.perf_counter() - t0
+  found = ceiling_lib.noise_ceiling(soft[:, :c].T, measured.T,
+                                    num_bootstrap=config.num_bootstrap, seed=config.seed)
+  per_output = found.pop("per_output")
+  names = inputs.class_names
+  summary = {**found, "num_subsets": c, "order_seed": config.ceiling_order_seed,
+             "retraining_seconds": seconds,
+             "per_class": {names[i]: stats.mean_ci(
+                 per_output[[r for r, (_, k) in enumerate(regions) if k == i]])
+                 for i in range(len(names))},
+             "measure": "per validation region: Spearman rho over the first subsets between "
+                        "its soft Dice after retraining in the run's data order and after "
+                        "retraining in another; mean over regions"}
+  context.log(f"LDS noise ceiling ({c} subsets): {_interval(found)}.")
+  return _Ceiling(c, measured, summary)
 
 
 def _compare_with_influence(context: base.Context, inputs, blocks: dict[str, np.ndarray]
@@ -443,24 +616,63 @@ def _compare_with_influence(context: base.Context, inputs, blocks: dict[str, np.
           "deviation_from_influence_stage": deviation}
 
 
+def _region_names(context: base.Context, inputs, regions) -> list[list[Any]]:
+  """[[case, slice, class]] of validation regions [(a, i)], as `lds.json` lists them."""
+  ids, names = context.val_set.ids, inputs.class_names
+  return [[ids[a][0], int(ids[a][1]), names[i]] for a, i in regions]
+
+
+def _lds(config: LdsConfig, predicted: np.ndarray, measured: np.ndarray) -> dict[str, Any]:
+  """`lds_lib.lds` with the stage's bootstrap, without the per-region rhos."""
+  score = lds_lib.lds(predicted, measured, num_bootstrap=config.num_bootstrap,
+                      seed=config.seed)
+  score.pop("per_output")
+  return score
+
+
 def _lds_entry(context: base.Context, inputs, config: LdsConfig, name: str, regions,
-               scored: _Scored, soft: np.ndarray) -> dict[str, Any]:
+               scored: _Scored, soft: np.ndarray, ceiling: _Ceiling | None = None
+               ) -> dict[str, Any]:
   """A variant's entry of `lds.json` but its removal test: LDS, per class, difference from
-  TracIn, global explainers, seconds."""
+  TracIn, global explainers, seconds; with a `ceiling`, its LDS as a fraction of it and on
+  both data orders; the LDS on each SAMPLED variant's regions, and a SAMPLED variant's
+  difference from renormalised TracIn on its regions."""
   names = inputs.class_names
-  score = lds_lib.lds(scored.predicted[name], soft, num_bootstrap=config.num_bootstrap,
+  rows = scored.rows[name]
+  predicted, measured = scored.predicted[name][rows], soft[rows]
+  score = lds_lib.lds(predicted, measured, num_bootstrap=config.num_bootstrap,
                       seed=config.seed)
   per_output = score.pop("per_output")
+  classes = np.array([regions[r][1] for r in rows], int)
   entry = {"description": VARIANTS[name], "seconds": scored.seconds[name], "lds": score,
-           "lds_per_class": {names[i]: stats.mean_ci(
-               per_output[[r for r, (_, c) in enumerate(regions) if c == i]])
-               for i in range(len(names))}}
+           "lds_per_class": {names[i]: stats.mean_ci(per_output[classes == i])
+                             for i in range(len(names))}}
+  # Which regions the row covers: "all" the LDS regions, or a SAMPLED variant's own.
+  entry["regions"] = (_region_names(context, inputs, [regions[r] for r in rows])
+                      if name in SAMPLED else "all")
   if name != BASELINE:
     entry["minus_tracin"] = lds_lib.lds_difference(
-        scored.predicted[name], scored.predicted[BASELINE], soft,
+        predicted, scored.predicted[BASELINE][rows], measured,
         num_bootstrap=config.num_bootstrap, seed=config.seed)
+  if name in SAMPLED and "renormalised" in scored.predicted:
+    entry["minus_renormalised"] = lds_lib.lds_difference(
+        predicted, scored.predicted["renormalised"][rows], measured,
+        num_bootstrap=config.num_bootstrap, seed=config.seed)
+  if ceiling is not None:
+    c = ceiling.num_subsets
+    entry["ceiling_fraction"] = ceiling_lib.lds_fraction(
+        predicted[:, :c], measured[:, :c].T, ceiling.measured[rows].T,
+        num_bootstrap=config.num_bootstrap, seed=config.seed)
+    entry["lds_on_both"] = {"num_subsets": c,
+                            "run_order": _lds(config, predicted[:, :c], measured[:, :c]),
+                            "other_order": _lds(config, predicted[:, :c],
+                                                ceiling.measured[rows])}
+  if scored.sampled():
+    entry["lds_on_sampled"] = {other: _lds(config, scored.predicted[name][scored.rows[other]],
+                                           soft[scored.rows[other]])
+                               for other in scored.sampled()}
   influence_config = context.configs.get("influence") or influence_stage.InfluenceConfig()
-  entry["global_explainers"] = global_explainer_stats(
+  entry["global_explainers"] = None if scored.blocks[name] is None else global_explainer_stats(
       scored.blocks[name], inputs.train_regions, top=influence_config.global_top,
       min_fraction=influence_config.global_fraction)
   context.log(f"LDS {name}: {_interval(score)} ({scored.seconds[name]:.0f} s of scores).")
@@ -500,7 +712,7 @@ def _removal_tests(context: base.Context, inputs, config: LdsConfig, variants: l
   t0 = time.perf_counter()
   for k in config.removal_k:
     for name in variants:
-      if name not in config.removal_skip:
+      if name not in config.removal_skip and name not in SAMPLED:
         tests.setdefault(name, {})[str(k)] = _removal_test(
             context, inputs, config, k, name, chosen, regions, scored.slice_scores[name],
             retraining)
@@ -510,7 +722,8 @@ def _removal_tests(context: base.Context, inputs, config: LdsConfig, variants: l
 def _shown(record: dict[str, Any]) -> str:
   """The variant explained beside TracIn: the recommended one, else the best other by LDS."""
   recommended = record["recommended"]
-  ranked = sorted((v for v in record["variants"] if v not in (BASELINE, FLOOR)),
+  ranked = sorted((v for v, entry in record["variants"].items()
+                   if v not in (BASELINE, FLOOR) and entry.get("regions", "all") == "all"),
                   key=lambda v: -record["variants"][v]["lds"]["mean"])
   return recommended if recommended != BASELINE else (ranked[0] if ranked else BASELINE)
 
@@ -524,11 +737,13 @@ class LdsStage(base.StageBase):
   writes = (
       base.Output(LDS_FILE, "per variant: LDS with bootstrap interval, paired difference "
                   "from TracIn, removal test at each k, global explainers and their region "
-                  "sizes, run time"),
+                  "sizes, run time, the regions it covers, its fraction of the noise "
+                  "ceiling; the noise ceiling"),
       base.Output(TABLE_FILE, "the variants' table in Markdown"),
       base.Output(FIGURE, "LDS of each attribution method on {num_subsets} random "
                   "{fraction:.0%} subsets of the training slices (mean over {num_regions} "
-                  "validation regions, 95% bootstrap interval), and the removal test: Dice "
+                  "validation regions, 95% bootstrap interval; grey band: the noise ceiling, "
+                  "where measured), and the removal test: Dice "
                   "change after removing each region's top-k proponents or opponents, minus "
                   "random removal.", figure=True),
       # `rundir.local_panel`'s name, its fields left to fill.
@@ -548,6 +763,24 @@ class LdsStage(base.StageBase):
     if missing:
       raise SettingsError(f"--lds_variants: {', '.join(missing)} need(s) an argument that "
                           "this version of tracin_jax.influence lacks.")
+    c = self.config.num_ceiling_subsets
+    if 0 < c < 3:
+      raise SettingsError(
+          f"--lds_ceiling_subsets={self.config.ceiling_subsets}: the noise ceiling would "
+          f"retrain {c} subset(s) (at most --lds_subsets={self.config.num_subsets}); a rank "
+          "correlation over subsets needs at least 3 (0: no ceiling).")
+
+  def fingerprint_settings(self, context: base.Context) -> dict:
+    """Every setting, but those of the noise ceiling without one (`ceiling_subsets` 0) and
+    of the metagradient variant without it: with them at values that add nothing, a
+    finished stage keeps its fingerprint."""
+    settings = super().fingerprint_settings(context)
+    if self.config.ceiling_subsets == 0:
+      settings.pop("ceiling_subsets")
+      settings.pop("ceiling_order_seed")
+    if "metagradient" not in self.config.variants:
+      settings.pop("metagradient_regions_per_class")
+    return settings
 
   def compute(self, context: base.Context) -> LdsOutputs:
     """Retrains on random subsets, scores every variant by the LDS, runs their removal
@@ -563,11 +796,16 @@ class LdsStage(base.StageBase):
     depends = _depends(context, inputs)
     retraining = _Retraining(context, inputs, depends, regions)
     soft, retrain_seconds = _measure_subsets(context, config, regions, masks, retraining)
-    # 2. Each variant's scores, its LDS and its paired difference from TracIn.
-    scored = _score_variants(_scores_source(context, inputs, config, depends), variants,
-                             regions, masks)
+    # 1b. The noise ceiling: the first subsets retrained again in another data order.
+    ceiling = _ceiling(context, inputs, config, regions, masks, soft, retraining, depends)
+    # 2. Each variant's scores, its LDS and its paired difference from TracIn (a SAMPLED
+    # variant's on its regions), its fraction of the ceiling.
+    scored = _score_variants(_scores_source(context, inputs, config, depends,
+                                            retrainer=retraining.retrainer),
+                             variants, regions, masks)
     comparison = _compare_with_influence(context, inputs, scored.blocks)
-    summary = {name: _lds_entry(context, inputs, config, name, regions, scored, soft)
+    summary = {name: _lds_entry(context, inputs, config, name, regions, scored, soft,
+                                ceiling)
                for name in variants}
     # 3. The removal test of each variant (the validate stage's, on fewer regions).
     chosen, tests, removal_seconds = _removal_tests(context, inputs, config, variants,
@@ -579,9 +817,13 @@ class LdsStage(base.StageBase):
     context.log(f"LDS: recommended variant {recommended}" + (
         " (no variant beats the paper's TracIn clearly)" if recommended == BASELINE else "")
         + ".")
+    found = {"retraining_seconds": retrain_seconds, "removal_seconds": removal_seconds}
+    if ceiling is not None:
+      found["ceiling"] = ceiling.summary
+    if scored.sampled():
+      found["sampled_regions"] = {name: summary[name]["regions"] for name in scored.sampled()}
     record = self._record(context, regions, chosen, {
-        "retraining_seconds": retrain_seconds, "removal_seconds": removal_seconds,
-        **comparison, "recommended": recommended, "variants": summary})
+        **found, **comparison, "recommended": recommended, "variants": summary})
     return LdsOutputs(record, recommended, self.manifest())
 
   def _record(self, context: base.Context, regions, chosen, found: dict[str, Any]
@@ -662,24 +904,60 @@ def _fmt(c: dict[str, Any]) -> str:
   return f"{_interval(c, 4)} (p {'n/a' if p is None else f'{p:.2g}'})"
 
 
+def _count(n: int, what: str) -> str:
+  return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _fraction(c: dict[str, Any] | None) -> str:
+  if not c or c.get("fraction") is None:
+    return "n/a"
+  if c.get("low") is None:
+    return f"{c['fraction']:.2f}"
+  return f"{c['fraction']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+
+
 def table(record: dict[str, Any]) -> str:
-  """The variants as a Markdown table (the README's)."""
+  """The variants as a Markdown table (the README's); with a noise ceiling, it follows
+  the table, and the rows gain the LDS as a fraction of it and on both data orders; with
+  SAMPLED variants, which regions each row covers and the LDS on their regions."""
   ks = sorted({int(k) for v in record["variants"].values() for k in v.get("removal", {})})
-  head = ["variant", "LDS [95% interval]", "LDS - tracin"]
+  ceiling, sampled = record.get("ceiling"), list(record.get("sampled_regions", {}))
+  head = ["variant"] + (["regions"] if sampled else []) + ["LDS [95% interval]",
+                                                            "LDS - tracin"]
+  if ceiling:
+    head += ["LDS / ceiling [95%]",
+             f"LDS on both orders ({ceiling['num_subsets']} subsets): run / other"]
+  for other in sampled:
+    head += [f"LDS on {other}'s regions", f"{other} - renormalised, its regions"]
   for k in ks:
     head += [f"k={k}: proponents - random", f"k={k}: opponents - random"]
   head += ["global explainers", "GE share of top-20 proponents", "scores s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, v in record["variants"].items():
-    row = [f"`{name}`", _interval(v["lds"]),
-           _interval(v["minus_tracin"]) if "minus_tracin" in v else "-"]
+    row = [f"`{name}`"]
+    if sampled:
+      row.append("all" if v.get("regions", "all") == "all" else f"{len(v['regions'])} sampled")
+    row += [_interval(v["lds"]), _interval(v["minus_tracin"]) if "minus_tracin" in v else "-"]
+    if ceiling:
+      both = v["lds_on_both"]
+      row += [_fraction(v["ceiling_fraction"]),
+              f"{_interval(both['run_order'])} / {_interval(both['other_order'])}"]
+    for other in sampled:
+      row += [_interval(v["lds_on_sampled"][other]),
+              _interval(v["minus_renormalised"]) if name == other and "minus_renormalised"
+              in v else "-"]
     for k in ks:
       test = v.get("removal", {}).get(str(k))
       row += ([_fmt(test["proponents_minus_random"]), _fmt(test["opponents_minus_random"])]
               if test else ["-", "-"])
     ge = v["global_explainers"]
-    row += [str(ge["count"]), f"{ge['share_top']:.2f}", f"{v['seconds']:.0f}"]
+    row += ([str(ge["count"]), f"{ge['share_top']:.2f}"] if ge else ["-", "-"])
+    row.append(f"{v['seconds']:.0f}")
     lines.append("| " + " | ".join(row) + " |")
+  if ceiling:
+    lines += ["", f"Noise ceiling of the LDS (the first {ceiling['num_subsets']} subsets "
+              f"retrained again with data order seed {ceiling['order_seed']}): "
+              f"{_interval(ceiling)} over {ceiling['n_outputs']} regions."]
   return "\n".join(lines) + "\n"
 
 
@@ -707,8 +985,17 @@ def plot_lds(record: dict[str, Any], path, *, title_suffix: str = "") -> None:
       ax.annotate(f"{c['mean']:+.3f}", (c["high"] if c.get("high") is not None else c["mean"],
                                         yy), xytext=(4, 3), textcoords="offset points",
                   fontsize=7, color=colour)
+  ceiling = record.get("ceiling")
+  if ceiling and ceiling.get("mean") is not None:
+    if ceiling.get("low") is not None:
+      ax.axvspan(ceiling["low"], ceiling["high"], color="grey", alpha=0.2, lw=0)
+    ax.axvline(ceiling["mean"], color="grey", ls="--", lw=1,
+               label=f"noise ceiling ({ceiling['num_subsets']} subsets, 95% interval)")
+    ax.legend(fontsize=7, loc="best")
   ax.axvline(0, color="k", lw=0.6)
-  ax.set_yticks(y, variants)
+  ax.set_yticks(y, [name if record["variants"][name].get("regions", "all") == "all" else
+                    f"{name} ({_count(len(record['variants'][name]['regions']), 'region')})"
+                    for name in variants])
   ax.set_xlabel("LDS: mean Spearman rho over validation regions (95% bootstrap interval)")
   ax.set_title(f"LDS, {record['num_subsets']} subsets of {record['fraction']:.0%}, "
                f"{record['num_regions']} regions; red: recommended", fontsize=10)
