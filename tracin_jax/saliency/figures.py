@@ -20,6 +20,7 @@ from tracin_jax import outputs
 from tracin_jax.influence.figures import REGION_COLOURS
 from tracin_jax.influence.figures import new_figure
 from tracin_jax.influence.figures import overlay
+from tracin_jax.influence.figures import representative_slice
 
 STATUS_COLOURS = {"TP": "#1b9e77", "FP": "#d95f02", "FN": "#7570b3", "predicted": "#666666"}
 
@@ -28,8 +29,9 @@ def axial_slice(region: np.ndarray | None, maps: Sequence[np.ndarray] = ()) -> i
   """The axial slice d of a volume that a figure shows.
 
   Rule: the slice with the most voxels of `region` (a lesion's, or a region's, largest
-  slice); when the region is empty or None, the slice with the largest sum of |map| of the
-  first map; when there is none either, the middle slice D // 2. Ties go to the lowest index.
+  slice: `influence.figures.representative_slice`, the rule of every 3D figure); when the
+  region is empty or None, the slice with the largest sum of |map| of the first map; when
+  there is none either, the middle slice D // 2. Ties go to the lowest index.
 
   Args:
     region: [D, H, W] bool, or None.
@@ -44,7 +46,7 @@ def axial_slice(region: np.ndarray | None, maps: Sequence[np.ndarray] = ()) -> i
   if region is not None and np.ndim(region) != 3:
     raise ValueError(f"region must be a [D, H, W] mask, got shape {np.shape(region)}")
   if region is not None and np.any(region):
-    return int(np.argmax(np.asarray(region, bool).sum(axis=(1, 2))))
+    return representative_slice(np.asarray(region, bool))
   maps = list(maps)
   if maps:
     m = np.abs(np.nan_to_num(np.asarray(maps[0], np.float64)))
