@@ -302,7 +302,8 @@ class DeepSeg(UNet):
 
 def get_model(name: str, *, base_width: int = 16, depth: int = 4, norm: str = "group",
               num_classes: int = 4, in_channels: int = 4, spatial_dims: int = 2,
-              conv3d: str = "direct", seed: int = 0, rngs: nnx.Rngs | None = None, **kwargs: Any) -> UNet:
+              conv3d: str = "direct", seed: int = 0, rngs: nnx.Rngs | None = None,
+              **kwargs: Any) -> UNet:
   """Builds the model registered under `name`.
 
   The parameters are those of the plain construction, `cls(..., rngs=rngs)`, bit for bit,

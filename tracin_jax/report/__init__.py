@@ -15,9 +15,9 @@ scripts are in `report/static/`, once. A page of a case the export stage wrote l
 its NIfTI files and shows its check figure; its viewer shows those files on the scan. On
 volumes (a run with `--spatial_dims=3`) a page is a validation volume's, its figures drawn at
 the axial slice of its regions' largest cross-section (`representative_slice`), named "axial
-slice z of D", each proponent's and opponent's thumbnail at its own region's. Templates are Jinja2 with autoescaping, so case names
-and every other string from the data are escaped (and reach the viewer's scripts as JSON
-data only).
+slice z of D", each proponent's and opponent's thumbnail at its own region's. Templates are
+Jinja2 with autoescaping, so case names and every other string from the data are escaped
+(and reach the viewer's scripts as JSON data only).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ Variants (`VARIANTS`):
     with the replayed steps times the parameters. Its LDS is on its regions; every row also
     gives its LDS on those regions (`lds_on_sampled`) for a paired comparison, and the
     metagradient its paired difference from renormalised TracIn there
-    (`minus_renormalised`, where renormalised is scored). It has no global explainers, local panels or removal test (its
-    scores are per slice, for its regions) and is never recommended.
+    (`minus_renormalised`, where renormalised is scored). It has no global explainers,
+    local panels or removal test (its scores are per slice, for its regions) and is never
+    recommended.
 
 Settings that add nothing (`--lds_ceiling_subsets=0`, no metagradient) are left out of the
 fingerprint, so a stage finished before they existed is still reused.

@@ -35,8 +35,9 @@ second only as far as the two agree to first order.
 The replay is the run's: plain SGD after the last Adam checkpoint at a constant learning
 rate, so the run's optimizer state is carried through the steps unused (its Adam moments
 stand still, its step counters count); an optimizer whose state matters (momentum) has it
-threaded through the steps and differentiated like the parameters. Memory grows with T times the parameters and optimizer state, plus one step's
-activations (times `chunk_size`): this is for small models.
+threaded through the steps and differentiated like the parameters. Memory grows with T
+times the parameters and optimizer state, plus one step's activations (times
+`chunk_size`): this is for small models.
 
   - `metagradient(step_fn, params, opt_state, batches, weights, f)`: the generic core, for
     any model and loss written as pure functions (`make_step` builds `step_fn` from a
