@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from tracin_jax.checks import lds as lds_lib
 from tracin_jax.checks import stats
 
 
@@ -65,17 +66,8 @@ def noise_ceiling(measured_a, measured_b, *, level: float = 0.95, num_bootstrap:
     ValueError: the arrays are not both [M, R], or M < 3.
   """
   a, b = _measured_pair(measured_a, measured_b)
-  rho = stats.spearman_rows(a, b)
-  ok = np.isfinite(rho)
-  out = {"mean": float(rho[ok].mean()) if ok.any() else None, "low": None, "high": None,
-         "median": float(np.median(rho[ok])) if ok.any() else None,
-         "n_outputs": int(ok.sum()), "n_subsets": int(a.shape[1]), "per_output": rho}
-  if num_bootstrap and ok.sum() >= 2:
-    a, b = a[ok], b[ok]
-    out["low"], out["high"] = stats.bootstrap_interval(
-        lambda rows, cols: stats.spearman_rows(a[rows][:, cols], b[rows][:, cols]), a.shape,
-        level=level, num_bootstrap=num_bootstrap, seed=seed)
-  return out
+  # One retraining's measure as the other's prediction: the LDS itself, interval and all.
+  return lds_lib.lds(a, b, level=level, num_bootstrap=num_bootstrap, seed=seed)
 
 
 def _ratio_rows(rho_method: np.ndarray, rho_ceiling: np.ndarray, root: bool) -> np.ndarray:
@@ -127,12 +119,11 @@ def lds_fraction(predicted, measured_a, measured_b, *, root: bool = False,
     pr, ar, br = p[r][:, c], a[r][:, c], b[r][:, c]
     return _ratio_rows(stats.spearman_rows(pr, ar), stats.spearman_rows(ar, br), root)
 
-  everything = np.arange(a.shape[0]), np.arange(a.shape[1])
   rho_method = stats.spearman_rows(p, a)
   rho_ceiling = stats.spearman_rows(a, b)
   ceiling = np.sqrt(np.clip(rho_ceiling, 0.0, None)) if root else rho_ceiling
   ok = np.isfinite(rho_method) & np.isfinite(ceiling)
-  ratio = rows(*everything)
+  ratio = _ratio_rows(rho_method, rho_ceiling, root)
   out = {"fraction": float(np.nanmean(ratio)) if np.isfinite(ratio).any() else None,
          "low": None, "high": None,
          "lds": float(rho_method[ok].mean()) if ok.any() else None,

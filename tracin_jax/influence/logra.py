@@ -707,15 +707,6 @@ def _layer_rows(layer: Layer, site: _Site, eqn, x: Array, dy: Array, a: Array, b
   return jnp.reshape(m, (k, -1))
 
 
-def _equation(plan_: Plan, path: tuple[int, ...]):
-  jaxpr = plan_.traced.jaxpr
-  for depth, i in enumerate(path):
-    eqn = jaxpr.eqns[i]
-    if depth < len(path) - 1:
-      jaxpr, _ = _inner(eqn)
-  return eqn
-
-
 def layer_signals(traced: _Capture, leaves: Sequence[Array], example: Example,
                   state: State = None) -> tuple[Array, list, list, list]:
   """One example's captured layers' inputs and output gradients, from one forward pass and
@@ -804,7 +795,7 @@ def example_rows(plan_: Plan, leaves: Sequence[Array], factor_list, example: Exa
   pieces = []
   for i, (layer, site) in enumerate(zip(plan_.layers, plan_.traced.sites)):
     a, b = factor_list[i]
-    pieces.append(_layer_rows(layer, site, _equation(plan_, site.path), inputs[i],
+    pieces.append(_layer_rows(layer, site, layer_equation(plan_.traced, i), inputs[i],
                               probe_grads[i], a, b))
   dtype = jnp.promote_types(out.dtype, jnp.float32)
   layer_rows = jnp.concatenate([p.astype(dtype) for p in pieces], axis=1)

@@ -166,9 +166,10 @@ def trak_influence(loss_fn: LossFn, models: Sequence[Sequence[Params]], train, t
       final parameters only), all of one structure.
     train, test: examples in any form `influence` takes, of one example structure.
     damping: lambda >= 0, added to X^T X's diagonal (0: TRAK's default). At 0 a singular
-      system gives non-finite scores: fewer train rows than d in the features form, or in
-      the kernel form any zero row (an empty region's gradient) or rows that are linearly
-      dependent; give damping > 0 then, picked on tuning data with `choose_damping`.
+      system (fewer train rows than d in the features form; in the kernel form any zero
+      row, an empty region's gradient, or rows that are linearly dependent) gives
+      non-finite scores or finite ones that mean nothing; give damping > 0 then, picked
+      on tuning data with `choose_damping`.
     projection: a `tracin_jax.Projection` (not "logra"), or None for the raw gradients.
     q_fn: `q_fn(params, example) -> [K]`, TRAK's Q for each train example and output
       (minus d training loss / d f), evaluated per checkpoint; None: the identity.
