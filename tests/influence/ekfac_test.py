@@ -51,18 +51,25 @@ def regression():
 
 def test_exact_kronecker_structure_gives_the_exact_hessian_influence(x64, regression):
   data, params = regression
-  scores = ekfac.ekfac_influence(dense_loss, [(params, 1.0)], data, data, fisher=dense_output,
+  # Test examples other than the training ones (the same shapes): the sides cannot swap.
+  rng = np.random.default_rng(5)
+  test = {"x": rng.normal(size=data["x"].shape), "y": rng.normal(size=data["y"].shape)}
+  scores = ekfac.ekfac_influence(dense_loss, [(params, 1.0)], data, test, fisher=dense_output,
                                  damping=0.0, vectorize="vmap")
   # The exact Hessian of the summed loss, N x the mean Fisher, in closed form: parameters
   # raveled bias first, then the kernel row-major, i.e. phi = [1, x] (x) I_M.
   phi = np.c_[np.ones(N), data["x"]]
   hessian = np.kron(phi.T @ phi, np.eye(M))
-  residual = np.asarray(jax.vmap(dense_output, (None, 0))(params, data)) - data["y"]
-  g = np.einsum("na,nm->nam", phi, residual).reshape(N, -1)  # per-example loss gradients
-  exact = N * g @ np.linalg.solve(hessian, g.T)
+
+  def loss_gradients(d):  # per-example loss gradients, [N, (1 + D) M]
+    residual = np.asarray(jax.vmap(dense_output, (None, 0))(params, d)) - d["y"]
+    return np.einsum("na,nm->nam", np.c_[np.ones(len(d["x"])), d["x"]], residual).reshape(
+        len(d["x"]), -1)
+
+  exact = N * loss_gradients(test) @ np.linalg.solve(hessian, loss_gradients(data).T)
   assert scores.shape == (N, 1, N, 1)
   np.testing.assert_allclose(scores[:, 0, :, 0], exact, rtol=1e-8, atol=1e-8 * np.abs(exact).max())
-  damped = ekfac.ekfac_influence(dense_loss, [(params, 1.0)], data, data, fisher=dense_output,
+  damped = ekfac.ekfac_influence(dense_loss, [(params, 1.0)], data, test, fisher=dense_output,
                                  vectorize="vmap")
   assert not np.allclose(damped, scores, rtol=1e-2)  # the default damping: 0.1 x the mean
 
@@ -110,7 +117,8 @@ def test_scores_are_the_layers_explicit_inverse_fishers_summed(x64):
   p1 = jax.tree.map(lambda v: 0.9 * v, p0)
   rng = np.random.default_rng(1)
   train = {"x": rng.normal(size=(5, 3)), "y": rng.normal(size=(5, 2))}
-  test = train  # the same shapes: compiled once
+  # Other examples of the same shapes (compiled once): test and train sides cannot swap.
+  test = {"x": rng.normal(size=(5, 3)), "y": rng.normal(size=(5, 2))}
   checkpoints = [(p0, 0.5), (p1, 0.25)]
   scores = ekfac.ekfac_influence(mlp_loss, checkpoints, train, test, damping=1e-3,
                                  vectorize="vmap")
@@ -129,7 +137,7 @@ def test_scores_are_the_layers_explicit_inverse_fishers_summed(x64):
     assert factors.left_out == () and factors.fisher == "empirical"
     # The per-example gradients TracIn uses (tested against jax.grad in grads_test).
     g_train = np.asarray(grads.per_example_grads(mlp_loss, params, train, "vmap"))
-    g_test = g_train
+    g_test = np.asarray(grads.per_example_grads(mlp_loss, params, test, "vmap"))
     part = np.zeros((5, 2, 5, 2))
     for lf, name in zip(factors.layers, ("head", "hidden")):
       g_tr = np.array([[layer_gradient(params, g, name) for g in ex] for ex in g_train])

@@ -141,7 +141,7 @@ def test_the_metagradient_variant_is_run_metagradients_on_its_regions(lds_run):
   inputs, saved = context.need("influence"), result.summary
   chosen = lds_stage.sampled_regions("metagradient", inputs.presence_test, CONFIGS["lds"])
   assert len(chosen) == len({i for _, i in chosen}) == inputs.presence_test.any(0).sum()
-  # An equal soft Dice function: the stage's compiled replay is reused, not compiled again.
+  # An equal soft Dice function (equal instances share the compiled replay), called directly.
   soft_dice = removal.RegionSoftDice(inputs.apply_fn, context.val_set, inputs.val_regions,
                                      chosen)
   retrainer = Retrainer(context.workdir, context.train_set)

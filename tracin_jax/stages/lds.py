@@ -216,6 +216,12 @@ def region_rows(slice_scores: np.ndarray, regions) -> np.ndarray:
   return np.stack([slice_scores[i, a] for a, i in regions])
 
 
+def on_every_region(entry: dict[str, Any]) -> bool:
+  """Whether a variant's entry of `lds.json` is scored on every validation region (a
+  SAMPLED variant's names its regions instead)."""
+  return entry.get("regions", "all") == "all"
+
+
 def sampled_regions(name: str, presence: np.ndarray, config: LdsConfig
                     ) -> list[tuple[int, int]]:
   """The validation regions [(a, i)] that the SAMPLED variant `name` explains: for the
@@ -287,7 +293,7 @@ def recommend(lds_by_variant: dict[str, dict[str, Any]]) -> str:
   best, best_lds = BASELINE, None
   for name, entry in lds_by_variant.items():
     diff = entry.get("minus_tracin") or {}
-    if (name in (BASELINE, FLOOR) or entry.get("regions", "all") != "all"
+    if (name in (BASELINE, FLOOR) or not on_every_region(entry)
         or diff.get("low") is None or diff["low"] <= 0):
       continue
     if best_lds is None or entry["lds"]["mean"] > best_lds:
@@ -724,7 +730,7 @@ def _shown(record: dict[str, Any]) -> str:
   """The variant explained beside TracIn: the recommended one, else the best other by LDS."""
   recommended = record["recommended"]
   ranked = sorted((v for v, entry in record["variants"].items()
-                   if v not in (BASELINE, FLOOR) and entry.get("regions", "all") == "all"),
+                   if v not in (BASELINE, FLOOR) and on_every_region(entry)),
                   key=lambda v: -record["variants"][v]["lds"]["mean"])
   return recommended if recommended != BASELINE else (ranked[0] if ranked else BASELINE)
 
@@ -937,7 +943,7 @@ def table(record: dict[str, Any]) -> str:
   for name, v in record["variants"].items():
     row = [f"`{name}`"]
     if sampled:
-      row.append("all" if v.get("regions", "all") == "all" else f"{len(v['regions'])} sampled")
+      row.append("all" if on_every_region(v) else f"{len(v['regions'])} sampled")
     row += [_interval(v["lds"]), _interval(v["minus_tracin"]) if "minus_tracin" in v else "-"]
     if ceiling:
       both = v["lds_on_both"]
@@ -994,7 +1000,7 @@ def plot_lds(record: dict[str, Any], path, *, title_suffix: str = "") -> None:
                label=f"noise ceiling ({ceiling['num_subsets']} subsets, 95% interval)")
     ax.legend(fontsize=7, loc="best")
   ax.axvline(0, color="k", lw=0.6)
-  ax.set_yticks(y, [name if record["variants"][name].get("regions", "all") == "all" else
+  ax.set_yticks(y, [name if on_every_region(record["variants"][name]) else
                     f"{name} ({_count(len(record['variants'][name]['regions']), 'region')})"
                     for name in variants])
   ax.set_xlabel("LDS: mean Spearman rho over validation regions (95% bootstrap interval)")
