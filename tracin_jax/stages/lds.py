@@ -529,10 +529,22 @@ def _measure_subsets(context: base.Context, config: LdsConfig, regions, masks: n
               f"phase on {config.num_subsets} random subsets of "
               f"{lds_lib.subset_size(n_train, config.fraction)} of the {n_train} training "
               "slices.")
+  return _retrain_subsets(context, masks, retraining)
+
+
+def _retrain_subsets(context: base.Context, masks: np.ndarray, retraining: _Retraining
+                     ) -> tuple[np.ndarray, float]:
+  """Retrains on each subset of `masks` (or reuses it): ([R, M] soft Dice, seconds)."""
   t0 = time.perf_counter()
   measured = lds_lib.measure_subsets(masks, retraining.retrain_and_measure, retraining.parts,
                                      log=context.log)
   return measured[:, 0, :].T, time.perf_counter() - t0
+
+
+def _per_class(per_output: np.ndarray, classes: np.ndarray, names) -> dict[str, Any]:
+  """{class name: mean and interval of `per_output` [R] over its regions}, `classes` [R]
+  each region's class index."""
+  return {names[i]: stats.mean_ci(per_output[classes == i]) for i in range(len(names))}
 
 
 def _score_variants(source: _Scores, variants: list[str], regions, masks: np.ndarray
@@ -582,19 +594,15 @@ def _ceiling(context: base.Context, inputs, config: LdsConfig, regions, masks: n
                       measure=retraining.measure)
   context.log(f"LDS noise ceiling: the first {c} subsets retrained again with data order "
               f"seed {config.ceiling_order_seed}.")
-  t0 = time.perf_counter()
-  measured = lds_lib.measure_subsets(masks[:c], other.retrain_and_measure, other.parts,
-                                     log=context.log)[:, 0, :].T  # [R, c]
-  seconds = time.perf_counter() - t0
+  measured, seconds = _retrain_subsets(context, masks[:c], other)  # [R, c]
   found = ceiling_lib.noise_ceiling(soft[:, :c].T, measured.T,
                                     num_bootstrap=config.num_bootstrap, seed=config.seed)
   per_output = found.pop("per_output")
   names = inputs.class_names
   summary = {**found, "num_subsets": c, "order_seed": config.ceiling_order_seed,
              "retraining_seconds": seconds,
-             "per_class": {names[i]: stats.mean_ci(
-                 per_output[[r for r, (_, k) in enumerate(regions) if k == i]])
-                 for i in range(len(names))},
+             "per_class": _per_class(per_output, np.array([k for _, k in regions], int),
+                                     names),
              "measure": "per validation region: Spearman rho over the first subsets between "
                         "its soft Dice after retraining in the run's data order and after "
                         "retraining in another; mean over regions"}
@@ -652,8 +660,7 @@ def _lds_entry(context: base.Context, inputs, config: LdsConfig, name: str, regi
   per_output = score.pop("per_output")
   classes = np.array([regions[r][1] for r in rows], int)
   entry = {"description": VARIANTS[name], "seconds": scored.seconds[name], "lds": score,
-           "lds_per_class": {names[i]: stats.mean_ci(per_output[classes == i])
-                             for i in range(len(names))}}
+           "lds_per_class": _per_class(per_output, classes, names)}
   # Which regions the row covers: "all" the LDS regions, or a SAMPLED variant's own.
   entry["regions"] = (_region_names(context, inputs, [regions[r] for r in rows])
                       if name in SAMPLED else "all")
